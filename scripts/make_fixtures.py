@@ -1,0 +1,180 @@
+"""Makes the PyTorch fixtures the parity tests compare against (tests/fixtures/*.safetensors).
+
+    /path/to/venv/bin/python scripts/make_fixtures.py      # needs torch, torchvision, safetensors
+
+Weights and inputs are never stored: both sides regenerate them from the reference pattern
+(scripts/reference_pattern.py == src/init.rs). What is stored is small: full logits, and for
+every intermediate activation and every parameter gradient 1024 evenly spaced samples plus the
+whole tensor's |x| sum, L2 norm and max |x|.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reference_pattern import reference_layer, reference_pattern  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+SEED = 2012
+BATCH = 2
+LABELS = [7, 501]
+SAMPLES = 1024
+
+torch.set_num_threads(2)
+
+
+def t(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def summarise(prefix, x, out):
+    """Samples and statistics of a tensor, as tests/common/mod.rs reads them."""
+    flat = x.detach().double().flatten()
+    n = min(SAMPLES, flat.numel())
+    idx = (torch.arange(n, dtype=torch.int64) * flat.numel()) // n
+    out[f"{prefix}/samples"] = flat[idx].float().contiguous()
+    out[f"{prefix}/stats"] = torch.tensor(
+        [flat.abs().sum(), flat.norm(), flat.abs().max(), float(flat.numel())], dtype=torch.float64
+    )
+
+
+class TwoTowerGrouped(nn.Module):
+    """The paper/caffe net in grouped-convolution form, with Caffe's layer names."""
+
+    def __init__(self, lrn):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 96, 11, stride=4)
+        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)
+        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
+        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)
+        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)
+        self.fc6 = nn.Linear(9216, 4096)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.fc8 = nn.Linear(4096, 1000)
+        self.lrn = lrn
+
+    def forward(self, x, acts):
+        def rec(name, h):
+            acts[name] = h
+            return h
+
+        h = rec("conv1", F.relu(self.conv1(x)))
+        h = rec("norm1", self.lrn(h))
+        h = rec("pool1", F.max_pool2d(h, 3, 2))
+        h = rec("conv2", F.relu(self.conv2(h)))
+        h = rec("norm2", self.lrn(h))
+        h = rec("pool2", F.max_pool2d(h, 3, 2))
+        h = rec("conv3", F.relu(self.conv3(h)))
+        h = rec("conv4", F.relu(self.conv4(h)))
+        h = rec("conv5", F.relu(self.conv5(h)))
+        h = rec("pool5", torch.flatten(F.max_pool2d(h, 3, 2), 1))
+        h = rec("fc6", F.relu(self.fc6(h)))
+        h = rec("fc7", F.relu(self.fc7(h)))
+        return rec("fc8", self.fc8(h))
+
+
+TORCHVISION_ACTS = {
+    "features.1": "conv1", "features.2": "pool1", "features.4": "conv2", "features.5": "pool2",
+    "features.7": "conv3", "features.9": "conv4", "features.11": "conv5", "features.12": "pool5",
+    "avgpool": "avgpool", "classifier.2": "fc6", "classifier.5": "fc7", "classifier.6": "fc8",
+}
+
+
+class Torchvision(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.alexnet()
+        self.acts = {}
+        for module_name, act in TORCHVISION_ACTS.items():
+            module = self.net.get_submodule(module_name)
+            module.register_forward_hook(lambda m, i, o, act=act: self.acts.__setitem__(act, o.clone()))
+
+    def forward(self, x, acts):
+        self.acts = acts
+        out = self.net(x)
+        acts["avgpool"] = torch.flatten(acts["avgpool"], 1)
+        return out
+
+
+def build(preset):
+    if preset == "torchvision":
+        model = Torchvision()
+        params = dict(model.net.named_parameters())
+    else:
+        lrn = (nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0) if preset == "paper"
+               else nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0))
+        model = TwoTowerGrouped(lrn)
+        params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, p in params.items():
+            if key.endswith(".weight"):
+                prefix = key[: -len(".weight")]
+                w, b = reference_layer(prefix, SEED, tuple(p.shape))
+                p.copy_(t(w))
+                params[prefix + ".bias"].copy_(t(b))
+    return model.eval(), params
+
+
+def model_fixture(preset):
+    side = 224 if preset == "torchvision" else 227
+    model, params = build(preset)
+    x = t(reference_pattern("input", SEED, (BATCH, 3, side, side), 2.0))
+    acts = {}
+    logits = model(x, acts)
+    loss = F.cross_entropy(logits, torch.tensor(LABELS))
+    loss.backward()
+    out = {"logits": logits.detach().contiguous(), "loss": loss.detach().reshape(1)}
+    for name, a in acts.items():
+        summarise(f"act/{name}", a, out)
+    for key, p in params.items():
+        summarise(f"grad/{key}", p.grad, out)
+    save_file(out, os.path.join(OUT, f"{preset}.safetensors"))
+    print(preset, "loss", loss.item(), "logits[0,:4]", logits[0, :4].tolist())
+
+
+def lrn_case(out, name, x, lrn):
+    x = x.clone().requires_grad_(True)
+    y = lrn(x)
+    g = t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0))
+    y.backward(g)
+    out[f"{name}/y"] = y.detach().contiguous()
+    out[f"{name}/grad_x"] = x.grad.contiguous()
+
+
+def ops_fixture():
+    out = {}
+    # The generator itself: a few values the Rust side must reproduce bit for bit.
+    out["pattern/w"] = t(reference_pattern("features.0.weight", SEED, (64,), 0.5))
+    # LRN on inputs large enough that alpha vs alpha/n changes the output by far more than 10%.
+    x = t(reference_pattern("lrn.x", 1, (2, 7, 5, 4), 40.0))
+    lrn_case(out, "lrn_paper", x, nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0))
+    lrn_case(out, "lrn_caffe", x, nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0))
+    lrn_case(out, "lrn_even", x, nn.LocalResponseNorm(4, alpha=1e-3, beta=0.6, k=1.5))
+    # Max-pooling 3/2 on integer-valued inputs: many ties inside and between windows.
+    for name, shape in [("pool_ties", (2, 3, 9, 11)), ("pool_alexnet", (1, 4, 13, 13))]:
+        xi = torch.floor(t(reference_pattern(f"{name}.x", 1, shape, 2.0))).requires_grad_(True)
+        y = F.max_pool2d(xi, 3, 2)
+        y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
+        out[f"{name}/y"] = y.detach().contiguous()
+        out[f"{name}/grad_x"] = xi.grad.contiguous()
+    # Adaptive average pooling, shrinking (uneven bins) and growing (overlapping bins).
+    for name, shape in [("adaptive_shrink", (2, 3, 13, 11)), ("adaptive_grow", (1, 2, 5, 4))]:
+        xi = t(reference_pattern(f"{name}.x", 1, shape, 1.0)).requires_grad_(True)
+        y = F.adaptive_avg_pool2d(xi, (6, 6))
+        y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
+        out[f"{name}/y"] = y.detach().contiguous()
+        out[f"{name}/grad_x"] = xi.grad.contiguous()
+    save_file(out, os.path.join(OUT, "ops.safetensors"))
+
+
+if __name__ == "__main__":
+    os.makedirs(OUT, exist_ok=True)
+    ops_fixture()
+    for preset in sys.argv[1:] or ["paper", "caffe", "torchvision"]:
+        model_fixture(preset)

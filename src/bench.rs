@@ -1,0 +1,86 @@
+//! `alexnet bench`: forward throughput (images/s) and peak memory, median of repeated runs
+//! after warm-up, on reference-pattern weights. Peers are compared by `scripts/bench_peers.py`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use clap::Args;
+use serde::Serialize;
+
+use crate::device::parse_device;
+use crate::init::Init;
+use crate::model::{AlexNet, Placement, Preset};
+use crate::weights::Params;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Which AlexNet(s), comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "paper,caffe,torchvision")]
+    preset: Vec<Preset>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    batch_sizes: Vec<usize>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Measurement {
+    preset: Preset,
+    batch: usize,
+    median_s: f64,
+    images_per_s: f64,
+    peak_rss_mib: f64,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let mut results = Vec::new();
+    println!("{:<12} {:>6} {:>12} {:>10} {:>14}", "preset", "batch", "median ms", "images/s", "peak RSS MiB");
+    for &preset in &args.preset {
+        let model = AlexNet::new(preset, &mut Params::Init(Init::Reference { seed: 0 }), &Placement::on(&device))?;
+        let side = preset.input_size();
+        for &batch in &args.batch_sizes {
+            let x = Tensor::rand(-1f32, 1f32, (batch, 3, side, side), &device)?.to_dtype(DType::F32)?;
+            let mut times = Vec::with_capacity(args.runs);
+            for i in 0..args.warmup + args.runs {
+                let start = Instant::now();
+                let logits = model.forward(&x, false)?;
+                device.synchronize()?;
+                drop(logits);
+                if i >= args.warmup {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let median_s = times[times.len() / 2];
+            let m = Measurement { preset, batch, median_s, images_per_s: batch as f64 / median_s, peak_rss_mib: peak_rss_mib() };
+            println!("{:<12} {:>6} {:>12.1} {:>10.1} {:>14.0}", preset.name(), batch, 1e3 * median_s, m.images_per_s, m.peak_rss_mib);
+            results.push(m);
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+/// The process's peak resident memory so far (Linux `VmHWM`), 0 where unknown.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

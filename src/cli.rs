@@ -1,0 +1,201 @@
+//! The `alexnet` command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::bench::{self, BenchArgs};
+use crate::classes::imagenet_classes;
+use crate::data::load_image;
+use crate::device::parse_device;
+use crate::init::Init;
+use crate::model::{AlexNet, LrnScope, Placement, Preset};
+use crate::weights::{save_safetensors, Params, WeightFile};
+
+#[derive(Parser)]
+#[command(name = "alexnet", version, about = "AlexNet in Rust on Candle: the paper's two-tower net, \
+Caffe's bvlc_alexnet and torchvision's alexnet, exact against PyTorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the layer table: output shape, parameters, multiply-adds, and which tower sees what.
+    Summary {
+        #[arg(long, value_enum, default_value = "paper")]
+        preset: Preset,
+        /// Input side in pixels (default: the preset's, 227 or 224).
+        #[arg(long)]
+        input_size: Option<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the net in eval mode on a preprocessed [N, 3, H, W] f32 tensor and write its logits.
+    Infer {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// safetensors file holding the input batch.
+        #[arg(long)]
+        input: PathBuf,
+        /// Name of the input tensor in that file.
+        #[arg(long, default_value = "input")]
+        input_key: String,
+        /// Where to write the logits, as tensor `logits` [N, 1000] f32.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Print the top-5 ImageNet classes of each image.
+    Classify {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Image files (JPEG or PNG).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// How many classes to print per image.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure forward (or training-step) throughput on random weights.
+    Bench(BenchArgs),
+}
+
+/// The flags every command that runs the net shares.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Which AlexNet: paper, caffe or torchvision.
+    #[arg(long, value_enum)]
+    pub preset: Preset,
+    /// Weight file (safetensors, in torchvision's or Caffe's names).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Two-tower presets: LRN across the whole layer (Caffe) or within each tower.
+    #[arg(long, value_enum, default_value = "layer")]
+    pub lrn_scope: LrnScope,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<AlexNet> {
+        let device = parse_device(&self.device)?;
+        let mut params = Params::File(WeightFile::open(&self.weights)?);
+        let placement = Placement { lrn_scope: self.lrn_scope, ..Placement::on(&device) };
+        AlexNet::new(self.preset, &mut params, &placement)
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Summary { preset, input_size, json } => summary(preset, input_size, json),
+        Command::Infer { model, input, input_key, output } => infer(&model, &input, &input_key, &output),
+        Command::Classify { model, images, top, json } => classify(&model, &images, top, json),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+#[derive(Serialize)]
+struct SummaryRow {
+    layer: &'static str,
+    sees: &'static str,
+    output: Vec<usize>,
+    params: usize,
+    macs: u64,
+}
+
+fn summary(preset: Preset, input_size: Option<usize>, json: bool) -> anyhow::Result<()> {
+    let model = AlexNet::new(preset, &mut Params::Init(Init::Zeros), &Placement::on(&Device::Cpu))?;
+    let size = input_size.unwrap_or(preset.input_size());
+    let (_, trace) = model.forward_traced(&Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &Device::Cpu)?, false)?;
+    let rows: Vec<SummaryRow> = trace
+        .iter()
+        .map(|s| SummaryRow { layer: s.name, sees: s.sees, output: s.output.dims()[1..].to_vec(), params: s.params, macs: s.macs })
+        .collect();
+    let (params, macs) = (rows.iter().map(|r| r.params).sum::<usize>(), rows.iter().map(|r| r.macs).sum::<u64>());
+    if json {
+        let out = serde_json::json!({ "preset": preset, "input": [3, size, size], "layers": rows, "params": params, "macs": macs });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("AlexNet, {} preset, input 3x{size}x{size}", preset.name());
+    println!("{:<8} {:<12} {:>14} {:>12} {:>15}", "layer", "sees", "output", "params", "mult-adds");
+    for r in &rows {
+        let shape = r.output.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
+        println!("{:<8} {:<12} {:>14} {:>12} {:>15}", r.layer, r.sees, shape, group(r.params as u64), group(r.macs));
+    }
+    println!("{:<8} {:<12} {:>14} {:>12} {:>15}", "total", "", "", group(params as u64), group(macs));
+    Ok(())
+}
+
+/// 60965224 -> "60,965,224".
+fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Result<()> {
+    let model = args.load()?;
+    let tensors = candle_core::safetensors::load(input, &Device::Cpu)
+        .with_context(|| format!("cannot read input {} as safetensors", input.display()))?;
+    let Some(x) = tensors.get(key) else {
+        let keys: Vec<&String> = tensors.keys().collect();
+        bail!("{}: no tensor `{key}` (it holds {keys:?}); pick one with --input-key", input.display())
+    };
+    let logits = model.forward(&x.to_device(model.device())?, false)?;
+    save_safetensors(&[("logits".to_string(), logits.to_device(&Device::Cpu)?)], output)?;
+    eprintln!("wrote logits {:?} to {}", logits.dims(), output.display());
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Prediction {
+    index: usize,
+    wnid: &'static str,
+    name: &'static str,
+    probability: f32,
+}
+
+fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> anyhow::Result<()> {
+    let model = args.load()?;
+    let classes = imagenet_classes();
+    let batch: Vec<Tensor> = images.iter().map(|p| load_image(p, args.preset)).collect::<anyhow::Result<_>>()?;
+    let x = Tensor::stack(&batch, 0)?.to_device(model.device())?;
+    let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, false)?)?.to_vec2::<f32>()?;
+    let mut report = Vec::new();
+    for (path, p) in images.iter().zip(probs) {
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let preds: Vec<Prediction> = order
+            .into_iter()
+            .take(top)
+            .map(|i| Prediction { index: i, wnid: classes[i].0, name: classes[i].1, probability: p[i] })
+            .collect();
+        if !json {
+            println!("{}", path.display());
+            for pred in &preds {
+                println!("  {:6.2}%  {:>3}  {}  {}", 100.0 * pred.probability, pred.index, pred.wnid, pred.name);
+            }
+        }
+        report.push(serde_json::json!({ "image": path, "top": preds }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}

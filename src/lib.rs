@@ -1,0 +1,17 @@
+//! AlexNet (Krizhevsky, Sutskever, Hinton 2012) on Candle, exact against PyTorch and Caffe.
+//!
+//! Follow an image from JPEG to logits: [`data::load_image`] decodes and preprocesses it,
+//! [`model::AlexNet::forward`] runs the net (its architecture is all in `model.rs`), and
+//! [`classes`] names the result. Parameters come from [`weights`] (files) or [`init`] (fresh).
+
+pub mod bench;
+pub mod classes;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod init;
+pub mod model;
+pub mod ops;
+pub mod weights;
+
+pub use model::{AlexNet, LrnScope, Placement, Preset};

@@ -1,0 +1,571 @@
+//! The AlexNet architecture: all three presets, in one file.
+//!
+//! * `paper` and `caffe`: the two-tower net of Krizhevsky et al. (2012), figure 2. Each tower
+//!   owns half of every layer; conv2, conv4 and conv5 see only their own tower, conv3 and the
+//!   fully-connected layers see both (the "cross-talk" links, [`TwoTowers::exchange`]).
+//!   The presets differ only in their LRN constants (see [`crate::ops::Lrn`]).
+//! * `torchvision`: the single-tower net of `torchvision.models.alexnet` ("one weird trick").
+//!
+//! Weight keys are the source's own names, so the constructors below *are* the weight map:
+//! Caffe's `conv1` ... `fc8` (grouped layout: conv2 is `[256, 48, 5, 5]`, the first half of
+//! the output channels being tower A's) and torchvision's `features.0` ... `classifier.6`.
+//!
+//! Where LRN looks (an explicit choice, [`LrnScope`]): by default it sums over neighbouring
+//! channels of the *whole layer*, across the tower boundary, which is what Caffe computes and
+//! what its weights need, and what a grouped-convolution model does. The towers then exchange
+//! only the `size/2` channels next to the boundary. `LrnScope::Tower` instead normalises each
+//! tower on its own, as two GPUs that never talk between conv1 and conv3 would.
+
+use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
+use serde::Serialize;
+
+use crate::ops::{adaptive_avg_pool2d, lrn, max_pool2d, Lrn};
+use crate::weights::Params;
+
+/// Which AlexNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Two towers, the paper's LRN (k=2, alpha=1e-4 on the sum), 227x227 input.
+    Paper,
+    /// Two towers, Caffe's LRN (k=1, alpha=1e-4/n): runs `bvlc_alexnet` weights. 227x227 input.
+    Caffe,
+    /// torchvision's single-tower net (`alexnet-owt-7be5be79.pth`), any input >= 63x63.
+    Torchvision,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Paper => "paper",
+            Preset::Caffe => "caffe",
+            Preset::Torchvision => "torchvision",
+        }
+    }
+
+    /// The input side the preset was trained at.
+    pub fn input_size(self) -> usize {
+        match self {
+            Preset::Paper | Preset::Caffe => 227,
+            Preset::Torchvision => 224,
+        }
+    }
+
+    fn lrn(self) -> Option<Lrn> {
+        match self {
+            Preset::Paper => Some(Lrn::paper()),
+            Preset::Caffe => Some(Lrn::caffe()),
+            Preset::Torchvision => None,
+        }
+    }
+}
+
+/// Which channels an LRN window may reach in the two-tower presets (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrnScope {
+    /// All channels of the layer, across the tower boundary (Caffe; needed for its weights).
+    #[default]
+    Layer,
+    /// Only the tower's own channels.
+    Tower,
+}
+
+/// Where the net lives: one device per tower (the torchvision net uses tower A's).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub towers: [Device; 2],
+    pub lrn_scope: LrnScope,
+}
+
+impl Placement {
+    pub fn on(device: &Device) -> Self {
+        Placement { towers: [device.clone(), device.clone()], lrn_scope: LrnScope::Layer }
+    }
+}
+
+/// One row of the layer table: a layer's output, recorded as the forward pass runs.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Caffe's blob name (`conv1`, `norm1`, `pool1`, ..., `fc8`), also used for torchvision.
+    pub name: &'static str,
+    /// What the layer sees: `image`, `own tower`, `both towers`, or `-` for the single tower.
+    pub sees: &'static str,
+    /// The layer's output (both towers concatenated along the channel axis, on tower A's device).
+    pub output: Tensor,
+    pub params: usize,
+    pub macs: u64,
+}
+
+/// A forward pass that records every layer's output, for `summary` and parity tests.
+pub type Trace = Vec<Step>;
+
+/// A conv or linear layer's parameter, in the source's layout, possibly split across towers.
+pub struct Param {
+    /// Source key, e.g. `conv2.weight` or `features.3.weight`.
+    pub key: String,
+    /// The tower halves (split along the output axis), or the single tensor.
+    pub parts: Vec<Var>,
+}
+
+impl Param {
+    /// The whole parameter on the CPU, `f` applied to each part (the part itself, its gradient...).
+    pub fn gather(&self, f: impl Fn(&Var) -> Option<Tensor>) -> CandleResult<Option<Tensor>> {
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for var in &self.parts {
+            match f(var) {
+                Some(t) => parts.push(t.to_device(&Device::Cpu)?),
+                None => return Ok(None),
+            }
+        }
+        Tensor::cat(&parts, 0).map(Some)
+    }
+}
+
+pub struct AlexNet {
+    pub preset: Preset,
+    net: Net,
+}
+
+enum Net {
+    Towers(TwoTowers),
+    Single(Torchvision),
+}
+
+impl AlexNet {
+    /// Builds the net of `preset` with parameters from `params` (a weight file or an init).
+    pub fn new(preset: Preset, params: &mut Params, placement: &Placement) -> anyhow::Result<Self> {
+        params.expect_naming(preset)?;
+        let net = match preset.lrn() {
+            Some(lrn) => Net::Towers(TwoTowers::new(params, placement, lrn)?),
+            None => Net::Single(Torchvision::new(params, &placement.towers[0])?),
+        };
+        params.finish(preset)?;
+        Ok(AlexNet { preset, net })
+    }
+
+    /// Logits `[N, 1000]` of an `[N, 3, H, W]` f32 batch. `train` turns dropout on.
+    pub fn forward(&self, x: &Tensor, train: bool) -> anyhow::Result<Tensor> {
+        self.check_input(x)?;
+        Ok(self.run(x, train, &mut None)?)
+    }
+
+    /// Like [`AlexNet::forward`], also returning every layer's output.
+    pub fn forward_traced(&self, x: &Tensor, train: bool) -> anyhow::Result<(Tensor, Trace)> {
+        self.check_input(x)?;
+        let mut trace = Some(Trace::new());
+        let logits = self.run(x, train, &mut trace)?;
+        Ok((logits, trace.unwrap_or_default()))
+    }
+
+    fn run(&self, x: &Tensor, train: bool, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+        match &self.net {
+            Net::Towers(net) => net.forward(x, train, trace),
+            Net::Single(net) => net.forward(x, train, trace),
+        }
+    }
+
+    /// Every parameter in the source's order and layout.
+    pub fn parameters(&self) -> Vec<Param> {
+        match &self.net {
+            Net::Towers(net) => net.parameters(),
+            Net::Single(net) => net.parameters(),
+        }
+    }
+
+    /// The device the logits come out on.
+    pub fn device(&self) -> &Device {
+        match &self.net {
+            Net::Towers(net) => &net.towers[0].device,
+            Net::Single(net) => &net.device,
+        }
+    }
+
+    /// A clear error for input the net cannot take.
+    pub fn check_input(&self, x: &Tensor) -> anyhow::Result<()> {
+        let preset = self.preset.name();
+        let dims = x.dims();
+        let &[_, c, h, w] = dims else {
+            anyhow::bail!("the {preset} preset takes a [N, 3, H, W] batch, got a tensor of shape {dims:?}")
+        };
+        if c != 3 {
+            anyhow::bail!("the {preset} preset takes 3-channel images, got {c} channels (shape {dims:?})")
+        }
+        if x.dtype() != DType::F32 {
+            anyhow::bail!("the {preset} preset takes f32 input, got {:?}", x.dtype())
+        }
+        match self.net {
+            Net::Towers(_) if (h, w) != (227, 227) => anyhow::bail!(
+                "the {preset} preset takes 227x227 images (its fc6 expects 256x6x6), got {h}x{w}"
+            ),
+            Net::Single(_) if h < 63 || w < 63 => {
+                anyhow::bail!("the {preset} preset needs images of at least 63x63, got {h}x{w}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers
+
+struct Conv {
+    weight: Var,
+    bias: Var,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+struct Linear {
+    weight: Var,
+    bias: Var,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Parameters and multiply-adds of a layer that produced `out`.
+trait Cost {
+    fn vars(&self) -> [&Var; 2];
+    fn cost(&self, out: &Tensor) -> (usize, u64) {
+        let [w, b] = self.vars();
+        let per_output: usize = w.dims()[1..].iter().product();
+        (w.elem_count() + b.elem_count(), (out.elem_count() * per_output) as u64)
+    }
+}
+
+impl Cost for Conv {
+    fn vars(&self) -> [&Var; 2] {
+        [&self.weight, &self.bias]
+    }
+}
+
+impl Cost for Linear {
+    fn vars(&self) -> [&Var; 2] {
+        [&self.weight, &self.bias]
+    }
+}
+
+/// Loads layer `prefix` (weight of `shape`) and splits it along the output axis into
+/// `devices.len()` equal parts, one per tower, each on its tower's device.
+fn split_layer(
+    params: &mut Params,
+    prefix: &str,
+    shape: &[usize],
+    devices: &[Device],
+) -> anyhow::Result<Vec<(Var, Var)>> {
+    let (weight, bias) = params.layer(prefix, shape)?;
+    let rows = shape[0] / devices.len();
+    let mut parts = Vec::with_capacity(devices.len());
+    for (i, device) in devices.iter().enumerate() {
+        let w = weight.narrow(0, i * rows, rows)?.to_device(device)?.contiguous()?;
+        let b = bias.narrow(0, i * rows, rows)?.to_device(device)?.contiguous()?;
+        // `copy` gives each part its own storage, so the whole-layer tensor can be freed.
+        parts.push((Var::from_tensor(&w.copy()?)?, Var::from_tensor(&b.copy()?)?));
+    }
+    Ok(parts)
+}
+
+fn conv_layer(
+    params: &mut Params,
+    prefix: &str,
+    shape: [usize; 4],
+    stride: usize,
+    padding: usize,
+    devices: &[Device],
+) -> anyhow::Result<Vec<Conv>> {
+    let parts = split_layer(params, prefix, &shape, devices)?;
+    Ok(parts.into_iter().map(|(weight, bias)| Conv { weight, bias, stride, padding }).collect())
+}
+
+fn linear_layer(
+    params: &mut Params,
+    prefix: &str,
+    shape: [usize; 2],
+    devices: &[Device],
+) -> anyhow::Result<Vec<Linear>> {
+    let parts = split_layer(params, prefix, &shape, devices)?;
+    Ok(parts.into_iter().map(|(weight, bias)| Linear { weight, bias }).collect())
+}
+
+fn dropout(x: Tensor, train: bool) -> CandleResult<Tensor> {
+    if train {
+        candle_nn::ops::dropout(&x, 0.5)
+    } else {
+        Ok(x)
+    }
+}
+
+fn record(trace: &mut Option<Trace>, name: &'static str, sees: &'static str, out: &Tensor, cost: (usize, u64)) {
+    if let Some(trace) = trace {
+        trace.push(Step { name, sees, output: out.clone(), params: cost.0, macs: cost.1 });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// paper / caffe: two towers
+
+/// One tower: its half of every layer, on its own device.
+struct Tower {
+    device: Device,
+    conv1: Conv,
+    conv2: Conv,
+    conv3: Conv,
+    conv4: Conv,
+    conv5: Conv,
+    fc6: Linear,
+    fc7: Linear,
+    fc8: Linear,
+}
+
+struct TwoTowers {
+    towers: [Tower; 2],
+    lrn: Lrn,
+    lrn_scope: LrnScope,
+}
+
+const LAYER_NAMES: [&str; 8] = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"];
+
+impl TwoTowers {
+    fn new(params: &mut Params, placement: &Placement, lrn: Lrn) -> anyhow::Result<Self> {
+        let d = &placement.towers;
+        // Caffe's names and grouped shapes; each layer's output axis is split between towers.
+        let mut conv1 = conv_layer(params, "conv1", [96, 3, 11, 11], 4, 0, d)?.into_iter();
+        let mut conv2 = conv_layer(params, "conv2", [256, 48, 5, 5], 1, 2, d)?.into_iter();
+        let mut conv3 = conv_layer(params, "conv3", [384, 256, 3, 3], 1, 1, d)?.into_iter();
+        let mut conv4 = conv_layer(params, "conv4", [384, 192, 3, 3], 1, 1, d)?.into_iter();
+        let mut conv5 = conv_layer(params, "conv5", [256, 192, 3, 3], 1, 1, d)?.into_iter();
+        let mut fc6 = linear_layer(params, "fc6", [4096, 9216], d)?.into_iter();
+        let mut fc7 = linear_layer(params, "fc7", [4096, 4096], d)?.into_iter();
+        let mut fc8 = linear_layer(params, "fc8", [1000, 4096], d)?.into_iter();
+        let mut tower = |device: &Device| -> Option<Tower> {
+            Some(Tower {
+                device: device.clone(),
+                conv1: conv1.next()?,
+                conv2: conv2.next()?,
+                conv3: conv3.next()?,
+                conv4: conv4.next()?,
+                conv5: conv5.next()?,
+                fc6: fc6.next()?,
+                fc7: fc7.next()?,
+                fc8: fc8.next()?,
+            })
+        };
+        let (a, b) = (tower(&d[0]), tower(&d[1]));
+        let towers = [a.expect("two parts per layer"), b.expect("two parts per layer")];
+        Ok(TwoTowers { towers, lrn, lrn_scope: placement.lrn_scope })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+        let [a, b] = &self.towers;
+        // conv1: each tower's 48 kernels see the whole image.
+        let h = [x.to_device(&a.device)?, x.to_device(&b.device)?];
+        let h = self.each(&h, |t, x| t.conv1.forward(x)?.relu())?;
+        self.record(trace, "conv1", "image", &h, |t| &t.conv1)?;
+        let h = self.norm(&h)?;
+        self.record_plain(trace, "norm1", &h)?;
+        let h = self.each(&h, |_, x| max_pool2d(x, 3, 2))?;
+        self.record_plain(trace, "pool1", &h)?;
+
+        let h = self.each(&h, |t, x| t.conv2.forward(x)?.relu())?;
+        self.record(trace, "conv2", "own tower", &h, |t| &t.conv2)?;
+        let h = self.norm(&h)?;
+        self.record_plain(trace, "norm2", &h)?;
+        let h = self.each(&h, |_, x| max_pool2d(x, 3, 2))?;
+        self.record_plain(trace, "pool2", &h)?;
+
+        let h = self.exchange(&h)?; // cross-talk: conv3 sees both towers
+        let h = self.each(&h, |t, x| t.conv3.forward(x)?.relu())?;
+        self.record(trace, "conv3", "both towers", &h, |t| &t.conv3)?;
+        let h = self.each(&h, |t, x| t.conv4.forward(x)?.relu())?;
+        self.record(trace, "conv4", "own tower", &h, |t| &t.conv4)?;
+        let h = self.each(&h, |t, x| t.conv5.forward(x)?.relu())?;
+        self.record(trace, "conv5", "own tower", &h, |t| &t.conv5)?;
+        let h = self.each(&h, |_, x| max_pool2d(x, 3, 2)?.flatten_from(1))?;
+        self.record_plain(trace, "pool5", &h)?;
+
+        let h = self.exchange(&h)?; // fc6 sees both towers' 128x6x6 maps, in Caffe's order
+        let h = self.each(&h, |t, x| dropout(t.fc6.forward(x)?.relu()?, train))?;
+        self.record(trace, "fc6", "both towers", &h, |t| &t.fc6)?;
+        let h = self.exchange(&h)?;
+        let h = self.each(&h, |t, x| dropout(t.fc7.forward(x)?.relu()?, train))?;
+        self.record(trace, "fc7", "both towers", &h, |t| &t.fc7)?;
+        let h = self.exchange(&h)?;
+        let h = self.each(&h, |t, x| t.fc8.forward(x))?;
+        self.record(trace, "fc8", "both towers", &h, |t| &t.fc8)?;
+        self.join(&h)
+    }
+
+    /// Applies `f` to each tower's half.
+    fn each(
+        &self,
+        h: &[Tensor; 2],
+        f: impl Fn(&Tower, &Tensor) -> CandleResult<Tensor>,
+    ) -> CandleResult<[Tensor; 2]> {
+        Ok([f(&self.towers[0], &h[0])?, f(&self.towers[1], &h[1])?])
+    }
+
+    /// Both towers' outputs concatenated along axis 1, on tower A's device.
+    fn join(&self, h: &[Tensor; 2]) -> CandleResult<Tensor> {
+        Tensor::cat(&[h[0].clone(), h[1].to_device(&self.towers[0].device)?], 1)
+    }
+
+    /// The cross-tower link: each tower receives the other's half and sees the whole layer.
+    fn exchange(&self, h: &[Tensor; 2]) -> CandleResult<[Tensor; 2]> {
+        let whole = self.join(h)?;
+        let on_b = whole.to_device(&self.towers[1].device)?; // free when on one device
+        Ok([whole, on_b])
+    }
+
+    /// LRN over each tower. With `LrnScope::Layer` a window near the tower boundary reaches
+    /// into the other tower, so each tower borrows the few boundary channels it needs.
+    fn norm(&self, h: &[Tensor; 2]) -> CandleResult<[Tensor; 2]> {
+        if self.lrn_scope == LrnScope::Tower {
+            return self.each(h, |_, x| lrn(x, self.lrn));
+        }
+        let (below, above) = self.lrn.reach();
+        let (ca, cb) = (h[0].dim(1)?, h[1].dim(1)?);
+        let [a, b] = &self.towers;
+        let a_plus = Tensor::cat(&[h[0].clone(), h[1].narrow(1, 0, above)?.to_device(&a.device)?], 1)?;
+        let b_plus = Tensor::cat(&[h[0].narrow(1, ca - below, below)?.to_device(&b.device)?, h[1].clone()], 1)?;
+        Ok([lrn(&a_plus, self.lrn)?.narrow(1, 0, ca)?, lrn(&b_plus, self.lrn)?.narrow(1, below, cb)?])
+    }
+
+    fn record(
+        &self,
+        trace: &mut Option<Trace>,
+        name: &'static str,
+        sees: &'static str,
+        h: &[Tensor; 2],
+        layer: impl Fn(&Tower) -> &dyn Cost,
+    ) -> CandleResult<()> {
+        if trace.is_some() {
+            let (pa, ma) = layer(&self.towers[0]).cost(&h[0]);
+            let (pb, mb) = layer(&self.towers[1]).cost(&h[1]);
+            record(trace, name, sees, &self.join(h)?, (pa + pb, ma + mb));
+        }
+        Ok(())
+    }
+
+    fn record_plain(&self, trace: &mut Option<Trace>, name: &'static str, h: &[Tensor; 2]) -> CandleResult<()> {
+        if trace.is_some() {
+            let sees = match (name, self.lrn_scope) {
+                ("norm1" | "norm2", LrnScope::Layer) => "whole layer",
+                _ => "own tower",
+            };
+            record(trace, name, sees, &self.join(h)?, (0, 0));
+        }
+        Ok(())
+    }
+
+    fn parameters(&self) -> Vec<Param> {
+        let [a, b] = &self.towers;
+        let (la, lb) = (a.layers(), b.layers());
+        let mut params = Vec::new();
+        for (i, name) in LAYER_NAMES.iter().enumerate() {
+            let ([wa, ba], [wb, bb]) = (la[i].vars(), lb[i].vars());
+            params.push(Param { key: format!("{name}.weight"), parts: vec![wa.clone(), wb.clone()] });
+            params.push(Param { key: format!("{name}.bias"), parts: vec![ba.clone(), bb.clone()] });
+        }
+        params
+    }
+}
+
+impl Tower {
+    fn layers(&self) -> [&dyn Cost; 8] {
+        [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5, &self.fc6, &self.fc7, &self.fc8]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// torchvision: one tower
+
+/// `torchvision.models.alexnet`, with its module names as weight keys.
+struct Torchvision {
+    device: Device,
+    conv1: Conv,
+    conv2: Conv,
+    conv3: Conv,
+    conv4: Conv,
+    conv5: Conv,
+    fc6: Linear,
+    fc7: Linear,
+    fc8: Linear,
+}
+
+const TORCHVISION_KEYS: [&str; 8] =
+    ["features.0", "features.3", "features.6", "features.8", "features.10", "classifier.1", "classifier.4", "classifier.6"];
+
+impl Torchvision {
+    fn new(params: &mut Params, device: &Device) -> anyhow::Result<Self> {
+        let d = std::slice::from_ref(device);
+        let one_conv = |p: &mut Params, key, shape, stride, pad| -> anyhow::Result<Conv> {
+            Ok(conv_layer(p, key, shape, stride, pad, d)?.remove(0))
+        };
+        let one_linear = |p: &mut Params, key, shape| -> anyhow::Result<Linear> {
+            Ok(linear_layer(p, key, shape, d)?.remove(0))
+        };
+        Ok(Torchvision {
+            device: device.clone(),
+            conv1: one_conv(params, "features.0", [64, 3, 11, 11], 4, 2)?,
+            conv2: one_conv(params, "features.3", [192, 64, 5, 5], 1, 2)?,
+            conv3: one_conv(params, "features.6", [384, 192, 3, 3], 1, 1)?,
+            conv4: one_conv(params, "features.8", [256, 384, 3, 3], 1, 1)?,
+            conv5: one_conv(params, "features.10", [256, 256, 3, 3], 1, 1)?,
+            fc6: one_linear(params, "classifier.1", [4096, 9216])?,
+            fc7: one_linear(params, "classifier.4", [4096, 4096])?,
+            fc8: one_linear(params, "classifier.6", [1000, 4096])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+        let x = x.to_device(&self.device)?;
+        let h = self.conv1.forward(&x)?.relu()?;
+        record(trace, "conv1", "-", &h, self.conv1.cost(&h));
+        let h = max_pool2d(&h, 3, 2)?;
+        record(trace, "pool1", "-", &h, (0, 0));
+        let h = self.conv2.forward(&h)?.relu()?;
+        record(trace, "conv2", "-", &h, self.conv2.cost(&h));
+        let h = max_pool2d(&h, 3, 2)?;
+        record(trace, "pool2", "-", &h, (0, 0));
+        let h = self.conv3.forward(&h)?.relu()?;
+        record(trace, "conv3", "-", &h, self.conv3.cost(&h));
+        let h = self.conv4.forward(&h)?.relu()?;
+        record(trace, "conv4", "-", &h, self.conv4.cost(&h));
+        let h = self.conv5.forward(&h)?.relu()?;
+        record(trace, "conv5", "-", &h, self.conv5.cost(&h));
+        let h = max_pool2d(&h, 3, 2)?;
+        record(trace, "pool5", "-", &h, (0, 0));
+        let h = adaptive_avg_pool2d(&h, (6, 6))?.flatten_from(1)?;
+        record(trace, "avgpool", "-", &h, (0, 0));
+        let h = self.fc6.forward(&dropout(h, train)?)?.relu()?;
+        record(trace, "fc6", "-", &h, self.fc6.cost(&h));
+        let h = self.fc7.forward(&dropout(h, train)?)?.relu()?;
+        record(trace, "fc7", "-", &h, self.fc7.cost(&h));
+        let h = self.fc8.forward(&h)?;
+        record(trace, "fc8", "-", &h, self.fc8.cost(&h));
+        Ok(h)
+    }
+
+    fn parameters(&self) -> Vec<Param> {
+        let layers: [&dyn Cost; 8] =
+            [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5, &self.fc6, &self.fc7, &self.fc8];
+        let mut params = Vec::new();
+        for (key, layer) in TORCHVISION_KEYS.iter().zip(layers) {
+            let [w, b] = layer.vars();
+            params.push(Param { key: format!("{key}.weight"), parts: vec![w.clone()] });
+            params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()] });
+        }
+        params
+    }
+}

@@ -1,0 +1,110 @@
+//! Max-pooling with a backward for overlapping windows (AlexNet's 3x3 stride 2).
+//!
+//! Floor mode, no padding, as PyTorch's `MaxPool2d(3, 2)`. For AlexNet's sizes
+//! (55 -> 27 -> 13 -> 6) Caffe's ceil mode gives the same shapes.
+//! Ties: PyTorch's CPU kernel scans each window row by row and keeps the first maximum
+//! (`val > max || isnan(val)`), so the gradient goes to the first maximal element; so does ours.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+struct MaxPool2d {
+    kernel: usize,
+    stride: usize,
+}
+
+/// Max-pooling of an `[N, C, H, W]` tensor with a square `kernel` and `stride`, differentiable.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h < kernel || w < kernel {
+        candle_core::bail!("max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window")
+    }
+    x.contiguous()?.apply_op1(MaxPool2d { kernel, stride })
+}
+
+impl MaxPool2d {
+    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        ((h - self.kernel) / self.stride + 1, (w - self.kernel) / self.stride + 1)
+    }
+
+    /// Index within the plane of the first maximal element of the window at (oy, ox).
+    #[inline]
+    fn argmax(&self, plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
+        let (y0, x0) = (oy * self.stride, ox * self.stride);
+        let mut best = y0 * w + x0;
+        let mut max = f32::NEG_INFINITY;
+        for y in y0..y0 + self.kernel {
+            for x in x0..x0 + self.kernel {
+                let v = plane[y * w + x];
+                if v > max || v.is_nan() {
+                    max = v;
+                    best = y * w + x;
+                    if v.is_nan() {
+                        return best;
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = super::nchw("max-pool2d", layout)?;
+        let x = super::contiguous_f32("max-pool2d", storage, layout)?;
+        let (oh, ow) = self.out_size(h, w);
+        let mut y = vec![0f32; n * c * oh * ow];
+        y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(out, plane)| {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    out[oy * ow + ox] = plane[self.argmax(plane, w, oy, ox)];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad_y.contiguous()?, &MaxPool2dBackward(*self))?))
+    }
+}
+
+/// Scatters each output gradient to its window's first maximum; overlapping windows add up.
+struct MaxPool2dBackward(MaxPool2d);
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let pool = self.0;
+        let (_, _, h, w) = super::nchw("max-pool2d-backward", xl)?;
+        let x = super::contiguous_f32("max-pool2d-backward", xs, xl)?;
+        let g = super::contiguous_f32("max-pool2d-backward", gs, gl)?;
+        let (oh, ow) = pool.out_size(h, w);
+        let mut grad = vec![0f32; x.len()];
+        grad.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
+            .for_each(|(out, (plane, gplane))| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        out[pool.argmax(plane, w, oy, ox)] += gplane[oy * ow + ox];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(grad), xl.shape().clone()))
+    }
+}

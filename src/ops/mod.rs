@@ -1,0 +1,37 @@
+//! The layers AlexNet needs that Candle lacks, each with a forward and a backward pass.
+//!
+//! * [`lrn`]: local response normalisation across channels, in both the paper's and
+//!   Caffe's/PyTorch's conventions.
+//! * [`max_pool2d`]: max-pooling with a backward for overlapping windows (Candle's
+//!   `max_pool2d_with_stride` has none when kernel != stride); ties go where PyTorch sends them.
+//! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
+//!
+//! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
+//! contiguous first, so callers never have to.
+
+mod adaptive_pool;
+mod lrn;
+mod max_pool;
+
+pub use adaptive_pool::adaptive_avg_pool2d;
+pub use lrn::{lrn, Lrn};
+pub use max_pool::max_pool2d;
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The contiguous f32 data of a CPU tensor, or an error naming the op that needed it.
+fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// `(N, C, H, W)` of a rank-4 layout, or an error naming the op.
+fn nchw(op: &str, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
+    match layout.dims() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        dims => candle_core::bail!("{op}: expected a [N, C, H, W] tensor, got shape {dims:?}"),
+    }
+}

@@ -1,0 +1,152 @@
+//! The `alexnet` binary: summary totals, `infer` against PyTorch's logits, and clear errors
+//! (never a panic) for bad weights and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use alexnet::weights::save_safetensors;
+use alexnet::{Placement, Preset};
+use candle_core::{Device, Tensor};
+use common::*;
+
+fn alexnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_alexnet")).args(args).output().expect("run alexnet")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail cleanly; returns its error message.
+fn expect_error(args: &[&str]) -> String {
+    let out = alexnet(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert_eq!(out.status.code(), Some(1), "{args:?}: exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
+    err
+}
+
+/// A temporary folder holding the reference torchvision weights (in torchvision's names) and
+/// the fixtures' input batch, written once for all tests of this file.
+fn workdir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = reference_model(Preset::Torchvision, &Placement::on(&Device::Cpu));
+        let state: Vec<(String, Tensor)> = model
+            .parameters()
+            .iter()
+            .map(|p| (p.key.clone(), p.gather(|v| Some(v.as_tensor().clone())).unwrap().unwrap()))
+            .collect();
+        save_safetensors(&state, &dir.path().join("tv.safetensors")).unwrap();
+        let input = reference_input(Preset::Torchvision);
+        save_safetensors(&[("input".into(), input.clone())], &dir.path().join("input.safetensors")).unwrap();
+        let small = Tensor::zeros((1, 3, 60, 60), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let rank3 = input.get(0).unwrap();
+        save_safetensors(&[("input".into(), small), ("rank3".into(), rank3)], &dir.path().join("bad-input.safetensors"))
+            .unwrap();
+        // The same weights, then with one tensor mis-shaped, one missing, one extra.
+        let mut misshaped = state.clone();
+        misshaped[0].1 = misshaped[0].1.narrow(3, 0, 10).unwrap();
+        save_safetensors(&misshaped, &dir.path().join("misshaped.safetensors")).unwrap();
+        save_safetensors(&state[..15], &dir.path().join("missing.safetensors")).unwrap();
+        let mut extra = state.clone();
+        extra.push(("classifier.7.weight".into(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap()));
+        save_safetensors(&extra, &dir.path().join("extra.safetensors")).unwrap();
+        dir
+    })
+    .path()
+}
+
+fn file(name: &str) -> String {
+    workdir().join(name).to_string_lossy().into_owned()
+}
+
+#[test]
+fn summary_prints_the_parameter_totals() {
+    for (preset, total) in [("paper", "60,965,224"), ("caffe", "60,965,224"), ("torchvision", "61,100,840")] {
+        let out = alexnet(&["summary", "--preset", preset]);
+        assert!(out.status.success());
+        let text = stdout(&out);
+        let last = text.lines().last().unwrap();
+        assert!(last.starts_with("total") && last.contains(total), "{preset}: {last}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&alexnet(&["summary", "--preset", "paper", "--json"]).stdout).unwrap();
+    assert_eq!(json["params"], 60_965_224);
+}
+
+#[test]
+fn infer_on_torchvision_named_weights_reproduces_pytorch_logits() {
+    let output: PathBuf = workdir().join("logits.safetensors");
+    let out = alexnet(&[
+        "infer", "--preset", "torchvision", "--weights", &file("tv.safetensors"),
+        "--input", &file("input.safetensors"), "--output", output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let logits = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
+    let expected = fixture("torchvision.safetensors");
+    assert_close("alexnet infer (torchvision)", &logits["logits"], get(&expected, "logits"), 1e-4);
+}
+
+#[test]
+fn classify_prints_top5_as_json() {
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/photos/chelsea.png");
+    let out = alexnet(&["classify", "--preset", "torchvision", "--weights", &file("tv.safetensors"), "--json", photo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["top"].as_array().unwrap().len(), 5);
+    let p: f64 = json[0]["top"].as_array().unwrap().iter().map(|t| t["probability"].as_f64().unwrap()).sum();
+    assert!(p > 0.0 && p <= 1.0 + 1e-6);
+}
+
+#[test]
+fn bad_weights_are_clear_errors() {
+    let infer = |preset: &str, weights: &str| {
+        expect_error(&["infer", "--preset", preset, "--weights", weights, "--input", &file("input.safetensors"), "--output", &file("out.safetensors")])
+    };
+    let err = infer("torchvision", "/nonexistent/alexnet.safetensors");
+    assert!(err.contains("/nonexistent/alexnet.safetensors") && err.contains("does not exist"), "{err}");
+
+    let err = infer("paper", &file("tv.safetensors"));
+    assert!(err.contains("Torchvision-named") && err.contains("--preset torchvision"), "{err}");
+
+    let err = infer("torchvision", &file("misshaped.safetensors"));
+    assert!(err.contains("`features.0.weight`") && err.contains("[64, 3, 11, 10]") && err.contains("[64, 3, 11, 11]"), "{err}");
+
+    let err = infer("torchvision", &file("missing.safetensors"));
+    assert!(err.contains("`classifier.6.bias`") && err.contains("missing"), "{err}");
+
+    let err = infer("torchvision", &file("extra.safetensors"));
+    assert!(err.contains("`classifier.7.weight` [2, 2]") && err.contains("unexpected"), "{err}");
+
+    let err = infer("torchvision", &file("input.safetensors"));
+    assert!(err.contains("no AlexNet weights"), "{err}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let infer = |key: &str| {
+        expect_error(&["infer", "--preset", "torchvision", "--weights", &file("tv.safetensors"), "--input", &file("bad-input.safetensors"), "--input-key", key, "--output", &file("out2.safetensors")])
+    };
+    let err = infer("input");
+    assert!(err.contains("at least 63x63") && err.contains("60x60"), "{err}");
+    let err = infer("rank3");
+    assert!(err.contains("[N, 3, H, W]") && err.contains("[3, 224, 224]"), "{err}");
+    let err = infer("nope");
+    assert!(err.contains("no tensor `nope`"), "{err}");
+}
+
+#[test]
+fn cuda_without_cuda_support_is_a_clear_error() {
+    if candle_core::utils::cuda_is_available() {
+        return;
+    }
+    let err = expect_error(&["classify", "--preset", "torchvision", "--weights", &file("tv.safetensors"), "--device", "cuda:0", "x.png"]);
+    assert!(err.contains("without CUDA support"), "{err}");
+}

@@ -1,0 +1,91 @@
+//! Helpers shared by the parity tests: fixtures made by `scripts/make_fixtures.py`.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use alexnet::init::{reference_pattern, Init};
+use alexnet::weights::Params;
+use alexnet::{AlexNet, Placement, Preset};
+use candle_core::{Device, Tensor};
+
+/// The seed, batch and labels `scripts/make_fixtures.py` uses.
+pub const SEED: u64 = 2012;
+pub const LABELS: [u32; 2] = [7, 501];
+
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn fixture(name: &str) -> HashMap<String, Tensor> {
+    let path = fixture_path(name);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
+}
+
+pub fn get<'a>(f: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
+    f.get(key).unwrap_or_else(|| panic!("fixture has no tensor `{key}`"))
+}
+
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()
+}
+
+/// Largest |a - e| divided by the largest |e|: the relative error the bounds refer to.
+pub fn rel_error(actual: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(actual.len(), expected.len(), "length mismatch");
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let diff = actual.iter().zip(expected).fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+    diff / scale
+}
+
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, bound: f32) -> f32 {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
+    let err = rel_error(&flat(actual), &flat(expected));
+    eprintln!("{what:<32} rel error {err:.2e}");
+    assert!(err <= bound, "{what}: relative error {err:e} > {bound:e}");
+    err
+}
+
+/// Compares a whole tensor with the fixture's summary of it (`PREFIX/samples`, `PREFIX/stats`:
+/// 1024 evenly spaced elements, then sum |x|, L2 norm, max |x| and the element count).
+pub fn assert_matches_summary(what: &str, actual: &Tensor, f: &HashMap<String, Tensor>, prefix: &str, bound: f32) -> f32 {
+    let stats: Vec<f64> = get(f, &format!("{prefix}/stats")).to_vec1().unwrap();
+    let expected_samples = flat(get(f, &format!("{prefix}/samples")));
+    let values = flat(actual);
+    assert_eq!(values.len() as f64, stats[3], "{what}: element count");
+    let n = expected_samples.len();
+    let samples: Vec<f32> = (0..n).map(|i| values[i * values.len() / n]).collect();
+    let max_abs = stats[2] as f32;
+    let sample_err = samples.iter().zip(&expected_samples).fold(0f32, |m, (a, e)| m.max((a - e).abs()))
+        / max_abs.max(f32::MIN_POSITIVE);
+    let abs_sum: f64 = values.iter().map(|v| v.abs() as f64).sum();
+    let l2: f64 = values.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
+    let mine_max = values.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let stat_err = [(abs_sum, stats[0]), (l2, stats[1]), (mine_max, stats[2])]
+        .iter()
+        .map(|(a, e)| ((a - e).abs() / e.abs().max(f64::MIN_POSITIVE)) as f32)
+        .fold(0f32, f32::max);
+    let err = sample_err.max(stat_err);
+    eprintln!("{what:<32} rel error {err:.2e} (samples {sample_err:.2e}, norms {stat_err:.2e})");
+    assert!(err <= bound, "{what}: relative error {err:e} > {bound:e}");
+    err
+}
+
+/// The model of `preset` with the fixtures' reference weights, on the CPU.
+pub fn reference_model(preset: Preset, placement: &Placement) -> AlexNet {
+    AlexNet::new(preset, &mut Params::Init(Init::Reference { seed: SEED }), placement).unwrap()
+}
+
+/// The fixtures' input batch for `preset`.
+pub fn reference_input(preset: Preset) -> Tensor {
+    let s = preset.input_size();
+    let shape = (2, 3, s, s);
+    Tensor::from_vec(reference_pattern("input", SEED, 2 * 3 * s * s, 2.0), shape, &Device::Cpu).unwrap()
+}
+
+/// A tensor of the reference pattern (for op-level fixtures, seed 1).
+pub fn pattern(key: &str, dims: &[usize], bound: f32) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(reference_pattern(key, 1, n, bound), dims, &Device::Cpu).unwrap()
+}

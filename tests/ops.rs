@@ -1,0 +1,63 @@
+//! The ops Candle lacks, forward and backward, against PyTorch (tests/fixtures/ops.safetensors).
+
+mod common;
+
+use alexnet::init::reference_pattern;
+use alexnet::ops::{adaptive_avg_pool2d, lrn, max_pool2d, Lrn};
+use candle_core::{Tensor, Var};
+use common::*;
+
+/// Runs `op` on fixture input `x`, back-propagates the fixture's output gradient, and checks
+/// the output and the input gradient. Returns the output.
+fn check_op(name: &str, x: &Tensor, op: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Tensor {
+    let f = fixture("ops.safetensors");
+    let x = Var::from_tensor(x).unwrap();
+    let y = op(&x).unwrap();
+    let grad_y = pattern(&format!("{name}.grad"), y.dims(), 1.0);
+    let grads = (&y * &grad_y).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close(&format!("{name} forward"), &y, get(&f, &format!("{name}/y")), 1e-6);
+    let grad_x = grads.get(&x).expect("input gradient");
+    assert_close(&format!("{name} backward"), grad_x, get(&f, &format!("{name}/grad_x")), 1e-5);
+    y
+}
+
+#[test]
+fn reference_pattern_matches_python_bit_for_bit() {
+    let f = fixture("ops.safetensors");
+    let ours = reference_pattern("features.0.weight", SEED, 64, 0.5);
+    assert_eq!(ours, flat(get(&f, "pattern/w")));
+}
+
+#[test]
+fn lrn_both_conventions_and_an_even_window() {
+    let x = pattern("lrn.x", &[2, 7, 5, 4], 40.0);
+    let paper = check_op("lrn_paper", &x, |x| lrn(x, Lrn::paper()));
+    let caffe = check_op("lrn_caffe", &x, |x| lrn(x, Lrn::caffe()));
+    check_op("lrn_even", &x, |x| lrn(x, Lrn { size: 4, alpha: 1e-3, beta: 0.6, k: 1.5 }));
+    // The inputs are large enough that the two conventions really differ.
+    let diff = rel_error(&flat(&paper), &flat(&caffe));
+    assert!(diff > 0.10, "paper vs caffe LRN differ by only {diff}");
+    eprintln!("paper vs caffe LRN outputs differ by {:.0}%", 100.0 * diff);
+}
+
+#[test]
+fn lrn_paper_constants_are_alpha_on_the_sum() {
+    assert_eq!(Lrn::paper(), Lrn { size: 5, alpha: 5e-4, beta: 0.75, k: 2.0 });
+    assert_eq!(Lrn::caffe(), Lrn { size: 5, alpha: 1e-4, beta: 0.75, k: 1.0 });
+}
+
+#[test]
+fn max_pool_3_2_backward_sends_ties_where_pytorch_does() {
+    for (name, dims) in [("pool_ties", [2, 3, 9, 11]), ("pool_alexnet", [1, 4, 13, 13])] {
+        let x = pattern(&format!("{name}.x"), &dims, 2.0).floor().unwrap();
+        check_op(name, &x, |x| max_pool2d(x, 3, 2));
+    }
+}
+
+#[test]
+fn adaptive_avg_pool_shrinking_and_growing() {
+    for (name, dims) in [("adaptive_shrink", [2, 3, 13, 11]), ("adaptive_grow", [1, 2, 5, 4])] {
+        let x = pattern(&format!("{name}.x"), &dims, 1.0);
+        check_op(name, &x, |x| adaptive_avg_pool2d(x, (6, 6)));
+    }
+}
