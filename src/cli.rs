@@ -13,7 +13,7 @@ use crate::data::load_image;
 use crate::device::parse_device;
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Placement, Preset};
-use crate::weights::{save_safetensors, Params, WeightFile};
+use crate::weights::{fetch, save_safetensors, sha256_file, Params, WeightFile};
 
 #[derive(Parser)]
 #[command(name = "alexnet", version, about = "AlexNet in Rust on Candle: the paper's two-tower net, \
@@ -64,19 +64,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert weights (safetensors, .pth, .caffemodel, hf://, torchvision) to safetensors.
+    Convert {
+        /// The weights to read (anything --weights takes).
+        input: String,
+        /// The safetensors file to write (through a temporary file, then renamed).
+        output: PathBuf,
+        /// Target names: native (the preset's own: torchvision's or Caffe's), torchvision
+        /// (loads into torchvision.models.alexnet) or caffe (conv1..fc8, grouped layout).
+        #[arg(long, value_enum, default_value = "native")]
+        to: Target,
+        /// The preset the input is for (default: detected).
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
+    },
+    /// Show a weight file: format, detected preset, every tensor, parameter count, sha256.
+    Inspect {
+        /// The weights to read (anything --weights takes).
+        file: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure forward (or training-step) throughput on random weights.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    Native,
+    Torchvision,
+    Caffe,
 }
 
 /// The flags every command that runs the net shares.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Which AlexNet: paper, caffe or torchvision.
+    /// Which AlexNet: paper, caffe or torchvision (default: detected from the weights'
+    /// tensor names; Caffe's names mean caffe).
     #[arg(long, value_enum)]
-    pub preset: Preset,
-    /// Weight file (safetensors, in torchvision's or Caffe's names).
+    pub preset: Option<Preset>,
+    /// Weights: a safetensors, PyTorch .pth or Caffe .caffemodel file (format detected from its
+    /// bytes), `hf://OWNER/REPO/FILE` from the Hugging Face Hub, or `torchvision` for the
+    /// official alexnet-owt-7be5be79.pth (downloaded once to torchvision's cache).
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -88,9 +120,21 @@ pub struct ModelArgs {
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<AlexNet> {
         let device = parse_device(&self.device)?;
-        let mut params = Params::File(WeightFile::open(&self.weights)?);
+        let file = WeightFile::open(&fetch::resolve(&self.weights)?)?;
+        let preset = resolve_preset(self.preset, &file)?;
         let placement = Placement { lrn_scope: self.lrn_scope, ..Placement::on(&device) };
-        AlexNet::new(self.preset, &mut params, &placement)
+        AlexNet::new(preset, &mut Params::File(file), &placement)
+    }
+}
+
+/// `--preset` if given (checked against the file later), else the one the file's names imply.
+fn resolve_preset(preset: Option<Preset>, file: &WeightFile) -> anyhow::Result<Preset> {
+    match (preset, file.detect_preset()) {
+        (Some(p), _) | (None, Some(p)) => Ok(p),
+        (None, None) => bail!(
+            "cannot tell which preset {} is for (no torchvision or Caffe tensor names); pass --preset",
+            file.path.display()
+        ),
     }
 }
 
@@ -99,6 +143,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Summary { preset, input_size, json } => summary(preset, input_size, json),
         Command::Infer { model, input, input_key, output } => infer(&model, &input, &input_key, &output),
         Command::Classify { model, images, top, json } => classify(&model, &images, top, json),
+        Command::Convert { input, output, to, preset } => convert(&input, &output, to, preset),
+        Command::Inspect { file, json } => inspect(&file, json),
         Command::Bench(args) => bench::run(&args),
     }
 }
@@ -158,7 +204,7 @@ fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Re
         bail!("{}: no tensor `{key}` (it holds {keys:?}); pick one with --input-key", input.display())
     };
     let logits = model.forward(&x.to_device(model.device())?, false)?;
-    save_safetensors(&[("logits".to_string(), logits.to_device(&Device::Cpu)?)], output)?;
+    save_safetensors(&[("logits".to_string(), logits.to_device(&Device::Cpu)?)], &Default::default(), output)?;
     eprintln!("wrote logits {:?} to {}", logits.dims(), output.display());
     Ok(())
 }
@@ -174,7 +220,7 @@ struct Prediction {
 fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> anyhow::Result<()> {
     let model = args.load()?;
     let classes = imagenet_classes();
-    let batch: Vec<Tensor> = images.iter().map(|p| load_image(p, args.preset)).collect::<anyhow::Result<_>>()?;
+    let batch: Vec<Tensor> = images.iter().map(|p| load_image(p, model.preset)).collect::<anyhow::Result<_>>()?;
     let x = Tensor::stack(&batch, 0)?.to_device(model.device())?;
     let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, false)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
@@ -196,6 +242,77 @@ fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> any
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> anyhow::Result<()> {
+    let path = fetch::resolve(input)?;
+    let file = WeightFile::open(&path)?;
+    let preset = resolve_preset(preset, &file)?;
+    match (to, preset) {
+        (Target::Torchvision, Preset::Paper | Preset::Caffe) => bail!(
+            "{} holds two-tower ({}) weights; torchvision's alexnet is a different network \
+             (single tower, 64-192-384-256-256), so they cannot be written in its names; use --to caffe",
+            path.display(),
+            preset.name()
+        ),
+        (Target::Caffe, Preset::Torchvision) => bail!(
+            "{} holds torchvision weights; Caffe's two-tower AlexNet is a different network, \
+             so they cannot be written in its names; use --to torchvision",
+            path.display()
+        ),
+        _ => {}
+    }
+    let format = file.format;
+    // Building the model checks every key and shape before anything is written.
+    let model = AlexNet::new(preset, &mut Params::File(file), &Placement::on(&Device::Cpu))?;
+    let mut tensors = Vec::new();
+    for p in model.parameters() {
+        let t = p.gather(|v| Some(v.as_tensor().clone()))?.expect("a parameter always has values");
+        tensors.push((p.key, t));
+    }
+    let metadata = [
+        ("format", "pt".to_string()), // what safetensors.torch writes
+        ("preset", preset.name().to_string()),
+        ("source", path.file_name().unwrap_or_default().to_string_lossy().into_owned()),
+        ("source_format", format!("{format:?}").to_lowercase()),
+        ("source_sha256", sha256_file(&path)?),
+        ("converted_by", format!("alexnet {}", env!("CARGO_PKG_VERSION"))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    save_safetensors(&tensors, &metadata, output)?;
+    eprintln!("wrote {} tensors ({} preset) to {}", tensors.len(), preset.name(), output.display());
+    Ok(())
+}
+
+fn inspect(spec: &str, json: bool) -> anyhow::Result<()> {
+    let path = fetch::resolve(spec)?;
+    let file = WeightFile::open(&path)?;
+    let sha256 = sha256_file(&path)?;
+    let preset = file.detect_preset().map(Preset::name);
+    let tensors: Vec<serde_json::Value> = file
+        .tensors()
+        .iter()
+        .map(|(k, t)| serde_json::json!({ "name": k, "shape": t.dims(), "dtype": format!("{:?}", file.stored_dtypes[k]).to_lowercase() }))
+        .collect();
+    let params: usize = file.tensors().values().map(|t| t.elem_count()).sum();
+    if json {
+        let out = serde_json::json!({
+            "file": path, "format": file.format, "preset": preset, "tensors": tensors, "params": params, "sha256": sha256,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("file     {}", path.display());
+    println!("format   {:?}", file.format);
+    println!("preset   {}", preset.unwrap_or("unknown (no torchvision or Caffe tensor names)"));
+    println!("sha256   {sha256}");
+    println!("params   {}", group(params as u64));
+    for t in &tensors {
+        println!("  {:<24} {:<8} {}", t["name"].as_str().unwrap_or(""), t["dtype"].as_str().unwrap_or(""), t["shape"]);
     }
     Ok(())
 }

@@ -4,32 +4,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use alexnet::weights::save_safetensors;
-use alexnet::{Placement, Preset};
+use alexnet::Preset;
 use candle_core::{Device, Tensor};
 use common::*;
-
-fn alexnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_alexnet")).args(args).output().expect("run alexnet")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly; returns its error message.
-fn expect_error(args: &[&str]) -> String {
-    let out = alexnet(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert_eq!(out.status.code(), Some(1), "{args:?}: exit code; stderr: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert!(err.starts_with("error: "), "{args:?}: {err}");
-    err
-}
 
 /// A temporary folder holding the reference torchvision weights (in torchvision's names) and
 /// the fixtures' input batch, written once for all tests of this file.
@@ -37,27 +17,22 @@ fn workdir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let model = reference_model(Preset::Torchvision, &Placement::on(&Device::Cpu));
-        let state: Vec<(String, Tensor)> = model
-            .parameters()
-            .iter()
-            .map(|p| (p.key.clone(), p.gather(|v| Some(v.as_tensor().clone())).unwrap().unwrap()))
-            .collect();
-        save_safetensors(&state, &dir.path().join("tv.safetensors")).unwrap();
+        let state = reference_state(Preset::Torchvision);
+        save_safetensors(&state, &Default::default(), &dir.path().join("tv.safetensors")).unwrap();
         let input = reference_input(Preset::Torchvision);
-        save_safetensors(&[("input".into(), input.clone())], &dir.path().join("input.safetensors")).unwrap();
+        save_safetensors(&[("input".into(), input.clone())], &Default::default(), &dir.path().join("input.safetensors")).unwrap();
         let small = Tensor::zeros((1, 3, 60, 60), candle_core::DType::F32, &Device::Cpu).unwrap();
         let rank3 = input.get(0).unwrap();
-        save_safetensors(&[("input".into(), small), ("rank3".into(), rank3)], &dir.path().join("bad-input.safetensors"))
+        save_safetensors(&[("input".into(), small), ("rank3".into(), rank3)], &Default::default(), &dir.path().join("bad-input.safetensors"))
             .unwrap();
         // The same weights, then with one tensor mis-shaped, one missing, one extra.
         let mut misshaped = state.clone();
         misshaped[0].1 = misshaped[0].1.narrow(3, 0, 10).unwrap();
-        save_safetensors(&misshaped, &dir.path().join("misshaped.safetensors")).unwrap();
-        save_safetensors(&state[..15], &dir.path().join("missing.safetensors")).unwrap();
+        save_safetensors(&misshaped, &Default::default(), &dir.path().join("misshaped.safetensors")).unwrap();
+        save_safetensors(&state[..15], &Default::default(), &dir.path().join("missing.safetensors")).unwrap();
         let mut extra = state.clone();
         extra.push(("classifier.7.weight".into(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap()));
-        save_safetensors(&extra, &dir.path().join("extra.safetensors")).unwrap();
+        save_safetensors(&extra, &Default::default(), &dir.path().join("extra.safetensors")).unwrap();
         dir
     })
     .path()

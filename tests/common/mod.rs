@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use alexnet::init::{reference_pattern, Init};
 use alexnet::weights::Params;
@@ -88,4 +89,48 @@ pub fn reference_input(preset: Preset) -> Tensor {
 pub fn pattern(key: &str, dims: &[usize], bound: f32) -> Tensor {
     let n = dims.iter().product();
     Tensor::from_vec(reference_pattern(key, 1, n, bound), dims, &Device::Cpu).unwrap()
+}
+
+/// Runs the `alexnet` binary.
+pub fn alexnet(args: &[&str]) -> Output {
+    alexnet_env(args, &[])
+}
+
+/// Runs the `alexnet` binary with extra environment variables.
+pub fn alexnet_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_alexnet"));
+    cmd.args(args).env_remove("HF_HUB_OFFLINE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run alexnet")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail cleanly; returns its error message.
+pub fn expect_error(args: &[&str]) -> String {
+    expect_error_env(args, &[])
+}
+
+/// [`expect_error`] with extra environment variables.
+pub fn expect_error_env(args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = alexnet_env(args, env);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert_eq!(out.status.code(), Some(1), "{args:?}: exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
+    err
+}
+
+/// The reference weights of `preset` in the source's names and layout.
+pub fn reference_state(preset: Preset) -> Vec<(String, Tensor)> {
+    reference_model(preset, &Placement::on(&Device::Cpu))
+        .parameters()
+        .iter()
+        .map(|p| (p.key.clone(), p.gather(|v| Some(v.as_tensor().clone())).unwrap().unwrap()))
+        .collect()
 }
