@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use crate::bench::{self, BenchArgs};
 use crate::classes::imagenet_classes;
-use crate::data::load_image;
+use crate::data::decode;
+use crate::data::transform::{Mean, Transform, TransformKind};
+use crate::eval::{evaluate, top_k, EvalOptions};
 use crate::device::parse_device;
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Placement, Preset};
@@ -86,8 +88,94 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Preprocess images exactly as a preset's pipeline does and write them as tensor `input`
+    /// [N, 3, S, S] (N x 10 with --crops 10), to feed `infer` or debug accuracy gaps.
+    Preprocess {
+        #[command(flatten)]
+        transform: TransformArgs,
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// 1 (centre) or 10 (corners, centre and their mirrors).
+        #[arg(long, default_value_t = 1, value_parser = crops_parser)]
+        crops: usize,
+        /// safetensors file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Top-1 / top-5 accuracy on ILSVRC2012 val (or any labelled ImageNet-class images).
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The images: class folders (val/n01440764/...), or a flat folder with a label file
+        /// (one WNID per line) or the devkit's ILSVRC2012_validation_ground_truth.txt and meta.mat.
+        #[arg(long)]
+        data: PathBuf,
+        /// Label file for a flat folder (default: found beside the images).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// The devkit's meta.mat, to map ground-truth IDs to WNIDs (default: found beside them).
+        #[arg(long)]
+        meta: Option<PathBuf>,
+        /// 1 (centre crop) or 10 (corners, centre, mirrored; softmax averaged, as the paper).
+        #[arg(long, default_value_t = 1, value_parser = crops_parser)]
+        crops: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Evaluate only the first N images.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Preprocessing (default: the preset's own).
+        #[arg(long, value_enum)]
+        transform: Option<TransformKind>,
+        /// Mean image for caffe/paper preprocessing (.binaryproto or .npy; default: mean pixel).
+        #[arg(long)]
+        mean: Option<PathBuf>,
+        /// Also write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write each image's label and top-5 as CSV.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Stop at the first unreadable image instead of skipping it.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Measure forward (or training-step) throughput on random weights.
     Bench(BenchArgs),
+}
+
+/// Preprocessing flags.
+#[derive(Args, Clone)]
+pub struct TransformArgs {
+    /// torchvision, caffe or paper.
+    #[arg(long, value_enum)]
+    pub transform: TransformKind,
+    /// Crop side (default: 224 for torchvision, 227 otherwise).
+    #[arg(long)]
+    pub crop_size: Option<usize>,
+    /// Mean image for caffe/paper (.binaryproto or .npy; default: Caffe's mean pixel).
+    #[arg(long)]
+    pub mean: Option<PathBuf>,
+}
+
+impl TransformArgs {
+    fn build(&self) -> anyhow::Result<Transform> {
+        let crop = self.crop_size.unwrap_or(if self.transform == TransformKind::Torchvision { 224 } else { 227 });
+        let mean = self.mean.as_deref().map(Mean::load).transpose()?;
+        Ok(Transform::new(self.transform, crop, mean))
+    }
+}
+
+fn crops_parser(s: &str) -> Result<usize, String> {
+    match s {
+        "1" => Ok(1),
+        "10" => Ok(10),
+        _ => Err("crops must be 1 or 10".into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -145,6 +233,33 @@ pub fn run() -> anyhow::Result<()> {
         Command::Classify { model, images, top, json } => classify(&model, &images, top, json),
         Command::Convert { input, output, to, preset } => convert(&input, &output, to, preset),
         Command::Inspect { file, json } => inspect(&file, json),
+        Command::Preprocess { transform, images, crops, output } => preprocess(&transform, &images, crops, &output),
+        Command::Eval { model, data, labels, meta, crops, batch_size, limit, transform, mean, json, predictions, quiet, strict } => {
+            let net = model.load()?;
+            let kind = transform.unwrap_or(TransformKind::for_preset(net.preset));
+            let mean = mean.as_deref().map(Mean::load).transpose()?;
+            let opts = EvalOptions {
+                data,
+                labels,
+                meta,
+                ten_crop: crops == 10,
+                batch_size,
+                limit,
+                transform: Transform::new(kind, net.preset.input_size(), mean),
+                quiet,
+                strict,
+            };
+            let sha = sha256_file(&fetch::resolve(&model.weights)?)?;
+            let report = evaluate(&net, &opts, &model.weights, sha)?;
+            report.print();
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if let Some(path) = predictions {
+                report.write_predictions(&path)?;
+            }
+            Ok(())
+        }
         Command::Bench(args) => bench::run(&args),
     }
 }
@@ -220,14 +335,17 @@ struct Prediction {
 fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> anyhow::Result<()> {
     let model = args.load()?;
     let classes = imagenet_classes();
-    let batch: Vec<Tensor> = images.iter().map(|p| load_image(p, model.preset)).collect::<anyhow::Result<_>>()?;
-    let x = Tensor::stack(&batch, 0)?.to_device(model.device())?;
+    let transform = Transform::for_preset(model.preset);
+    let side = transform.crop;
+    let mut pixels = Vec::new();
+    for path in images {
+        pixels.extend(transform.apply(&decode(path)?, false).with_context(|| path.display().to_string())?.concat());
+    }
+    let x = Tensor::from_vec(pixels, (images.len(), 3, side, side), &Device::Cpu)?.to_device(model.device())?;
     let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, false)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
     for (path, p) in images.iter().zip(probs) {
-        let mut order: Vec<usize> = (0..p.len()).collect();
-        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-        let preds: Vec<Prediction> = order
+        let preds: Vec<Prediction> = top_k::<1000>(&p)
             .into_iter()
             .take(top)
             .map(|i| Prediction { index: i, wnid: classes[i].0, name: classes[i].1, probability: p[i] })
@@ -314,5 +432,19 @@ fn inspect(spec: &str, json: bool) -> anyhow::Result<()> {
     for t in &tensors {
         println!("  {:<24} {:<8} {}", t["name"].as_str().unwrap_or(""), t["dtype"].as_str().unwrap_or(""), t["shape"]);
     }
+    Ok(())
+}
+
+fn preprocess(args: &TransformArgs, images: &[PathBuf], crops: usize, output: &Path) -> anyhow::Result<()> {
+    let transform = args.build()?;
+    let mut pixels = Vec::new();
+    for path in images {
+        let chw = transform.apply(&decode(path)?, crops == 10).with_context(|| path.display().to_string())?;
+        pixels.extend(chw.concat());
+    }
+    let s = transform.crop;
+    let x = Tensor::from_vec(pixels, (images.len() * crops, 3, s, s), &Device::Cpu)?;
+    save_safetensors(&[("input".to_string(), x)], &Default::default(), output)?;
+    eprintln!("wrote input [{}, 3, {s}, {s}] to {}", images.len() * crops, output.display());
     Ok(())
 }

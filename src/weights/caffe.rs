@@ -39,6 +39,15 @@ pub fn load(bytes: &[u8]) -> anyhow::Result<Vec<(String, Tensor)>> {
     Ok(tensors)
 }
 
+/// The values of a single serialized `BlobProto` (e.g. Caffe's mean image `.binaryproto`).
+pub fn read_blob(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
+    let blob = Blob::read(bytes)?;
+    if blob.data.is_empty() {
+        bail!("the blob holds no values")
+    }
+    Ok(blob.data)
+}
+
 /// `(name, blobs)` of a layer message whose name and blobs have the given field numbers.
 /// `v0_field` is the V1 layer's nested pre-2014 `V0LayerParameter`, which we do not read.
 fn read_layer(bytes: &[u8], name_field: u32, blobs_field: u32, v0_field: u32) -> anyhow::Result<(String, Vec<Blob>)> {

@@ -12,6 +12,8 @@ mod caffe;
 pub mod fetch;
 mod pth;
 
+pub use caffe::read_blob as caffe_blob;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,34 @@
+//! Images in, tensors out: decoding ([`decode`]), the exact preprocessing of each preset
+//! ([`transform`]), labelled image sets in every ImageNet layout ([`dataset`]) and the
+//! parallel, bounded loading pipeline that feeds the net ([`loader`]).
+
+pub mod dataset;
+pub mod loader;
+mod matfile;
+pub mod transform;
+
+use std::path::Path;
+
+use anyhow::Context;
+use image::RgbImage;
+
+/// Decodes an image file to 8-bit RGB the way PIL's `Image.open(path).convert("RGB")` does:
+/// greyscale is replicated, alpha dropped, EXIF orientation ignored. The format is taken from
+/// the file's bytes, not its extension.
+pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+        // PIL refuses these ("image file is truncated"); Rust's decoder would fill in grey.
+        anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())
+    }
+    let img = image::load_from_memory(&bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Whether a JPEG's last scan is followed by an end-of-image marker (FF D9). Inside
+/// entropy-coded data a 0xFF is always followed by 0x00 or a restart marker, so neither
+/// marker can occur by chance after the last start-of-scan (FF DA).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    matches!((last(0xDA), last(0xD9)), (Some(sos), Some(eoi)) if eoi > sos)
+}

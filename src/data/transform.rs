@@ -1,0 +1,381 @@
+//! Preprocessing presets: from a decoded RGB image to the net's input, exactly as the weights'
+//! own pipelines did it.
+//!
+//! * `torchvision`: `Resize(256)` (PIL bilinear with antialiasing, in Pillow's fixed-point
+//!   arithmetic, see [`pil_resize`]), `CenterCrop(224)` (or `TenCrop`), `ToTensor`,
+//!   `Normalize(mean, std)`. RGB.
+//! * `caffe`: squash to 256x256 (OpenCV's bilinear `cv::resize`, as `convert_imageset` did),
+//!   0..255, BGR, minus the mean pixel or mean image, centre crop 227 (or 10 crops).
+//! * `paper`: shorter side to 256 (PIL bilinear), centre 256x256, 0..255 RGB minus the
+//!   mean image (or pixel), centre crop 227 (or 10 crops).
+//!
+//! EXIF orientation is ignored, as PIL's `Image.open(...).convert("RGB")` in torchvision's
+//! loaders ignores it; greyscale and CMYK images become RGB as in `convert("RGB")`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::model::Preset;
+
+const TORCHVISION_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const TORCHVISION_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// Caffe's ImageNet mean pixel in RGB order (Caffe writes it B 104.00699, G 116.66877, R 122.67891).
+pub const CAFFE_MEAN_RGB: [f32; 3] = [122.67891, 116.66877, 104.00699];
+
+/// Which preprocessing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransformKind {
+    Torchvision,
+    Caffe,
+    Paper,
+}
+
+impl TransformKind {
+    pub fn for_preset(preset: Preset) -> Self {
+        match preset {
+            Preset::Torchvision => TransformKind::Torchvision,
+            Preset::Caffe => TransformKind::Caffe,
+            Preset::Paper => TransformKind::Paper,
+        }
+    }
+}
+
+/// What is subtracted from 0..255 pixels (caffe and paper).
+#[derive(Debug, Clone)]
+pub enum Mean {
+    /// Per channel, RGB order.
+    Pixel([f32; 3]),
+    /// `[3, 256, 256]`, RGB order (a Caffe `.binaryproto` is BGR and is reordered on load).
+    Image(Vec<f32>),
+}
+
+impl Mean {
+    /// Reads a mean image from Caffe's `.binaryproto` (a BlobProto, BGR) or a `.npy` (`[3, 256, 256]`, RGB).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read mean image {}", path.display()))?;
+        let (values, bgr) = if bytes.starts_with(b"\x93NUMPY") {
+            (read_npy(&bytes).with_context(|| format!("{}: not a float .npy", path.display()))?, false)
+        } else {
+            let blob = crate::weights::caffe_blob(&bytes).with_context(|| format!("{}: not a Caffe mean .binaryproto", path.display()))?;
+            (blob, true)
+        };
+        if values.len() != 3 * 256 * 256 {
+            bail!("{}: a mean image must be 3x256x256, found {} values", path.display(), values.len())
+        }
+        let mut rgb = values;
+        if bgr {
+            let plane = 256 * 256;
+            let (b, rest) = rgb.split_at_mut(plane);
+            rest[plane..].swap_with_slice(b); // swap the B and R planes
+        }
+        Ok(Mean::Image(rgb))
+    }
+
+    fn at(&self, c: usize, y: usize, x: usize) -> f32 {
+        match self {
+            Mean::Pixel(p) => p[c],
+            Mean::Image(m) => m[(c * 256 + y) * 256 + x],
+        }
+    }
+}
+
+/// A preprocessing pipeline and the crop it ends in.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    pub kind: TransformKind,
+    /// Side of the square crop fed to the net.
+    pub crop: usize,
+    pub mean: Mean,
+}
+
+/// A preprocessed image: `[3, side, side]` f32, channels in the order the net expects.
+pub type Chw = Vec<f32>;
+
+impl Transform {
+    pub fn new(kind: TransformKind, crop: usize, mean: Option<Mean>) -> Self {
+        Transform { kind, crop, mean: mean.unwrap_or(Mean::Pixel(CAFFE_MEAN_RGB)) }
+    }
+
+    /// The preset's own preprocessing with its input size.
+    pub fn for_preset(preset: Preset) -> Self {
+        Transform::new(TransformKind::for_preset(preset), preset.input_size(), None)
+    }
+
+    /// The centre crop (`ten == false`) or the ten crops: four corners, centre, then the same
+    /// five mirrored (torchvision's `TenCrop` order, also Caffe's `oversample`).
+    pub fn apply(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>> {
+        let base = self.base(img);
+        let (h, w, s) = (base.h, base.w, self.crop);
+        if h < s || w < s {
+            bail!("image is {w}x{h} after resizing, smaller than the {s}x{s} crop")
+        }
+        let centre = match self.kind {
+            // torchvision: int(round((h - s) / 2)) with Python's round-half-to-even
+            TransformKind::Torchvision => (round_half_even(h - s), round_half_even(w - s)),
+            // Caffe: (h - s) / 2 in integers
+            TransformKind::Caffe | TransformKind::Paper => ((h - s) / 2, (w - s) / 2),
+        };
+        if !ten {
+            return Ok(vec![base.crop(centre, s, false)]);
+        }
+        let five = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), centre];
+        let mut crops: Vec<Chw> = five.iter().map(|&at| base.crop(at, s, false)).collect();
+        match self.kind {
+            // TenCrop: the same five crops of the mirrored image, so the mirrored "top-left"
+            // is the mirror of the top-right crop.
+            TransformKind::Torchvision => {
+                let (cy, cx) = centre;
+                let at = [(0, w - s), (0, 0), (h - s, w - s), (h - s, 0), (cy, w - s - cx)];
+                crops.extend(at.iter().map(|&p| base.crop(p, s, true)));
+            }
+            // Caffe's oversample: each of the five crops, mirrored.
+            TransformKind::Caffe | TransformKind::Paper => crops.extend(five.iter().map(|&p| base.crop(p, s, true))),
+        }
+        Ok(crops)
+    }
+
+    /// The resized, normalised image before cropping.
+    fn base(&self, img: &RgbImage) -> Planes {
+        match self.kind {
+            TransformKind::Torchvision => {
+                let resized = pil_resize_shorter(img, 256);
+                Planes::from_rgb(&resized, |c, _, _, v| (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c], false)
+            }
+            TransformKind::Caffe => {
+                let squashed = cv_resize(img, 256, 256);
+                Planes::from_rgb(&squashed, |c, y, x, v| v as f32 - self.mean.at(c, y, x), true)
+            }
+            TransformKind::Paper => {
+                let resized = pil_resize_shorter(img, 256);
+                let (w, h) = resized.dimensions();
+                let (x0, y0) = ((w - 256) / 2, (h - 256) / 2);
+                let square = image::imageops::crop_imm(&resized, x0, y0, 256, 256).to_image();
+                Planes::from_rgb(&square, |c, y, x, v| v as f32 - self.mean.at(c, y, x), false)
+            }
+        }
+    }
+}
+
+fn round_half_even(twice: usize) -> usize {
+    let (q, r) = (twice / 2, twice % 2);
+    if r == 1 && q % 2 == 1 {
+        q + 1
+    } else {
+        q
+    }
+}
+
+/// A float image in channel planes.
+struct Planes {
+    h: usize,
+    w: usize,
+    data: Vec<f32>,
+}
+
+impl Planes {
+    /// `f(rgb channel, y, x, value)`; `bgr` stores the channels in reverse order.
+    fn from_rgb(img: &RgbImage, f: impl Fn(usize, usize, usize, u8) -> f32, bgr: bool) -> Self {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut data = vec![0f32; 3 * h * w];
+        for (x, y, p) in img.enumerate_pixels() {
+            let (x, y) = (x as usize, y as usize);
+            for c in 0..3 {
+                let plane = if bgr { 2 - c } else { c };
+                data[(plane * h + y) * w + x] = f(c, y, x, p[c]);
+            }
+        }
+        Planes { h, w, data }
+    }
+
+    fn crop(&self, (y0, x0): (usize, usize), s: usize, mirror: bool) -> Chw {
+        let mut out = Vec::with_capacity(3 * s * s);
+        for c in 0..3 {
+            for y in y0..y0 + s {
+                let row = &self.data[(c * self.h + y) * self.w + x0..][..s];
+                if mirror {
+                    out.extend(row.iter().rev());
+                } else {
+                    out.extend_from_slice(row);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// torchvision's `Resize(size)` on a PIL image: the shorter side becomes `size`, the longer
+/// `int(size * long / short)`.
+pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (nw, nh) = if w <= h {
+        (size, (size as u64 * h as u64 / w as u64) as u32)
+    } else {
+        ((size as u64 * w as u64 / h as u64) as u32, size)
+    };
+    pil_resize(img, nw, nh)
+}
+
+/// Pillow's `Image.resize((w, h), BILINEAR)` for 8-bit RGB, step for step (Resample.c):
+/// a separable triangle filter whose support grows with the downscale factor, coefficients
+/// normalised, turned into 22-bit fixed point, accumulated with a rounding bias and clipped;
+/// the horizontal pass is stored as 8 bits before the vertical pass.
+pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    if out_w > in_w && out_h < in_h {
+        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
+        let vertical = pil_resize(img, in_w, out_h);
+        return pil_resize(&vertical, out_w, out_h);
+    }
+    let mut horizontal = img.clone();
+    if out_w != in_w {
+        let coeffs = PilCoeffs::new(in_w as usize, out_w as usize);
+        horizontal = RgbImage::new(out_w, in_h);
+        for y in 0..in_h {
+            for x in 0..out_w as usize {
+                let (start, k) = coeffs.taps(x);
+                let mut acc = [PIL_ROUND; 3];
+                for (i, &w) in k.iter().enumerate() {
+                    let p = img.get_pixel((start + i) as u32, y);
+                    for c in 0..3 {
+                        acc[c] += p[c] as i32 * w;
+                    }
+                }
+                horizontal.put_pixel(x as u32, y, image::Rgb(acc.map(pil_clip8)));
+            }
+        }
+    }
+    if out_h == in_h {
+        return horizontal;
+    }
+    let coeffs = PilCoeffs::new(in_h as usize, out_h as usize);
+    let mut out = RgbImage::new(out_w, out_h);
+    for y in 0..out_h as usize {
+        let (start, k) = coeffs.taps(y);
+        for x in 0..out_w {
+            let mut acc = [PIL_ROUND; 3];
+            for (i, &w) in k.iter().enumerate() {
+                let p = horizontal.get_pixel(x, (start + i) as u32);
+                for c in 0..3 {
+                    acc[c] += p[c] as i32 * w;
+                }
+            }
+            out.put_pixel(x, y as u32, image::Rgb(acc.map(pil_clip8)));
+        }
+    }
+    out
+}
+
+const PIL_PRECISION_BITS: u32 = 32 - 8 - 2;
+const PIL_ROUND: i32 = 1 << (PIL_PRECISION_BITS - 1);
+
+fn pil_clip8(v: i32) -> u8 {
+    (v >> PIL_PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear filter.
+struct PilCoeffs {
+    bounds: Vec<(usize, usize)>,
+    ksize: usize,
+    k: Vec<i32>,
+}
+
+impl PilCoeffs {
+    fn new(in_size: usize, out_size: usize) -> Self {
+        let scale = in_size as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = 1.0 * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let mut bounds = Vec::with_capacity(out_size);
+        let mut k = vec![0i32; out_size * ksize];
+        for xx in 0..out_size {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+            let weights: Vec<f64> = (0..xmax)
+                .map(|x| {
+                    let t = ((x + xmin) as f64 - center + 0.5) * ss;
+                    (1.0 - t.abs()).max(0.0)
+                })
+                .collect();
+            let total: f64 = weights.iter().sum();
+            for (x, w) in weights.iter().enumerate() {
+                let w = if total != 0.0 { w / total } else { *w };
+                let fixed = w * (1u32 << PIL_PRECISION_BITS) as f64;
+                k[xx * ksize + x] = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
+            }
+            bounds.push((xmin, xmax));
+        }
+        PilCoeffs { bounds, ksize, k }
+    }
+
+    fn taps(&self, out: usize) -> (usize, &[i32]) {
+        let (start, n) = self.bounds[out];
+        (start, &self.k[out * self.ksize..out * self.ksize + n])
+    }
+}
+
+/// OpenCV's `cv::resize(src, dst, Size(w, h))` (INTER_LINEAR) for 8-bit images, in its
+/// fixed-point form: half-pixel centres, 11-bit coefficients, no antialiasing.
+pub fn cv_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    const SCALE: i32 = 1 << 11;
+    let taps = |in_size: u32, out_size: u32| -> Vec<(usize, usize, i32, i32)> {
+        let scale = in_size as f64 / out_size as f64;
+        (0..out_size)
+            .map(|d| {
+                let mut f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+                let mut s = f.floor() as i64;
+                f -= s as f32;
+                if s < 0 {
+                    f = 0.0;
+                    s = 0;
+                }
+                if s >= in_size as i64 - 1 {
+                    f = 0.0;
+                    s = in_size as i64 - 1;
+                }
+                let s1 = (s as usize + 1).min(in_size as usize - 1);
+                let a0 = ((1.0 - f) * SCALE as f32).round() as i32;
+                (s as usize, s1, a0, SCALE - a0)
+            })
+            .collect()
+    };
+    let (xt, yt) = (taps(img.width(), out_w), taps(img.height(), out_h));
+    let mut out = RgbImage::new(out_w, out_h);
+    for (y, &(y0, y1, b0, b1)) in yt.iter().enumerate() {
+        for (x, &(x0, x1, a0, a1)) in xt.iter().enumerate() {
+            let px = |xx: usize, yy: usize| img.get_pixel(xx as u32, yy as u32);
+            let mut rgb = [0u8; 3];
+            for (c, v) in rgb.iter_mut().enumerate() {
+                let row0 = px(x0, y0)[c] as i32 * a0 + px(x1, y0)[c] as i32 * a1;
+                let row1 = px(x0, y1)[c] as i32 * a0 + px(x1, y1)[c] as i32 * a1;
+                // OpenCV's VResizeLinear fixed-point cast: ((b0*(S0>>4))>>16 + (b1*(S1>>4))>>16 + 2) >> 2
+                let sum = ((b0 * (row0 >> 4)) >> 16) + ((b1 * (row1 >> 4)) >> 16) + 2;
+                *v = (sum >> 2).clamp(0, 255) as u8;
+            }
+            out.put_pixel(x as u32, y as u32, image::Rgb(rgb));
+        }
+    }
+    out
+}
+
+/// The float values of a little-endian `.npy` array (`<f4` or `<f8`).
+fn read_npy(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(bytes.get(10..10 + header_len).context("truncated header")?)?;
+    let data = &bytes[10 + header_len..];
+    if header.contains("'fortran_order': True") {
+        bail!("Fortran-ordered arrays are not supported")
+    }
+    if header.contains("'<f4'") {
+        Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect())
+    } else if header.contains("'<f8'") {
+        Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32).collect())
+    } else {
+        bail!("dtype must be <f4 or <f8 (header: {header})")
+    }
+}

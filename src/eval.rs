@@ -1,0 +1,192 @@
+//! `alexnet eval`: top-1 / top-5 on a labelled image set (ILSVRC2012 val in any layout),
+//! with 1 or 10 crops, through the parallel loading pipeline.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::classes::imagenet_classes;
+use crate::data::dataset::{Dataset, Layout};
+use crate::data::transform::Transform;
+use crate::data::{decode, loader};
+use crate::model::AlexNet;
+
+/// What `eval` needs beyond the model.
+pub struct EvalOptions {
+    pub data: PathBuf,
+    pub labels: Option<PathBuf>,
+    pub meta: Option<PathBuf>,
+    pub ten_crop: bool,
+    pub batch_size: usize,
+    pub limit: Option<usize>,
+    pub transform: Transform,
+    pub quiet: bool,
+    pub strict: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Prediction {
+    pub path: PathBuf,
+    pub label: usize,
+    pub top5: [usize; 5],
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub preset: &'static str,
+    pub transform: String,
+    pub crops: usize,
+    pub weights: String,
+    pub weights_sha256: String,
+    pub layout: Layout,
+    pub images: usize,
+    pub top1_correct: usize,
+    pub top5_correct: usize,
+    pub top1_accuracy: f64,
+    pub top5_accuracy: f64,
+    pub top1_error: f64,
+    pub top5_error: f64,
+    pub skipped: Vec<Skipped>,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    #[serde(skip)]
+    pub predictions: Vec<Prediction>,
+}
+
+/// Evaluates `model` on `opts.data`. `weights` and `sha256` only label the report.
+pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: String) -> anyhow::Result<Report> {
+    let classes = imagenet_classes();
+    let wnids: Vec<&str> = classes.iter().map(|(w, _)| *w).collect();
+    let mut dataset = Dataset::open(&opts.data, &wnids, opts.labels.as_deref(), opts.meta.as_deref())?;
+    if let Some(limit) = opts.limit {
+        dataset.samples.truncate(limit);
+    }
+    let samples = dataset.samples.clone();
+    let crops = if opts.ten_crop { 10 } else { 1 };
+    let side = opts.transform.crop;
+    let transform = opts.transform.clone();
+    let ten = opts.ten_crop;
+    let batches = loader::spawn(dataset.samples, opts.batch_size, 2, move |_, sample| {
+        let img = decode(&sample.path)?;
+        let crops = transform.apply(&img, ten)?;
+        Ok(crops.concat())
+    });
+
+    let progress = progress_bar(samples.len() as u64, opts.quiet);
+    let start = Instant::now();
+    let (mut top1, mut top5, mut seen) = (0usize, 0usize, 0usize);
+    let mut skipped = Vec::new();
+    let mut predictions = Vec::with_capacity(samples.len());
+    for batch in batches {
+        for (path, reason) in batch.failures {
+            if opts.strict {
+                bail!("{}: {reason} (--strict)", path.display())
+            }
+            progress.suspend(|| eprintln!("skipping {}: {reason}", path.display()));
+            skipped.push(Skipped { path, reason });
+            progress.inc(1);
+        }
+        if batch.items.is_empty() {
+            continue;
+        }
+        let n = batch.items.len();
+        let data: Vec<f32> = batch.items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        let x = Tensor::from_vec(data, (n * crops, 3, side, side), &Device::Cpu)?.to_device(model.device())?;
+        let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, false)?)?;
+        // the paper's 10-patch prediction: average the softmax over the crops
+        let probs = probs.reshape((n, crops, ()))?.mean(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        for ((i, _), p) in batch.items.iter().zip(probs) {
+            let label = samples[*i].label;
+            let top = top_k::<5>(&p);
+            top1 += usize::from(top[0] == label);
+            top5 += usize::from(top.contains(&label));
+            seen += 1;
+            predictions.push(Prediction { path: samples[*i].path.clone(), label, top5: top });
+        }
+        progress.inc(n as u64);
+        progress.set_message(format!(
+            "top-1 {:.2}%  top-5 {:.2}%",
+            100.0 * top1 as f64 / seen as f64,
+            100.0 * top5 as f64 / seen as f64
+        ));
+    }
+    progress.finish_and_clear();
+    if seen == 0 {
+        bail!("no image of {} could be evaluated ({} skipped)", opts.data.display(), skipped.len())
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let acc = |c: usize| c as f64 / seen as f64;
+    Ok(Report {
+        preset: model.preset.name(),
+        transform: format!("{:?}", opts.transform.kind).to_lowercase(),
+        crops,
+        weights: weights.to_string(),
+        weights_sha256: sha256,
+        layout: dataset.layout,
+        images: seen,
+        top1_correct: top1,
+        top5_correct: top5,
+        top1_accuracy: acc(top1),
+        top5_accuracy: acc(top5),
+        top1_error: 1.0 - acc(top1),
+        top5_error: 1.0 - acc(top5),
+        skipped,
+        seconds,
+        images_per_second: seen as f64 / seconds,
+        predictions,
+    })
+}
+
+/// Indices of the `K` largest values, largest first (ties: lower index first).
+pub fn top_k<const K: usize>(p: &[f32]) -> [usize; K] {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    std::array::from_fn(|i| order[i])
+}
+
+pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  eta {eta}  {msg}")
+        .expect("valid template");
+    bar.set_style(style);
+    bar
+}
+
+impl Report {
+    pub fn print(&self) {
+        println!("preset      {}  (transform {}, {} crop{})", self.preset, self.transform, self.crops, if self.crops > 1 { "s" } else { "" });
+        println!("weights     {}  sha256 {}", self.weights, self.weights_sha256);
+        println!("images      {}  ({} skipped)", self.images, self.skipped.len());
+        println!("top-1       {:.3}% accuracy  {:.3}% error", 100.0 * self.top1_accuracy, 100.0 * self.top1_error);
+        println!("top-5       {:.3}% accuracy  {:.3}% error", 100.0 * self.top5_accuracy, 100.0 * self.top5_error);
+        println!("throughput  {:.1} images/s  ({:.1} s)", self.images_per_second, self.seconds);
+        for s in &self.skipped {
+            println!("skipped     {}: {}", s.path.display(), s.reason);
+        }
+    }
+
+    /// `path,label,top1,...,top5` with WNIDs.
+    pub fn write_predictions(&self, path: &Path) -> anyhow::Result<()> {
+        let classes = imagenet_classes();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?);
+        writeln!(out, "path,label,top1,top2,top3,top4,top5")?;
+        for p in &self.predictions {
+            let top: Vec<&str> = p.top5.iter().map(|&i| classes[i].0).collect();
+            writeln!(out, "{},{},{}", p.path.display(), classes[p.label].0, top.join(","))?;
+        }
+        Ok(())
+    }
+}
