@@ -14,15 +14,51 @@ use image::RgbImage;
 
 /// Decodes an image file to 8-bit RGB the way PIL's `Image.open(path).convert("RGB")` does:
 /// greyscale is replicated, alpha dropped, EXIF orientation ignored. The format is taken from
-/// the file's bytes, not its extension.
+/// the file's bytes, not its extension. JPEGs go through libjpeg-turbo's decoder (as in PIL:
+/// integer IDCT, fancy upsampling), so the pixels are PIL's, not merely close to them.
 pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
         // PIL refuses these ("image file is truncated"); Rust's decoder would fill in grey.
         anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())
     }
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        if let Some(img) = decode_jpeg(&bytes) {
+            return Ok(img);
+        }
+    }
     let img = image::load_from_memory(&bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok(img.to_rgb8())
+}
+
+/// RGB or greyscale JPEG through libjpeg (mozjpeg's build of libjpeg-turbo); None for what it
+/// cannot turn into RGB (CMYK) or rejects, which then goes to the `image` crate's decoder.
+fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
+    silence_libjpeg_panics();
+    // mozjpeg reports libjpeg errors by unwinding; catch them here.
+    std::panic::catch_unwind(|| -> Option<RgbImage> {
+        let decompress = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        let mut started = decompress.rgb().ok()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let pixels = started.read_scanlines::<[u8; 3]>().ok()?;
+        started.finish().ok()?;
+        RgbImage::from_raw(w, h, pixels.concat())
+    })
+    .ok()
+    .flatten()
+}
+
+/// libjpeg errors arrive as panics inside mozjpeg; they are handled, so keep them off stderr.
+fn silence_libjpeg_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.location().is_some_and(|l| l.file().contains("mozjpeg")) {
+                default(info)
+            }
+        }));
+    });
 }
 
 /// Whether a JPEG's last scan is followed by an end-of-image marker (FF D9). Inside
