@@ -144,8 +144,28 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Write freshly initialised weights (seeded) as safetensors in the preset's names.
+    Init {
+        #[arg(long, value_enum)]
+        preset: Preset,
+        /// paper (N(0, 0.01), biases 1 in conv2/4/5, fc6/7), caffe, torchvision (PyTorch's
+        /// defaults) or reference (the parity tests' pattern). Default: the preset's own.
+        #[arg(long, value_enum)]
+        scheme: Option<InitScheme>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        output: PathBuf,
+    },
     /// Measure forward (or training-step) throughput on random weights.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InitScheme {
+    Paper,
+    Caffe,
+    Torchvision,
+    Reference,
 }
 
 /// Preprocessing flags.
@@ -258,6 +278,22 @@ pub fn run() -> anyhow::Result<()> {
             if let Some(path) = predictions {
                 report.write_predictions(&path)?;
             }
+            Ok(())
+        }
+        Command::Init { preset, scheme, seed, output } => {
+            let init = match scheme.unwrap_or(match preset {
+                Preset::Paper => InitScheme::Paper,
+                Preset::Caffe => InitScheme::Caffe,
+                Preset::Torchvision => InitScheme::Torchvision,
+            }) {
+                InitScheme::Paper => Init::Paper { seed },
+                InitScheme::Caffe => Init::Caffe { seed },
+                InitScheme::Torchvision => Init::Torchvision { seed },
+                InitScheme::Reference => Init::Reference { seed },
+            };
+            let model = AlexNet::new(preset, &mut Params::Init(init), &Placement::on(&Device::Cpu))?;
+            save_safetensors(&model.state_dict()?, &Default::default(), &output)?;
+            eprintln!("wrote {} weights ({init:?}) to {}", preset.name(), output.display());
             Ok(())
         }
         Command::Bench(args) => bench::run(&args),
@@ -385,11 +421,7 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
     let format = file.format;
     // Building the model checks every key and shape before anything is written.
     let model = AlexNet::new(preset, &mut Params::File(file), &Placement::on(&Device::Cpu))?;
-    let mut tensors = Vec::new();
-    for p in model.parameters() {
-        let t = p.gather(|v| Some(v.as_tensor().clone()))?.expect("a parameter always has values");
-        tensors.push((p.key, t));
-    }
+    let tensors = model.state_dict()?;
     let metadata = [
         ("format", "pt".to_string()), // what safetensors.torch writes
         ("preset", preset.name().to_string()),

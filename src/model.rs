@@ -173,6 +173,16 @@ impl AlexNet {
         }
     }
 
+    /// Every parameter's values, whole (tower halves joined), on the CPU, in the source's names.
+    pub fn state_dict(&self) -> CandleResult<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for p in self.parameters() {
+            let t = p.gather(|v| Some(v.as_tensor().clone()))?.expect("a parameter always has values");
+            out.push((p.key, t));
+        }
+        Ok(out)
+    }
+
     /// The device the logits come out on.
     pub fn device(&self) -> &Device {
         match &self.net {

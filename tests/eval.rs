@@ -54,7 +54,7 @@ fn torchvision_preprocessing_matches_on_real_jpegs() {
     }
     let fraction = within as f64 / total as f64;
     eprintln!("{} JPEGs: {:.4}% of values within 1/255 of torchvision, largest difference {worst}/255", f.len(), 100.0 * fraction);
-    assert!(fraction >= 0.99, "only {:.4}% within 1/255", 100.0 * fraction);
+    assert!(fraction >= 0.999, "only {:.4}% within 1/255", 100.0 * fraction);
 }
 
 #[test]

@@ -93,11 +93,7 @@ fn towers_on_one_device_equal_the_grouped_convolution_form() {
     for scope in [LrnScope::Layer, LrnScope::Tower] {
         let placement = Placement { lrn_scope: scope, ..Placement::on(&Device::Cpu) };
         let model = reference_model(Preset::Paper, &placement);
-        let weights: HashMap<String, Tensor> = model
-            .parameters()
-            .iter()
-            .map(|p| (p.key.clone(), p.gather(|v| Some(v.as_tensor().clone())).unwrap().unwrap()))
-            .collect();
+        let weights: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
         let towers = model.forward(&x, false).unwrap();
         let grouped = grouped_forward(&weights, &x, Lrn::paper(), scope == LrnScope::Tower);
         assert_close(&format!("towers vs grouped, LRN scope {scope:?}"), &towers, &grouped, 1e-6);

@@ -225,48 +225,53 @@ pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> RgbImage {
 /// the horizontal pass is stored as 8 bits before the vertical pass.
 pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
-    if out_w > in_w && out_h < in_h {
-        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
-        let vertical = pil_resize(img, in_w, out_h);
-        return pil_resize(&vertical, out_w, out_h);
-    }
-    let mut horizontal = img.clone();
-    if out_w != in_w {
-        let coeffs = PilCoeffs::new(in_w as usize, out_w as usize);
-        horizontal = RgbImage::new(out_w, in_h);
-        for y in 0..in_h {
-            for x in 0..out_w as usize {
+    let (in_w, in_h, ow, oh) = (in_w as usize, in_h as usize, out_w as usize, out_h as usize);
+    let horizontal = |src: &[u8], h: usize| -> Vec<u8> {
+        let coeffs = PilCoeffs::new(in_w, ow);
+        let mut out = vec![0u8; ow * h * 3];
+        for (row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(ow * 3)) {
+            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
                 let (start, k) = coeffs.taps(x);
                 let mut acc = [PIL_ROUND; 3];
-                for (i, &w) in k.iter().enumerate() {
-                    let p = img.get_pixel((start + i) as u32, y);
+                for (p, &w) in row[start * 3..].chunks_exact(3).zip(k) {
                     for c in 0..3 {
                         acc[c] += p[c] as i32 * w;
                     }
                 }
-                horizontal.put_pixel(x as u32, y, image::Rgb(acc.map(pil_clip8)));
+                px.copy_from_slice(&acc.map(pil_clip8));
             }
         }
-    }
-    if out_h == in_h {
-        return horizontal;
-    }
-    let coeffs = PilCoeffs::new(in_h as usize, out_h as usize);
-    let mut out = RgbImage::new(out_w, out_h);
-    for y in 0..out_h as usize {
-        let (start, k) = coeffs.taps(y);
-        for x in 0..out_w {
-            let mut acc = [PIL_ROUND; 3];
-            for (i, &w) in k.iter().enumerate() {
-                let p = horizontal.get_pixel(x, (start + i) as u32);
-                for c in 0..3 {
-                    acc[c] += p[c] as i32 * w;
+        out
+    };
+    let vertical = |src: &[u8], w: usize| -> Vec<u8> {
+        let coeffs = PilCoeffs::new(in_h, oh);
+        let mut out = vec![0u8; w * oh * 3];
+        let mut acc = vec![0i32; w * 3];
+        for (y, out_row) in out.chunks_exact_mut(w * 3).enumerate() {
+            let (start, k) = coeffs.taps(y);
+            acc.fill(PIL_ROUND);
+            for (i, &wt) in k.iter().enumerate() {
+                let row = &src[(start + i) * w * 3..(start + i + 1) * w * 3];
+                for (a, &p) in acc.iter_mut().zip(row) {
+                    *a += p as i32 * wt;
                 }
             }
-            out.put_pixel(x, y as u32, image::Rgb(acc.map(pil_clip8)));
+            for (o, &a) in out_row.iter_mut().zip(&acc) {
+                *o = pil_clip8(a);
+            }
         }
-    }
-    out
+        out
+    };
+    let src = img.as_raw();
+    let pixels = match (ow != in_w, oh != in_h) {
+        (false, false) => src.clone(),
+        (true, false) => horizontal(src, in_h),
+        (false, true) => vertical(src, in_w),
+        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
+        (true, true) if ow > in_w && oh < in_h => horizontal(&vertical(src, in_w), oh),
+        (true, true) => vertical(&horizontal(src, in_h), ow),
+    };
+    RgbImage::from_raw(out_w, out_h, pixels).expect("buffer matches the size")
 }
 
 const PIL_PRECISION_BITS: u32 = 32 - 8 - 2;

@@ -128,9 +128,5 @@ pub fn expect_error_env(args: &[&str], env: &[(&str, &Path)]) -> String {
 
 /// The reference weights of `preset` in the source's names and layout.
 pub fn reference_state(preset: Preset) -> Vec<(String, Tensor)> {
-    reference_model(preset, &Placement::on(&Device::Cpu))
-        .parameters()
-        .iter()
-        .map(|p| (p.key.clone(), p.gather(|v| Some(v.as_tensor().clone())).unwrap().unwrap()))
-        .collect()
+    reference_model(preset, &Placement::on(&Device::Cpu)).state_dict().unwrap()
 }
