@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::device::parse_device;
 use crate::init::Init;
-use crate::model::{AlexNet, Placement, Preset};
+use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::weights::Params;
 
 #[derive(Args)]
@@ -55,7 +55,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let mut times = Vec::with_capacity(args.runs);
             for i in 0..args.warmup + args.runs {
                 let start = Instant::now();
-                let logits = model.forward(&x, false)?;
+                let logits = model.forward(&x, Mode::Eval)?;
                 device.synchronize()?;
                 drop(logits);
                 if i >= args.warmup {

@@ -14,7 +14,7 @@ use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::eval::{evaluate, top_k, EvalOptions};
 use crate::device::parse_device;
 use crate::init::Init;
-use crate::model::{AlexNet, LrnScope, Placement, Preset};
+use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::weights::{fetch, save_safetensors, sha256_file, Params, WeightFile};
 
 #[derive(Parser)]
@@ -161,11 +161,22 @@ enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum InitScheme {
+pub enum InitScheme {
     Paper,
     Caffe,
     Torchvision,
     Reference,
+}
+
+impl InitScheme {
+    pub fn init(self, seed: u64) -> Init {
+        match self {
+            InitScheme::Paper => Init::Paper { seed },
+            InitScheme::Caffe => Init::Caffe { seed },
+            InitScheme::Torchvision => Init::Torchvision { seed },
+            InitScheme::Reference => Init::Reference { seed },
+        }
+    }
 }
 
 /// Preprocessing flags.
@@ -281,16 +292,7 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Init { preset, scheme, seed, output } => {
-            let init = match scheme.unwrap_or(match preset {
-                Preset::Paper => InitScheme::Paper,
-                Preset::Caffe => InitScheme::Caffe,
-                Preset::Torchvision => InitScheme::Torchvision,
-            }) {
-                InitScheme::Paper => Init::Paper { seed },
-                InitScheme::Caffe => Init::Caffe { seed },
-                InitScheme::Torchvision => Init::Torchvision { seed },
-                InitScheme::Reference => Init::Reference { seed },
-            };
+            let init = scheme.map_or(Init::default_for(preset, seed), |s| s.init(seed));
             let model = AlexNet::new(preset, &mut Params::Init(init), &Placement::on(&Device::Cpu))?;
             save_safetensors(&model.state_dict()?, &Default::default(), &output)?;
             eprintln!("wrote {} weights ({init:?}) to {}", preset.name(), output.display());
@@ -312,7 +314,7 @@ struct SummaryRow {
 fn summary(preset: Preset, input_size: Option<usize>, json: bool) -> anyhow::Result<()> {
     let model = AlexNet::new(preset, &mut Params::Init(Init::Zeros), &Placement::on(&Device::Cpu))?;
     let size = input_size.unwrap_or(preset.input_size());
-    let (_, trace) = model.forward_traced(&Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &Device::Cpu)?, false)?;
+    let (_, trace) = model.forward_traced(&Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &Device::Cpu)?, Mode::Eval)?;
     let rows: Vec<SummaryRow> = trace
         .iter()
         .map(|s| SummaryRow { layer: s.name, sees: s.sees, output: s.output.dims()[1..].to_vec(), params: s.params, macs: s.macs })
@@ -354,7 +356,7 @@ fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Re
         let keys: Vec<&String> = tensors.keys().collect();
         bail!("{}: no tensor `{key}` (it holds {keys:?}); pick one with --input-key", input.display())
     };
-    let logits = model.forward(&x.to_device(model.device())?, false)?;
+    let logits = model.forward(&x.to_device(model.device())?, Mode::Eval)?;
     save_safetensors(&[("logits".to_string(), logits.to_device(&Device::Cpu)?)], &Default::default(), output)?;
     eprintln!("wrote logits {:?} to {}", logits.dims(), output.display());
     Ok(())
@@ -378,7 +380,7 @@ fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> any
         pixels.extend(transform.apply(&decode(path)?, false).with_context(|| path.display().to_string())?.concat());
     }
     let x = Tensor::from_vec(pixels, (images.len(), 3, side, side), &Device::Cpu)?.to_device(model.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, false)?)?.to_vec2::<f32>()?;
+    let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
     for (path, p) in images.iter().zip(probs) {
         let preds: Vec<Prediction> = top_k::<1000>(&p)
@@ -405,7 +407,7 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
     let file = WeightFile::open(&path)?;
     let preset = resolve_preset(preset, &file)?;
     match (to, preset) {
-        (Target::Torchvision, Preset::Paper | Preset::Caffe) => bail!(
+        (Target::Torchvision, p) if p != Preset::Torchvision => bail!(
             "{} holds two-tower ({}) weights; torchvision's alexnet is a different network \
              (single tower, 64-192-384-256-256), so they cannot be written in its names; use --to caffe",
             path.display(),

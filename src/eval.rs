@@ -13,7 +13,7 @@ use crate::classes::imagenet_classes;
 use crate::data::dataset::{Dataset, Layout};
 use crate::data::transform::Transform;
 use crate::data::{decode, loader};
-use crate::model::AlexNet;
+use crate::model::{AlexNet, Mode};
 
 /// What `eval` needs beyond the model.
 pub struct EvalOptions {
@@ -102,7 +102,7 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
         let n = batch.items.len();
         let data: Vec<f32> = batch.items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         let x = Tensor::from_vec(data, (n * crops, 3, side, side), &Device::Cpu)?.to_device(model.device())?;
-        let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, false)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?;
         // the paper's 10-patch prediction: average the softmax over the crops
         let probs = probs.reshape((n, crops, ()))?.mean(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
         for ((i, _), p) in batch.items.iter().zip(probs) {

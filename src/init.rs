@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
+use crate::model::Preset;
 use crate::weights::caffe_layer_name;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,6 +30,16 @@ pub enum Init {
 }
 
 impl Init {
+    /// The preset's own initialisation: the paper's for `paper`, Caffe's solver's for `caffe`,
+    /// PyTorch's defaults for `torchvision` and the CIFAR-10 nets.
+    pub fn default_for(preset: Preset, seed: u64) -> Self {
+        match preset {
+            Preset::Paper => Init::Paper { seed },
+            Preset::Caffe => Init::Caffe { seed },
+            Preset::Torchvision | Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => Init::Torchvision { seed },
+        }
+    }
+
     /// Weight and bias of the conv or linear layer `prefix` (e.g. `conv2` or `features.3`),
     /// whose weight has `weight_shape` (`[out, in/groups, kh, kw]` or `[out, in]`).
     pub fn layer(&self, prefix: &str, weight_shape: &[usize]) -> Result<(Tensor, Tensor)> {

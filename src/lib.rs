@@ -16,4 +16,4 @@ pub mod model;
 pub mod ops;
 pub mod weights;
 
-pub use model::{AlexNet, LrnScope, Placement, Preset};
+pub use model::{AlexNet, LrnScope, Mode, Placement, Preset};

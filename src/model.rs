@@ -5,6 +5,9 @@
 //!   fully-connected layers see both (the "cross-talk" links, [`TwoTowers::exchange`]).
 //!   The presets differ only in their LRN constants (see [`crate::ops::Lrn`]).
 //! * `torchvision`: the single-tower net of `torchvision.models.alexnet` ("one weird trick").
+//! * CIFAR-10 scale, for the paper's experiments on small images: `cifar-towers`, the same
+//!   two towers with every layer scaled to 28x28 crops of 32x32 images ([`CIFAR_TOWERS`]), and
+//!   `fig1-relu` / `fig1-tanh`, the four-layer net of the paper's Figure 1 ([`SmallNet`]).
 //!
 //! Weight keys are the source's own names, so the constructors below *are* the weight map:
 //! Caffe's `conv1` ... `fc8` (grouped layout: conv2 is `[256, 48, 5, 5]`, the first half of
@@ -32,6 +35,12 @@ pub enum Preset {
     Caffe,
     /// torchvision's single-tower net (`alexnet-owt-7be5be79.pth`), any input >= 63x63.
     Torchvision,
+    /// The paper's two towers scaled to CIFAR-10 (28x28 crops), the paper's LRN.
+    CifarTowers,
+    /// The four-layer net of the paper's Figure 1 (three 5x5 convs, one fc), ReLU, 32x32.
+    Fig1Relu,
+    /// The same with tanh units.
+    Fig1Tanh,
 }
 
 impl Preset {
@@ -40,6 +49,17 @@ impl Preset {
             Preset::Paper => "paper",
             Preset::Caffe => "caffe",
             Preset::Torchvision => "torchvision",
+            Preset::CifarTowers => "cifar-towers",
+            Preset::Fig1Relu => "fig1-relu",
+            Preset::Fig1Tanh => "fig1-tanh",
+        }
+    }
+
+    /// The number of classes of the preset's usual data set.
+    pub fn default_classes(self) -> usize {
+        match self {
+            Preset::Paper | Preset::Caffe | Preset::Torchvision => 1000,
+            Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => 10,
         }
     }
 
@@ -48,16 +68,17 @@ impl Preset {
         match self {
             Preset::Paper | Preset::Caffe => 227,
             Preset::Torchvision => 224,
+            Preset::CifarTowers => 28,
+            Preset::Fig1Relu | Preset::Fig1Tanh => 32,
         }
     }
+}
 
-    fn lrn(self) -> Option<Lrn> {
-        match self {
-            Preset::Paper => Some(Lrn::paper()),
-            Preset::Caffe => Some(Lrn::caffe()),
-            Preset::Torchvision => None,
-        }
-    }
+/// Eval, or training with dropout masks drawn from `seed` (so a step is reproducible).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    Train { seed: u64 },
 }
 
 /// Which channels an LRN window may reach in the two-tower presets (see the module docs).
@@ -130,38 +151,51 @@ pub struct AlexNet {
 enum Net {
     Towers(TwoTowers),
     Single(Torchvision),
+    Small(SmallNet),
 }
 
 impl AlexNet {
-    /// Builds the net of `preset` with parameters from `params` (a weight file or an init).
+    /// Builds the net of `preset` for its usual classes, with parameters from `params`
+    /// (a weight file or an initialisation).
     pub fn new(preset: Preset, params: &mut Params, placement: &Placement) -> anyhow::Result<Self> {
+        Self::with_classes(preset, preset.default_classes(), params, placement)
+    }
+
+    /// Builds the net of `preset` with `classes` outputs.
+    pub fn with_classes(preset: Preset, classes: usize, params: &mut Params, placement: &Placement) -> anyhow::Result<Self> {
         params.expect_naming(preset)?;
-        let net = match preset.lrn() {
-            Some(lrn) => Net::Towers(TwoTowers::new(params, placement, lrn)?),
-            None => Net::Single(Torchvision::new(params, &placement.towers[0])?),
+        let net = match preset {
+            Preset::Paper => Net::Towers(TwoTowers::new(params, placement, &PAPER_TOWERS, classes, Lrn::paper())?),
+            Preset::Caffe => Net::Towers(TwoTowers::new(params, placement, &PAPER_TOWERS, classes, Lrn::caffe())?),
+            Preset::CifarTowers => Net::Towers(TwoTowers::new(params, placement, &CIFAR_TOWERS, classes, Lrn::paper())?),
+            Preset::Torchvision => Net::Single(Torchvision::new(params, &placement.towers[0], classes)?),
+            Preset::Fig1Relu | Preset::Fig1Tanh => {
+                Net::Small(SmallNet::new(params, &placement.towers[0], classes, preset == Preset::Fig1Tanh)?)
+            }
         };
         params.finish(preset)?;
         Ok(AlexNet { preset, net })
     }
 
-    /// Logits `[N, 1000]` of an `[N, 3, H, W]` f32 batch. `train` turns dropout on.
-    pub fn forward(&self, x: &Tensor, train: bool) -> anyhow::Result<Tensor> {
+    /// Logits `[N, classes]` of an `[N, 3, H, W]` f32 batch.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> anyhow::Result<Tensor> {
         self.check_input(x)?;
-        Ok(self.run(x, train, &mut None)?)
+        Ok(self.run(x, mode, &mut None)?)
     }
 
     /// Like [`AlexNet::forward`], also returning every layer's output.
-    pub fn forward_traced(&self, x: &Tensor, train: bool) -> anyhow::Result<(Tensor, Trace)> {
+    pub fn forward_traced(&self, x: &Tensor, mode: Mode) -> anyhow::Result<(Tensor, Trace)> {
         self.check_input(x)?;
         let mut trace = Some(Trace::new());
-        let logits = self.run(x, train, &mut trace)?;
+        let logits = self.run(x, mode, &mut trace)?;
         Ok((logits, trace.unwrap_or_default()))
     }
 
-    fn run(&self, x: &Tensor, train: bool, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+    fn run(&self, x: &Tensor, mode: Mode, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
         match &self.net {
-            Net::Towers(net) => net.forward(x, train, trace),
-            Net::Single(net) => net.forward(x, train, trace),
+            Net::Towers(net) => net.forward(x, mode, trace),
+            Net::Single(net) => net.forward(x, mode, trace),
+            Net::Small(net) => net.forward(x, trace),
         }
     }
 
@@ -170,6 +204,7 @@ impl AlexNet {
         match &self.net {
             Net::Towers(net) => net.parameters(),
             Net::Single(net) => net.parameters(),
+            Net::Small(net) => net.parameters(),
         }
     }
 
@@ -188,6 +223,7 @@ impl AlexNet {
         match &self.net {
             Net::Towers(net) => &net.towers[0].device,
             Net::Single(net) => &net.device,
+            Net::Small(net) => &net.device,
         }
     }
 
@@ -204,12 +240,13 @@ impl AlexNet {
         if x.dtype() != DType::F32 {
             anyhow::bail!("the {preset} preset takes f32 input, got {:?}", x.dtype())
         }
+        let side = self.preset.input_size();
         match self.net {
-            Net::Towers(_) if (h, w) != (227, 227) => anyhow::bail!(
-                "the {preset} preset takes 227x227 images (its fc6 expects 256x6x6), got {h}x{w}"
-            ),
             Net::Single(_) if h < 63 || w < 63 => {
                 anyhow::bail!("the {preset} preset needs images of at least 63x63, got {h}x{w}")
+            }
+            Net::Towers(_) | Net::Small(_) if (h, w) != (side, side) => {
+                anyhow::bail!("the {preset} preset takes {side}x{side} images (its fc layers are sized for them), got {h}x{w}")
             }
             _ => Ok(()),
         }
@@ -308,12 +345,16 @@ fn linear_layer(
     Ok(parts.into_iter().map(|(weight, bias)| Linear { weight, bias }).collect())
 }
 
-fn dropout(x: Tensor, train: bool) -> CandleResult<Tensor> {
-    if train {
-        candle_nn::ops::dropout(&x, 0.5)
-    } else {
-        Ok(x)
-    }
+/// Inverted dropout with p = 0.5 (outputs doubled while training, untouched at test time,
+/// equivalent to the paper's halving at test time). The mask comes from the training step's
+/// seed and the `site` (which layer, which tower), so a step can be replayed exactly.
+fn dropout(x: Tensor, mode: Mode, site: u64) -> CandleResult<Tensor> {
+    let Mode::Train { seed } = mode else { return Ok(x) };
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ site.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<bool>() { 2.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?;
+    x * mask
 }
 
 fn record(trace: &mut Option<Trace>, name: &'static str, sees: &'static str, out: &Tensor, cost: (usize, u64)) {
@@ -344,20 +385,52 @@ struct TwoTowers {
     lrn_scope: LrnScope,
 }
 
+/// The sizes of a two-tower net: for conv1..conv5 the whole layer's (output channels, kernel,
+/// stride, padding), the width of fc6 and fc7, and the input side.
+pub struct TowerGeometry {
+    pub convs: [(usize, usize, usize, usize); 5],
+    pub fc: usize,
+    pub input: usize,
+}
+
+/// The paper's net (figure 2).
+pub const PAPER_TOWERS: TowerGeometry =
+    TowerGeometry { convs: [(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)], fc: 4096, input: 227 };
+
+/// The same structure for 28x28 crops of CIFAR-10: conv1 5x5 stride 1 (a 32x32 image has no
+/// room for 11x11 stride 4), every width divided by 1.5 to 2 (64-128-192-192-128), fc 512;
+/// the 3/2 pools give 28 -> 13 -> 6 -> 2, so fc6 sees 128x2x2.
+pub const CIFAR_TOWERS: TowerGeometry =
+    TowerGeometry { convs: [(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)], fc: 512, input: 28 };
+
+impl TowerGeometry {
+    /// Side of pool5's output.
+    fn pool5_side(&self) -> usize {
+        let pool = |x: usize| (x - 3) / 2 + 1;
+        let (_, k, stride, pad) = self.convs[0];
+        pool(pool(pool((self.input + 2 * pad - k) / stride + 1)))
+    }
+}
+
 const LAYER_NAMES: [&str; 8] = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"];
 
 impl TwoTowers {
-    fn new(params: &mut Params, placement: &Placement, lrn: Lrn) -> anyhow::Result<Self> {
+    fn new(params: &mut Params, placement: &Placement, g: &TowerGeometry, classes: usize, lrn: Lrn) -> anyhow::Result<Self> {
         let d = &placement.towers;
+        let [c1, c2, c3, c4, c5] = g.convs.map(|(out, ..)| out);
+        let conv = |p: &mut Params, i: usize, name, inputs| {
+            let (out, k, stride, pad) = g.convs[i];
+            conv_layer(p, name, [out, inputs, k, k], stride, pad, d).map(Vec::into_iter)
+        };
         // Caffe's names and grouped shapes; each layer's output axis is split between towers.
-        let mut conv1 = conv_layer(params, "conv1", [96, 3, 11, 11], 4, 0, d)?.into_iter();
-        let mut conv2 = conv_layer(params, "conv2", [256, 48, 5, 5], 1, 2, d)?.into_iter();
-        let mut conv3 = conv_layer(params, "conv3", [384, 256, 3, 3], 1, 1, d)?.into_iter();
-        let mut conv4 = conv_layer(params, "conv4", [384, 192, 3, 3], 1, 1, d)?.into_iter();
-        let mut conv5 = conv_layer(params, "conv5", [256, 192, 3, 3], 1, 1, d)?.into_iter();
-        let mut fc6 = linear_layer(params, "fc6", [4096, 9216], d)?.into_iter();
-        let mut fc7 = linear_layer(params, "fc7", [4096, 4096], d)?.into_iter();
-        let mut fc8 = linear_layer(params, "fc8", [1000, 4096], d)?.into_iter();
+        let mut conv1 = conv(params, 0, "conv1", 3)?; // each tower sees the whole image
+        let mut conv2 = conv(params, 1, "conv2", c1 / 2)?; // own tower
+        let mut conv3 = conv(params, 2, "conv3", c2)?; // both towers
+        let mut conv4 = conv(params, 3, "conv4", c3 / 2)?;
+        let mut conv5 = conv(params, 4, "conv5", c4 / 2)?;
+        let mut fc6 = linear_layer(params, "fc6", [g.fc, c5 * g.pool5_side().pow(2)], d)?.into_iter();
+        let mut fc7 = linear_layer(params, "fc7", [g.fc, g.fc], d)?.into_iter();
+        let mut fc8 = linear_layer(params, "fc8", [classes, g.fc], d)?.into_iter();
         let mut tower = |device: &Device| -> Option<Tower> {
             Some(Tower {
                 device: device.clone(),
@@ -376,9 +449,9 @@ impl TwoTowers {
         Ok(TwoTowers { towers, lrn, lrn_scope: placement.lrn_scope })
     }
 
-    fn forward(&self, x: &Tensor, train: bool, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+    fn forward(&self, x: &Tensor, mode: Mode, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
         let [a, b] = &self.towers;
-        // conv1: each tower's 48 kernels see the whole image.
+        // conv1: each tower's kernels see the whole image.
         let h = [x.to_device(&a.device)?, x.to_device(&b.device)?];
         let h = self.each(&h, |t, x| t.conv1.forward(x)?.relu())?;
         self.record(trace, "conv1", "image", &h, |t| &t.conv1)?;
@@ -404,11 +477,18 @@ impl TwoTowers {
         let h = self.each(&h, |_, x| max_pool2d(x, 3, 2)?.flatten_from(1))?;
         self.record_plain(trace, "pool5", &h)?;
 
-        let h = self.exchange(&h)?; // fc6 sees both towers' 128x6x6 maps, in Caffe's order
-        let h = self.each(&h, |t, x| dropout(t.fc6.forward(x)?.relu()?, train))?;
+        // fc6 sees both towers' maps, flattened in Caffe's (channel, row, column) order.
+        let h = self.exchange(&h)?;
+        let h = [
+            dropout(a.fc6.forward(&h[0])?.relu()?, mode, 60)?,
+            dropout(b.fc6.forward(&h[1])?.relu()?, mode, 61)?,
+        ];
         self.record(trace, "fc6", "both towers", &h, |t| &t.fc6)?;
         let h = self.exchange(&h)?;
-        let h = self.each(&h, |t, x| dropout(t.fc7.forward(x)?.relu()?, train))?;
+        let h = [
+            dropout(a.fc7.forward(&h[0])?.relu()?, mode, 70)?,
+            dropout(b.fc7.forward(&h[1])?.relu()?, mode, 71)?,
+        ];
         self.record(trace, "fc7", "both towers", &h, |t| &t.fc7)?;
         let h = self.exchange(&h)?;
         let h = self.each(&h, |t, x| t.fc8.forward(x))?;
@@ -517,7 +597,7 @@ const TORCHVISION_KEYS: [&str; 8] =
     ["features.0", "features.3", "features.6", "features.8", "features.10", "classifier.1", "classifier.4", "classifier.6"];
 
 impl Torchvision {
-    fn new(params: &mut Params, device: &Device) -> anyhow::Result<Self> {
+    fn new(params: &mut Params, device: &Device, classes: usize) -> anyhow::Result<Self> {
         let d = std::slice::from_ref(device);
         let one_conv = |p: &mut Params, key, shape, stride, pad| -> anyhow::Result<Conv> {
             Ok(conv_layer(p, key, shape, stride, pad, d)?.remove(0))
@@ -534,11 +614,11 @@ impl Torchvision {
             conv5: one_conv(params, "features.10", [256, 256, 3, 3], 1, 1)?,
             fc6: one_linear(params, "classifier.1", [4096, 9216])?,
             fc7: one_linear(params, "classifier.4", [4096, 4096])?,
-            fc8: one_linear(params, "classifier.6", [1000, 4096])?,
+            fc8: one_linear(params, "classifier.6", [classes, 4096])?,
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+    fn forward(&self, x: &Tensor, mode: Mode, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
         let x = x.to_device(&self.device)?;
         let h = self.conv1.forward(&x)?.relu()?;
         record(trace, "conv1", "-", &h, self.conv1.cost(&h));
@@ -558,9 +638,9 @@ impl Torchvision {
         record(trace, "pool5", "-", &h, (0, 0));
         let h = adaptive_avg_pool2d(&h, (6, 6))?.flatten_from(1)?;
         record(trace, "avgpool", "-", &h, (0, 0));
-        let h = self.fc6.forward(&dropout(h, train)?)?.relu()?;
+        let h = self.fc6.forward(&dropout(h, mode, 60)?)?.relu()?;
         record(trace, "fc6", "-", &h, self.fc6.cost(&h));
-        let h = self.fc7.forward(&dropout(h, train)?)?.relu()?;
+        let h = self.fc7.forward(&dropout(h, mode, 70)?)?.relu()?;
         record(trace, "fc7", "-", &h, self.fc7.cost(&h));
         let h = self.fc8.forward(&h)?;
         record(trace, "fc8", "-", &h, self.fc8.cost(&h));
@@ -570,12 +650,67 @@ impl Torchvision {
     fn parameters(&self) -> Vec<Param> {
         let layers: [&dyn Cost; 8] =
             [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5, &self.fc6, &self.fc7, &self.fc8];
-        let mut params = Vec::new();
-        for (key, layer) in TORCHVISION_KEYS.iter().zip(layers) {
-            let [w, b] = layer.vars();
-            params.push(Param { key: format!("{key}.weight"), parts: vec![w.clone()] });
-            params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()] });
-        }
-        params
+        let named: Vec<(&str, &dyn Cost)> = TORCHVISION_KEYS.iter().copied().zip(layers).collect();
+        single_tower_parameters(&named)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fig1-relu / fig1-tanh: the paper's Figure 1 net
+
+/// "A four-layer convolutional neural network" (Figure 1): three 5x5 convolutions (32, 32, 64
+/// maps, each followed by its nonlinearity and a 3/2 max-pool) and one fully-connected layer,
+/// the layout of cuda-convnet's CIFAR-10 nets. No LRN, no dropout: "no regularization of any kind".
+struct SmallNet {
+    device: Device,
+    tanh: bool,
+    conv1: Conv,
+    conv2: Conv,
+    conv3: Conv,
+    fc: Linear,
+}
+
+impl SmallNet {
+    fn new(params: &mut Params, device: &Device, classes: usize, tanh: bool) -> anyhow::Result<Self> {
+        let d = std::slice::from_ref(device);
+        let conv = |p: &mut Params, key, inputs, out| -> anyhow::Result<Conv> { Ok(conv_layer(p, key, [out, inputs, 5, 5], 1, 2, d)?.remove(0)) };
+        Ok(SmallNet {
+            device: device.clone(),
+            tanh,
+            conv1: conv(params, "conv1", 3, 32)?,
+            conv2: conv(params, "conv2", 32, 32)?,
+            conv3: conv(params, "conv3", 32, 64)?,
+            fc: linear_layer(params, "fc", [classes, 64 * 3 * 3], d)?.remove(0),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
+        let act = |t: Tensor| if self.tanh { t.tanh() } else { t.relu() };
+        let mut h = x.to_device(&self.device)?;
+        for (conv, name, pool) in [(&self.conv1, "conv1", "pool1"), (&self.conv2, "conv2", "pool2"), (&self.conv3, "conv3", "pool3")] {
+            h = act(conv.forward(&h)?)?;
+            record(trace, name, "-", &h, conv.cost(&h));
+            h = max_pool2d(&h, 3, 2)?;
+            record(trace, pool, "-", &h, (0, 0));
+        }
+        let h = self.fc.forward(&h.flatten_from(1)?)?;
+        record(trace, "fc", "-", &h, self.fc.cost(&h));
+        Ok(h)
+    }
+
+    fn parameters(&self) -> Vec<Param> {
+        let layers: [(&str, &dyn Cost); 4] = [("conv1", &self.conv1), ("conv2", &self.conv2), ("conv3", &self.conv3), ("fc", &self.fc)];
+        single_tower_parameters(&layers)
+    }
+}
+
+/// Parameters of a single-tower net, `(key prefix, layer)` in order.
+fn single_tower_parameters(layers: &[(&str, &dyn Cost)]) -> Vec<Param> {
+    let mut params = Vec::new();
+    for (key, layer) in layers {
+        let [w, b] = layer.vars();
+        params.push(Param { key: format!("{key}.weight"), parts: vec![w.clone()] });
+        params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()] });
+    }
+    params
 }

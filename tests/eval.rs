@@ -10,7 +10,7 @@ use alexnet::data::transform::{pil_resize, Transform};
 use alexnet::data::decode;
 use alexnet::init::reference_pattern;
 use alexnet::weights::save_safetensors;
-use alexnet::{Placement, Preset};
+use alexnet::{Mode, Placement, Preset};
 use candle_core::{Device, Tensor};
 use common::*;
 
@@ -65,7 +65,7 @@ fn ten_crop_logits_match_pytorch() {
     for name in ["chelsea.png", "coffee.png"] {
         let crops = transform.apply(&decode(&shared(&format!("photos/{name}"))).unwrap(), true).unwrap();
         let x = Tensor::from_vec(crops.concat(), (10, 3, 224, 224), &Device::Cpu).unwrap();
-        let logits = model.forward(&x, false).unwrap();
+        let logits = model.forward(&x, Mode::Eval).unwrap();
         assert_close(&format!("{name} 10-crop logits"), &logits, get(&f, &format!("{name}/logits")), 1e-4);
         let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap().mean(0).unwrap();
         assert_close(&format!("{name} 10-crop softmax mean"), &probs, get(&f, &format!("{name}/probs")), 1e-4);

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use alexnet::ops::{lrn, max_pool2d, Lrn};
-use alexnet::{LrnScope, Placement, Preset};
+use alexnet::{LrnScope, Mode, Placement, Preset};
 use candle_core::{Device, Tensor};
 use common::*;
 
@@ -19,7 +19,7 @@ fn logits_and_every_activation_match_pytorch() {
     for (preset, name) in PRESETS {
         let f = fixture(&format!("{name}.safetensors"));
         let model = reference_model(preset, &Placement::on(&Device::Cpu));
-        let (logits, trace) = model.forward_traced(&reference_input(preset), false).unwrap();
+        let (logits, trace) = model.forward_traced(&reference_input(preset), Mode::Eval).unwrap();
         assert_close(&format!("{name} logits"), &logits, get(&f, "logits"), 1e-4);
         assert!(!trace.is_empty());
         for step in &trace {
@@ -36,7 +36,7 @@ fn gradients_of_every_parameter_match_pytorch() {
     for (preset, name) in PRESETS {
         let f = fixture(&format!("{name}.safetensors"));
         let model = reference_model(preset, &Placement::on(&Device::Cpu));
-        let logits = model.forward(&reference_input(preset), false).unwrap();
+        let logits = model.forward(&reference_input(preset), Mode::Eval).unwrap();
         let labels = Tensor::new(&LABELS, &Device::Cpu).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
         assert_close(&format!("{name} loss"), &loss.reshape(1).unwrap(), get(&f, "loss"), 1e-5);
@@ -94,7 +94,7 @@ fn towers_on_one_device_equal_the_grouped_convolution_form() {
         let placement = Placement { lrn_scope: scope, ..Placement::on(&Device::Cpu) };
         let model = reference_model(Preset::Paper, &placement);
         let weights: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
-        let towers = model.forward(&x, false).unwrap();
+        let towers = model.forward(&x, Mode::Eval).unwrap();
         let grouped = grouped_forward(&weights, &x, Lrn::paper(), scope == LrnScope::Tower);
         assert_close(&format!("towers vs grouped, LRN scope {scope:?}"), &towers, &grouped, 1e-6);
     }
@@ -105,7 +105,7 @@ fn lrn_scope_tower_differs_from_layer_only_near_the_boundary() {
     let x = reference_input(Preset::Paper);
     let run = |scope| {
         let placement = Placement { lrn_scope: scope, ..Placement::on(&Device::Cpu) };
-        let (_, trace) = reference_model(Preset::Paper, &placement).forward_traced(&x, false).unwrap();
+        let (_, trace) = reference_model(Preset::Paper, &placement).forward_traced(&x, Mode::Eval).unwrap();
         trace.into_iter().find(|s| s.name == "norm1").unwrap().output
     };
     let (layer, tower) = (run(LrnScope::Layer), run(LrnScope::Tower));
@@ -121,8 +121,8 @@ fn lrn_scope_tower_differs_from_layer_only_near_the_boundary() {
 fn dropout_is_on_only_in_training() {
     let model = reference_model(Preset::Torchvision, &Placement::on(&Device::Cpu));
     let x = reference_input(Preset::Torchvision).narrow(0, 0, 1).unwrap();
-    let eval = [model.forward(&x, false).unwrap(), model.forward(&x, false).unwrap()];
+    let eval = [model.forward(&x, Mode::Eval).unwrap(), model.forward(&x, Mode::Eval).unwrap()];
     assert_eq!(flat(&eval[0]), flat(&eval[1]));
-    let train = model.forward(&x, true).unwrap();
+    let train = model.forward(&x, Mode::Train { seed: 1 }).unwrap();
     assert_ne!(flat(&eval[0]), flat(&train));
 }

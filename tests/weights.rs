@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use alexnet::weights::{save_safetensors, Format, Params, WeightFile};
-use alexnet::{AlexNet, Placement, Preset};
+use alexnet::{AlexNet, Mode, Placement, Preset};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sha2::{Digest, Sha256};
@@ -165,7 +165,7 @@ fn caffemodels_v1_and_v2_reproduce_the_reference_logits() {
         let file = WeightFile::open(&caffe_dir().join(format!("{form}.caffemodel"))).unwrap();
         assert_eq!(file.detect_preset(), Some(Preset::Caffe));
         let model = AlexNet::new(Preset::Caffe, &mut Params::File(file), &Placement::on(&Device::Cpu)).unwrap();
-        let logits = model.forward(&reference_input(Preset::Caffe), false).unwrap();
+        let logits = model.forward(&reference_input(Preset::Caffe), Mode::Eval).unwrap();
         assert_close(&format!("caffemodel {form} logits"), &logits, get(&expected, "logits"), 1e-4);
     }
 }

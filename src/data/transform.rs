@@ -37,9 +37,9 @@ pub enum TransformKind {
 impl TransformKind {
     pub fn for_preset(preset: Preset) -> Self {
         match preset {
-            Preset::Torchvision => TransformKind::Torchvision,
             Preset::Caffe => TransformKind::Caffe,
             Preset::Paper => TransformKind::Paper,
+            _ => TransformKind::Torchvision,
         }
     }
 }

@@ -39,7 +39,7 @@ impl Naming {
     pub fn of(preset: Preset) -> Self {
         match preset {
             Preset::Torchvision => Naming::Torchvision,
-            Preset::Paper | Preset::Caffe => Naming::Caffe,
+            _ => Naming::Caffe,
         }
     }
 
