@@ -15,6 +15,10 @@ use crate::eval::{evaluate, top_k, EvalOptions};
 use crate::device::parse_device;
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
+use crate::data::augment::Stats;
+use crate::data::dataset::Dataset;
+use crate::optim::UpdateRule;
+use crate::train::{base_side, train, Checkpoint, RunOptions, Schedule, TrainConfig};
 use crate::weights::{fetch, save_safetensors, sha256_file, Params, WeightFile};
 
 #[derive(Parser)]
@@ -156,8 +160,187 @@ enum Command {
         seed: u64,
         output: PathBuf,
     },
+    /// Train on an ImageFolder (DIR/<class>/<image>) with the paper's recipe (or Caffe's,
+    /// torchvision's); checkpoints, a JSON-lines log and the final weights go to --out.
+    Train(Box<TrainArgs>),
+    /// Compute the training set's mean image and RGB principal components (for mean
+    /// subtraction and PCA colour augmentation); written next to the data.
+    DataStats {
+        #[arg(long)]
+        data: PathBuf,
+        /// The preset decides the image size (256x256 base images, or 32x32 for CIFAR nets).
+        #[arg(long, value_enum, default_value = "paper")]
+        preset: Preset,
+    },
+    /// Draw loss, error and learning-rate curves of a training log as a PNG.
+    Plot {
+        /// The log.jsonl a training run wrote.
+        log: PathBuf,
+        #[arg(short, long, default_value = "curves.png")]
+        output: PathBuf,
+    },
     /// Measure forward (or training-step) throughput on random weights.
     Bench(BenchArgs),
+}
+
+/// Training recipes: the defaults of every training flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Recipe {
+    /// Batch 128, SGD momentum 0.9, weight decay 5e-4 (not on biases) with the paper's update,
+    /// lr 0.01 divided by 10 when validation error stops improving (at most 3 times), dropout,
+    /// random crops, flips, PCA colour augmentation (alpha std 0.1), 90 epochs.
+    Paper,
+    /// bvlc_alexnet's solver: batch 256, lr 0.01 x0.1 every 20 epochs (100,000 iterations),
+    /// momentum 0.9, weight decay 5e-4 (not on biases), crops and flips, 90 epochs.
+    Caffe,
+    /// torchvision's reference: batch 256, lr 0.01 x0.1 every 30 epochs, PyTorch's momentum
+    /// rule, weight decay 1e-4 on everything, crops and flips, 90 epochs.
+    Torchvision,
+    /// The paper's Figure 1: "no regularization of any kind": no weight decay, no dropout,
+    /// no augmentation, constant lr.
+    Fig1,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, value_enum)]
+    preset: Preset,
+    /// Training images: DIR/<class>/<image>, any number of classes.
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation images, same layout and class names.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Where checkpoints, log.jsonl and final.safetensors go.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Default for every flag below (default: paper, or fig1 for the fig1 presets).
+    #[arg(long, value_enum)]
+    recipe: Option<Recipe>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    momentum: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// paper (lr inside the velocity) or pytorch.
+    #[arg(long, value_enum)]
+    rule: Option<UpdateRule>,
+    /// plateau, step or constant.
+    #[arg(long, value_enum)]
+    schedule: Option<Schedule>,
+    /// Plateau: epochs without improvement before dividing lr by 10.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Plateau: at most this many divisions.
+    #[arg(long)]
+    max_drops: Option<usize>,
+    /// Step: epochs between multiplications by --gamma.
+    #[arg(long)]
+    step_epochs: Option<usize>,
+    #[arg(long)]
+    gamma: Option<f64>,
+    /// Standard deviation of the PCA colour shift alpha (0 turns it off).
+    #[arg(long)]
+    pca_std: Option<f64>,
+    /// Turn off all augmentation (random crops, flips, PCA): centre crops only.
+    #[arg(long)]
+    no_augment: bool,
+    /// Turn off dropout.
+    #[arg(long)]
+    no_dropout: bool,
+    /// Multiplies (pixel - mean image): 1 keeps the paper's 0..255 range (default for paper
+    /// and caffe); 1/57.6 approximates torchvision's normalisation (default otherwise).
+    #[arg(long)]
+    input_scale: Option<f32>,
+    /// Validation with 1 or 10 crops.
+    #[arg(long, default_value_t = 1, value_parser = crops_parser)]
+    val_crops: usize,
+    /// Train on a fixed subset of N images, classes taken in turn (balanced).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Initialisation of a fresh run (default: the preset's own).
+    #[arg(long, value_enum)]
+    init: Option<InitScheme>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from a checkpoint, exactly where it stopped.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Also checkpoint every N steps (always: every epoch).
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Keep the newest N checkpoints.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Log every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    fn run(&self) -> anyhow::Result<()> {
+        let fig1 = matches!(self.preset, Preset::Fig1Relu | Preset::Fig1Tanh);
+        let recipe = self.recipe.unwrap_or(if fig1 { Recipe::Fig1 } else { Recipe::Paper });
+        let (batch, lr, wd, rule, decay_biases, schedule, step_epochs, augment) = match recipe {
+            Recipe::Paper => (128, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Plateau, 30, true),
+            Recipe::Caffe => (256, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Step, 20, true),
+            Recipe::Torchvision => (256, 0.01, 1e-4, UpdateRule::Pytorch, true, Schedule::Step, 30, true),
+            Recipe::Fig1 => (128, 0.01, 0.0, UpdateRule::Paper, false, Schedule::Constant, 30, false),
+        };
+        let augment = augment && !self.no_augment;
+        let resumed = self.resume.as_deref().map(Checkpoint::load).transpose()?;
+        let config = match &resumed {
+            // a resumed run keeps its configuration; only paths and switches may change
+            Some(c) => TrainConfig { epochs: self.epochs.unwrap_or(c.meta.config.epochs), ..c.meta.config.clone() },
+            None => TrainConfig {
+                preset: self.preset,
+                epochs: self.epochs.unwrap_or(90),
+                batch_size: self.batch_size.unwrap_or(batch),
+                lr: self.lr.unwrap_or(lr),
+                momentum: self.momentum.unwrap_or(0.9),
+                weight_decay: self.weight_decay.unwrap_or(wd),
+                rule: self.rule.unwrap_or(rule),
+                decay_biases,
+                schedule: self.schedule.unwrap_or(schedule),
+                patience: self.patience.unwrap_or(1),
+                max_drops: self.max_drops.unwrap_or(3),
+                step_epochs: self.step_epochs.unwrap_or(step_epochs),
+                gamma: self.gamma.unwrap_or(0.1),
+                seed: self.seed,
+                dropout: !self.no_dropout && recipe != Recipe::Fig1,
+                random_crop: augment,
+                flip: augment,
+                pca_std: if augment { self.pca_std.unwrap_or(if recipe == Recipe::Paper { 0.1 } else { 0.0 }) } else { 0.0 },
+                input_scale: self.input_scale.unwrap_or(if matches!(self.preset, Preset::Paper | Preset::Caffe) { 1.0 } else { 1.0 / 57.6 }),
+                val_crops: self.val_crops,
+                limit: self.limit,
+            },
+        };
+        let opts = RunOptions {
+            data: self.data.clone(),
+            val: self.val.clone(),
+            out: self.out.clone(),
+            init: self.init.map_or(Init::default_for(self.preset, self.seed), |s| s.init(self.seed)),
+            resume: self.resume.clone(),
+            save_every: self.save_every,
+            keep: self.keep,
+            log_every: self.log_every.max(1),
+            quiet: self.quiet,
+            device: parse_device(&self.device)?,
+        };
+        let path = train(config, opts)?;
+        eprintln!("final weights: {}", path.display());
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -298,6 +481,18 @@ pub fn run() -> anyhow::Result<()> {
             eprintln!("wrote {} weights ({init:?}) to {}", preset.name(), output.display());
             Ok(())
         }
+        Command::Train(args) => args.run(),
+        Command::DataStats { data, preset } => {
+            let (dataset, _) = Dataset::discover(&data)?;
+            let side = base_side(preset);
+            let stats = Stats::compute(&dataset.samples, side, &crate::eval::progress_bar(dataset.samples.len() as u64, false))?;
+            let path = Stats::path_for(&data);
+            stats.save(&path)?;
+            println!("{} images at {side}x{side}: wrote {}", dataset.samples.len(), path.display());
+            println!("RGB eigenvalues {:?}", stats.eigvals);
+            Ok(())
+        }
+        Command::Plot { log, output } => crate::plot::plot(&log, &output),
         Command::Bench(args) => bench::run(&args),
     }
 }
@@ -383,7 +578,7 @@ fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> any
     let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
     for (path, p) in images.iter().zip(probs) {
-        let preds: Vec<Prediction> = top_k::<1000>(&p)
+        let preds: Vec<Prediction> = top_k(&p, top)
             .into_iter()
             .take(top)
             .map(|i| Prediction { index: i, wnid: classes[i].0, name: classes[i].1, probability: p[i] })

@@ -38,7 +38,7 @@ pub struct Skipped {
 pub struct Prediction {
     pub path: PathBuf,
     pub label: usize,
-    pub top5: [usize; 5],
+    pub top5: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,7 +107,7 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
         let probs = probs.reshape((n, crops, ()))?.mean(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
         for ((i, _), p) in batch.items.iter().zip(probs) {
             let label = samples[*i].label;
-            let top = top_k::<5>(&p);
+            let top = top_k(&p, 5);
             top1 += usize::from(top[0] == label);
             top5 += usize::from(top.contains(&label));
             seen += 1;
@@ -147,11 +147,12 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
     })
 }
 
-/// Indices of the `K` largest values, largest first (ties: lower index first).
-pub fn top_k<const K: usize>(p: &[f32]) -> [usize; K] {
+/// Indices of the `k` largest values (all of them if fewer), largest first; ties: lower index first.
+pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..p.len()).collect();
     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    std::array::from_fn(|i| order[i])
+    order.truncate(k);
+    order
 }
 
 pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {

@@ -14,6 +14,9 @@ pub mod eval;
 pub mod init;
 pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod plot;
+pub mod train;
 pub mod weights;
 
 pub use model::{AlexNet, LrnScope, Mode, Placement, Preset};

@@ -26,8 +26,8 @@ use crate::ops::{adaptive_avg_pool2d, lrn, max_pool2d, Lrn};
 use crate::weights::Params;
 
 /// Which AlexNet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// Two towers, the paper's LRN (k=2, alpha=1e-4 on the sum), 227x227 input.
     Paper,

@@ -72,6 +72,28 @@ impl Dataset {
         Ok(dataset)
     }
 
+    /// Class folders with whatever names they have (sorted, as torchvision's ImageFolder):
+    /// the data set and its class names.
+    pub fn discover(dir: &Path) -> anyhow::Result<(Self, Vec<String>)> {
+        if !dir.is_dir() {
+            bail!("data folder {} does not exist", dir.display())
+        }
+        let classes: Vec<String> = sorted_entries(dir)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+            .collect();
+        if classes.is_empty() {
+            bail!("{} has no class folders (expected DIR/<class>/<image>)", dir.display())
+        }
+        let names: Vec<&str> = classes.iter().map(String::as_str).collect();
+        let dataset = Self::image_folder(dir, &names)?;
+        if dataset.samples.is_empty() {
+            bail!("no images found in the class folders of {}", dir.display())
+        }
+        Ok((dataset, classes))
+    }
+
     /// Layout (a): class folders; a folder whose name is not a known class is an error.
     pub fn image_folder(dir: &Path, classes: &[&str]) -> anyhow::Result<Self> {
         let index: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (*c, i)).collect();

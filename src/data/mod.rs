@@ -2,6 +2,7 @@
 //! ([`transform`]), labelled image sets in every ImageNet layout ([`dataset`]) and the
 //! parallel, bounded loading pipeline that feeds the net ([`loader`]).
 
+pub mod augment;
 pub mod dataset;
 pub mod loader;
 mod matfile;

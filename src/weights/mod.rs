@@ -152,6 +152,13 @@ impl WeightFile {
         }
     }
 
+    /// The same file without the tensors whose names start with `prefix` (a checkpoint's
+    /// `momentum/` buffers, when only its weights are wanted).
+    pub fn without_prefix(mut self, prefix: &str) -> Self {
+        self.tensors.retain(|k, _| !k.starts_with(prefix));
+        self
+    }
+
     pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
         &self.tensors
     }

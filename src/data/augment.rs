@@ -1,0 +1,239 @@
+//! Training-time data: the base image (the paper's 256x256; CIFAR-10's own 32x32), the
+//! training set's mean image and RGB principal components (`alexnet data-stats`), and the
+//! paper's augmentation: random crops, horizontal flips and PCA colour shifts.
+//!
+//! Every random choice for an image comes from a generator seeded by (run seed, epoch,
+//! position in the epoch), so the same seed gives the same batches and augmentations, and a
+//! resumed run continues exactly.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
+
+use super::dataset::Sample;
+use super::decode;
+use super::transform::{pil_resize_shorter, Chw};
+
+/// The image every crop is taken from: shorter side to `side` and centre `side` x `side`
+/// crop (PIL bilinear); images already `side` x `side` (CIFAR-10) are used as they are.
+pub fn base_image(path: &Path, side: u32) -> anyhow::Result<RgbImage> {
+    let img = decode(path)?;
+    if img.dimensions() == (side, side) {
+        return Ok(img);
+    }
+    let resized = pil_resize_shorter(&img, side);
+    let (w, h) = resized.dimensions();
+    Ok(image::imageops::crop_imm(&resized, (w - side) / 2, (h - side) / 2, side, side).to_image())
+}
+
+/// What `alexnet data-stats` computes over the training images' base images (0..255 RGB).
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub side: usize,
+    /// `[3, side, side]`, RGB.
+    pub mean_image: Vec<f32>,
+    /// Eigenvectors of the 3x3 RGB covariance as columns (`eigvecs[row][col]`), largest first.
+    pub eigvecs: [[f64; 3]; 3],
+    pub eigvals: [f64; 3],
+}
+
+pub const STATS_FILE: &str = "alexnet-stats.safetensors";
+
+impl Stats {
+    /// Mean image and RGB covariance eigen-decomposition over `samples` (in parallel).
+    pub fn compute(samples: &[Sample], side: u32, progress: &indicatif::ProgressBar) -> anyhow::Result<Self> {
+        let n_px = (side * side) as usize;
+        // per image: sum of pixels (as [3, side, side]) and RGB first and second moments
+        let partial = samples
+            .par_iter()
+            .map(|s| -> anyhow::Result<(Vec<f64>, [f64; 3], [[f64; 3]; 3], usize)> {
+                let img = base_image(&s.path, side)?;
+                let mut sum = vec![0f64; 3 * n_px];
+                let (mut m1, mut m2) = ([0f64; 3], [[0f64; 3]; 3]);
+                for (i, p) in img.pixels().enumerate() {
+                    let v = [p[0] as f64, p[1] as f64, p[2] as f64];
+                    for c in 0..3 {
+                        sum[c * n_px + i] = v[c];
+                        m1[c] += v[c];
+                        for d in 0..3 {
+                            m2[c][d] += v[c] * v[d];
+                        }
+                    }
+                }
+                progress.inc(1);
+                Ok((sum, m1, m2, n_px))
+            })
+            .try_reduce(
+                || (vec![0f64; 3 * n_px], [0f64; 3], [[0f64; 3]; 3], 0),
+                |mut a, b| {
+                    a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
+                    for c in 0..3 {
+                        a.1[c] += b.1[c];
+                        for d in 0..3 {
+                            a.2[c][d] += b.2[c][d];
+                        }
+                    }
+                    a.3 += b.3;
+                    Ok(a)
+                },
+            )?;
+        let (sum, m1, m2, count) = partial;
+        if count == 0 {
+            bail!("no images to compute statistics from")
+        }
+        let images = samples.len() as f64;
+        let mean_image = sum.iter().map(|v| (v / images) as f32).collect();
+        let n = count as f64;
+        let mut cov = [[0f64; 3]; 3];
+        for c in 0..3 {
+            for d in 0..3 {
+                cov[c][d] = (m2[c][d] - m1[c] * m1[d] / n) / (n - 1.0);
+            }
+        }
+        let (eigvals, eigvecs) = symmetric_eigen(cov);
+        Ok(Stats { side: side as usize, mean_image, eigvecs, eigvals })
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let s = self.side;
+        let vecs: Vec<f32> = self.eigvecs.iter().flatten().map(|&v| v as f32).collect();
+        let tensors = vec![
+            ("mean_image".to_string(), Tensor::from_vec(self.mean_image.clone(), (3, s, s), &Device::Cpu)?),
+            ("pca_eigvecs".to_string(), Tensor::from_vec(vecs, (3, 3), &Device::Cpu)?),
+            ("pca_eigvals".to_string(), Tensor::from_vec(self.eigvals.map(|v| v as f32).to_vec(), 3, &Device::Cpu)?),
+        ];
+        crate::weights::save_safetensors(&tensors, &Default::default(), path)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let t = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read statistics {}", path.display()))?;
+        let get = |k: &str| t.get(k).with_context(|| format!("{}: no tensor `{k}`", path.display()));
+        let mean = get("mean_image")?;
+        let side = mean.dim(1)?;
+        let vecs: Vec<f32> = get("pca_eigvecs")?.flatten_all()?.to_vec1()?;
+        let vals: Vec<f32> = get("pca_eigvals")?.to_vec1()?;
+        let eigvecs = std::array::from_fn(|r| std::array::from_fn(|c| vecs[r * 3 + c] as f64));
+        Ok(Stats { side, mean_image: mean.flatten_all()?.to_vec1()?, eigvecs, eigvals: std::array::from_fn(|i| vals[i] as f64) })
+    }
+
+    /// `DIR/alexnet-stats.safetensors`, where `data-stats` writes and `train` looks.
+    pub fn path_for(data: &Path) -> PathBuf {
+        data.join(STATS_FILE)
+    }
+}
+
+/// Eigenvalues (descending) and eigenvectors (columns) of a symmetric 3x3 matrix, by Jacobi
+/// rotations.
+pub fn symmetric_eigen(mut a: [[f64; 3]; 3]) -> ([f64; 3], [[f64; 3]; 3]) {
+    let mut v = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    for _ in 0..100 {
+        let off = a[0][1].abs() + a[0][2].abs() + a[1][2].abs();
+        if off < 1e-12 * (a[0][0].abs() + a[1][1].abs() + a[2][2].abs()).max(1e-300) {
+            break;
+        }
+        for (p, q) in [(0, 1), (0, 2), (1, 2)] {
+            if a[p][q] == 0.0 {
+                continue;
+            }
+            let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+            let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+            let t = if theta == 0.0 { 1.0 } else { t };
+            let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
+            for k in 0..3 {
+                let (akp, akq) = (a[k][p], a[k][q]);
+                a[k][p] = c * akp - s * akq;
+                a[k][q] = s * akp + c * akq;
+            }
+            for k in 0..3 {
+                let (apk, aqk) = (a[p][k], a[q][k]);
+                a[p][k] = c * apk - s * aqk;
+                a[q][k] = s * apk + c * aqk;
+            }
+            for row in v.iter_mut() {
+                let (vp, vq) = (row[p], row[q]);
+                row[p] = c * vp - s * vq;
+                row[q] = s * vp + c * vq;
+            }
+        }
+    }
+    let mut order = [0, 1, 2];
+    order.sort_by(|&i, &j| a[j][j].total_cmp(&a[i][i]));
+    let vals = order.map(|i| a[i][i]);
+    let vecs = std::array::from_fn(|r| order.map(|i| v[r][i]));
+    (vals, vecs)
+}
+
+/// How training and validation images become net inputs.
+#[derive(Debug, Clone)]
+pub struct TrainTransform {
+    pub base: u32,
+    pub crop: usize,
+    /// Multiplies (pixel - mean): 1 for the paper's 0..255 inputs.
+    pub scale: f32,
+    pub bgr: bool,
+    pub flip: bool,
+    /// PCA colour augmentation with alpha ~ N(0, pca_std); 0 turns it off.
+    pub pca_std: f64,
+    /// Random crops (else the centre crop).
+    pub random_crop: bool,
+    pub stats: std::sync::Arc<Stats>,
+}
+
+impl TrainTransform {
+    /// The training view of image `sample` at `position` of `epoch`'s order.
+    pub fn train(&self, sample: &Sample, seed: u64, epoch: usize, position: usize) -> anyhow::Result<Chw> {
+        let img = base_image(&sample.path, self.base)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64) << 40 ^ position as u64 ^ 0xA1E7_0000_0000_0000);
+        let range = self.base as usize - self.crop;
+        let (y0, x0) = if self.random_crop { (rng.random_range(0..=range), rng.random_range(0..=range)) } else { (range / 2, range / 2) };
+        let flip = self.flip && rng.random::<bool>();
+        let shift = if self.pca_std > 0.0 {
+            // the paper: add [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T to every pixel
+            let normal = Normal::new(0.0, self.pca_std).expect("std > 0");
+            let alpha: [f64; 3] = std::array::from_fn(|_| normal.sample(&mut rng));
+            std::array::from_fn(|c| (0..3).map(|i| self.stats.eigvecs[c][i] * alpha[i] * self.stats.eigvals[i]).sum::<f64>() as f32)
+        } else {
+            [0f32; 3]
+        };
+        Ok(self.render(&img, (y0, x0), flip, shift))
+    }
+
+    /// The validation view: the centre crop, no flip, no colour shift.
+    pub fn val(&self, sample: &Sample) -> anyhow::Result<Chw> {
+        let img = base_image(&sample.path, self.base)?;
+        let off = (self.base as usize - self.crop) / 2;
+        Ok(self.render(&img, (off, off), false, [0.0; 3]))
+    }
+
+    /// Crop `corner` (0-3: top-left, top-right, bottom-left, bottom-right; 4: centre) of a
+    /// base image, mirrored if `flip` (the paper's ten test patches).
+    pub fn corner_view(&self, img: &RgbImage, corner: usize, flip: bool) -> Chw {
+        let r = self.base as usize - self.crop;
+        let at = [(0, 0), (0, r), (r, 0), (r, r), (r / 2, r / 2)][corner];
+        self.render(img, at, flip, [0.0; 3])
+    }
+
+    fn render(&self, img: &RgbImage, (y0, x0): (usize, usize), flip: bool, shift: [f32; 3]) -> Chw {
+        let (s, b) = (self.crop, self.base as usize);
+        let mean = &self.stats.mean_image;
+        let mut out = vec![0f32; 3 * s * s];
+        for y in 0..s {
+            for x in 0..s {
+                let sx = if flip { x0 + s - 1 - x } else { x0 + x };
+                let p = img.get_pixel(sx as u32, (y0 + y) as u32);
+                for c in 0..3 {
+                    let plane = if self.bgr { 2 - c } else { c };
+                    let v = p[c] as f32 + shift[c] - mean[(c * b + y0 + y) * b + sx];
+                    out[(plane * s + y) * s + x] = v * self.scale;
+                }
+            }
+        }
+        out
+    }
+}

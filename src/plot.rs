@@ -1,0 +1,193 @@
+//! `alexnet plot LOG -o curves.png`: loss, error and learning-rate curves from a training log,
+//! drawn straight into a PNG (no plotting library, no fonts: a 5x7 pixel font is built in).
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use image::{Rgb, RgbImage};
+
+use crate::train::LogLine;
+
+const W: u32 = 900;
+const PANEL_H: u32 = 260;
+const MARGIN_L: u32 = 80;
+const MARGIN_R: u32 = 20;
+const MARGIN_T: u32 = 30;
+const MARGIN_B: u32 = 30;
+const BLUE: Rgb<u8> = Rgb([31, 119, 180]);
+const ORANGE: Rgb<u8> = Rgb([255, 127, 14]);
+const GREY: Rgb<u8> = Rgb([200, 200, 200]);
+const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
+
+/// One curve: its label, colour and (x, y) points.
+struct Series {
+    label: &'static str,
+    colour: Rgb<u8>,
+    points: Vec<(f64, f64)>,
+}
+
+/// Reads a JSON-lines training log and draws three panels against epochs: training loss,
+/// top-1 error (training and validation, %), and the learning rate (log scale).
+pub fn plot(log: &Path, out: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read log {}", log.display()))?;
+    let lines: Vec<LogLine> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a log line", log.display(), i + 1)))
+        .collect::<anyhow::Result<_>>()?;
+    let steps: Vec<&LogLine> = lines.iter().filter(|l| l.train_top1_error.is_some()).collect();
+    if steps.is_empty() {
+        bail!("{} has no training steps to plot", log.display())
+    }
+    let series = |label, colour, f: &dyn Fn(&LogLine) -> Option<f64>, from: &[&LogLine]| Series {
+        label,
+        colour,
+        points: from.iter().filter_map(|l| f(l).map(|y| (l.epoch, y))).collect(),
+    };
+    let all: Vec<&LogLine> = lines.iter().collect();
+    let panels = [
+        ("LOSS", false, vec![series("TRAIN", BLUE, &|l| Some(l.loss), &steps)]),
+        (
+            "TOP-1 ERROR %",
+            false,
+            vec![
+                series("TRAIN", BLUE, &|l| l.train_top1_error.map(|e| 100.0 * e), &steps),
+                series("VAL", ORANGE, &|l| l.val_top1_error.map(|e| 100.0 * e), &all),
+            ],
+        ),
+        ("LEARNING RATE", true, vec![series("LR", BLUE, &|l| Some(l.lr), &steps)]),
+    ];
+    let mut img = RgbImage::from_pixel(W, PANEL_H * panels.len() as u32, Rgb([255, 255, 255]));
+    for (i, (title, log_y, series)) in panels.iter().enumerate() {
+        draw_panel(&mut img, i as u32 * PANEL_H, title, *log_y, series);
+    }
+    img.save(out).with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[Series]) {
+    let ty = |y: f64| if log_y { y.max(1e-12).log10() } else { y };
+    let pts = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(ty(y)), y1.max(ty(y)));
+    }
+    if x0 > x1 {
+        return;
+    }
+    if y1 - y0 < 1e-9 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    if !log_y {
+        y0 = y0.min(0.0);
+    }
+    x0 = x0.min(0.0);
+    let (left, right, ptop, bottom) = (MARGIN_L, W - MARGIN_R, top + MARGIN_T, top + PANEL_H - MARGIN_B);
+    let px = |x: f64| left as f64 + (x - x0) / (x1 - x0).max(1e-9) * (right - left) as f64;
+    let py = |y: f64| bottom as f64 - (ty(y) - y0) / (y1 - y0) * (bottom - ptop) as f64;
+    for k in 0..=4 {
+        let y = ptop + (bottom - ptop) * k / 4;
+        line(img, (left as f64, y as f64), (right as f64, y as f64), GREY);
+        let value = y1 - (y1 - y0) * k as f64 / 4.0;
+        let label = if log_y { format!("{:.0e}", 10f64.powf(value)) } else { short(value) };
+        text(img, 4, y.saturating_sub(3), &label, BLACK);
+    }
+    line(img, (left as f64, bottom as f64), (right as f64, bottom as f64), BLACK);
+    line(img, (left as f64, ptop as f64), (left as f64, bottom as f64), BLACK);
+    text(img, left, top + 8, title, BLACK);
+    text(img, left, bottom + 10, "EPOCH 0", BLACK);
+    text(img, right - 6 * (short(x1).len() as u32 + 6), bottom + 10, &format!("EPOCH {}", short(x1)), BLACK);
+    let mut legend_x = right - 160;
+    for s in series {
+        text(img, legend_x, top + 8, s.label, s.colour);
+        legend_x += 6 * s.label.len() as u32 + 18;
+        for w in s.points.windows(2) {
+            line(img, (px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), s.colour);
+        }
+        for &(x, y) in &s.points {
+            if s.points.len() < 60 {
+                dot(img, px(x), py(y), s.colour);
+            }
+        }
+    }
+}
+
+fn short(v: f64) -> String {
+    if v.abs() >= 100.0 || v == v.round() {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, c);
+    }
+}
+
+fn line(img: &mut RgbImage, (ax, ay): (f64, f64), (bx, by): (f64, f64), c: Rgb<u8>) {
+    let n = ((bx - ax).abs().max((by - ay).abs()) as usize).max(1);
+    for i in 0..=n {
+        let t = i as f64 / n as f64;
+        put(img, (ax + t * (bx - ax)).round() as i64, (ay + t * (by - ay)).round() as i64, c);
+    }
+}
+
+fn dot(img: &mut RgbImage, x: f64, y: f64, c: Rgb<u8>) {
+    for dx in -2..=2 {
+        for dy in -2..=2 {
+            put(img, x.round() as i64 + dx, y.round() as i64 + dy, c);
+        }
+    }
+}
+
+/// Draws `s` in the built-in 5x7 font (upper case, digits, `.-+%`), 6 pixels per character.
+fn text(img: &mut RgbImage, x: u32, y: u32, s: &str, c: Rgb<u8>) {
+    for (i, ch) in s.chars().enumerate() {
+        let rows = glyph(ch.to_ascii_uppercase());
+        for (r, bits) in rows.iter().enumerate() {
+            for col in 0..5 {
+                if bits >> (4 - col) & 1 == 1 {
+                    put(img, (x + 6 * i as u32 + col) as i64, (y + r as u32) as i64, c);
+                }
+            }
+        }
+    }
+}
+
+fn glyph(c: char) -> [u8; 7] {
+    match c {
+        '0' => [14, 17, 19, 21, 25, 17, 14],
+        '1' => [4, 12, 4, 4, 4, 4, 14],
+        '2' => [14, 17, 1, 2, 4, 8, 31],
+        '3' => [31, 2, 4, 2, 1, 17, 14],
+        '4' => [2, 6, 10, 18, 31, 2, 2],
+        '5' => [31, 16, 30, 1, 1, 17, 14],
+        '6' => [6, 8, 16, 30, 17, 17, 14],
+        '7' => [31, 1, 2, 4, 8, 8, 8],
+        '8' => [14, 17, 17, 14, 17, 17, 14],
+        '9' => [14, 17, 17, 15, 1, 2, 12],
+        '.' => [0, 0, 0, 0, 0, 12, 12],
+        '-' => [0, 0, 0, 31, 0, 0, 0],
+        '+' => [0, 4, 4, 31, 4, 4, 0],
+        '%' => [24, 25, 2, 4, 8, 19, 3],
+        'A' => [14, 17, 17, 31, 17, 17, 17],
+        'C' => [14, 17, 16, 16, 16, 17, 14],
+        'E' => [31, 16, 16, 30, 16, 16, 31],
+        'G' => [14, 17, 16, 23, 17, 17, 15],
+        'H' => [17, 17, 17, 31, 17, 17, 17],
+        'I' => [14, 4, 4, 4, 4, 4, 14],
+        'L' => [16, 16, 16, 16, 16, 16, 31],
+        'N' => [17, 17, 25, 21, 19, 17, 17],
+        'O' => [14, 17, 17, 17, 17, 17, 14],
+        'P' => [30, 17, 17, 30, 16, 16, 16],
+        'R' => [30, 17, 17, 30, 20, 18, 17],
+        'S' => [15, 16, 16, 14, 1, 1, 30],
+        'T' => [31, 4, 4, 4, 4, 4, 4],
+        'V' => [17, 17, 17, 17, 17, 10, 4],
+        _ => [0; 7],
+    }
+}

@@ -1,0 +1,460 @@
+//! `alexnet train`: the paper's recipe (and Caffe's and torchvision's), read top to bottom:
+//! data and statistics, model and optimiser, then for each epoch: shuffle, load batches in
+//! the background, forward, loss, backward, SGD step, log, checkpoint; validate; adjust lr.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::augment::{Stats, TrainTransform};
+use crate::data::dataset::{Dataset, Sample};
+use crate::data::loader;
+use crate::eval::{progress_bar, top_k};
+use crate::init::Init;
+use crate::model::{AlexNet, Mode, Placement, Preset};
+use crate::optim::{Sgd, SgdConfig, UpdateRule};
+use crate::weights::{save_safetensors, Params, WeightFile};
+
+/// How the learning rate changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Divide by 10 when the validation error has not improved for `patience` epochs
+    /// (the paper), at most `max_drops` times.
+    Plateau,
+    /// Multiply by `gamma` every `step_epochs` epochs (Caffe, torchvision).
+    Step,
+    /// Keep it constant.
+    Constant,
+}
+
+/// Everything that defines a run; saved in every checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub preset: Preset,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub rule: UpdateRule,
+    pub decay_biases: bool,
+    pub schedule: Schedule,
+    pub patience: usize,
+    pub max_drops: usize,
+    pub step_epochs: usize,
+    pub gamma: f64,
+    pub seed: u64,
+    pub dropout: bool,
+    pub random_crop: bool,
+    pub flip: bool,
+    pub pca_std: f64,
+    /// Multiplies (pixel - mean image).
+    pub input_scale: f32,
+    pub val_crops: usize,
+    pub limit: Option<usize>,
+}
+
+/// Where the schedule stands; saved in every checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleState {
+    pub lr: f64,
+    pub best_val_error: Option<f64>,
+    pub epochs_without_improvement: usize,
+    pub drops: usize,
+}
+
+/// Paths and switches that do not change the result.
+pub struct RunOptions {
+    pub data: PathBuf,
+    pub val: Option<PathBuf>,
+    pub out: PathBuf,
+    pub init: Init,
+    pub resume: Option<PathBuf>,
+    pub save_every: Option<usize>,
+    pub keep: usize,
+    pub log_every: usize,
+    pub quiet: bool,
+    pub device: Device,
+}
+
+/// One line of the JSON-lines log.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct LogLine {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub train_top1_error: Option<f64>,
+    pub train_top5_error: Option<f64>,
+    pub val_top1_error: Option<f64>,
+    pub val_top5_error: Option<f64>,
+    pub images_per_s: Option<f64>,
+}
+
+/// Trains and returns the path of the final weights.
+pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
+    // ---- data: the training images, their classes and statistics ------------------------
+    let (mut dataset, classes) = Dataset::discover(&opts.data)?;
+    if let Some(limit) = config.limit {
+        dataset.samples = balanced_subset(dataset.samples, limit);
+    }
+    let val_samples = match &opts.val {
+        Some(dir) => {
+            let names: Vec<&str> = classes.iter().map(String::as_str).collect();
+            Some(Dataset::image_folder(dir, &names).with_context(|| format!("validation set {}", dir.display()))?.samples)
+        }
+        None => None,
+    };
+    let base = base_side(config.preset);
+    let stats = load_or_compute_stats(&opts.data, &dataset.samples, base, opts.quiet)?;
+    let transform = TrainTransform {
+        base,
+        crop: config.preset.input_size(),
+        scale: config.input_scale,
+        bgr: config.preset == Preset::Caffe,
+        flip: config.flip,
+        pca_std: config.pca_std,
+        random_crop: config.random_crop,
+        stats: Arc::new(stats),
+    };
+
+    // ---- model and optimiser (fresh, or from a checkpoint) -------------------------------
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let placement = Placement::on(&opts.device);
+    let checkpoint = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
+    let mut params = match &checkpoint {
+        Some(c) => Params::File(WeightFile::open(&c.path)?.without_prefix("momentum/")),
+        None => Params::Init(opts.init),
+    };
+    let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, &placement)?;
+    let sgd_config = SgdConfig { momentum: config.momentum, weight_decay: config.weight_decay, rule: config.rule, decay_biases: config.decay_biases };
+    let vars = model.parameters().into_iter().flat_map(|p| {
+        let is_bias = p.key.ends_with(".bias");
+        p.parts.into_iter().map(move |v| (v, is_bias))
+    });
+    let mut sgd = Sgd::new(sgd_config, vars.collect())?;
+    let (mut epoch, mut step, mut sched) = match &checkpoint {
+        Some(c) => {
+            c.restore_momentum(&model, &mut sgd)?;
+            (c.meta.epoch, c.meta.step, c.meta.schedule.clone())
+        }
+        None => (0, 0, ScheduleState { lr: config.lr, best_val_error: None, epochs_without_improvement: 0, drops: 0 }),
+    };
+    let steps_per_epoch = dataset.samples.len().div_ceil(config.batch_size);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = stop.clone();
+    // A second Ctrl-C while saving still kills the process the usual way.
+    let _ = ctrlc::set_handler(move || handler_stop.store(true, Ordering::SeqCst));
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(opts.out.join("log.jsonl"))?;
+    let save = |model: &AlexNet, sgd: &Sgd, epoch: usize, step: usize, sched: &ScheduleState| -> anyhow::Result<PathBuf> {
+        let meta = CheckpointMeta { config: config.clone(), classes: classes.clone(), epoch, step, schedule: sched.clone() };
+        Checkpoint::save(&opts.out, model, sgd, &meta, opts.keep)
+    };
+
+    // ---- the epochs ------------------------------------------------------------------------
+    while epoch < config.epochs {
+        // This epoch's order; a resumed run skips the batches it already did.
+        let order = epoch_order(dataset.samples.len(), config.seed, epoch);
+        let done = step - epoch * steps_per_epoch;
+        let first = done * config.batch_size;
+        let todo: Vec<Sample> = order[first.min(order.len())..].iter().map(|&i| dataset.samples[i].clone()).collect();
+        let t = transform.clone();
+        let seed = config.seed;
+        let batches = loader::spawn(todo, config.batch_size, 2, move |i, sample| {
+            Ok((t.train(sample, seed, epoch, first + i)?, sample.label))
+        });
+        let progress = progress_bar((steps_per_epoch - done) as u64, opts.quiet);
+        let (mut window_loss, mut window_n, mut window_top1, mut window_top5, mut window_images) = (0.0, 0usize, 0usize, 0usize, 0usize);
+        let mut window_start = Instant::now();
+        for batch in batches {
+            if let Some((path, reason)) = batch.failures.first() {
+                bail!("cannot load training image {}: {reason}", path.display())
+            }
+            let n = batch.items.len();
+            let (x, labels) = to_tensors(&batch.items, config.preset.input_size(), &opts.device)?;
+            let mode = if config.dropout { Mode::Train { seed: config.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) } } else { Mode::Eval };
+            let logits = model.forward(&x, mode)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            if !loss_value.is_finite() {
+                bail!(
+                    "the loss became {loss_value} at step {step} (epoch {epoch}); stopping without saving. \
+                     The last good checkpoint in {} is intact; try a lower --lr",
+                    opts.out.display()
+                )
+            }
+            let grads = loss.backward()?;
+            sgd.step(&grads, sched.lr)?;
+            step += 1;
+
+            let (top1, top5) = count_correct(&logits, &batch.items)?;
+            window_loss += loss_value * n as f64;
+            window_n += n;
+            window_top1 += top1;
+            window_top5 += top5;
+            window_images += n;
+            progress.inc(1);
+            progress.set_message(format!("epoch {} loss {:.4} lr {:.0e}", epoch + 1, loss_value, sched.lr));
+            if step % opts.log_every == 0 || step % steps_per_epoch == 0 {
+                let line = LogLine {
+                    step,
+                    epoch: step as f64 / steps_per_epoch as f64,
+                    loss: window_loss / window_n as f64,
+                    lr: sched.lr,
+                    train_top1_error: Some(1.0 - window_top1 as f64 / window_n as f64),
+                    train_top5_error: Some(1.0 - window_top5 as f64 / window_n as f64),
+                    images_per_s: Some(window_images as f64 / window_start.elapsed().as_secs_f64()),
+                    ..Default::default()
+                };
+                writeln!(log, "{}", serde_json::to_string(&line)?)?;
+                (window_loss, window_n, window_top1, window_top5, window_images) = (0.0, 0, 0, 0, 0);
+                window_start = Instant::now();
+            }
+            if opts.save_every.is_some_and(|every| step % every == 0) {
+                save(&model, &sgd, epoch, step, &sched)?;
+            }
+            if stop.load(Ordering::SeqCst) {
+                progress.finish_and_clear();
+                let path = save(&model, &sgd, epoch, step, &sched)?;
+                eprintln!("interrupted at step {step}: saved {}; continue with --resume {}", path.display(), path.display());
+                return Ok(path);
+            }
+        }
+        progress.finish_and_clear();
+        epoch += 1;
+
+        // ---- end of epoch: validate, adjust the learning rate, checkpoint -------------------
+        let mut line = LogLine { step, epoch: epoch as f64, lr: sched.lr, ..Default::default() };
+        if let Some(val) = &val_samples {
+            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, &opts.device)?;
+            (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
+            if !opts.quiet {
+                eprintln!("epoch {epoch}: val top-1 error {:.2}%, top-5 error {:.2}%", 100.0 * (1.0 - top1), 100.0 * (1.0 - top5));
+            }
+        }
+        writeln!(log, "{}", serde_json::to_string(&line)?)?;
+        sched.advance(&config, epoch, line.val_top1_error);
+        save(&model, &sgd, epoch, step, &sched)?;
+    }
+    let final_path = opts.out.join("final.safetensors");
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("preset".to_string(), config.preset.name().to_string());
+    meta.insert("classes".to_string(), serde_json::to_string(&classes)?);
+    save_safetensors(&model.state_dict()?, &meta, &final_path)?;
+    Ok(final_path)
+}
+
+impl ScheduleState {
+    fn advance(&mut self, config: &TrainConfig, epoch: usize, val_error: Option<f64>) {
+        match config.schedule {
+            Schedule::Constant => {}
+            Schedule::Step => {
+                if epoch % config.step_epochs.max(1) == 0 {
+                    self.lr *= config.gamma;
+                }
+            }
+            Schedule::Plateau => {
+                let Some(err) = val_error else { return };
+                if self.best_val_error.is_none_or(|best| err < best) {
+                    self.best_val_error = Some(err);
+                    self.epochs_without_improvement = 0;
+                    return;
+                }
+                self.epochs_without_improvement += 1;
+                if self.epochs_without_improvement >= config.patience && self.drops < config.max_drops {
+                    self.lr /= 10.0;
+                    self.drops += 1;
+                    self.epochs_without_improvement = 0;
+                }
+            }
+        }
+    }
+}
+
+/// The side of the image crops are taken from: the paper's 256, or CIFAR-10's 32.
+pub fn base_side(preset: Preset) -> u32 {
+    match preset {
+        Preset::Paper | Preset::Caffe | Preset::Torchvision => 256,
+        Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => 32,
+    }
+}
+
+/// The statistics file next to the data, computed first if it is not there yet.
+fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool) -> anyhow::Result<Stats> {
+    let path = Stats::path_for(data);
+    if path.exists() {
+        let stats = Stats::load(&path)?;
+        if stats.side == base as usize {
+            return Ok(stats);
+        }
+        bail!("{} was computed for {}x{} images, but this preset needs {base}x{base}; rerun `alexnet data-stats`", path.display(), stats.side, stats.side)
+    }
+    if !quiet {
+        eprintln!("computing the mean image and RGB principal components of {} images (once; saved to {})", samples.len(), path.display());
+    }
+    let stats = Stats::compute(samples, base, &progress_bar(samples.len() as u64, quiet))?;
+    stats.save(&path)?;
+    Ok(stats)
+}
+
+/// The permutation of the training set for `epoch`.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    order
+}
+
+/// The first `limit` images taking classes in turn (the first image of every class, then the
+/// second of every class, ...): a fixed subset with the classes balanced.
+fn balanced_subset(samples: Vec<Sample>, limit: usize) -> Vec<Sample> {
+    let mut rank_in_class = HashMap::new();
+    let mut ranked: Vec<(usize, Sample)> = samples
+        .into_iter()
+        .map(|s| {
+            let rank = rank_in_class.entry(s.label).or_insert(0usize);
+            *rank += 1;
+            (*rank, s)
+        })
+        .collect();
+    ranked.sort_by_key(|(rank, s)| (*rank, s.label));
+    ranked.into_iter().take(limit).map(|(_, s)| s).collect()
+}
+
+fn to_tensors(items: &[(usize, (Vec<f32>, usize))], side: usize, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
+    let n = items.len();
+    let pixels: Vec<f32> = items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
+    let labels: Vec<u32> = items.iter().map(|(_, (_, l))| *l as u32).collect();
+    Ok((Tensor::from_vec(pixels, (n, 3, side, side), device)?, Tensor::from_vec(labels, n, device)?))
+}
+
+fn count_correct(logits: &Tensor, items: &[(usize, (Vec<f32>, usize))]) -> anyhow::Result<(usize, usize)> {
+    let rows = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    let (mut top1, mut top5) = (0, 0);
+    for (row, (_, (_, label))) in rows.iter().zip(items) {
+        let k = top_k(row, 5);
+        top1 += usize::from(k[0] == *label);
+        top5 += usize::from(k.contains(label));
+    }
+    Ok((top1, top5))
+}
+
+/// Top-1 and top-5 accuracy on the validation images (centre crop, or the ten crops).
+fn validate(model: &AlexNet, samples: &[Sample], t: &TrainTransform, crops: usize, batch: usize, device: &Device) -> anyhow::Result<(f64, f64)> {
+    let t = t.clone();
+    let ten = crops == 10;
+    let batches = loader::spawn(samples.to_vec(), batch, 2, move |_, s| {
+        let views = if ten { ten_views(&t, s)? } else { vec![t.val(s)?] };
+        Ok((views.concat(), s.label))
+    });
+    let side = model.preset.input_size();
+    let (mut top1, mut top5, mut n) = (0, 0, 0);
+    for b in batches {
+        if let Some((path, reason)) = b.failures.first() {
+            bail!("cannot load validation image {}: {reason}", path.display())
+        }
+        let m = b.items.len();
+        let pixels: Vec<f32> = b.items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
+        let x = Tensor::from_vec(pixels, (m * crops, 3, side, side), device)?;
+        let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.reshape((m, crops, ()))?.mean(1)?;
+        let (a, b5) = count_correct(&probs, &b.items)?;
+        (top1, top5, n) = (top1 + a, top5 + b5, n + m);
+    }
+    Ok((top1 as f64 / n as f64, top5 as f64 / n as f64))
+}
+
+/// The four corners, the centre and their mirrors, from the base image.
+fn ten_views(t: &TrainTransform, s: &Sample) -> anyhow::Result<Vec<Vec<f32>>> {
+    let img = crate::data::augment::base_image(&s.path, t.base)?;
+    let mut views = Vec::with_capacity(10);
+    for flip in [false, true] {
+        for corner in 0..5 {
+            views.push(t.corner_view(&img, corner, flip));
+        }
+    }
+    Ok(views)
+}
+
+// ---- checkpoints -----------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub config: TrainConfig,
+    pub classes: Vec<String>,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Completed steps.
+    pub step: usize,
+    pub schedule: ScheduleState,
+}
+
+/// A checkpoint: the weights in the preset's names, `momentum/<name>` for each momentum
+/// buffer, and the run's state as JSON metadata (`alexnet`). The data order, augmentation
+/// and dropout are all derived from (seed, epoch, step), so no generator state is needed.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub meta: CheckpointMeta,
+}
+
+impl Checkpoint {
+    fn save(dir: &Path, model: &AlexNet, sgd: &Sgd, meta: &CheckpointMeta, keep: usize) -> anyhow::Result<PathBuf> {
+        let mut tensors = model.state_dict()?;
+        let velocity: HashMap<_, _> = sgd.slots.iter().map(|s| (s.var.id(), s.velocity.clone())).collect();
+        for p in model.parameters() {
+            let v = p.gather(|var| velocity.get(&var.id()).cloned())?.context("every parameter has a momentum buffer")?;
+            tensors.push((format!("momentum/{}", p.key), v));
+        }
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("alexnet".to_string(), serde_json::to_string(meta)?);
+        let path = dir.join(format!("checkpoint-{:07}.safetensors", meta.step));
+        save_safetensors(&tensors, &metadata, &path)?;
+        // keep the newest `keep`
+        let mut old: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-")))
+            .collect();
+        old.sort();
+        for p in old.iter().take(old.len().saturating_sub(keep.max(1))) {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(path)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
+        let json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("alexnet").cloned())
+            .with_context(|| format!("{} is a weight file, not a training checkpoint (no run state)", path.display()))?;
+        Ok(Checkpoint { path: path.to_path_buf(), meta: serde_json::from_str(&json)? })
+    }
+
+    fn restore_momentum(&self, model: &AlexNet, sgd: &mut Sgd) -> anyhow::Result<()> {
+        let tensors = candle_core::safetensors::load(&self.path, &Device::Cpu)?;
+        let index: HashMap<_, _> = sgd.slots.iter().enumerate().map(|(i, s)| (s.var.id(), i)).collect();
+        for p in model.parameters() {
+            let key = format!("momentum/{}", p.key);
+            let whole = tensors.get(&key).with_context(|| format!("{}: no `{key}`", self.path.display()))?;
+            let mut row = 0;
+            for var in &p.parts {
+                let rows = var.dim(0)?;
+                let slot = &mut sgd.slots[index[&var.id()]];
+                slot.velocity = whole.narrow(0, row, rows)?.to_device(var.device())?.contiguous()?;
+                row += rows;
+            }
+        }
+        Ok(())
+    }
+}
