@@ -303,9 +303,9 @@ fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool
     if !quiet {
         eprintln!("computing the mean image and RGB principal components of {} images (once; saved to {})", samples.len(), path.display());
     }
-    let stats = Stats::compute(samples, base, &progress_bar(samples.len() as u64, quiet))?;
-    stats.save(&path)?;
-    Ok(stats)
+    Stats::compute(samples, base, &progress_bar(samples.len() as u64, quiet))?.save(&path)?;
+    // use what was stored (f32), so this run and any resumed one see the same numbers
+    Stats::load(&path)
 }
 
 /// The permutation of the training set for `epoch`.

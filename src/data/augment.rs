@@ -18,18 +18,11 @@ use rayon::prelude::*;
 
 use super::dataset::Sample;
 use super::decode;
-use super::transform::{pil_resize_shorter, Chw};
+use super::transform::{centre_square, Chw};
 
-/// The image every crop is taken from: shorter side to `side` and centre `side` x `side`
-/// crop (PIL bilinear); images already `side` x `side` (CIFAR-10) are used as they are.
+/// The image every crop is taken from (see [`centre_square`]).
 pub fn base_image(path: &Path, side: u32) -> anyhow::Result<RgbImage> {
-    let img = decode(path)?;
-    if img.dimensions() == (side, side) {
-        return Ok(img);
-    }
-    let resized = pil_resize_shorter(&img, side);
-    let (w, h) = resized.dimensions();
-    Ok(image::imageops::crop_imm(&resized, (w - side) / 2, (h - side) / 2, side, side).to_image())
+    Ok(centre_square(&decode(path)?, side))
 }
 
 /// What `alexnet data-stats` computes over the training images' base images (0..255 RGB).

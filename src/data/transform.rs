@@ -150,16 +150,14 @@ impl Transform {
                 Planes::from_rgb(&squashed, |c, y, x, v| v as f32 - self.mean.at(c, y, x), true)
             }
             TransformKind::Paper => {
-                let resized = pil_resize_shorter(img, 256);
-                let (w, h) = resized.dimensions();
-                let (x0, y0) = ((w - 256) / 2, (h - 256) / 2);
-                let square = image::imageops::crop_imm(&resized, x0, y0, 256, 256).to_image();
+                let square = centre_square(img, 256);
                 Planes::from_rgb(&square, |c, y, x, v| v as f32 - self.mean.at(c, y, x), false)
             }
         }
     }
 }
 
+/// `round(twice / 2)` with Python's round-half-to-even (torchvision's crop offsets).
 fn round_half_even(twice: usize) -> usize {
     let (q, r) = (twice / 2, twice % 2);
     if r == 1 && q % 2 == 1 {
@@ -205,6 +203,19 @@ impl Planes {
         }
         out
     }
+}
+
+/// The paper's base image: shorter side to `side`, then the central `side` x `side` square
+/// (torchvision's `Resize(side)` + `CenterCrop(side)`). Already square images of that size
+/// (CIFAR-10's 32x32) are returned as they are.
+pub fn centre_square(img: &RgbImage, side: u32) -> RgbImage {
+    if img.dimensions() == (side, side) {
+        return img.clone();
+    }
+    let resized = pil_resize_shorter(img, side);
+    let (w, h) = resized.dimensions();
+    let (x0, y0) = (round_half_even((w - side) as usize) as u32, round_half_even((h - side) as usize) as u32);
+    image::imageops::crop_imm(&resized, x0, y0, side, side).to_image()
 }
 
 /// torchvision's `Resize(size)` on a PIL image: the shorter side becomes `size`, the longer
