@@ -22,7 +22,7 @@
 use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
 use serde::Serialize;
 
-use crate::ops::{adaptive_avg_pool2d, lrn, max_pool2d, Lrn};
+use crate::ops::{adaptive_avg_pool2d, conv2d, lrn, max_pool2d, Lrn};
 use crate::weights::Params;
 
 /// Which AlexNet.
@@ -265,8 +265,7 @@ struct Conv {
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
     }
 }
 

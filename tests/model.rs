@@ -50,8 +50,8 @@ fn gradients_of_every_parameter_match_pytorch() {
     }
 }
 
-/// The paper net written the other way: whole-layer tensors, grouped convolutions (Candle's
-/// `groups`), LRN over all channels or over each group.
+/// The paper net written the other way, independently of the model code: whole-layer tensors,
+/// Candle's own grouped `conv2d`, LRN over all channels or over each group.
 fn grouped_forward(w: &HashMap<String, Tensor>, x: &Tensor, lrn_params: Lrn, per_group_lrn: bool) -> Tensor {
     let conv = |x: &Tensor, name: &str, pad, stride, groups| {
         x.conv2d(&w[&format!("{name}.weight")], pad, stride, 1, groups)
@@ -96,7 +96,8 @@ fn towers_on_one_device_equal_the_grouped_convolution_form() {
         let weights: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
         let towers = model.forward(&x, Mode::Eval).unwrap();
         let grouped = grouped_forward(&weights, &x, Lrn::paper(), scope == LrnScope::Tower);
-        assert_close(&format!("towers vs grouped, LRN scope {scope:?}"), &towers, &grouped, 1e-6);
+        // Candle's grouped conv2d against our GEMM convolution per tower: rounding only.
+        assert_close(&format!("towers vs grouped, LRN scope {scope:?}"), &towers, &grouped, 1e-5);
     }
 }
 

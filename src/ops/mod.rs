@@ -5,15 +5,19 @@
 //! * [`max_pool2d`]: max-pooling with a backward for overlapping windows (Candle's
 //!   `max_pool2d_with_stride` has none when kernel != stride); ties go where PyTorch sends them.
 //! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
+//! * [`conv2d`]: convolution + bias as im2col and packed GEMM, forward and backward (Candle's
+//!   CPU convolution backward runs without GEMM and always computes the input gradient).
 //!
 //! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
 //! contiguous first, so callers never have to.
 
 mod adaptive_pool;
+mod conv;
 mod lrn;
 mod max_pool;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
+pub use conv::conv2d;
 pub use lrn::{lrn, Lrn};
 pub use max_pool::max_pool2d;
 
