@@ -1,5 +1,5 @@
-//! `alexnet bench`: forward throughput (images/s) and peak memory, median of repeated runs
-//! after warm-up, on reference-pattern weights. Peers are compared by `scripts/bench_peers.py`.
+//! `alexnet bench`: forward (or training-step) throughput in images/s and peak memory,
+//! median of repeated runs after warm-up, on reference-pattern weights. Peers are compared by `scripts/bench_peers.py`.
 
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::device::parse_device;
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
+use crate::optim::{Sgd, SgdConfig, UpdateRule};
 use crate::weights::Params;
 
 #[derive(Args)]
@@ -29,6 +30,9 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Time a training step (forward, backward, SGD with momentum) instead of a forward pass.
+    #[arg(long)]
+    train: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -37,6 +41,7 @@ pub struct BenchArgs {
 #[derive(Serialize)]
 struct Measurement {
     preset: Preset,
+    mode: &'static str,
     batch: usize,
     median_s: f64,
     images_per_s: f64,
@@ -52,19 +57,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let side = preset.input_size();
         for &batch in &args.batch_sizes {
             let x = Tensor::rand(-1f32, 1f32, (batch, 3, side, side), &device)?.to_dtype(DType::F32)?;
+            let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 1000).collect::<Vec<_>>(), batch, &device)?;
+            let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
+            let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false))).collect();
+            let mut sgd = Sgd::new(config, vars)?;
             let mut times = Vec::with_capacity(args.runs);
             for i in 0..args.warmup + args.runs {
                 let start = Instant::now();
-                let logits = model.forward(&x, Mode::Eval)?;
+                if args.train {
+                    let logits = model.forward(&x, Mode::Train { seed: i as u64 })?;
+                    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                    sgd.step(&loss.backward()?, 1e-6)?;
+                } else {
+                    drop(model.forward(&x, Mode::Eval)?);
+                }
                 device.synchronize()?;
-                drop(logits);
                 if i >= args.warmup {
                     times.push(start.elapsed().as_secs_f64());
                 }
             }
             times.sort_by(f64::total_cmp);
             let median_s = times[times.len() / 2];
-            let m = Measurement { preset, batch, median_s, images_per_s: batch as f64 / median_s, peak_rss_mib: peak_rss_mib() };
+            let mode = if args.train { "train" } else { "forward" };
+            let m = Measurement { preset, mode, batch, median_s, images_per_s: batch as f64 / median_s, peak_rss_mib: peak_rss_mib() };
             println!("{:<12} {:>6} {:>12.1} {:>10.1} {:>14.0}", preset.name(), batch, 1e3 * median_s, m.images_per_s, m.peak_rss_mib);
             results.push(m);
         }

@@ -263,6 +263,9 @@ pub struct TrainArgs {
     /// Train on a fixed subset of N images, classes taken in turn (balanced).
     #[arg(long)]
     limit: Option<usize>,
+    /// Stop once an epoch's training top-1 error falls below this fraction (e.g. 0.25).
+    #[arg(long)]
+    target_train_error: Option<f64>,
     /// Initialisation of a fresh run (default: the preset's own).
     #[arg(long, value_enum)]
     init: Option<InitScheme>,
@@ -323,6 +326,7 @@ impl TrainArgs {
                 input_scale: self.input_scale.unwrap_or(if matches!(self.preset, Preset::Paper | Preset::Caffe) { 1.0 } else { 1.0 / 57.6 }),
                 val_crops: self.val_crops,
                 limit: self.limit,
+                target_train_error: self.target_train_error,
             },
         };
         let opts = RunOptions {

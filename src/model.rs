@@ -222,7 +222,7 @@ impl AlexNet {
     pub fn device(&self) -> &Device {
         match &self.net {
             Net::Towers(net) => &net.towers[0].device,
-            Net::Single(net) => &net.device,
+            Net::Single(net) => &net.0.device,
             Net::Small(net) => &net.device,
         }
     }
@@ -579,18 +579,9 @@ impl Tower {
 // ---------------------------------------------------------------------------------------------
 // torchvision: one tower
 
-/// `torchvision.models.alexnet`, with its module names as weight keys.
-struct Torchvision {
-    device: Device,
-    conv1: Conv,
-    conv2: Conv,
-    conv3: Conv,
-    conv4: Conv,
-    conv5: Conv,
-    fc6: Linear,
-    fc7: Linear,
-    fc8: Linear,
-}
+/// `torchvision.models.alexnet`, with its module names as weight keys: one tower holding
+/// all of every layer.
+struct Torchvision(Tower);
 
 const TORCHVISION_KEYS: [&str; 8] =
     ["features.0", "features.3", "features.6", "features.8", "features.10", "classifier.1", "classifier.4", "classifier.6"];
@@ -604,7 +595,7 @@ impl Torchvision {
         let one_linear = |p: &mut Params, key, shape| -> anyhow::Result<Linear> {
             Ok(linear_layer(p, key, shape, d)?.remove(0))
         };
-        Ok(Torchvision {
+        Ok(Torchvision(Tower {
             device: device.clone(),
             conv1: one_conv(params, "features.0", [64, 3, 11, 11], 4, 2)?,
             conv2: one_conv(params, "features.3", [192, 64, 5, 5], 1, 2)?,
@@ -614,42 +605,41 @@ impl Torchvision {
             fc6: one_linear(params, "classifier.1", [4096, 9216])?,
             fc7: one_linear(params, "classifier.4", [4096, 4096])?,
             fc8: one_linear(params, "classifier.6", [classes, 4096])?,
-        })
+        }))
     }
 
     fn forward(&self, x: &Tensor, mode: Mode, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
-        let x = x.to_device(&self.device)?;
-        let h = self.conv1.forward(&x)?.relu()?;
-        record(trace, "conv1", "-", &h, self.conv1.cost(&h));
+        let t = &self.0;
+        let x = x.to_device(&t.device)?;
+        let h = t.conv1.forward(&x)?.relu()?;
+        record(trace, "conv1", "-", &h, t.conv1.cost(&h));
         let h = max_pool2d(&h, 3, 2)?;
         record(trace, "pool1", "-", &h, (0, 0));
-        let h = self.conv2.forward(&h)?.relu()?;
-        record(trace, "conv2", "-", &h, self.conv2.cost(&h));
+        let h = t.conv2.forward(&h)?.relu()?;
+        record(trace, "conv2", "-", &h, t.conv2.cost(&h));
         let h = max_pool2d(&h, 3, 2)?;
         record(trace, "pool2", "-", &h, (0, 0));
-        let h = self.conv3.forward(&h)?.relu()?;
-        record(trace, "conv3", "-", &h, self.conv3.cost(&h));
-        let h = self.conv4.forward(&h)?.relu()?;
-        record(trace, "conv4", "-", &h, self.conv4.cost(&h));
-        let h = self.conv5.forward(&h)?.relu()?;
-        record(trace, "conv5", "-", &h, self.conv5.cost(&h));
+        let h = t.conv3.forward(&h)?.relu()?;
+        record(trace, "conv3", "-", &h, t.conv3.cost(&h));
+        let h = t.conv4.forward(&h)?.relu()?;
+        record(trace, "conv4", "-", &h, t.conv4.cost(&h));
+        let h = t.conv5.forward(&h)?.relu()?;
+        record(trace, "conv5", "-", &h, t.conv5.cost(&h));
         let h = max_pool2d(&h, 3, 2)?;
         record(trace, "pool5", "-", &h, (0, 0));
         let h = adaptive_avg_pool2d(&h, (6, 6))?.flatten_from(1)?;
         record(trace, "avgpool", "-", &h, (0, 0));
-        let h = self.fc6.forward(&dropout(h, mode, 60)?)?.relu()?;
-        record(trace, "fc6", "-", &h, self.fc6.cost(&h));
-        let h = self.fc7.forward(&dropout(h, mode, 70)?)?.relu()?;
-        record(trace, "fc7", "-", &h, self.fc7.cost(&h));
-        let h = self.fc8.forward(&h)?;
-        record(trace, "fc8", "-", &h, self.fc8.cost(&h));
+        let h = t.fc6.forward(&dropout(h, mode, 60)?)?.relu()?;
+        record(trace, "fc6", "-", &h, t.fc6.cost(&h));
+        let h = t.fc7.forward(&dropout(h, mode, 70)?)?.relu()?;
+        record(trace, "fc7", "-", &h, t.fc7.cost(&h));
+        let h = t.fc8.forward(&h)?;
+        record(trace, "fc8", "-", &h, t.fc8.cost(&h));
         Ok(h)
     }
 
     fn parameters(&self) -> Vec<Param> {
-        let layers: [&dyn Cost; 8] =
-            [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5, &self.fc6, &self.fc7, &self.fc8];
-        let named: Vec<(&str, &dyn Cost)> = TORCHVISION_KEYS.iter().copied().zip(layers).collect();
+        let named: Vec<(&str, &dyn Cost)> = TORCHVISION_KEYS.iter().copied().zip(self.0.layers()).collect();
         single_tower_parameters(&named)
     }
 }

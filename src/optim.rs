@@ -60,12 +60,12 @@ impl Sgd {
                 UpdateRule::Paper => {
                     let v = ((slot.velocity.affine(c.momentum, 0.0)? - w.affine(wd * lr, 0.0)?)? - g.affine(lr, 0.0)?)?;
                     slot.var.set(&(w + &v)?)?;
-                    slot.velocity = v;
+                    slot.velocity = v.detach(); // no graph back through earlier steps
                 }
                 UpdateRule::Pytorch => {
                     let v = (slot.velocity.affine(c.momentum, 0.0)? + (g + w.affine(wd, 0.0)?)?)?;
                     slot.var.set(&(w - v.affine(lr, 0.0)?)?)?;
-                    slot.velocity = v;
+                    slot.velocity = v.detach();
                 }
             }
         }

@@ -62,6 +62,9 @@ pub struct TrainConfig {
     pub input_scale: f32,
     pub val_crops: usize,
     pub limit: Option<usize>,
+    /// Stop once an epoch's training top-1 error is below this (the paper's Figure 1 measure).
+    #[serde(default)]
+    pub target_train_error: Option<f64>,
 }
 
 /// Where the schedule stands; saved in every checkpoint.
@@ -99,6 +102,9 @@ pub struct LogLine {
     pub val_top1_error: Option<f64>,
     pub val_top5_error: Option<f64>,
     pub images_per_s: Option<f64>,
+    /// On end-of-epoch lines: the training error over the whole epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_train_top1_error: Option<f64>,
 }
 
 /// Trains and returns the path of the final weights.
@@ -177,6 +183,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         let progress = progress_bar((steps_per_epoch - done) as u64, opts.quiet);
         let (mut window_loss, mut window_n, mut window_top1, mut window_top5, mut window_images) = (0.0, 0usize, 0usize, 0usize, 0usize);
         let mut window_start = Instant::now();
+        let (mut epoch_top1, mut epoch_n, mut epoch_loss) = (0usize, 0usize, 0.0);
         for batch in batches {
             if let Some((path, reason)) = batch.failures.first() {
                 bail!("cannot load training image {}: {reason}", path.display())
@@ -199,6 +206,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             step += 1;
 
             let (top1, top5) = count_correct(&logits, &batch.items)?;
+            (epoch_top1, epoch_n, epoch_loss) = (epoch_top1 + top1, epoch_n + n, epoch_loss + loss_value * n as f64);
             window_loss += loss_value * n as f64;
             window_n += n;
             window_top1 += top1;
@@ -235,7 +243,17 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         epoch += 1;
 
         // ---- end of epoch: validate, adjust the learning rate, checkpoint -------------------
-        let mut line = LogLine { step, epoch: epoch as f64, lr: sched.lr, ..Default::default() };
+        // The epoch's line: its mean loss and training error (over the images this process
+        // trained on in the epoch, with dropout and augmentation as they were), and validation.
+        let train_error = (epoch_n > 0).then(|| 1.0 - epoch_top1 as f64 / epoch_n as f64);
+        let mut line = LogLine {
+            step,
+            epoch: epoch as f64,
+            lr: sched.lr,
+            loss: if epoch_n > 0 { epoch_loss / epoch_n as f64 } else { 0.0 },
+            epoch_train_top1_error: train_error,
+            ..Default::default()
+        };
         if let Some(val) = &val_samples {
             let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, &opts.device)?;
             (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
@@ -246,6 +264,12 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
         sched.advance(&config, epoch, line.val_top1_error);
         save(&model, &sgd, epoch, step, &sched)?;
+        if let (Some(target), Some(err)) = (config.target_train_error, train_error) {
+            if err < target {
+                eprintln!("epoch {epoch}: training error {:.2}% is below the target {:.2}%; stopping", 100.0 * err, 100.0 * target);
+                break;
+            }
+        }
     }
     let final_path = opts.out.join("final.safetensors");
     let mut meta = std::collections::HashMap::new();

@@ -1,0 +1,176 @@
+"""This crate against PyTorch (eager) and ONNX Runtime, same shapes, same threads, one run.
+
+    python3 scripts/bench_peers.py [--venv ../venv-bench] [--threads 2] [--batch-sizes 1,16,64]
+
+Creates the venv (torch, torchvision, onnxruntime, onnx from PyPI) unless it exists, re-runs
+itself inside it, then measures forward throughput of the paper/caffe net (227, groups, LRN)
+and torchvision's net (224) in PyTorch and ONNX Runtime, runs `alexnet bench` for the same
+presets and batch sizes, and prints one table with images/s and the ratios. `--train` adds a
+training step (forward, backward, SGD with momentum) at batch 32. Random weights; median of
+`--runs` runs after warm-up. Peak memory: each engine's process's maximum RSS.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def ensure_venv(venv):
+    try:
+        import onnxruntime  # noqa: F401
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "torch", "torchvision", "onnxruntime", "onnx"], check=True)
+    os.execv(python, [python, *sys.argv])
+
+
+def paper_net():
+    import torch.nn as nn
+
+    class Paper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 96, 11, 4), nn.ReLU(), lrn, nn.MaxPool2d(3, 2),
+                nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(), lrn, nn.MaxPool2d(3, 2),
+                nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(),
+                nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2))
+            self.classifier = nn.Sequential(
+                nn.Flatten(), nn.Linear(9216, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
+                nn.Dropout(), nn.Linear(4096, 1000))
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    return Paper()
+
+
+def median_rate(fn, batch, runs, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def peers(args):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    torch.set_num_threads(args.threads)
+    rows = {}
+    tmp = tempfile.mkdtemp()
+    for preset, side, make in [("paper", 227, paper_net), ("torchvision", 224, torchvision.models.alexnet)]:
+        model = make().eval()
+        onnx_path = os.path.join(tmp, f"{preset}.onnx")
+        torch.onnx.export(model, torch.randn(1, 3, side, side), onnx_path, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, side, side)
+            with torch.no_grad():
+                rows[(preset, "forward", batch, "pytorch")] = median_rate(lambda: model(x), batch, args.runs, 2)
+            xn = x.numpy()
+            rows[(preset, "forward", batch, "onnxruntime")] = median_rate(lambda: session.run(None, {"x": xn}), batch, args.runs, 2)
+            print(f"  measured {preset} batch {batch}", file=sys.stderr)
+        if args.train:
+            train_model = make().train()
+            opt = torch.optim.SGD(train_model.parameters(), lr=1e-6, momentum=0.9, weight_decay=5e-4)
+            x, y = torch.randn(32, 3, side, side), torch.randint(0, 1000, (32,))
+
+            def step():
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(train_model(x), y).backward()
+                opt.step()
+
+            rows[(preset, "train", 32, "pytorch")] = median_rate(step, 32, max(3, args.runs // 3), 1)
+    rows_json = {"|".join(map(str, k)): v for k, v in rows.items()}
+    rows_json["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rows_json
+
+
+def ours(args):
+    out = {}
+    binary = os.path.join(ROOT, "target", "release", "alexnet")
+    sizes = ",".join(map(str, args.batch_sizes))
+    runs = [("forward", sizes, [])] + ([("train", "32", ["--train"])] if args.train else [])
+    peak = 0.0
+    for mode, batches, extra in runs:
+        for preset in ["paper", "caffe", "torchvision"]:
+            if mode == "train" and preset == "caffe":
+                continue
+            path = os.path.join(tempfile.mkdtemp(), "bench.json")
+            subprocess.run([binary, "bench", "--preset", preset, "--batch-sizes", batches, "--runs", str(args.runs), "--json", path, *extra],
+                           check=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads)}, stdout=subprocess.DEVNULL)
+            for m in json.load(open(path)):
+                out[(preset, m["mode"], m["batch"], "alexnet")] = m["images_per_s"]
+                peak = max(peak, m["peak_rss_mib"])
+    return out, peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--venv", default=os.path.join(ROOT, "..", "venv-bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-sizes", default="1,16,64")
+    ap.add_argument("--runs", type=int, default=12)
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    ensure_venv(os.path.abspath(args.venv))
+    if args.peers_only:
+        print(json.dumps(peers(args)))
+        return
+    # the peers in their own process, so their memory is measured apart from ours
+    proc = subprocess.run([sys.executable, __file__, "--peers-only", "--threads", str(args.threads), "--runs", str(args.runs),
+                           "--batch-sizes", ",".join(map(str, args.batch_sizes)), *(["--train"] if args.train else [])],
+                          check=True, capture_output=True, text=True)
+    theirs_json = json.loads(proc.stdout.strip().splitlines()[-1])
+    their_peak = theirs_json.pop("peak_rss_mib")
+    theirs = {tuple(int(p) if p.isdigit() else p for p in k.split("|")): v for k, v in theirs_json.items()}
+    mine, my_peak = ours(args)
+    rate = {**theirs, **mine}
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {args.threads} threads, median of {args.runs} runs, images/s")
+    print(f"| preset | mode | batch | alexnet | PyTorch | ONNX Runtime | vs PyTorch | vs ORT |")
+    print("|---|---|---|---|---|---|---|---|")
+    for preset in ["paper", "caffe", "torchvision"]:
+        peer = "paper" if preset == "caffe" else preset  # the same network for the peers
+        for mode, batches in [("forward", args.batch_sizes), ("train", [32] if args.train else [])]:
+            for b in batches:
+                a = rate.get((preset, mode, b, "alexnet"))
+                p = rate.get((peer, mode, b, "pytorch"))
+                o = rate.get((peer, mode, b, "onnxruntime"))
+                if a is None:
+                    continue
+                fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
+                ratio = lambda v: f"{a / v:.2f}x" if v else "-"  # noqa: E731
+                print(f"| {preset} | {mode} | {b} | {fmt(a)} | {fmt(p)} | {fmt(o)} | {ratio(p)} | {ratio(o)} |")
+    print(f"peak memory: alexnet {my_peak:.0f} MiB (largest single bench run), PyTorch + ONNX Runtime process {their_peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
