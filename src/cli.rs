@@ -172,10 +172,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "paper")]
         preset: Preset,
     },
-    /// Draw loss, error and learning-rate curves of a training log as a PNG.
+    /// Draw loss, error and learning-rate curves of training logs as a PNG (several logs:
+    /// one curve per run).
     Plot {
-        /// The log.jsonl a training run wrote.
-        log: PathBuf,
+        /// The log.jsonl files training runs wrote.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
         #[arg(short, long, default_value = "curves.png")]
         output: PathBuf,
     },
@@ -496,7 +498,7 @@ pub fn run() -> anyhow::Result<()> {
             println!("RGB eigenvalues {:?}", stats.eigvals);
             Ok(())
         }
-        Command::Plot { log, output } => crate::plot::plot(&log, &output),
+        Command::Plot { logs, output } => crate::plot::plot(&logs, &output),
         Command::Bench(args) => bench::run(&args),
     }
 }

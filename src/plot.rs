@@ -1,7 +1,7 @@
 //! `alexnet plot LOG -o curves.png`: loss, error and learning-rate curves from a training log,
 //! drawn straight into a PNG (no plotting library, no fonts: a 5x7 pixel font is built in).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use image::{Rgb, RgbImage};
@@ -21,43 +21,44 @@ const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
 
 /// One curve: its label, colour and (x, y) points.
 struct Series {
-    label: &'static str,
+    label: String,
     colour: Rgb<u8>,
     points: Vec<(f64, f64)>,
 }
 
-/// Reads a JSON-lines training log and draws three panels against epochs: training loss,
-/// top-1 error (training and validation, %), and the learning rate (log scale).
-pub fn plot(log: &Path, out: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read log {}", log.display()))?;
-    let lines: Vec<LogLine> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a log line", log.display(), i + 1)))
-        .collect::<anyhow::Result<_>>()?;
-    let steps: Vec<&LogLine> = lines.iter().filter(|l| l.train_top1_error.is_some()).collect();
-    if steps.is_empty() {
-        bail!("{} has no training steps to plot", log.display())
+/// Colours of the runs, in order (training: solid colour; validation: the next one).
+const PALETTE: [Rgb<u8>; 6] =
+    [BLUE, ORANGE, Rgb([44, 160, 44]), Rgb([214, 39, 40]), Rgb([148, 103, 189]), Rgb([140, 86, 75])];
+
+/// Reads JSON-lines training logs and draws three panels against epochs: training loss,
+/// top-1 error (training and validation, %), and the learning rate (log scale). With several
+/// logs, each run is labelled with its file name (or its folder's, for `log.jsonl`).
+pub fn plot(logs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    let mut panels: [(&str, bool, Vec<Series>); 3] =
+        [("LOSS", false, Vec::new()), ("TOP-1 ERROR %", false, Vec::new()), ("LEARNING RATE", true, Vec::new())];
+    let mut colours = PALETTE.iter().cycle();
+    for log in logs {
+        let lines = read_log(log)?;
+        let name = if logs.len() == 1 { String::new() } else { run_name(log) + " " };
+        let steps: Vec<&LogLine> = lines.iter().filter(|l| l.train_top1_error.is_some()).collect();
+        if steps.is_empty() {
+            bail!("{} has no training steps to plot", log.display())
+        }
+        let series = |label: String, colour, f: &dyn Fn(&LogLine) -> Option<f64>, from: &[&LogLine]| Series {
+            label,
+            colour,
+            points: from.iter().filter_map(|l| f(l).map(|y| (l.epoch, y))).collect(),
+        };
+        let all: Vec<&LogLine> = lines.iter().collect();
+        let (train, val) = (*colours.next().expect("cycle"), *colours.next().expect("cycle"));
+        panels[0].2.push(series(format!("{name}TRAIN"), train, &|l| Some(l.loss), &steps));
+        panels[1].2.push(series(format!("{name}TRAIN"), train, &|l| l.train_top1_error.map(|e| 100.0 * e), &steps));
+        let val_series = series(format!("{name}VAL"), val, &|l| l.val_top1_error.map(|e| 100.0 * e), &all);
+        if !val_series.points.is_empty() {
+            panels[1].2.push(val_series);
+        }
+        panels[2].2.push(series(format!("{name}LR"), train, &|l| Some(l.lr), &steps));
     }
-    let series = |label, colour, f: &dyn Fn(&LogLine) -> Option<f64>, from: &[&LogLine]| Series {
-        label,
-        colour,
-        points: from.iter().filter_map(|l| f(l).map(|y| (l.epoch, y))).collect(),
-    };
-    let all: Vec<&LogLine> = lines.iter().collect();
-    let panels = [
-        ("LOSS", false, vec![series("TRAIN", BLUE, &|l| Some(l.loss), &steps)]),
-        (
-            "TOP-1 ERROR %",
-            false,
-            vec![
-                series("TRAIN", BLUE, &|l| l.train_top1_error.map(|e| 100.0 * e), &steps),
-                series("VAL", ORANGE, &|l| l.val_top1_error.map(|e| 100.0 * e), &all),
-            ],
-        ),
-        ("LEARNING RATE", true, vec![series("LR", BLUE, &|l| Some(l.lr), &steps)]),
-    ];
     let mut img = RgbImage::from_pixel(W, PANEL_H * panels.len() as u32, Rgb([255, 255, 255]));
     for (i, (title, log_y, series)) in panels.iter().enumerate() {
         draw_panel(&mut img, i as u32 * PANEL_H, title, *log_y, series);
@@ -97,9 +98,10 @@ fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[
     text(img, left, top + 8, title, BLACK);
     text(img, left, bottom + 10, "EPOCH 0", BLACK);
     text(img, right - 6 * (short(x1).len() as u32 + 6), bottom + 10, &format!("EPOCH {}", short(x1)), BLACK);
-    let mut legend_x = right - 160;
+    let legend_width: u32 = series.iter().map(|s| 6 * s.label.len() as u32 + 18).sum();
+    let mut legend_x = right.saturating_sub(legend_width).max(left + 6 * title.len() as u32 + 24);
     for s in series {
-        text(img, legend_x, top + 8, s.label, s.colour);
+        text(img, legend_x, top + 8, &s.label, s.colour);
         legend_x += 6 * s.label.len() as u32 + 18;
         for w in s.points.windows(2) {
             line(img, (px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), s.colour);
@@ -110,6 +112,22 @@ fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[
             }
         }
     }
+}
+
+fn read_log(log: &Path) -> anyhow::Result<Vec<LogLine>> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read log {}", log.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a log line", log.display(), i + 1)))
+        .collect()
+}
+
+/// `results/fig1/relu-log.jsonl` -> "RELU-LOG"; `runs/x/log.jsonl` -> "X".
+fn run_name(log: &Path) -> String {
+    let stem = log.file_stem().unwrap_or_default().to_string_lossy();
+    let name = if stem == "log" { log.parent().and_then(|p| p.file_name()).unwrap_or_default().to_string_lossy() } else { stem };
+    name.to_uppercase()
 }
 
 fn short(v: f64) -> String {
@@ -144,7 +162,7 @@ fn dot(img: &mut RgbImage, x: f64, y: f64, c: Rgb<u8>) {
     }
 }
 
-/// Draws `s` in the built-in 5x7 font (upper case, digits, `.-+%`), 6 pixels per character.
+/// Draws `s` in the built-in 5x7 font (letters as upper case, digits, `.-+%_/`), 6 pixels a character.
 fn text(img: &mut RgbImage, x: u32, y: u32, s: &str, c: Rgb<u8>) {
     for (i, ch) in s.chars().enumerate() {
         let rows = glyph(ch.to_ascii_uppercase());
@@ -188,6 +206,20 @@ fn glyph(c: char) -> [u8; 7] {
         'S' => [15, 16, 16, 14, 1, 1, 30],
         'T' => [31, 4, 4, 4, 4, 4, 4],
         'V' => [17, 17, 17, 17, 17, 10, 4],
+        'B' => [30, 17, 17, 30, 17, 17, 30],
+        'D' => [28, 18, 17, 17, 17, 18, 28],
+        'F' => [31, 16, 16, 30, 16, 16, 16],
+        'J' => [7, 2, 2, 2, 2, 18, 12],
+        'K' => [17, 18, 20, 24, 20, 18, 17],
+        'M' => [17, 27, 21, 21, 17, 17, 17],
+        'Q' => [14, 17, 17, 17, 21, 18, 13],
+        'U' => [17, 17, 17, 17, 17, 17, 14],
+        'W' => [17, 17, 17, 21, 21, 21, 10],
+        'X' => [17, 17, 10, 4, 10, 17, 17],
+        'Y' => [17, 17, 10, 4, 4, 4, 4],
+        'Z' => [31, 1, 2, 4, 8, 16, 31],
+        '_' => [0, 0, 0, 0, 0, 0, 31],
+        '/' => [1, 1, 2, 4, 8, 16, 16],
         _ => [0; 7],
     }
 }
