@@ -273,7 +273,8 @@ pub struct TrainArgs {
     init: Option<InitScheme>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from a checkpoint, exactly where it stopped.
+    /// Continue from a checkpoint, exactly where it stopped (with --lr: at that learning rate,
+    /// as the paper divided it by hand).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Also checkpoint every N steps (always: every epoch).
@@ -337,6 +338,7 @@ impl TrainArgs {
             out: self.out.clone(),
             init: self.init.map_or(Init::default_for(self.preset, self.seed), |s| s.init(self.seed)),
             resume: self.resume.clone(),
+            lr_override: self.resume.as_ref().and(self.lr),
             save_every: self.save_every,
             keep: self.keep,
             log_every: self.log_every.max(1),

@@ -83,6 +83,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     pub init: Init,
     pub resume: Option<PathBuf>,
+    /// On resume: continue with this learning rate (the paper's manual division by 10).
+    pub lr_override: Option<f64>,
     pub save_every: Option<usize>,
     pub keep: usize,
     pub log_every: usize,
@@ -152,7 +154,9 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
     let (mut epoch, mut step, mut sched) = match &checkpoint {
         Some(c) => {
             c.restore_momentum(&model, &mut sgd)?;
-            (c.meta.epoch, c.meta.step, c.meta.schedule.clone())
+            let mut sched = c.meta.schedule.clone();
+            sched.lr = opts.lr_override.unwrap_or(sched.lr);
+            (c.meta.epoch, c.meta.step, sched)
         }
         None => (0, 0, ScheduleState { lr: config.lr, best_val_error: None, epochs_without_improvement: 0, drops: 0 }),
     };
