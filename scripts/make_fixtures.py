@@ -44,22 +44,29 @@ def summarise(prefix, x, out):
     )
 
 
-class TwoTowerGrouped(nn.Module):
-    """The paper/caffe net in grouped-convolution form, with Caffe's layer names."""
+PAPER_GEOMETRY = dict(convs=[(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)], fc=4096, pool5=6)
 
-    def __init__(self, lrn):
+
+class TwoTowerGrouped(nn.Module):
+    """The two-tower net in grouped-convolution form, with Caffe's layer names.
+    `convs`: whole-layer (out, kernel, stride, padding) of conv1..conv5 (src/model.rs TowerGeometry)."""
+
+    def __init__(self, lrn, convs, fc, pool5, classes=1000):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 96, 11, stride=4)
-        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)
-        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
-        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)
-        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)
-        self.fc6 = nn.Linear(9216, 4096)
-        self.fc7 = nn.Linear(4096, 4096)
-        self.fc8 = nn.Linear(4096, 1000)
+        (c1, k1, s1, p1), (c2, k2, _, p2), (c3, k3, _, p3), (c4, k4, _, p4), (c5, k5, _, p5) = convs
+        self.conv1 = nn.Conv2d(3, c1, k1, stride=s1, padding=p1)
+        self.conv2 = nn.Conv2d(c1, c2, k2, padding=p2, groups=2)
+        self.conv3 = nn.Conv2d(c2, c3, k3, padding=p3)
+        self.conv4 = nn.Conv2d(c3, c4, k4, padding=p4, groups=2)
+        self.conv5 = nn.Conv2d(c4, c5, k5, padding=p5, groups=2)
+        self.fc6 = nn.Linear(c5 * pool5 * pool5, fc)
+        self.fc7 = nn.Linear(fc, fc)
+        self.fc8 = nn.Linear(fc, classes)
         self.lrn = lrn
 
-    def forward(self, x, acts):
+    def forward(self, x, acts=None):
+        acts = {} if acts is None else acts
+
         def rec(name, h):
             acts[name] = h
             return h
@@ -109,7 +116,7 @@ def build(preset):
     else:
         lrn = (nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0) if preset == "paper"
                else nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0))
-        model = TwoTowerGrouped(lrn)
+        model = TwoTowerGrouped(lrn, **PAPER_GEOMETRY)
         params = dict(model.named_parameters())
     with torch.no_grad():
         for key, p in params.items():

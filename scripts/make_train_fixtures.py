@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_fixtures import summarise  # noqa: E402
+from make_fixtures import TwoTowerGrouped, summarise  # noqa: E402
 from reference_pattern import reference_layer, reference_pattern  # noqa: E402
 
 OUT = os.path.join(HERE, "..", "tests", "fixtures", "train")
@@ -32,29 +32,11 @@ LABELS = [1, 5, 9, 0]
 STATS_IMAGES = 12  # every 20th of the sorted sample JPEGs
 
 
-class CifarTowersGrouped(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 5, padding=2)
-        self.conv2 = nn.Conv2d(64, 128, 5, padding=2, groups=2)
-        self.conv3 = nn.Conv2d(128, 192, 3, padding=1)
-        self.conv4 = nn.Conv2d(192, 192, 3, padding=1, groups=2)
-        self.conv5 = nn.Conv2d(192, 128, 3, padding=1, groups=2)
-        self.fc6 = nn.Linear(512, 512)
-        self.fc7 = nn.Linear(512, 512)
-        self.fc8 = nn.Linear(512, 10)
-        self.lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
-
-    def forward(self, x):
-        h = F.max_pool2d(self.lrn(F.relu(self.conv1(x))), 3, 2)
-        h = F.max_pool2d(self.lrn(F.relu(self.conv2(h))), 3, 2)
-        h = F.relu(self.conv5(F.relu(self.conv4(F.relu(self.conv3(h))))))
-        h = torch.flatten(F.max_pool2d(h, 3, 2), 1)
-        return self.fc8(F.relu(self.fc7(F.relu(self.fc6(h)))))
+CIFAR_GEOMETRY = dict(convs=[(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)], fc=512, pool5=2, classes=10)
 
 
 def sgd_fixture():
-    model = CifarTowersGrouped()
+    model = TwoTowerGrouped(nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0), **CIFAR_GEOMETRY)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, p in params.items():
