@@ -79,8 +79,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             times.sort_by(f64::total_cmp);
             let median_s = times[times.len() / 2];
             let mode = if args.train { "train" } else { "forward" };
-            let m = Measurement { preset, mode, batch, median_s, images_per_s: batch as f64 / median_s, peak_rss_mib: peak_rss_mib() };
-            println!("{:<12} {:>6} {:>12.1} {:>10.1} {:>14.0}", preset.name(), batch, 1e3 * median_s, m.images_per_s, m.peak_rss_mib);
+            let m = Measurement {
+                preset,
+                mode,
+                batch,
+                median_s,
+                images_per_s: batch as f64 / median_s,
+                peak_rss_mib: peak_rss_mib(),
+            };
+            println!(
+                "{:<12} {:>6} {:>12.1} {:>10.1} {:>14.0}",
+                preset.name(),
+                batch,
+                1e3 * median_s,
+                m.images_per_s,
+                m.peak_rss_mib
+            );
             results.push(m);
         }
     }

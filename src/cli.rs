@@ -9,21 +9,25 @@ use serde::Serialize;
 
 use crate::bench::{self, BenchArgs};
 use crate::classes::imagenet_classes;
-use crate::data::decode;
-use crate::data::transform::{Mean, Transform, TransformKind};
-use crate::eval::{evaluate, top_k, EvalOptions};
-use crate::device::parse_device;
-use crate::init::Init;
-use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::data::augment::Stats;
 use crate::data::dataset::Dataset;
+use crate::data::decode;
+use crate::data::transform::{Mean, Transform, TransformKind};
+use crate::device::parse_device;
+use crate::eval::{evaluate, top_k, EvalOptions};
+use crate::init::Init;
+use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
 use crate::train::{base_side, train, Checkpoint, RunOptions, Schedule, TrainConfig};
 use crate::weights::{fetch, save_safetensors, sha256_file, Params, WeightFile};
 
 #[derive(Parser)]
-#[command(name = "alexnet", version, about = "AlexNet in Rust on Candle: the paper's two-tower net, \
-Caffe's bvlc_alexnet and torchvision's alexnet, exact against PyTorch")]
+#[command(
+    name = "alexnet",
+    version,
+    about = "AlexNet in Rust on Candle: the paper's two-tower net, \
+Caffe's bvlc_alexnet and torchvision's alexnet, exact against PyTorch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -325,8 +329,16 @@ impl TrainArgs {
                 dropout: !self.no_dropout && recipe != Recipe::Fig1,
                 random_crop: augment,
                 flip: augment,
-                pca_std: if augment { self.pca_std.unwrap_or(if recipe == Recipe::Paper { 0.1 } else { 0.0 }) } else { 0.0 },
-                input_scale: self.input_scale.unwrap_or(if matches!(self.preset, Preset::Paper | Preset::Caffe) { 1.0 } else { 1.0 / 57.6 }),
+                pca_std: if augment {
+                    self.pca_std.unwrap_or(if recipe == Recipe::Paper { 0.1 } else { 0.0 })
+                } else {
+                    0.0
+                },
+                input_scale: self.input_scale.unwrap_or(if matches!(self.preset, Preset::Paper | Preset::Caffe) {
+                    1.0
+                } else {
+                    1.0 / 57.6
+                }),
                 val_crops: self.val_crops,
                 limit: self.limit,
                 target_train_error: self.target_train_error,
@@ -456,7 +468,21 @@ pub fn run() -> anyhow::Result<()> {
         Command::Convert { input, output, to, preset } => convert(&input, &output, to, preset),
         Command::Inspect { file, json } => inspect(&file, json),
         Command::Preprocess { transform, images, crops, output } => preprocess(&transform, &images, crops, &output),
-        Command::Eval { model, data, labels, meta, crops, batch_size, limit, transform, mean, json, predictions, quiet, strict } => {
+        Command::Eval {
+            model,
+            data,
+            labels,
+            meta,
+            crops,
+            batch_size,
+            limit,
+            transform,
+            mean,
+            json,
+            predictions,
+            quiet,
+            strict,
+        } => {
             let net = model.load()?;
             let kind = transform.unwrap_or(TransformKind::for_preset(net.preset));
             let mean = mean.as_deref().map(Mean::load).transpose()?;
@@ -475,7 +501,8 @@ pub fn run() -> anyhow::Result<()> {
             let report = evaluate(&net, &opts, &model.weights, sha)?;
             report.print();
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             }
             if let Some(path) = predictions {
                 report.write_predictions(&path)?;
@@ -493,7 +520,11 @@ pub fn run() -> anyhow::Result<()> {
         Command::DataStats { data, preset } => {
             let (dataset, _) = Dataset::discover(&data)?;
             let side = base_side(preset);
-            let stats = Stats::compute(&dataset.samples, side, &crate::eval::progress_bar(dataset.samples.len() as u64, false))?;
+            let stats = Stats::compute(
+                &dataset.samples,
+                side,
+                &crate::eval::progress_bar(dataset.samples.len() as u64, false),
+            )?;
             let path = Stats::path_for(&data);
             stats.save(&path)?;
             println!("{} images at {side}x{side}: wrote {}", dataset.samples.len(), path.display());
@@ -517,10 +548,17 @@ struct SummaryRow {
 fn summary(preset: Preset, input_size: Option<usize>, json: bool) -> anyhow::Result<()> {
     let model = AlexNet::new(preset, &mut Params::Init(Init::Zeros), &Placement::on(&Device::Cpu))?;
     let size = input_size.unwrap_or(preset.input_size());
-    let (_, trace) = model.forward_traced(&Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &Device::Cpu)?, Mode::Eval)?;
+    let (_, trace) =
+        model.forward_traced(&Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &Device::Cpu)?, Mode::Eval)?;
     let rows: Vec<SummaryRow> = trace
         .iter()
-        .map(|s| SummaryRow { layer: s.name, sees: s.sees, output: s.output.dims()[1..].to_vec(), params: s.params, macs: s.macs })
+        .map(|s| SummaryRow {
+            layer: s.name,
+            sees: s.sees,
+            output: s.output.dims()[1..].to_vec(),
+            params: s.params,
+            macs: s.macs,
+        })
         .collect();
     let (params, macs) = (rows.iter().map(|r| r.params).sum::<usize>(), rows.iter().map(|r| r.macs).sum::<u64>());
     if json {

@@ -168,7 +168,13 @@ pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
 
 impl Report {
     pub fn print(&self) {
-        println!("preset      {}  (transform {}, {} crop{})", self.preset, self.transform, self.crops, if self.crops > 1 { "s" } else { "" });
+        println!(
+            "preset      {}  (transform {}, {} crop{})",
+            self.preset,
+            self.transform,
+            self.crops,
+            if self.crops > 1 { "s" } else { "" }
+        );
         println!("weights     {}  sha256 {}", self.weights, self.weights_sha256);
         println!("images      {}  ({} skipped)", self.images, self.skipped.len());
         println!("top-1       {:.3}% accuracy  {:.3}% error", 100.0 * self.top1_accuracy, 100.0 * self.top1_error);
@@ -182,7 +188,9 @@ impl Report {
     /// `path,label,top1,...,top5` with WNIDs.
     pub fn write_predictions(&self, path: &Path) -> anyhow::Result<()> {
         let classes = imagenet_classes();
-        let mut out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?);
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+        );
         writeln!(out, "path,label,top1,top2,top3,top4,top5")?;
         for p in &self.predictions {
             let top: Vec<&str> = p.top5.iter().map(|&i| classes[i].0).collect();

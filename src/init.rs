@@ -36,7 +36,9 @@ impl Init {
         match preset {
             Preset::Paper => Init::Paper { seed },
             Preset::Caffe => Init::Caffe { seed },
-            Preset::Torchvision | Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => Init::Torchvision { seed },
+            Preset::Torchvision | Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => {
+                Init::Torchvision { seed }
+            }
         }
     }
 
@@ -54,10 +56,9 @@ impl Init {
                 reference_pattern(&wkey, seed, out * fan_in, (6.0 / fan_in as f64).sqrt() as f32),
                 reference_pattern(&bkey, seed, out, 0.1),
             ),
-            Init::Paper { seed } => (
-                normal(&wkey, seed, out * fan_in, 0.01),
-                vec![if bias_one { 1.0 } else { 0.0 }; out],
-            ),
+            Init::Paper { seed } => {
+                (normal(&wkey, seed, out * fan_in, 0.01), vec![if bias_one { 1.0 } else { 0.0 }; out])
+            }
             Init::Caffe { seed } => {
                 let std = if ["fc6", "fc7"].contains(&layer) { 0.005 } else { 0.01 };
                 (normal(&wkey, seed, out * fan_in, std), vec![if bias_one { 0.1 } else { 0.0 }; out])
@@ -68,10 +69,7 @@ impl Init {
                 (uniform(&wkey, seed, out * fan_in, bound), uniform(&bkey, seed, out, bound))
             }
         };
-        Ok((
-            Tensor::from_vec(weight, weight_shape, &Device::Cpu)?,
-            Tensor::from_vec(bias, out, &Device::Cpu)?,
-        ))
+        Ok((Tensor::from_vec(weight, weight_shape, &Device::Cpu)?, Tensor::from_vec(bias, out, &Device::Cpu)?))
     }
 }
 

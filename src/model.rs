@@ -162,12 +162,19 @@ impl AlexNet {
     }
 
     /// Builds the net of `preset` with `classes` outputs.
-    pub fn with_classes(preset: Preset, classes: usize, params: &mut Params, placement: &Placement) -> anyhow::Result<Self> {
+    pub fn with_classes(
+        preset: Preset,
+        classes: usize,
+        params: &mut Params,
+        placement: &Placement,
+    ) -> anyhow::Result<Self> {
         params.expect_naming(preset)?;
         let net = match preset {
             Preset::Paper => Net::Towers(TwoTowers::new(params, placement, &PAPER_TOWERS, classes, Lrn::paper())?),
             Preset::Caffe => Net::Towers(TwoTowers::new(params, placement, &PAPER_TOWERS, classes, Lrn::caffe())?),
-            Preset::CifarTowers => Net::Towers(TwoTowers::new(params, placement, &CIFAR_TOWERS, classes, Lrn::paper())?),
+            Preset::CifarTowers => {
+                Net::Towers(TwoTowers::new(params, placement, &CIFAR_TOWERS, classes, Lrn::paper())?)
+            }
             Preset::Torchvision => Net::Single(Torchvision::new(params, &placement.towers[0], classes)?),
             Preset::Fig1Relu | Preset::Fig1Tanh => {
                 Net::Small(SmallNet::new(params, &placement.towers[0], classes, preset == Preset::Fig1Tanh)?)
@@ -246,7 +253,9 @@ impl AlexNet {
                 anyhow::bail!("the {preset} preset needs images of at least 63x63, got {h}x{w}")
             }
             Net::Towers(_) | Net::Small(_) if (h, w) != (side, side) => {
-                anyhow::bail!("the {preset} preset takes {side}x{side} images (its fc layers are sized for them), got {h}x{w}")
+                anyhow::bail!(
+                    "the {preset} preset takes {side}x{side} images (its fc layers are sized for them), got {h}x{w}"
+                )
             }
             _ => Ok(()),
         }
@@ -393,14 +402,20 @@ pub struct TowerGeometry {
 }
 
 /// The paper's net (figure 2).
-pub const PAPER_TOWERS: TowerGeometry =
-    TowerGeometry { convs: [(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)], fc: 4096, input: 227 };
+pub const PAPER_TOWERS: TowerGeometry = TowerGeometry {
+    convs: [(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)],
+    fc: 4096,
+    input: 227,
+};
 
 /// The same structure for 28x28 crops of CIFAR-10: conv1 5x5 stride 1 (a 32x32 image has no
 /// room for 11x11 stride 4), every width divided by 1.5 to 2 (64-128-192-192-128), fc 512;
 /// the 3/2 pools give 28 -> 13 -> 6 -> 2, so fc6 sees 128x2x2.
-pub const CIFAR_TOWERS: TowerGeometry =
-    TowerGeometry { convs: [(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)], fc: 512, input: 28 };
+pub const CIFAR_TOWERS: TowerGeometry = TowerGeometry {
+    convs: [(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)],
+    fc: 512,
+    input: 28,
+};
 
 impl TowerGeometry {
     /// Side of pool5's output.
@@ -414,7 +429,13 @@ impl TowerGeometry {
 const LAYER_NAMES: [&str; 8] = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"];
 
 impl TwoTowers {
-    fn new(params: &mut Params, placement: &Placement, g: &TowerGeometry, classes: usize, lrn: Lrn) -> anyhow::Result<Self> {
+    fn new(
+        params: &mut Params,
+        placement: &Placement,
+        g: &TowerGeometry,
+        classes: usize,
+        lrn: Lrn,
+    ) -> anyhow::Result<Self> {
         let d = &placement.towers;
         let [c1, c2, c3, c4, c5] = g.convs.map(|(out, ..)| out);
         let conv = |p: &mut Params, i: usize, name, inputs| {
@@ -478,16 +499,10 @@ impl TwoTowers {
 
         // fc6 sees both towers' maps, flattened in Caffe's (channel, row, column) order.
         let h = self.exchange(&h)?;
-        let h = [
-            dropout(a.fc6.forward(&h[0])?.relu()?, mode, 60)?,
-            dropout(b.fc6.forward(&h[1])?.relu()?, mode, 61)?,
-        ];
+        let h = [dropout(a.fc6.forward(&h[0])?.relu()?, mode, 60)?, dropout(b.fc6.forward(&h[1])?.relu()?, mode, 61)?];
         self.record(trace, "fc6", "both towers", &h, |t| &t.fc6)?;
         let h = self.exchange(&h)?;
-        let h = [
-            dropout(a.fc7.forward(&h[0])?.relu()?, mode, 70)?,
-            dropout(b.fc7.forward(&h[1])?.relu()?, mode, 71)?,
-        ];
+        let h = [dropout(a.fc7.forward(&h[0])?.relu()?, mode, 70)?, dropout(b.fc7.forward(&h[1])?.relu()?, mode, 71)?];
         self.record(trace, "fc7", "both towers", &h, |t| &t.fc7)?;
         let h = self.exchange(&h)?;
         let h = self.each(&h, |t, x| t.fc8.forward(x))?;
@@ -496,11 +511,7 @@ impl TwoTowers {
     }
 
     /// Applies `f` to each tower's half.
-    fn each(
-        &self,
-        h: &[Tensor; 2],
-        f: impl Fn(&Tower, &Tensor) -> CandleResult<Tensor>,
-    ) -> CandleResult<[Tensor; 2]> {
+    fn each(&self, h: &[Tensor; 2], f: impl Fn(&Tower, &Tensor) -> CandleResult<Tensor>) -> CandleResult<[Tensor; 2]> {
         Ok([f(&self.towers[0], &h[0])?, f(&self.towers[1], &h[1])?])
     }
 
@@ -583,8 +594,16 @@ impl Tower {
 /// all of every layer.
 struct Torchvision(Tower);
 
-const TORCHVISION_KEYS: [&str; 8] =
-    ["features.0", "features.3", "features.6", "features.8", "features.10", "classifier.1", "classifier.4", "classifier.6"];
+const TORCHVISION_KEYS: [&str; 8] = [
+    "features.0",
+    "features.3",
+    "features.6",
+    "features.8",
+    "features.10",
+    "classifier.1",
+    "classifier.4",
+    "classifier.6",
+];
 
 impl Torchvision {
     fn new(params: &mut Params, device: &Device, classes: usize) -> anyhow::Result<Self> {
@@ -592,9 +611,8 @@ impl Torchvision {
         let one_conv = |p: &mut Params, key, shape, stride, pad| -> anyhow::Result<Conv> {
             Ok(conv_layer(p, key, shape, stride, pad, d)?.remove(0))
         };
-        let one_linear = |p: &mut Params, key, shape| -> anyhow::Result<Linear> {
-            Ok(linear_layer(p, key, shape, d)?.remove(0))
-        };
+        let one_linear =
+            |p: &mut Params, key, shape| -> anyhow::Result<Linear> { Ok(linear_layer(p, key, shape, d)?.remove(0)) };
         Ok(Torchvision(Tower {
             device: device.clone(),
             conv1: one_conv(params, "features.0", [64, 3, 11, 11], 4, 2)?,
@@ -662,7 +680,9 @@ struct SmallNet {
 impl SmallNet {
     fn new(params: &mut Params, device: &Device, classes: usize, tanh: bool) -> anyhow::Result<Self> {
         let d = std::slice::from_ref(device);
-        let conv = |p: &mut Params, key, inputs, out| -> anyhow::Result<Conv> { Ok(conv_layer(p, key, [out, inputs, 5, 5], 1, 2, d)?.remove(0)) };
+        let conv = |p: &mut Params, key, inputs, out| -> anyhow::Result<Conv> {
+            Ok(conv_layer(p, key, [out, inputs, 5, 5], 1, 2, d)?.remove(0))
+        };
         Ok(SmallNet {
             device: device.clone(),
             tanh,
@@ -676,7 +696,9 @@ impl SmallNet {
     fn forward(&self, x: &Tensor, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
         let act = |t: Tensor| if self.tanh { t.tanh() } else { t.relu() };
         let mut h = x.to_device(&self.device)?;
-        for (conv, name, pool) in [(&self.conv1, "conv1", "pool1"), (&self.conv2, "conv2", "pool2"), (&self.conv3, "conv3", "pool3")] {
+        for (conv, name, pool) in
+            [(&self.conv1, "conv1", "pool1"), (&self.conv2, "conv2", "pool2"), (&self.conv3, "conv3", "pool3")]
+        {
             h = act(conv.forward(&h)?)?;
             record(trace, name, "-", &h, conv.cost(&h));
             h = max_pool2d(&h, 3, 2)?;
@@ -688,7 +710,8 @@ impl SmallNet {
     }
 
     fn parameters(&self) -> Vec<Param> {
-        let layers: [(&str, &dyn Cost); 4] = [("conv1", &self.conv1), ("conv2", &self.conv2), ("conv3", &self.conv3), ("fc", &self.fc)];
+        let layers: [(&str, &dyn Cost); 4] =
+            [("conv1", &self.conv1), ("conv2", &self.conv2), ("conv3", &self.conv3), ("fc", &self.fc)];
         single_tower_parameters(&layers)
     }
 }

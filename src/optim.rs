@@ -58,7 +58,8 @@ impl Sgd {
             let wd = if slot.is_bias && !c.decay_biases { 0.0 } else { c.weight_decay };
             match c.rule {
                 UpdateRule::Paper => {
-                    let v = ((slot.velocity.affine(c.momentum, 0.0)? - w.affine(wd * lr, 0.0)?)? - g.affine(lr, 0.0)?)?;
+                    let v =
+                        ((slot.velocity.affine(c.momentum, 0.0)? - w.affine(wd * lr, 0.0)?)? - g.affine(lr, 0.0)?)?;
                     slot.var.set(&(w + &v)?)?;
                     slot.velocity = v.detach(); // no graph back through earlier steps
                 }

@@ -119,14 +119,20 @@ fn read_log(log: &Path) -> anyhow::Result<Vec<LogLine>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a log line", log.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}: not a log line", log.display(), i + 1))
+        })
         .collect()
 }
 
 /// `results/fig1/relu-log.jsonl` -> "RELU-LOG"; `runs/x/log.jsonl` -> "X".
 fn run_name(log: &Path) -> String {
     let stem = log.file_stem().unwrap_or_default().to_string_lossy();
-    let name = if stem == "log" { log.parent().and_then(|p| p.file_name()).unwrap_or_default().to_string_lossy() } else { stem };
+    let name = if stem == "log" {
+        log.parent().and_then(|p| p.file_name()).unwrap_or_default().to_string_lossy()
+    } else {
+        stem
+    };
     name.to_uppercase()
 }
 

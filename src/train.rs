@@ -119,7 +119,11 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
     let val_samples = match &opts.val {
         Some(dir) => {
             let names: Vec<&str> = classes.iter().map(String::as_str).collect();
-            Some(Dataset::image_folder(dir, &names).with_context(|| format!("validation set {}", dir.display()))?.samples)
+            Some(
+                Dataset::image_folder(dir, &names)
+                    .with_context(|| format!("validation set {}", dir.display()))?
+                    .samples,
+            )
         }
         None => None,
     };
@@ -145,7 +149,12 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         None => Params::Init(opts.init),
     };
     let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, &placement)?;
-    let sgd_config = SgdConfig { momentum: config.momentum, weight_decay: config.weight_decay, rule: config.rule, decay_biases: config.decay_biases };
+    let sgd_config = SgdConfig {
+        momentum: config.momentum,
+        weight_decay: config.weight_decay,
+        rule: config.rule,
+        decay_biases: config.decay_biases,
+    };
     let vars = model.parameters().into_iter().flat_map(|p| {
         let is_bias = p.key.ends_with(".bias");
         p.parts.into_iter().map(move |v| (v, is_bias))
@@ -167,8 +176,14 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
     // A second Ctrl-C while saving still kills the process the usual way.
     let _ = ctrlc::set_handler(move || handler_stop.store(true, Ordering::SeqCst));
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(opts.out.join("log.jsonl"))?;
-    let save = |model: &AlexNet, sgd: &Sgd, epoch: usize, step: usize, sched: &ScheduleState| -> anyhow::Result<PathBuf> {
-        let meta = CheckpointMeta { config: config.clone(), classes: classes.clone(), epoch, step, schedule: sched.clone() };
+    let save = |model: &AlexNet,
+                sgd: &Sgd,
+                epoch: usize,
+                step: usize,
+                sched: &ScheduleState|
+     -> anyhow::Result<PathBuf> {
+        let meta =
+            CheckpointMeta { config: config.clone(), classes: classes.clone(), epoch, step, schedule: sched.clone() };
         Checkpoint::save(&opts.out, model, sgd, &meta, opts.keep)
     };
 
@@ -185,7 +200,8 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             Ok((t.train(sample, seed, epoch, first + i)?, sample.label))
         });
         let progress = progress_bar((steps_per_epoch - done) as u64, opts.quiet);
-        let (mut window_loss, mut window_n, mut window_top1, mut window_top5, mut window_images) = (0.0, 0usize, 0usize, 0usize, 0usize);
+        let (mut window_loss, mut window_n, mut window_top1, mut window_top5, mut window_images) =
+            (0.0, 0usize, 0usize, 0usize, 0usize);
         let mut window_start = Instant::now();
         let (mut epoch_top1, mut epoch_n, mut epoch_loss) = (0usize, 0usize, 0.0);
         for batch in batches {
@@ -194,7 +210,11 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             }
             let n = batch.items.len();
             let (x, labels) = to_tensors(&batch.items, config.preset.input_size(), &opts.device)?;
-            let mode = if config.dropout { Mode::Train { seed: config.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) } } else { Mode::Eval };
+            let mode = if config.dropout {
+                Mode::Train { seed: config.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) }
+            } else {
+                Mode::Eval
+            };
             let logits = model.forward(&x, mode)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let loss_value = loss.to_scalar::<f32>()? as f64;
@@ -239,7 +259,11 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             if stop.load(Ordering::SeqCst) {
                 progress.finish_and_clear();
                 let path = save(&model, &sgd, epoch, step, &sched)?;
-                eprintln!("interrupted at step {step}: saved {}; continue with --resume {}", path.display(), path.display());
+                eprintln!(
+                    "interrupted at step {step}: saved {}; continue with --resume {}",
+                    path.display(),
+                    path.display()
+                );
                 return Ok(path);
             }
         }
@@ -262,7 +286,11 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, &opts.device)?;
             (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
             if !opts.quiet {
-                eprintln!("epoch {epoch}: val top-1 error {:.2}%, top-5 error {:.2}%", 100.0 * (1.0 - top1), 100.0 * (1.0 - top5));
+                eprintln!(
+                    "epoch {epoch}: val top-1 error {:.2}%, top-5 error {:.2}%",
+                    100.0 * (1.0 - top1),
+                    100.0 * (1.0 - top5)
+                );
             }
         }
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
@@ -270,7 +298,11 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         save(&model, &sgd, epoch, step, &sched)?;
         if let (Some(target), Some(err)) = (config.target_train_error, train_error) {
             if err < target {
-                eprintln!("epoch {epoch}: training error {:.2}% is below the target {:.2}%; stopping", 100.0 * err, 100.0 * target);
+                eprintln!(
+                    "epoch {epoch}: training error {:.2}% is below the target {:.2}%; stopping",
+                    100.0 * err,
+                    100.0 * target
+                );
                 break;
             }
         }
@@ -326,10 +358,19 @@ fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool
         if stats.side == base as usize {
             return Ok(stats);
         }
-        bail!("{} was computed for {}x{} images, but this preset needs {base}x{base}; rerun `alexnet data-stats`", path.display(), stats.side, stats.side)
+        bail!(
+            "{} was computed for {}x{} images, but this preset needs {base}x{base}; rerun `alexnet data-stats`",
+            path.display(),
+            stats.side,
+            stats.side
+        )
     }
     if !quiet {
-        eprintln!("computing the mean image and RGB principal components of {} images (once; saved to {})", samples.len(), path.display());
+        eprintln!(
+            "computing the mean image and RGB principal components of {} images (once; saved to {})",
+            samples.len(),
+            path.display()
+        );
     }
     Stats::compute(samples, base, &progress_bar(samples.len() as u64, quiet))?.save(&path)?;
     // use what was stored (f32), so this run and any resumed one see the same numbers
@@ -339,7 +380,9 @@ fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool
 /// The permutation of the training set for `epoch`.
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed.wrapping_add(epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
     order
 }
 
@@ -378,7 +421,14 @@ fn count_correct(logits: &Tensor, items: &[(usize, (Vec<f32>, usize))]) -> anyho
 }
 
 /// Top-1 and top-5 accuracy on the validation images (centre crop, or the ten crops).
-fn validate(model: &AlexNet, samples: &[Sample], t: &TrainTransform, crops: usize, batch: usize, device: &Device) -> anyhow::Result<(f64, f64)> {
+fn validate(
+    model: &AlexNet,
+    samples: &[Sample],
+    t: &TrainTransform,
+    crops: usize,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<(f64, f64)> {
     let t = t.clone();
     let ten = crops == 10;
     let batches = loader::spawn(samples.to_vec(), batch, 2, move |_, s| {
@@ -394,7 +444,8 @@ fn validate(model: &AlexNet, samples: &[Sample], t: &TrainTransform, crops: usiz
         let m = b.items.len();
         let pixels: Vec<f32> = b.items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
         let x = Tensor::from_vec(pixels, (m * crops, 3, side, side), device)?;
-        let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.reshape((m, crops, ()))?.mean(1)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.reshape((m, crops, ()))?.mean(1)?;
         let (a, b5) = count_correct(&probs, &b.items)?;
         (top1, top5, n) = (top1 + a, top5 + b5, n + m);
     }
@@ -439,7 +490,8 @@ impl Checkpoint {
         let mut tensors = model.state_dict()?;
         let velocity: HashMap<_, _> = sgd.slots.iter().map(|s| (s.var.id(), s.velocity.clone())).collect();
         for p in model.parameters() {
-            let v = p.gather(|var| velocity.get(&var.id()).cloned())?.context("every parameter has a momentum buffer")?;
+            let v =
+                p.gather(|var| velocity.get(&var.id()).cloned())?.context("every parameter has a momentum buffer")?;
             tensors.push((format!("momentum/{}", p.key), v));
         }
         let mut metadata = std::collections::HashMap::new();
@@ -460,12 +512,11 @@ impl Checkpoint {
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
-        let json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("alexnet").cloned())
-            .with_context(|| format!("{} is a weight file, not a training checkpoint (no run state)", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
+        let json = header.metadata().as_ref().and_then(|m| m.get("alexnet").cloned()).with_context(|| {
+            format!("{} is a weight file, not a training checkpoint (no run state)", path.display())
+        })?;
         Ok(Checkpoint { path: path.to_path_buf(), meta: serde_json::from_str(&json)? })
     }
 

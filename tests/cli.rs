@@ -20,18 +20,30 @@ fn workdir() -> &'static Path {
         let state = reference_state(Preset::Torchvision);
         save_safetensors(&state, &Default::default(), &dir.path().join("tv.safetensors")).unwrap();
         let input = reference_input(Preset::Torchvision);
-        save_safetensors(&[("input".into(), input.clone())], &Default::default(), &dir.path().join("input.safetensors")).unwrap();
+        save_safetensors(
+            &[("input".into(), input.clone())],
+            &Default::default(),
+            &dir.path().join("input.safetensors"),
+        )
+        .unwrap();
         let small = Tensor::zeros((1, 3, 60, 60), candle_core::DType::F32, &Device::Cpu).unwrap();
         let rank3 = input.get(0).unwrap();
-        save_safetensors(&[("input".into(), small), ("rank3".into(), rank3)], &Default::default(), &dir.path().join("bad-input.safetensors"))
-            .unwrap();
+        save_safetensors(
+            &[("input".into(), small), ("rank3".into(), rank3)],
+            &Default::default(),
+            &dir.path().join("bad-input.safetensors"),
+        )
+        .unwrap();
         // The same weights, then with one tensor mis-shaped, one missing, one extra.
         let mut misshaped = state.clone();
         misshaped[0].1 = misshaped[0].1.narrow(3, 0, 10).unwrap();
         save_safetensors(&misshaped, &Default::default(), &dir.path().join("misshaped.safetensors")).unwrap();
         save_safetensors(&state[..15], &Default::default(), &dir.path().join("missing.safetensors")).unwrap();
         let mut extra = state.clone();
-        extra.push(("classifier.7.weight".into(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap()));
+        extra.push((
+            "classifier.7.weight".into(),
+            Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ));
         save_safetensors(&extra, &Default::default(), &dir.path().join("extra.safetensors")).unwrap();
         dir
     })
@@ -60,8 +72,15 @@ fn summary_prints_the_parameter_totals() {
 fn infer_on_torchvision_named_weights_reproduces_pytorch_logits() {
     let output: PathBuf = workdir().join("logits.safetensors");
     let out = alexnet(&[
-        "infer", "--preset", "torchvision", "--weights", &file("tv.safetensors"),
-        "--input", &file("input.safetensors"), "--output", output.to_str().unwrap(),
+        "infer",
+        "--preset",
+        "torchvision",
+        "--weights",
+        &file("tv.safetensors"),
+        "--input",
+        &file("input.safetensors"),
+        "--output",
+        output.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let logits = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
@@ -72,7 +91,15 @@ fn infer_on_torchvision_named_weights_reproduces_pytorch_logits() {
 #[test]
 fn classify_prints_top5_as_json() {
     let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/photos/chelsea.png");
-    let out = alexnet(&["classify", "--preset", "torchvision", "--weights", &file("tv.safetensors"), "--json", photo.to_str().unwrap()]);
+    let out = alexnet(&[
+        "classify",
+        "--preset",
+        "torchvision",
+        "--weights",
+        &file("tv.safetensors"),
+        "--json",
+        photo.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["top"].as_array().unwrap().len(), 5);
@@ -83,7 +110,17 @@ fn classify_prints_top5_as_json() {
 #[test]
 fn bad_weights_are_clear_errors() {
     let infer = |preset: &str, weights: &str| {
-        expect_error(&["infer", "--preset", preset, "--weights", weights, "--input", &file("input.safetensors"), "--output", &file("out.safetensors")])
+        expect_error(&[
+            "infer",
+            "--preset",
+            preset,
+            "--weights",
+            weights,
+            "--input",
+            &file("input.safetensors"),
+            "--output",
+            &file("out.safetensors"),
+        ])
     };
     let err = infer("torchvision", "/nonexistent/alexnet.safetensors");
     assert!(err.contains("/nonexistent/alexnet.safetensors") && err.contains("does not exist"), "{err}");
@@ -92,7 +129,10 @@ fn bad_weights_are_clear_errors() {
     assert!(err.contains("Torchvision-named") && err.contains("--preset torchvision"), "{err}");
 
     let err = infer("torchvision", &file("misshaped.safetensors"));
-    assert!(err.contains("`features.0.weight`") && err.contains("[64, 3, 11, 10]") && err.contains("[64, 3, 11, 11]"), "{err}");
+    assert!(
+        err.contains("`features.0.weight`") && err.contains("[64, 3, 11, 10]") && err.contains("[64, 3, 11, 11]"),
+        "{err}"
+    );
 
     let err = infer("torchvision", &file("missing.safetensors"));
     assert!(err.contains("`classifier.6.bias`") && err.contains("missing"), "{err}");
@@ -107,7 +147,19 @@ fn bad_weights_are_clear_errors() {
 #[test]
 fn bad_input_is_a_clear_error() {
     let infer = |key: &str| {
-        expect_error(&["infer", "--preset", "torchvision", "--weights", &file("tv.safetensors"), "--input", &file("bad-input.safetensors"), "--input-key", key, "--output", &file("out2.safetensors")])
+        expect_error(&[
+            "infer",
+            "--preset",
+            "torchvision",
+            "--weights",
+            &file("tv.safetensors"),
+            "--input",
+            &file("bad-input.safetensors"),
+            "--input-key",
+            key,
+            "--output",
+            &file("out2.safetensors"),
+        ])
     };
     let err = infer("input");
     assert!(err.contains("at least 63x63") && err.contains("60x60"), "{err}");
@@ -122,6 +174,15 @@ fn cuda_without_cuda_support_is_a_clear_error() {
     if candle_core::utils::cuda_is_available() {
         return;
     }
-    let err = expect_error(&["classify", "--preset", "torchvision", "--weights", &file("tv.safetensors"), "--device", "cuda:0", "x.png"]);
+    let err = expect_error(&[
+        "classify",
+        "--preset",
+        "torchvision",
+        "--weights",
+        &file("tv.safetensors"),
+        "--device",
+        "cuda:0",
+        "x.png",
+    ]);
     assert!(err.contains("without CUDA support"), "{err}");
 }

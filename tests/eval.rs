@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use alexnet::data::transform::{pil_resize, Transform};
 use alexnet::data::decode;
+use alexnet::data::transform::{pil_resize, Transform};
 use alexnet::init::reference_pattern;
 use alexnet::weights::save_safetensors;
 use alexnet::{Mode, Placement, Preset};
@@ -27,7 +27,9 @@ fn synthetic(key: &str, h: usize, w: usize) -> image::RgbImage {
 #[test]
 fn pil_bilinear_resize_is_bit_exact() {
     let f = fixture("eval/resize.safetensors");
-    for (name, (h, w), (oh, ow)) in [("down", (131, 173), (64, 85)), ("up", (37, 29), (61, 50)), ("mixed", (90, 40), (45, 71))] {
+    for (name, (h, w), (oh, ow)) in
+        [("down", (131, 173), (64, 85)), ("up", (37, 29), (61, 50)), ("mixed", (90, 40), (45, 71))]
+    {
         let ours = pil_resize(&synthetic(&format!("resize.{name}"), h, w), ow, oh).into_raw();
         let theirs: Vec<u8> = get(&f, name).flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(ours, theirs, "{name}: resize differs from PIL");
@@ -41,7 +43,8 @@ fn torchvision_preprocessing_matches_on_real_jpegs() {
     let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
     let (mut within, mut total, mut worst) = (0usize, 0usize, 0i32);
     for (name, pixels) in &f {
-        let chw = transform.apply(&decode(&shared(&format!("imagenet-sample/{name}"))).unwrap(), false).unwrap().remove(0);
+        let chw =
+            transform.apply(&decode(&shared(&format!("imagenet-sample/{name}"))).unwrap(), false).unwrap().remove(0);
         let theirs: Vec<u8> = pixels.flatten_all().unwrap().to_vec1().unwrap(); // HWC
         for (i, v) in chw.iter().enumerate() {
             let (c, yx) = (i / (224 * 224), i % (224 * 224));
@@ -53,7 +56,11 @@ fn torchvision_preprocessing_matches_on_real_jpegs() {
         }
     }
     let fraction = within as f64 / total as f64;
-    eprintln!("{} JPEGs: {:.4}% of values within 1/255 of torchvision, largest difference {worst}/255", f.len(), 100.0 * fraction);
+    eprintln!(
+        "{} JPEGs: {:.4}% of values within 1/255 of torchvision, largest difference {worst}/255",
+        f.len(),
+        100.0 * fraction
+    );
     assert!(fraction >= 0.999, "only {:.4}% within 1/255", 100.0 * fraction);
 }
 
@@ -77,7 +84,8 @@ fn ten_crop_logits_match_pytorch() {
 const IMAGES: usize = 12;
 
 fn sample_images() -> Vec<(PathBuf, String)> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(shared("imagenet-sample")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(shared("imagenet-sample")).unwrap().map(|e| e.unwrap().path()).collect();
     entries.sort();
     entries
         .into_iter()
@@ -96,9 +104,11 @@ fn layouts() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        save_safetensors(&reference_state(Preset::Torchvision), &Default::default(), &root.join("tv.safetensors")).unwrap();
+        save_safetensors(&reference_state(Preset::Torchvision), &Default::default(), &root.join("tv.safetensors"))
+            .unwrap();
         let images = sample_images();
-        let devkit_order: Vec<String> = std::fs::read_to_string(fixture_path("eval/meta_order.txt")).unwrap().lines().map(String::from).collect();
+        let devkit_order: Vec<String> =
+            std::fs::read_to_string(fixture_path("eval/meta_order.txt")).unwrap().lines().map(String::from).collect();
         for layout in ["a", "b", "c"] {
             std::fs::create_dir_all(root.join(layout)).unwrap();
         }
@@ -125,7 +135,16 @@ fn eval_json(data: &Path, extra: &[&str]) -> serde_json::Value {
     let root = layouts();
     let json = data.join("report.json");
     let weights = root.join("tv.safetensors");
-    let mut args = vec!["eval", "--weights", weights.to_str().unwrap(), "--data", data.to_str().unwrap(), "--quiet", "--json", json.to_str().unwrap()];
+    let mut args = vec![
+        "eval",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let out = alexnet(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -135,13 +154,16 @@ fn eval_json(data: &Path, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn the_three_layouts_give_identical_reports() {
     let root = layouts();
-    let reports: Vec<serde_json::Value> = ["a", "b", "c"].iter().map(|l| eval_json(&root.join(l), &["--batch-size", "5"])).collect();
+    let reports: Vec<serde_json::Value> =
+        ["a", "b", "c"].iter().map(|l| eval_json(&root.join(l), &["--batch-size", "5"])).collect();
     assert_eq!(reports[0]["layout"], "image_folder");
     assert!(reports[1]["layout"]["label_file"].is_string());
     assert!(reports[2]["layout"]["devkit"]["meta"].is_string());
     for r in &reports {
         assert_eq!(r["images"], IMAGES);
-        for key in ["top1_correct", "top5_correct", "top1_accuracy", "top5_accuracy", "weights_sha256", "crops", "transform"] {
+        for key in
+            ["top1_correct", "top5_correct", "top1_accuracy", "top5_accuracy", "weights_sha256", "crops", "transform"]
+        {
             assert_eq!(r[key], reports[0][key], "{key}");
         }
     }
@@ -177,14 +199,24 @@ fn a_corrupt_image_is_skipped_and_counted_unless_strict() {
     assert_eq!(report["skipped"].as_array().unwrap().len(), 1);
     assert!(report["skipped"][0]["path"].as_str().unwrap().ends_with("truncated.JPEG"));
     let tv = layouts().join("tv.safetensors");
-    let err = expect_error(&["eval", "--weights", tv.to_str().unwrap(), "--data", dir.path().to_str().unwrap(), "--quiet", "--strict"]);
+    let err = expect_error(&[
+        "eval",
+        "--weights",
+        tv.to_str().unwrap(),
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--quiet",
+        "--strict",
+    ]);
     assert!(err.contains("truncated.JPEG") && err.contains("--strict"), "{err}");
 }
 
 #[test]
 fn bad_data_folders_are_clear_errors() {
     let tv = layouts().join("tv.safetensors");
-    let eval = |data: &Path| expect_error(&["eval", "--weights", tv.to_str().unwrap(), "--data", data.to_str().unwrap(), "--quiet"]);
+    let eval = |data: &Path| {
+        expect_error(&["eval", "--weights", tv.to_str().unwrap(), "--data", data.to_str().unwrap(), "--quiet"])
+    };
     let empty = tempfile::tempdir().unwrap();
     assert!(eval(empty.path()).contains("no images found"));
     // a flat folder with more images than its label file has lines
@@ -205,7 +237,8 @@ fn bad_data_folders_are_clear_errors() {
 
 #[test]
 fn meta_mat_maps_devkit_ids_in_both_encodings() {
-    let order: Vec<String> = std::fs::read_to_string(fixture_path("eval/meta_order.txt")).unwrap().lines().map(String::from).collect();
+    let order: Vec<String> =
+        std::fs::read_to_string(fixture_path("eval/meta_order.txt")).unwrap().lines().map(String::from).collect();
     for name in ["meta.mat", "meta_compressed.mat"] {
         let dir = tempfile::tempdir().unwrap();
         let images = sample_images();
@@ -213,7 +246,13 @@ fn meta_mat_maps_devkit_ids_in_both_encodings() {
         std::fs::copy(&images[0].0, dir.path().join("ILSVRC2012_val_00000001.JPEG")).unwrap();
         std::fs::write(dir.path().join("ILSVRC2012_validation_ground_truth.txt"), format!("{id}\n")).unwrap();
         std::fs::copy(fixture_path(&format!("eval/{name}")), dir.path().join("meta.mat")).unwrap();
-        let ds = alexnet::data::dataset::Dataset::open(dir.path(), &alexnet::classes::imagenet_classes().iter().map(|c| c.0).collect::<Vec<_>>(), None, None).unwrap();
+        let ds = alexnet::data::dataset::Dataset::open(
+            dir.path(),
+            &alexnet::classes::imagenet_classes().iter().map(|c| c.0).collect::<Vec<_>>(),
+            None,
+            None,
+        )
+        .unwrap();
         let expected = alexnet::classes::imagenet_classes().iter().position(|c| c.0 == images[0].1).unwrap();
         assert_eq!(ds.samples[0].label, expected, "{name}");
     }

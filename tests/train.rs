@@ -17,15 +17,27 @@ use common::*;
 #[test]
 fn gradients_and_two_sgd_steps_match_pytorch() {
     let f = fixture("train/sgd.safetensors");
-    let model = AlexNet::new(Preset::CifarTowers, &mut Params::Init(Init::Reference { seed: SEED }), &Placement::on(&Device::Cpu)).unwrap();
-    let x = Tensor::from_vec(reference_pattern("train.input", SEED, 4 * 3 * 28 * 28, 2.0), (4, 3, 28, 28), &Device::Cpu).unwrap();
+    let model = AlexNet::new(
+        Preset::CifarTowers,
+        &mut Params::Init(Init::Reference { seed: SEED }),
+        &Placement::on(&Device::Cpu),
+    )
+    .unwrap();
+    let x =
+        Tensor::from_vec(reference_pattern("train.input", SEED, 4 * 3 * 28 * 28, 2.0), (4, 3, 28, 28), &Device::Cpu)
+            .unwrap();
     let labels = Tensor::new(&[1u32, 5, 9, 0], &Device::Cpu).unwrap();
     let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
     let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false))).collect();
     let mut sgd = Sgd::new(config, vars).unwrap();
     for step in 1..=2 {
         let loss = candle_nn::loss::cross_entropy(&model.forward(&x, Mode::Eval).unwrap(), &labels).unwrap();
-        assert_close(&format!("loss before step {step}"), &loss.reshape(1).unwrap(), get(&f, &format!("loss{step}")), 1e-5);
+        assert_close(
+            &format!("loss before step {step}"),
+            &loss.reshape(1).unwrap(),
+            get(&f, &format!("loss{step}")),
+            1e-5,
+        );
         let grads = loss.backward().unwrap();
         if step == 1 {
             for p in model.parameters() {
@@ -62,7 +74,8 @@ fn the_paper_rule_follows_its_formula_when_the_learning_rate_changes() {
     }
     // PyTorch's rule differs right after the drop: it rescales the whole velocity at once.
     let var2 = Var::new(&w0.map(|v| v as f32), &Device::Cpu).unwrap();
-    let mut torch_rule = Sgd::new(SgdConfig { rule: UpdateRule::Pytorch, ..config }, vec![(var2.clone(), false)]).unwrap();
+    let mut torch_rule =
+        Sgd::new(SgdConfig { rule: UpdateRule::Pytorch, ..config }, vec![(var2.clone(), false)]).unwrap();
     for lr in [0.01, 0.001] {
         let loss = var2.as_tensor().powf(3.0).unwrap().sum_all().unwrap().affine(1.0 / 3.0, 0.0).unwrap();
         torch_rule.step(&loss.backward().unwrap(), lr).unwrap();
@@ -79,14 +92,20 @@ fn shared(rel: &str) -> PathBuf {
 fn pca_statistics_match_numpy() {
     let f = fixture("train/stats.safetensors");
     let names = std::fs::read_to_string(fixture_path("train/stats_images.txt")).unwrap();
-    let samples: Vec<Sample> = names.lines().map(|n| Sample { path: shared(&format!("imagenet-sample/{n}")), label: 0 }).collect();
+    let samples: Vec<Sample> =
+        names.lines().map(|n| Sample { path: shared(&format!("imagenet-sample/{n}")), label: 0 }).collect();
     let stats = Stats::compute(&samples, 256, &indicatif::ProgressBar::hidden()).unwrap();
     let mean = Tensor::from_vec(stats.mean_image.clone(), (3, 256, 256), &Device::Cpu).unwrap();
     assert_matches_summary("mean image", &mean, &f, "mean_image", 1e-6);
     let vals: Vec<f64> = get(&f, "eigvals").to_vec1().unwrap();
     let vecs: Vec<Vec<f64>> = get(&f, "eigvecs").to_vec2().unwrap();
     for i in 0..3 {
-        assert!((stats.eigvals[i] - vals[i]).abs() / vals[i] < 1e-9, "eigenvalue {i}: {} vs numpy {}", stats.eigvals[i], vals[i]);
+        assert!(
+            (stats.eigvals[i] - vals[i]).abs() / vals[i] < 1e-9,
+            "eigenvalue {i}: {} vs numpy {}",
+            stats.eigvals[i],
+            vals[i]
+        );
         let dot: f64 = (0..3).map(|r| stats.eigvecs[r][i] * vecs[r][i]).sum();
         assert!((dot.abs() - 1.0).abs() < 1e-9, "eigenvector {i} differs from numpy's (|dot| = {})", dot.abs());
     }
@@ -96,7 +115,8 @@ fn pca_statistics_match_numpy() {
 /// 4 classes x 8 real photos, as an ImageFolder.
 fn tiny_imagefolder() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut images: Vec<PathBuf> = std::fs::read_dir(shared("imagenet-sample")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut images: Vec<PathBuf> =
+        std::fs::read_dir(shared("imagenet-sample")).unwrap().map(|e| e.unwrap().path()).collect();
     images.sort();
     for (i, path) in images.iter().take(32).enumerate() {
         let class = dir.path().join(format!("class{}", i % 4));
@@ -108,8 +128,20 @@ fn tiny_imagefolder() -> tempfile::TempDir {
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
-        "train", "--preset", "cifar-towers", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--batch-size", "8", "--seed", "7", "--quiet", "--keep", "20",
+        "train",
+        "--preset",
+        "cifar-towers",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "8",
+        "--seed",
+        "7",
+        "--quiet",
+        "--keep",
+        "20",
     ];
     args.extend_from_slice(extra);
     alexnet(&args)

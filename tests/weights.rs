@@ -176,7 +176,10 @@ fn a_caffemodel_without_groups_is_refused_for_the_caffe_preset() {
     let out = alexnet(&["inspect", path.to_str().unwrap()]);
     assert!(out.status.success(), "inspect reads any well-formed file");
     let err = expect_error(&["convert", path.to_str().unwrap(), "/tmp/never-written.safetensors"]);
-    assert!(err.contains("`conv2.weight`") && err.contains("[256, 96, 5, 5]") && err.contains("without groups"), "{err}");
+    assert!(
+        err.contains("`conv2.weight`") && err.contains("[256, 96, 5, 5]") && err.contains("without groups"),
+        "{err}"
+    );
     assert!(!Path::new("/tmp/never-written.safetensors").exists());
 }
 
@@ -191,14 +194,22 @@ fn tv_file(dir: &Path) -> PathBuf {
 }
 
 const TORCHVISION_STATE_DICT: [(&str, &[usize]); 16] = [
-    ("features.0.weight", &[64, 3, 11, 11]), ("features.0.bias", &[64]),
-    ("features.3.weight", &[192, 64, 5, 5]), ("features.3.bias", &[192]),
-    ("features.6.weight", &[384, 192, 3, 3]), ("features.6.bias", &[384]),
-    ("features.8.weight", &[256, 384, 3, 3]), ("features.8.bias", &[256]),
-    ("features.10.weight", &[256, 256, 3, 3]), ("features.10.bias", &[256]),
-    ("classifier.1.weight", &[4096, 9216]), ("classifier.1.bias", &[4096]),
-    ("classifier.4.weight", &[4096, 4096]), ("classifier.4.bias", &[4096]),
-    ("classifier.6.weight", &[1000, 4096]), ("classifier.6.bias", &[1000]),
+    ("features.0.weight", &[64, 3, 11, 11]),
+    ("features.0.bias", &[64]),
+    ("features.3.weight", &[192, 64, 5, 5]),
+    ("features.3.bias", &[192]),
+    ("features.6.weight", &[384, 192, 3, 3]),
+    ("features.6.bias", &[384]),
+    ("features.8.weight", &[256, 384, 3, 3]),
+    ("features.8.bias", &[256]),
+    ("features.10.weight", &[256, 256, 3, 3]),
+    ("features.10.bias", &[256]),
+    ("classifier.1.weight", &[4096, 9216]),
+    ("classifier.1.bias", &[4096]),
+    ("classifier.4.weight", &[4096, 4096]),
+    ("classifier.4.bias", &[4096]),
+    ("classifier.6.weight", &[1000, 4096]),
+    ("classifier.6.bias", &[1000]),
 ];
 
 #[test]
@@ -210,7 +221,8 @@ fn convert_to_torchvision_is_torchvisions_state_dict_and_reimports_bit_identical
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let written = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let mut shapes: Vec<(String, Vec<usize>)> = written.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
-    let mut want: Vec<(String, Vec<usize>)> = TORCHVISION_STATE_DICT.iter().map(|(k, s)| (k.to_string(), s.to_vec())).collect();
+    let mut want: Vec<(String, Vec<usize>)> =
+        TORCHVISION_STATE_DICT.iter().map(|(k, s)| (k.to_string(), s.to_vec())).collect();
     shapes.sort();
     want.sort();
     assert_eq!(shapes, want);
@@ -262,11 +274,34 @@ fn the_preset_is_detected_and_a_mismatch_is_an_error() {
     let x = input.join("x.safetensors");
     save_safetensors(&[("input".into(), reference_input(Preset::Caffe))], &Default::default(), &x).unwrap();
     let y = input.join("y.safetensors");
-    let run = alexnet(&["infer", "--weights", v2.to_str().unwrap(), "--input", x.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+    let run = alexnet(&[
+        "infer",
+        "--weights",
+        v2.to_str().unwrap(),
+        "--input",
+        x.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let logits = candle_core::safetensors::load(&y, &Device::Cpu).unwrap();
-    assert_close("infer, preset detected from caffemodel", &logits["logits"], get(&fixture("caffe.safetensors"), "logits"), 1e-4);
-    let err = expect_error(&["infer", "--preset", "torchvision", "--weights", v2.to_str().unwrap(), "--input", x.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+    assert_close(
+        "infer, preset detected from caffemodel",
+        &logits["logits"],
+        get(&fixture("caffe.safetensors"), "logits"),
+        1e-4,
+    );
+    let err = expect_error(&[
+        "infer",
+        "--preset",
+        "torchvision",
+        "--weights",
+        v2.to_str().unwrap(),
+        "--input",
+        x.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
     assert!(err.contains("Caffe-named") && err.contains("not the torchvision preset"), "{err}");
 }
 
@@ -330,7 +365,8 @@ fn truncated_files_of_every_format_are_clear_errors() {
 #[test]
 fn a_safetensors_header_claiming_a_huge_tensor_is_refused_without_allocating() {
     let dir = tempfile::tempdir().unwrap();
-    let header = r#"{"features.0.weight":{"dtype":"F32","shape":[1099511627776,1024],"data_offsets":[0,4503599627370496]}}"#;
+    let header =
+        r#"{"features.0.weight":{"dtype":"F32","shape":[1099511627776,1024],"data_offsets":[0,4503599627370496]}}"#;
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend_from_slice(&[0u8; 64]);

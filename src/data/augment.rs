@@ -105,14 +105,20 @@ impl Stats {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let t = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read statistics {}", path.display()))?;
+        let t = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("cannot read statistics {}", path.display()))?;
         let get = |k: &str| t.get(k).with_context(|| format!("{}: no tensor `{k}`", path.display()));
         let mean = get("mean_image")?;
         let side = mean.dim(1)?;
         let vecs: Vec<f32> = get("pca_eigvecs")?.flatten_all()?.to_vec1()?;
         let vals: Vec<f32> = get("pca_eigvals")?.to_vec1()?;
         let eigvecs = std::array::from_fn(|r| std::array::from_fn(|c| vecs[r * 3 + c] as f64));
-        Ok(Stats { side, mean_image: mean.flatten_all()?.to_vec1()?, eigvecs, eigvals: std::array::from_fn(|i| vals[i] as f64) })
+        Ok(Stats {
+            side,
+            mean_image: mean.flatten_all()?.to_vec1()?,
+            eigvecs,
+            eigvals: std::array::from_fn(|i| vals[i] as f64),
+        })
     }
 
     /// `DIR/alexnet-stats.safetensors`, where `data-stats` writes and `train` looks.
@@ -184,13 +190,19 @@ impl TrainTransform {
         let img = base_image(&sample.path, self.base)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64) << 40 ^ position as u64 ^ 0xA1E7_0000_0000_0000);
         let range = self.base as usize - self.crop;
-        let (y0, x0) = if self.random_crop { (rng.random_range(0..=range), rng.random_range(0..=range)) } else { (range / 2, range / 2) };
+        let (y0, x0) = if self.random_crop {
+            (rng.random_range(0..=range), rng.random_range(0..=range))
+        } else {
+            (range / 2, range / 2)
+        };
         let flip = self.flip && rng.random::<bool>();
         let shift = if self.pca_std > 0.0 {
             // the paper: add [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T to every pixel
             let normal = Normal::new(0.0, self.pca_std).expect("std > 0");
             let alpha: [f64; 3] = std::array::from_fn(|_| normal.sample(&mut rng));
-            std::array::from_fn(|c| (0..3).map(|i| self.stats.eigvecs[c][i] * alpha[i] * self.stats.eigvals[i]).sum::<f64>() as f32)
+            std::array::from_fn(|c| {
+                (0..3).map(|i| self.stats.eigvecs[c][i] * alpha[i] * self.stats.eigvals[i]).sum::<f64>() as f32
+            })
         } else {
             [0f32; 3]
         };

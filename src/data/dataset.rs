@@ -101,7 +101,12 @@ impl Dataset {
         for class_dir in sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()) {
             let name = class_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
             let Some(&label) = index.get(name.as_str()) else {
-                bail!("folder {} is not one of the {} classes (expected names like `{}`)", class_dir.display(), classes.len(), classes[0])
+                bail!(
+                    "folder {} is not one of the {} classes (expected names like `{}`)",
+                    class_dir.display(),
+                    classes.len(),
+                    classes[0]
+                )
             };
             for path in sorted_entries(&class_dir)?.into_iter().filter(|p| is_image(p)) {
                 samples.push(Sample { path, label });
@@ -112,7 +117,8 @@ impl Dataset {
 
     /// Layouts (b) and (c): a flat folder of images plus a label file.
     fn flat(dir: &Path, labels: &Path, classes: &[&str], meta: Option<&Path>) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(labels).with_context(|| format!("cannot read label file {}", labels.display()))?;
+        let text =
+            std::fs::read_to_string(labels).with_context(|| format!("cannot read label file {}", labels.display()))?;
         let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         let devkit = lines.first().is_some_and(|l| l.parse::<usize>().is_ok());
         let (wnids, layout): (Vec<String>, Layout) = if devkit {
@@ -120,18 +126,26 @@ impl Dataset {
                 format!("{} holds devkit class IDs; they need the devkit's meta.mat (pass --meta)", labels.display())
             })?;
             let bytes = std::fs::read(&meta).with_context(|| format!("cannot read {}", meta.display()))?;
-            let ids = super::matfile::ilsvrc_ids(&bytes).with_context(|| format!("{}: cannot read synsets", meta.display()))?;
+            let ids = super::matfile::ilsvrc_ids(&bytes)
+                .with_context(|| format!("{}: cannot read synsets", meta.display()))?;
             let wnids = lines
                 .iter()
                 .enumerate()
                 .map(|(i, l)| {
-                    let id: usize = l.parse().with_context(|| format!("{} line {}: `{l}` is not a class ID", labels.display(), i + 1))?;
-                    ids.get(&id).cloned().with_context(|| format!("{} line {}: ID {id} is not in {}", labels.display(), i + 1, meta.display()))
+                    let id: usize = l
+                        .parse()
+                        .with_context(|| format!("{} line {}: `{l}` is not a class ID", labels.display(), i + 1))?;
+                    ids.get(&id).cloned().with_context(|| {
+                        format!("{} line {}: ID {id} is not in {}", labels.display(), i + 1, meta.display())
+                    })
                 })
                 .collect::<anyhow::Result<_>>()?;
             (wnids, Layout::Devkit { ground_truth: labels.to_path_buf(), meta })
         } else {
-            (lines.iter().map(|l| l.split_whitespace().next().unwrap_or("").to_string()).collect(), Layout::LabelFile(labels.to_path_buf()))
+            (
+                lines.iter().map(|l| l.split_whitespace().next().unwrap_or("").to_string()).collect(),
+                Layout::LabelFile(labels.to_path_buf()),
+            )
         };
         let index: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (*c, i)).collect();
         let images: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_file() && is_image(p)).collect();
@@ -143,7 +157,12 @@ impl Dataset {
                 bail!("{}: the label file {} has no line {} for it", path.display(), labels.display(), line + 1)
             };
             let Some(&label) = index.get(wnid.as_str()) else {
-                bail!("{}: its class `{wnid}` ({} line {}) is not one of the model's classes", path.display(), labels.display(), line + 1)
+                bail!(
+                    "{}: its class `{wnid}` ({} line {}) is not one of the model's classes",
+                    path.display(),
+                    labels.display(),
+                    line + 1
+                )
             };
             samples.push(Sample { path, label });
         }

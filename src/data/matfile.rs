@@ -75,7 +75,8 @@ impl Matrix {
         let (_, flags, pos) = element(data, 0)?;
         let class = flags.first().copied().unwrap_or(0);
         let (_, dims, pos) = element(data, pos)?;
-        let count: usize = dims.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")).max(0) as usize).product();
+        let count: usize =
+            dims.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")).max(0) as usize).product();
         let (_, name, mut pos) = element(data, pos)?;
         let name = String::from_utf8_lossy(name).into_owned();
         let mut m = Matrix { name, elements: Vec::new(), value: Value::Other };
@@ -95,7 +96,8 @@ impl Matrix {
                     for field in &names {
                         let (kind, sub, next) = element(data, pos)?;
                         pos = next;
-                        let v = if kind == MI_MATRIX && !sub.is_empty() { Matrix::parse(sub)?.value } else { Value::Other };
+                        let v =
+                            if kind == MI_MATRIX && !sub.is_empty() { Matrix::parse(sub)?.value } else { Value::Other };
                         fields.insert(field.clone(), v);
                     }
                     m.elements.push(fields);
@@ -104,7 +106,11 @@ impl Matrix {
             4 => {
                 let (kind, chars, _) = element(data, pos)?;
                 let text = match kind {
-                    4 => chars.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).map(|u| char::from_u32(u as u32).unwrap_or('?')).collect(),
+                    4 => chars
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .map(|u| char::from_u32(u as u32).unwrap_or('?'))
+                        .collect(),
                     _ => String::from_utf8_lossy(chars).into_owned(),
                 };
                 m.value = Value::Text(text);

@@ -60,7 +60,8 @@ impl Mean {
         let (values, bgr) = if bytes.starts_with(b"\x93NUMPY") {
             (read_npy(&bytes).with_context(|| format!("{}: not a float .npy", path.display()))?, false)
         } else {
-            let blob = crate::weights::caffe_blob(&bytes).with_context(|| format!("{}: not a Caffe mean .binaryproto", path.display()))?;
+            let blob = crate::weights::caffe_blob(&bytes)
+                .with_context(|| format!("{}: not a Caffe mean .binaryproto", path.display()))?;
             (blob, true)
         };
         if values.len() != 3 * 256 * 256 {
@@ -143,7 +144,11 @@ impl Transform {
         match self.kind {
             TransformKind::Torchvision => {
                 let resized = pil_resize_shorter(img, 256);
-                Planes::from_rgb(&resized, |c, _, _, v| (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c], false)
+                Planes::from_rgb(
+                    &resized,
+                    |c, _, _, v| (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c],
+                    false,
+                )
             }
             TransformKind::Caffe => {
                 let squashed = cv_resize(img, 256, 256);

@@ -206,7 +206,14 @@ impl CustomOp3 for Conv2d {
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let db = dy.sum((0, 2, 3))?;
         let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(*self, w.dims4()?.0, w.dims4()?.2))?;
@@ -241,7 +248,16 @@ impl candle_core::CustomOp2 for WeightGrad {
                     g.im2col(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], &mut cols);
                     let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
                     // acc[o, ckk] += dY[o, ohw] · colsᵀ[ohw, ckk]
-                    matmul(o, ckk, ohw, &mut acc, true, (dyi, ohw as isize, 1), (&cols, 1, ohw as isize), parallelism(chunks.len()));
+                    matmul(
+                        o,
+                        ckk,
+                        ohw,
+                        &mut acc,
+                        true,
+                        (dyi, ohw as isize, 1),
+                        (&cols, 1, ohw as isize),
+                        parallelism(chunks.len()),
+                    );
                 }
                 acc
             })

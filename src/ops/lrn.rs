@@ -102,13 +102,7 @@ impl CustomOp2 for LrnBackward {
         "lrn-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
         let (n, c, h, w) = super::nchw("lrn-backward", xl)?;
         let x = super::contiguous_f32("lrn-backward", xs, xl)?;
@@ -120,10 +114,8 @@ impl CustomOp2 for LrnBackward {
         for ((img, gimg), out) in x.chunks(c * plane).zip(g.chunks(c * plane)).zip(grad.chunks_mut(c * plane)).take(n) {
             let scale = p.denominators(img, c, plane);
             // t_i = g_i x_i s_i^(-beta-1)
-            let t: Vec<f32> = (0..c * plane)
-                .into_par_iter()
-                .map(|i| gimg[i] * img[i] * scale[i].powf(-p.beta - 1.0))
-                .collect();
+            let t: Vec<f32> =
+                (0..c * plane).into_par_iter().map(|i| gimg[i] * img[i] * scale[i].powf(-p.beta - 1.0)).collect();
             out.par_chunks_mut(plane).enumerate().for_each(|(j, out)| {
                 // channel j is in the window of channels i in [j - above, j + below]
                 let lo = j.saturating_sub(above);

@@ -83,28 +83,22 @@ impl CustomOp2 for MaxPool2dBackward {
         "max-pool2d-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let pool = self.0;
         let (_, _, h, w) = super::nchw("max-pool2d-backward", xl)?;
         let x = super::contiguous_f32("max-pool2d-backward", xs, xl)?;
         let g = super::contiguous_f32("max-pool2d-backward", gs, gl)?;
         let (oh, ow) = pool.out_size(h, w);
         let mut grad = vec![0f32; x.len()];
-        grad.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
-            .for_each(|(out, (plane, gplane))| {
+        grad.par_chunks_mut(h * w).zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow))).for_each(
+            |(out, (plane, gplane))| {
                 for oy in 0..oh {
                     for ox in 0..ow {
                         out[pool.argmax(plane, w, oy, ox)] += gplane[oy * ow + ox];
                     }
                 }
-            });
+            },
+        );
         Ok((CpuStorage::F32(grad), xl.shape().clone()))
     }
 }

@@ -79,7 +79,9 @@ impl Blob {
         for field in Fields::new(bytes) {
             match field? {
                 (n @ 1..=4, Wire::Varint(v)) => blob.legacy[n as usize - 1] = Some(v),
-                (5, Wire::Bytes(b)) => blob.data.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")))),
+                (5, Wire::Bytes(b)) => {
+                    blob.data.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))))
+                }
                 (5, Wire::Fixed32(v)) => blob.data.push(f32::from_bits(v)),
                 (8, Wire::Bytes(b)) => {
                     blob.data.extend(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32))
@@ -96,7 +98,7 @@ impl Blob {
         let shape: Vec<usize> = match (self.shape, self.legacy.map(|d| d.unwrap_or(1) as usize)) {
             (Some(dims), _) => dims,
             (None, [_, _, _, out]) if is_bias => vec![out], // legacy bias: (1, 1, 1, out)
-            (None, [1, 1, out, inp]) => vec![out, inp],      // legacy fc weight: (1, 1, out, in)
+            (None, [1, 1, out, inp]) => vec![out, inp],     // legacy fc weight: (1, 1, out, in)
             (None, nchw) => nchw.to_vec(),
         };
         let numel: usize = shape.iter().product();

@@ -71,7 +71,10 @@ fn torchvision() -> anyhow::Result<PathBuf> {
     let path = dir.join(TORCHVISION_FILE);
     if !path.exists() {
         if offline() {
-            bail!("{} is not there and HF_HUB_OFFLINE is set; put {TORCHVISION_FILE} there (from {TORCHVISION_URL})", path.display())
+            bail!(
+                "{} is not there and HF_HUB_OFFLINE is set; put {TORCHVISION_FILE} there (from {TORCHVISION_URL})",
+                path.display()
+            )
         }
         download(TORCHVISION_URL, &path).with_context(|| {
             format!("cannot download {TORCHVISION_URL} (no network?); put {TORCHVISION_FILE} at {}", path.display())
@@ -87,7 +90,10 @@ fn check_hash_prefix(path: &Path) -> anyhow::Result<()> {
     let Some(prefix) = stem.rsplit('-').next().filter(|p| p.len() >= 8) else { return Ok(()) };
     let sha = sha256_file(path)?;
     if !sha.starts_with(prefix) {
-        bail!("{} has sha256 {sha}, which does not start with {prefix}: the file is damaged; delete it and retry", path.display())
+        bail!(
+            "{} has sha256 {sha}, which does not start with {prefix}: the file is damaged; delete it and retry",
+            path.display()
+        )
     }
     Ok(())
 }

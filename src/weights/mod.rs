@@ -95,7 +95,9 @@ impl Format {
         let header_len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
         if matches!(header_len, Some(n) if n > 1 && bytes.get(8) == Some(&b'{')) {
             Some(Format::Safetensors)
-        } else if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
+        } else if bytes.starts_with(b"PK\x03\x04")
+            || bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19")
+        {
             Some(Format::PyTorch) // a zip archive, or a legacy pickle starting with torch's magic number
         } else if caffe::looks_like_caffemodel(bytes) {
             Some(Format::Caffe)

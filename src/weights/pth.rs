@@ -129,7 +129,10 @@ enum Value {
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Global(Global),
-    Storage { key: String, dtype: DType },
+    Storage {
+        key: String,
+        dtype: DType,
+    },
     Tensor(TensorRef),
 }
 
@@ -180,7 +183,12 @@ impl TensorRef {
         let numel: usize = self.size.iter().product();
         let last = self.size.iter().zip(&self.stride).map(|(s, st)| s.saturating_sub(1) * st).sum::<usize>();
         if numel > 0 && (self.offset + last + 1) * elem > raw.len() {
-            bail!("storage `{}` holds {} bytes, too few for shape {:?} (file truncated?)", self.key, raw.len(), self.size)
+            bail!(
+                "storage `{}` holds {} bytes, too few for shape {:?} (file truncated?)",
+                self.key,
+                raw.len(),
+                self.size
+            )
         }
         let mut out = Vec::with_capacity(numel * elem);
         let mut index = vec![0usize; self.size.len()];
@@ -364,7 +372,9 @@ impl<'a> Unpickler<'a> {
                     if items.len() % 2 != 0 {
                         bail!("malformed pickle: odd SETITEMS at byte {at}")
                     }
-                    let Value::Dict(d) = self.top()? else { bail!("malformed pickle: SETITEM on a non-dict at byte {at}") };
+                    let Value::Dict(d) = self.top()? else {
+                        bail!("malformed pickle: SETITEM on a non-dict at byte {at}")
+                    };
                     let mut it = items.into_iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         d.push((k, v));

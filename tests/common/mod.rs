@@ -50,7 +50,13 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, bound: f32) 
 
 /// Compares a whole tensor with the fixture's summary of it (`PREFIX/samples`, `PREFIX/stats`:
 /// 1024 evenly spaced elements, then sum |x|, L2 norm, max |x| and the element count).
-pub fn assert_matches_summary(what: &str, actual: &Tensor, f: &HashMap<String, Tensor>, prefix: &str, bound: f32) -> f32 {
+pub fn assert_matches_summary(
+    what: &str,
+    actual: &Tensor,
+    f: &HashMap<String, Tensor>,
+    prefix: &str,
+    bound: f32,
+) -> f32 {
     let stats: Vec<f64> = get(f, &format!("{prefix}/stats")).to_vec1().unwrap();
     let expected_samples = flat(get(f, &format!("{prefix}/samples")));
     let values = flat(actual);
