@@ -197,11 +197,14 @@ impl TrainTransform {
         };
         let flip = self.flip && rng.random::<bool>();
         let shift = if self.pca_std > 0.0 {
-            // the paper: add [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T to every pixel
+            // The paper: add [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T to every pixel. The formula is not
+            // scale-free (l is a variance); like the common implementations it is applied to
+            // pixels in [0, 1], so in our 0..255 units the shift is sum(p a l) / 255.
             let normal = Normal::new(0.0, self.pca_std).expect("std > 0");
             let alpha: [f64; 3] = std::array::from_fn(|_| normal.sample(&mut rng));
+            let eig = &self.stats;
             std::array::from_fn(|c| {
-                (0..3).map(|i| self.stats.eigvecs[c][i] * alpha[i] * self.stats.eigvals[i]).sum::<f64>() as f32
+                ((0..3).map(|i| eig.eigvecs[c][i] * alpha[i] * eig.eigvals[i]).sum::<f64>() / 255.0) as f32
             })
         } else {
             [0f32; 3]
