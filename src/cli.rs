@@ -11,7 +11,6 @@ use crate::bench::{self, BenchArgs};
 use crate::classes::imagenet_classes;
 use crate::data::augment::Stats;
 use crate::data::dataset::Dataset;
-use crate::data::decode;
 use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::parse_device;
 use crate::eval::{evaluate, top_k, EvalOptions};
@@ -614,13 +613,7 @@ struct Prediction {
 fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> anyhow::Result<()> {
     let model = args.load()?;
     let classes = imagenet_classes();
-    let transform = Transform::for_preset(model.preset);
-    let side = transform.crop;
-    let mut pixels = Vec::new();
-    for path in images {
-        pixels.extend(transform.apply(&decode(path)?, false).with_context(|| path.display().to_string())?.concat());
-    }
-    let x = Tensor::from_vec(pixels, (images.len(), 3, side, side), &Device::Cpu)?.to_device(model.device())?;
+    let x = Transform::for_preset(model.preset).batch(images, false)?.to_device(model.device())?;
     let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
     for (path, p) in images.iter().zip(probs) {
@@ -711,15 +704,8 @@ fn inspect(spec: &str, json: bool) -> anyhow::Result<()> {
 }
 
 fn preprocess(args: &TransformArgs, images: &[PathBuf], crops: usize, output: &Path) -> anyhow::Result<()> {
-    let transform = args.build()?;
-    let mut pixels = Vec::new();
-    for path in images {
-        let chw = transform.apply(&decode(path)?, crops == 10).with_context(|| path.display().to_string())?;
-        pixels.extend(chw.concat());
-    }
-    let s = transform.crop;
-    let x = Tensor::from_vec(pixels, (images.len() * crops, 3, s, s), &Device::Cpu)?;
+    let x = args.build()?.batch(images, crops == 10)?;
+    eprintln!("writing input {:?} to {}", x.dims(), output.display());
     save_safetensors(&[("input".to_string(), x)], &Default::default(), output)?;
-    eprintln!("wrote input [{}, 3, {s}, {s}] to {}", images.len() * crops, output.display());
     Ok(())
 }

@@ -243,7 +243,8 @@ fn convert_to_torchvision_is_torchvisions_state_dict_and_reimports_bit_identical
 
 #[test]
 fn caffemodel_converts_to_safetensors_and_back_bit_identical() {
-    let out = tempfile::tempdir().unwrap().keep().join("caffe.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("caffe.safetensors");
     let src = caffe_dir().join("v1.caffemodel");
     let run = alexnet(&["convert", src.to_str().unwrap(), out.to_str().unwrap()]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
@@ -270,10 +271,10 @@ fn inspect_reports_format_preset_tensors_params_and_sha256() {
 #[test]
 fn the_preset_is_detected_and_a_mismatch_is_an_error() {
     let v2 = caffe_dir().join("v2.caffemodel");
-    let input = tempfile::tempdir().unwrap().keep();
-    let x = input.join("x.safetensors");
+    let input = tempfile::tempdir().unwrap();
+    let x = input.path().join("x.safetensors");
     save_safetensors(&[("input".into(), reference_input(Preset::Caffe))], &Default::default(), &x).unwrap();
-    let y = input.join("y.safetensors");
+    let y = input.path().join("y.safetensors");
     let run = alexnet(&[
         "infer",
         "--weights",

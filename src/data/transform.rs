@@ -139,6 +139,17 @@ impl Transform {
         Ok(crops)
     }
 
+    /// Decodes and preprocesses `paths` into one `[N (x10), 3, crop, crop]` CPU batch.
+    pub fn batch(&self, paths: &[std::path::PathBuf], ten: bool) -> anyhow::Result<candle_core::Tensor> {
+        let mut pixels = Vec::new();
+        for path in paths {
+            let crops = self.apply(&super::decode(path)?, ten).with_context(|| path.display().to_string())?;
+            pixels.extend(crops.concat());
+        }
+        let (n, s) = (paths.len() * if ten { 10 } else { 1 }, self.crop);
+        Ok(candle_core::Tensor::from_vec(pixels, (n, 3, s, s), &candle_core::Device::Cpu)?)
+    }
+
     /// The resized, normalised image before cropping.
     fn base(&self, img: &RgbImage) -> Planes {
         match self.kind {
