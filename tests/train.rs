@@ -203,3 +203,36 @@ fn a_diverging_loss_stops_with_a_message_and_keeps_the_last_checkpoint() {
         }
     }
 }
+
+#[test]
+fn pca_colour_shift_is_sized_for_pixels_in_0_1() {
+    use alexnet::data::augment::TrainTransform;
+    // one principal component along grey with the variance of 0..255 pixels (~3 x 64^2)
+    let g = 1.0 / 3f64.sqrt();
+    let stats = Stats {
+        side: 32,
+        mean_image: vec![0.0; 3 * 32 * 32],
+        eigvecs: [[g, 0.0, 0.0], [g, 0.0, 0.0], [g, 0.0, 0.0]],
+        eigvals: [12288.0, 0.0, 0.0],
+    };
+    let base = TrainTransform {
+        base: 32,
+        crop: 32,
+        scale: 1.0,
+        bgr: false,
+        flip: false,
+        pca_std: 0.0,
+        random_crop: false,
+        stats: std::sync::Arc::new(stats),
+    };
+    let pca = TrainTransform { pca_std: 0.1, ..base.clone() };
+    let sample = Sample { path: shared("photos/chelsea.png"), label: 0 };
+    let largest = (0..20)
+        .map(|pos| {
+            let (a, b) = (base.train(&sample, 1, 0, pos).unwrap(), pca.train(&sample, 1, 0, pos).unwrap());
+            (a[0] - b[0]).abs()
+        })
+        .fold(0f32, f32::max);
+    // alpha ~ N(0, 0.1): |shift| = |alpha| * 12288 / 255 * g, below 4 sigma = 11.1 pixel levels
+    assert!(largest > 0.0 && largest < 11.2, "largest colour shift {largest} pixel levels");
+}
