@@ -57,7 +57,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let side = preset.input_size();
         for &batch in &args.batch_sizes {
             let x = Tensor::rand(-1f32, 1f32, (batch, 3, side, side), &device)?.to_dtype(DType::F32)?;
-            let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 1000).collect::<Vec<_>>(), batch, &device)?;
+            let classes = preset.default_classes() as u32;
+            let labels = Tensor::from_vec((0..batch as u32).map(|i| i % classes).collect::<Vec<_>>(), batch, &device)?;
             let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
             let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false))).collect();
             let mut sgd = Sgd::new(config, vars)?;

@@ -22,7 +22,7 @@
 use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
 use serde::Serialize;
 
-use crate::ops::{adaptive_avg_pool2d, conv2d, lrn, max_pool2d, Lrn};
+use crate::ops::{adaptive_avg_pool2d, conv2d, conv2d_relu, lrn, max_pool2d, Lrn};
 use crate::weights::Params;
 
 /// Which AlexNet.
@@ -276,6 +276,11 @@ impl Conv {
     fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
         conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
     }
+
+    /// `relu(conv(x))` in one pass.
+    fn forward_relu(&self, x: &Tensor) -> CandleResult<Tensor> {
+        conv2d_relu(x, &self.weight, &self.bias, self.stride, self.padding)
+    }
 }
 
 struct Linear {
@@ -473,14 +478,14 @@ impl TwoTowers {
         let [a, b] = &self.towers;
         // conv1: each tower's kernels see the whole image.
         let h = [x.to_device(&a.device)?, x.to_device(&b.device)?];
-        let h = self.each(&h, |t, x| t.conv1.forward(x)?.relu())?;
+        let h = self.each(&h, |t, x| t.conv1.forward_relu(x))?;
         self.record(trace, "conv1", "image", &h, |t| &t.conv1)?;
         let h = self.norm(&h)?;
         self.record_plain(trace, "norm1", &h)?;
         let h = self.each(&h, |_, x| max_pool2d(x, 3, 2))?;
         self.record_plain(trace, "pool1", &h)?;
 
-        let h = self.each(&h, |t, x| t.conv2.forward(x)?.relu())?;
+        let h = self.each(&h, |t, x| t.conv2.forward_relu(x))?;
         self.record(trace, "conv2", "own tower", &h, |t| &t.conv2)?;
         let h = self.norm(&h)?;
         self.record_plain(trace, "norm2", &h)?;
@@ -488,11 +493,11 @@ impl TwoTowers {
         self.record_plain(trace, "pool2", &h)?;
 
         let h = self.exchange(&h)?; // cross-talk: conv3 sees both towers
-        let h = self.each(&h, |t, x| t.conv3.forward(x)?.relu())?;
+        let h = self.each(&h, |t, x| t.conv3.forward_relu(x))?;
         self.record(trace, "conv3", "both towers", &h, |t| &t.conv3)?;
-        let h = self.each(&h, |t, x| t.conv4.forward(x)?.relu())?;
+        let h = self.each(&h, |t, x| t.conv4.forward_relu(x))?;
         self.record(trace, "conv4", "own tower", &h, |t| &t.conv4)?;
-        let h = self.each(&h, |t, x| t.conv5.forward(x)?.relu())?;
+        let h = self.each(&h, |t, x| t.conv5.forward_relu(x))?;
         self.record(trace, "conv5", "own tower", &h, |t| &t.conv5)?;
         let h = self.each(&h, |_, x| max_pool2d(x, 3, 2)?.flatten_from(1))?;
         self.record_plain(trace, "pool5", &h)?;
@@ -629,19 +634,19 @@ impl Torchvision {
     fn forward(&self, x: &Tensor, mode: Mode, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
         let t = &self.0;
         let x = x.to_device(&t.device)?;
-        let h = t.conv1.forward(&x)?.relu()?;
+        let h = t.conv1.forward_relu(&x)?;
         record(trace, "conv1", "-", &h, t.conv1.cost(&h));
         let h = max_pool2d(&h, 3, 2)?;
         record(trace, "pool1", "-", &h, (0, 0));
-        let h = t.conv2.forward(&h)?.relu()?;
+        let h = t.conv2.forward_relu(&h)?;
         record(trace, "conv2", "-", &h, t.conv2.cost(&h));
         let h = max_pool2d(&h, 3, 2)?;
         record(trace, "pool2", "-", &h, (0, 0));
-        let h = t.conv3.forward(&h)?.relu()?;
+        let h = t.conv3.forward_relu(&h)?;
         record(trace, "conv3", "-", &h, t.conv3.cost(&h));
-        let h = t.conv4.forward(&h)?.relu()?;
+        let h = t.conv4.forward_relu(&h)?;
         record(trace, "conv4", "-", &h, t.conv4.cost(&h));
-        let h = t.conv5.forward(&h)?.relu()?;
+        let h = t.conv5.forward_relu(&h)?;
         record(trace, "conv5", "-", &h, t.conv5.cost(&h));
         let h = max_pool2d(&h, 3, 2)?;
         record(trace, "pool5", "-", &h, (0, 0));
@@ -694,12 +699,12 @@ impl SmallNet {
     }
 
     fn forward(&self, x: &Tensor, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
-        let act = |t: Tensor| if self.tanh { t.tanh() } else { t.relu() };
+        let act = |conv: &Conv, h: &Tensor| if self.tanh { conv.forward(h)?.tanh() } else { conv.forward_relu(h) };
         let mut h = x.to_device(&self.device)?;
         for (conv, name, pool) in
             [(&self.conv1, "conv1", "pool1"), (&self.conv2, "conv2", "pool2"), (&self.conv3, "conv3", "pool3")]
         {
-            h = act(conv.forward(&h)?)?;
+            h = act(conv, &h)?;
             record(trace, name, "-", &h, conv.cost(&h));
             h = max_pool2d(&h, 3, 2)?;
             record(trace, pool, "-", &h, (0, 0));

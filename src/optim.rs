@@ -10,7 +10,10 @@
 //! (Caffe's `decay_mult: 0` on biases; PyTorch decays everything it is given).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
+
+use crate::ops::{contiguous_f32, contiguous_f32_mut};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,26 +53,125 @@ impl Sgd {
     }
 
     /// One update with learning rate `lr`. A parameter without a gradient is left alone.
+    ///
+    /// Both rules are `v <- a v + b w + c g; w <- w + d v`; on the CPU the two lines run as
+    /// one in-place pass over each parameter (the same f32 operations in the same order as the
+    /// formulas above), elsewhere as tensor ops.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let c = self.config;
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.var) else { continue };
             let w = slot.var.as_tensor();
             let wd = if slot.is_bias && !c.decay_biases { 0.0 } else { c.weight_decay };
-            match c.rule {
-                UpdateRule::Paper => {
-                    let v =
-                        ((slot.velocity.affine(c.momentum, 0.0)? - w.affine(wd * lr, 0.0)?)? - g.affine(lr, 0.0)?)?;
-                    slot.var.set(&(w + &v)?)?;
-                    slot.velocity = v.detach(); // no graph back through earlier steps
-                }
-                UpdateRule::Pytorch => {
-                    let v = (slot.velocity.affine(c.momentum, 0.0)? + (g + w.affine(wd, 0.0)?)?)?;
-                    slot.var.set(&(w - v.affine(lr, 0.0)?)?)?;
-                    slot.velocity = v.detach();
-                }
+            let update = Update::new(c.rule, c.momentum, wd, lr);
+            if w.device().is_cpu() && w.is_contiguous() && slot.velocity.is_contiguous() {
+                slot.velocity.inplace_op3(w, &g.contiguous()?, &update)?;
+                w.inplace_op2(&slot.velocity, &ApplyVelocity(update.d))?;
+                continue;
+            }
+            let v = update.velocity(&slot.velocity, w, g)?;
+            slot.var.set(&(w + v.affine(update.d, 0.0)?)?)?;
+            slot.velocity = v.detach(); // no graph back through earlier steps
+        }
+        Ok(())
+    }
+}
+
+/// The coefficients of one rule at one learning rate.
+#[derive(Clone, Copy)]
+struct Update {
+    rule: UpdateRule,
+    momentum: f64,
+    wd: f64,
+    lr: f64,
+    /// `w <- w + d v`
+    d: f64,
+}
+
+impl Update {
+    fn new(rule: UpdateRule, momentum: f64, wd: f64, lr: f64) -> Self {
+        let d = match rule {
+            UpdateRule::Paper => 1.0,
+            UpdateRule::Pytorch => -lr,
+        };
+        Update { rule, momentum, wd, lr, d }
+    }
+
+    /// The new velocity as tensor ops (any device).
+    fn velocity(&self, v: &Tensor, w: &Tensor, g: &Tensor) -> Result<Tensor> {
+        match self.rule {
+            UpdateRule::Paper => {
+                (v.affine(self.momentum, 0.0)? - w.affine(self.wd * self.lr, 0.0)?)? - g.affine(self.lr, 0.0)?
+            }
+            UpdateRule::Pytorch => v.affine(self.momentum, 0.0)? + (g + w.affine(self.wd, 0.0)?)?,
+        }
+    }
+}
+
+/// In place on the velocity, given (w, g): the same f32 arithmetic as [`Update::velocity`].
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "sgd-velocity"
+    }
+
+    fn cpu_fwd(
+        &self,
+        vs: &mut CpuStorage,
+        vl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let v = contiguous_f32_mut("sgd", vs, vl)?;
+        let (w, g) = (contiguous_f32("sgd", ws, wl)?, contiguous_f32("sgd", gs, gl)?);
+        let m = self.momentum as f32;
+        match self.rule {
+            UpdateRule::Paper => {
+                let (wdl, lr) = ((self.wd * self.lr) as f32, self.lr as f32);
+                zip3(v, w, g, |v, w, g| (v * m - w * wdl) - g * lr);
+            }
+            UpdateRule::Pytorch => {
+                let wd = self.wd as f32;
+                zip3(v, w, g, |v, w, g| v * m + (g + w * wd));
             }
         }
         Ok(())
     }
+}
+
+/// `w <- w + d v` in place on the weights, given v.
+struct ApplyVelocity(f64);
+
+impl InplaceOp2 for ApplyVelocity {
+    fn name(&self) -> &'static str {
+        "sgd-apply"
+    }
+
+    fn cpu_fwd(&self, ws: &mut CpuStorage, wl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<()> {
+        let w = contiguous_f32_mut("sgd", ws, wl)?;
+        let v = contiguous_f32("sgd", vs, vl)?;
+        let d = self.0 as f32;
+        if d == 1.0 {
+            w.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(w, v)| w.iter_mut().zip(v).for_each(|(w, v)| *w += v));
+        } else {
+            w.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(w, v)| w.iter_mut().zip(v).for_each(|(w, v)| *w += v * d));
+        }
+        Ok(())
+    }
+}
+
+const CHUNK: usize = 1 << 16;
+
+/// `v[i] = f(v[i], w[i], g[i])` over the cores.
+fn zip3(v: &mut [f32], w: &[f32], g: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) {
+    v.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(v, (w, g))| {
+        for ((v, &w), &g) in v.iter_mut().zip(w).zip(g) {
+            *v = f(*v, w, g);
+        }
+    });
 }

@@ -7,8 +7,10 @@
 //! * input gradient: `dX = col2im(Wᵀ · dY)`, skipped entirely when the input needs no gradient
 //!   (the image), which Candle's own conv backward always computes, without GEMM.
 //!
-//! Images are spread over the cores; a single image spreads its GEMM instead. Other devices
-//! use Candle's `conv2d`.
+//! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
+//! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
+//! gradient). Images are spread over the cores; a single image spreads its GEMM instead.
+//! Other devices use Candle's `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
@@ -16,16 +18,29 @@ use rayon::prelude::*;
 
 /// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return x.conv2d(w, padding, stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?);
-    }
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d { stride, padding })
+    Conv2d { stride, padding, relu: false }.apply(x, w, b)
+}
+
+/// `relu(x.conv2d(w) + b)`, in one pass.
+pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    Conv2d { stride, padding, relu: true }.apply(x, w, b)
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Conv2d {
     stride: usize,
     padding: usize,
+    relu: bool,
+}
+
+impl Conv2d {
+    fn apply(self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            let y = x.conv2d(w, self.padding, self.stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+            return if self.relu { y.relu() } else { Ok(y) };
+        }
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, self)
+    }
 }
 
 /// The sizes of one convolution.
@@ -66,6 +81,15 @@ impl Geometry {
         self.oh * self.ow
     }
 
+    /// The output columns `lo..hi` whose kernel column `kx` falls inside the image
+    /// (`0 <= ox*s + kx - p < w`); the others read padding.
+    fn valid_columns(&self, kx: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.pad);
+        let lo = p.saturating_sub(kx).div_ceil(s);
+        let hi = if self.w + p > kx { ((self.w + p - kx - 1) / s + 1).min(self.ow) } else { 0 };
+        (lo.min(hi), hi)
+    }
+
     /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside).
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
         let (k, s, p) = (self.k, self.stride, self.pad as isize);
@@ -82,9 +106,19 @@ impl Geometry {
                             continue;
                         }
                         let src = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        for (ox, o) in out.iter_mut().enumerate() {
-                            let ix = (ox * s + kx) as isize - p;
-                            *o = if ix < 0 || ix >= self.w as isize { 0.0 } else { src[ix as usize] };
+                        let (lo, hi) = self.valid_columns(kx);
+                        out[..lo].fill(0.0);
+                        out[hi..].fill(0.0);
+                        if lo == hi {
+                            continue;
+                        }
+                        let first = lo * s + kx - self.pad; // input column of output column `lo`
+                        if s == 1 {
+                            out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        } else {
+                            for (o, &v) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                                *o = v;
+                            }
                         }
                     }
                 }
@@ -107,11 +141,14 @@ impl Geometry {
                             continue;
                         }
                         let dst = &mut plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        for (ox, &v) in row[oy * self.ow..(oy + 1) * self.ow].iter().enumerate() {
-                            let ix = (ox * s + kx) as isize - p;
-                            if ix >= 0 && ix < self.w as isize {
-                                dst[ix as usize] += v;
-                            }
+                        let (lo, hi) = self.valid_columns(kx);
+                        if lo == hi {
+                            continue;
+                        }
+                        let first = lo * s + kx - self.pad;
+                        let src = &row[oy * self.ow + lo..oy * self.ow + hi];
+                        for (d, &v) in dst[first..].iter_mut().step_by(s).zip(src) {
+                            *d += v;
                         }
                     }
                 }
@@ -201,6 +238,10 @@ impl CustomOp3 for Conv2d {
                     row.fill(bias);
                 }
                 matmul(g.o, ohw, ckk, out, true, (w, ckk as isize, 1), (cols, ohw as isize, 1), par);
+                if self.relu {
+                    out.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
+                    // NaN stays NaN
+                }
             },
         );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
@@ -211,14 +252,55 @@ impl CustomOp3 for Conv2d {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let db = dy.sum((0, 2, 3))?;
+        let dy = if self.relu { dy.apply_op2_no_bwd(y, &ReluGrad)? } else { dy.contiguous()? };
+        let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(*self, w.dims4()?.0, w.dims4()?.2))?;
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(*self, x.dims4()?))?) } else { None };
         Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// `dy` where the ReLU's output `y` is positive, 0 elsewhere; args (dy, y).
+struct ReluGrad;
+
+impl candle_core::CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ys: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = super::contiguous_f32("relu grad", gs, gl)?;
+        let y = super::contiguous_f32("relu grad", ys, yl)?;
+        let mut out = vec![0f32; dy.len()];
+        out.par_chunks_mut(4096).zip(dy.par_chunks(4096).zip(y.par_chunks(4096))).for_each(|(o, (g, y))| {
+            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                *o = if y > 0.0 { g } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// `db[o] = Σ_n Σ_pixels dY[n, o]`: one task per channel, images summed in order.
+struct BiasGrad;
+
+impl candle_core::CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-bias-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, o, h, w) = super::nchw("conv2d bias grad", gl)?;
+        let dy = super::contiguous_f32("conv2d bias grad", gs, gl)?;
+        let plane = h * w;
+        let db = (0..o)
+            .into_par_iter()
+            .map(|c| (0..n).map(|i| dy[(i * o + c) * plane..][..plane].iter().sum::<f32>()).sum())
+            .collect();
+        Ok((CpuStorage::F32(db), Shape::from(o)))
     }
 }
 

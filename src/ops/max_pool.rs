@@ -33,13 +33,17 @@ impl MaxPool2d {
     fn argmax(&self, plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
         let (y0, x0) = (oy * self.stride, ox * self.stride);
         let mut best = y0 * w + x0;
-        let mut max = f32::NEG_INFINITY;
+        let mut max = plane[best];
+        if max.is_nan() {
+            return best;
+        }
         for y in y0..y0 + self.kernel {
-            for x in x0..x0 + self.kernel {
-                let v = plane[y * w + x];
-                if v > max || v.is_nan() {
+            let row = y * w + x0;
+            for (dx, &v) in plane[row..row + self.kernel].iter().enumerate() {
+                // `!(v <= max)` is PyTorch's `v > max || isnan(v)`
+                if !(v <= max) {
                     max = v;
-                    best = y * w + x;
+                    best = row + dx;
                     if v.is_nan() {
                         return best;
                     }

@@ -6,7 +6,8 @@
 //!   `max_pool2d_with_stride` has none when kernel != stride); ties go where PyTorch sends them.
 //! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
 //! * [`conv2d`]: convolution + bias as im2col and packed GEMM, forward and backward (Candle's
-//!   CPU convolution backward runs without GEMM and always computes the input gradient).
+//!   CPU convolution backward runs without GEMM and always computes the input gradient), and
+//!   [`conv2d_relu`] with the ReLU fused in.
 //!
 //! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
 //! contiguous first, so callers never have to.
@@ -17,18 +18,27 @@ mod lrn;
 mod max_pool;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
-pub use conv::conv2d;
+pub use conv::{conv2d, conv2d_relu};
 pub use lrn::{lrn, Lrn};
 pub use max_pool::max_pool2d;
 
 use candle_core::{CpuStorage, Layout, Result};
 
 /// The contiguous f32 data of a CPU tensor, or an error naming the op that needed it.
-fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// The same, writable, for in-place ops.
+pub(crate) fn contiguous_f32_mut<'a>(op: &str, storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input must be contiguous"),
+        _ => candle_core::bail!("{op}: expected f32 data"),
     }
 }
 
