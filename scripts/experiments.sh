@@ -40,6 +40,6 @@ case "$1" in
     # plateau), He-uniform init (PyTorch's default sat at ln(10) for the first 80 steps),
     # validated on the 10,000 test images after every epoch
     $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
-      --out target/runs/cifar-towers --epochs "${EPOCHS:-30}" --lr 0.01 --init reference --keep 1 --quiet ;;
+      --out target/runs/cifar-towers --epochs "${EPOCHS:-30}" --lr 0.01 --patience 2 --init reference --keep 2 --quiet ;;
   *) echo "unknown experiment $1" >&2; exit 2 ;;
 esac

@@ -7,9 +7,9 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::Serialize;
 
-use crate::device::parse_device;
+use crate::device::DeviceArgs;
 use crate::init::Init;
-use crate::model::{AlexNet, Mode, Placement, Preset};
+use crate::model::{AlexNet, LrnScope, Mode, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
 use crate::weights::Params;
 
@@ -27,9 +27,8 @@ pub struct BenchArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Time a training step (forward, backward, SGD with momentum) instead of a forward pass.
     #[arg(long)]
     train: bool,
@@ -49,11 +48,12 @@ struct Measurement {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
+    let placement = args.device.placement(LrnScope::Layer)?;
+    let device = placement.towers[0].clone();
     let mut results = Vec::new();
     println!("{:<12} {:>6} {:>12} {:>10} {:>14}", "preset", "batch", "median ms", "images/s", "peak RSS MiB");
     for &preset in &args.preset {
-        let model = AlexNet::new(preset, &mut Params::Init(Init::Reference { seed: 0 }), &Placement::on(&device))?;
+        let model = AlexNet::new(preset, &mut Params::Init(Init::Reference { seed: 0 }), &placement)?;
         let side = preset.input_size();
         for &batch in &args.batch_sizes {
             let x = Tensor::rand(-1f32, 1f32, (batch, 3, side, side), &device)?.to_dtype(DType::F32)?;
@@ -72,7 +72,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 } else {
                     drop(model.forward(&x, Mode::Eval)?);
                 }
-                device.synchronize()?;
+                for tower in &placement.towers {
+                    tower.synchronize()?;
+                }
                 if i >= args.warmup {
                     times.push(start.elapsed().as_secs_f64());
                 }

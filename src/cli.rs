@@ -12,7 +12,7 @@ use crate::classes::imagenet_classes;
 use crate::data::augment::Stats;
 use crate::data::dataset::Dataset;
 use crate::data::transform::{Mean, Transform, TransformKind};
-use crate::device::parse_device;
+use crate::device::DeviceArgs;
 use crate::eval::{evaluate, top_k, EvalOptions};
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
@@ -289,8 +289,8 @@ pub struct TrainArgs {
     /// Log every N steps.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long)]
     quiet: bool,
 }
@@ -354,7 +354,7 @@ impl TrainArgs {
             keep: self.keep,
             log_every: self.log_every.max(1),
             quiet: self.quiet,
-            device: parse_device(&self.device)?,
+            placement: self.device.placement(LrnScope::Layer)?,
         };
         let path = train(config, opts)?;
         eprintln!("final weights: {}", path.display());
@@ -430,9 +430,8 @@ pub struct ModelArgs {
     /// official alexnet-owt-7be5be79.pth (downloaded once to torchvision's cache).
     #[arg(long)]
     pub weights: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Two-tower presets: LRN across the whole layer (Caffe) or within each tower.
     #[arg(long, value_enum, default_value = "layer")]
     pub lrn_scope: LrnScope,
@@ -440,10 +439,9 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<AlexNet> {
-        let device = parse_device(&self.device)?;
+        let placement = self.device.placement(self.lrn_scope)?;
         let file = WeightFile::open(&fetch::resolve(&self.weights)?)?;
         let preset = resolve_preset(self.preset, &file)?;
-        let placement = Placement { lrn_scope: self.lrn_scope, ..Placement::on(&device) };
         AlexNet::new(preset, &mut Params::File(file), &placement)
     }
 }

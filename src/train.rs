@@ -89,7 +89,8 @@ pub struct RunOptions {
     pub keep: usize,
     pub log_every: usize,
     pub quiet: bool,
-    pub device: Device,
+    /// Where the towers run; logits, labels and the loss live on tower A's device.
+    pub placement: Placement,
 }
 
 /// One line of the JSON-lines log.
@@ -142,13 +143,14 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
 
     // ---- model and optimiser (fresh, or from a checkpoint) -------------------------------
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let placement = Placement::on(&opts.device);
+    let placement = &opts.placement;
+    let device = &placement.towers[0];
     let checkpoint = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
     let mut params = match &checkpoint {
         Some(c) => Params::File(WeightFile::open(&c.path)?.without_prefix("momentum/")),
         None => Params::Init(opts.init),
     };
-    let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, &placement)?;
+    let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, placement)?;
     let sgd_config = SgdConfig {
         momentum: config.momentum,
         weight_decay: config.weight_decay,
@@ -209,7 +211,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
                 bail!("cannot load training image {}: {reason}", path.display())
             }
             let n = batch.items.len();
-            let (x, labels) = to_tensors(&batch.items, config.preset.input_size(), &opts.device)?;
+            let (x, labels) = to_tensors(&batch.items, config.preset.input_size(), device)?;
             let mode = if config.dropout {
                 Mode::Train { seed: config.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) }
             } else {
@@ -283,7 +285,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             ..Default::default()
         };
         if let Some(val) = &val_samples {
-            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, &opts.device)?;
+            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, device)?;
             (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
             if !opts.quiet {
                 eprintln!(

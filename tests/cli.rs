@@ -185,4 +185,11 @@ fn cuda_without_cuda_support_is_a_clear_error() {
         "x.png",
     ]);
     assert!(err.contains("without CUDA support"), "{err}");
+    let weights = file("tv.safetensors");
+    let with_towers =
+        |towers: &str| expect_error(&["classify", "--weights", &weights, "--tower-devices", towers, "x.png"]);
+    let err = with_towers("cuda:0,cuda:1");
+    assert!(err.contains("without CUDA support"), "{err}");
+    let err = with_towers("cpu");
+    assert!(err.contains("--tower-devices takes two devices"), "{err}");
 }

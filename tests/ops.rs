@@ -3,7 +3,7 @@
 mod common;
 
 use alexnet::init::reference_pattern;
-use alexnet::ops::{adaptive_avg_pool2d, lrn, max_pool2d, Lrn};
+use alexnet::ops::{adaptive_avg_pool2d, lrn, lrn_tensor_ops, max_pool2d, max_pool2d_tensor_ops, Lrn};
 use candle_core::{Tensor, Var};
 use common::*;
 
@@ -51,6 +51,33 @@ fn max_pool_3_2_backward_sends_ties_where_pytorch_does() {
     for (name, dims) in [("pool_ties", [2, 3, 9, 11]), ("pool_alexnet", [1, 4, 13, 13])] {
         let x = pattern(&format!("{name}.x"), &dims, 2.0).floor().unwrap();
         check_op(name, &x, |x| max_pool2d(x, 3, 2));
+    }
+}
+
+/// The paths other devices (CUDA) take, run here on the CPU against the same fixtures.
+#[test]
+fn lrn_and_max_pool_as_tensor_ops_for_other_devices() {
+    let x = pattern("lrn.x", &[2, 7, 5, 4], 40.0);
+    check_op("lrn_paper", &x, |x| lrn_tensor_ops(x, Lrn::paper()));
+    check_op("lrn_caffe", &x, |x| lrn_tensor_ops(x, Lrn::caffe()));
+    check_op("lrn_even", &x, |x| lrn_tensor_ops(x, Lrn { size: 4, alpha: 1e-3, beta: 0.6, k: 1.5 }));
+    // Forward: the fixtures, ties included. Backward: Candle's `maximum` splits ties, so the
+    // gradient is compared where every window's maximum is unique (unrounded pattern values).
+    for (name, dims) in [("pool_ties", [2, 3, 9, 11]), ("pool_alexnet", [1, 4, 13, 13])] {
+        let x = pattern(&format!("{name}.x"), &dims, 2.0).floor().unwrap();
+        let y = max_pool2d_tensor_ops(&x, 3, 2).unwrap();
+        assert_close(
+            &format!("{name} tensor-ops forward"),
+            &y,
+            get(&fixture("ops.safetensors"), &format!("{name}/y")),
+            0.0,
+        );
+        let x = Var::from_tensor(&pattern(&format!("{name}.x"), &dims, 2.0)).unwrap();
+        let [kernel, ops] = [max_pool2d(&x, 3, 2).unwrap(), max_pool2d_tensor_ops(&x, 3, 2).unwrap()];
+        assert_close(&format!("{name} tensor-ops unique maxima"), &ops, &kernel, 0.0);
+        let grad_y = pattern(&format!("{name}.grad"), kernel.dims(), 1.0);
+        let grad = |y: &Tensor| (y * &grad_y).unwrap().sum_all().unwrap().backward().unwrap().get(&x).unwrap().clone();
+        assert_close(&format!("{name} tensor-ops backward"), &grad(&ops), &grad(&kernel), 0.0);
     }
 }
 

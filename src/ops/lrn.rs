@@ -70,9 +70,27 @@ impl Lrn {
     }
 }
 
-/// Local response normalisation of an `[N, C, H, W]` tensor, differentiable.
+/// Local response normalisation of an `[N, C, H, W]` tensor, differentiable: the CPU kernel
+/// below on the CPU, [`lrn_tensor_ops`] on other devices.
 pub fn lrn(x: &Tensor, params: Lrn) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return lrn_tensor_ops(x, params);
+    }
     x.contiguous()?.apply_op1(params)
+}
+
+/// The same formula as Candle tensor ops, so it runs (and differentiates) on every backend:
+/// the squares padded with zero channels, the window as `size` shifted slices summed.
+pub fn lrn_tensor_ops(x: &Tensor, p: Lrn) -> Result<Tensor> {
+    let (below, above) = p.reach();
+    let c = x.dim(1)?;
+    let squares = x.sqr()?.pad_with_zeros(1, below, above)?;
+    let mut sum = squares.narrow(1, 0, c)?;
+    for j in 1..p.size {
+        sum = (sum + squares.narrow(1, j, c)?)?;
+    }
+    let scale = ((sum / p.size as f64)? * p.alpha as f64)? + p.k as f64;
+    x * scale?.powf(-p.beta as f64)?
 }
 
 impl CustomOp1 for Lrn {

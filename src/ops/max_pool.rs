@@ -14,13 +14,43 @@ struct MaxPool2d {
     stride: usize,
 }
 
-/// Max-pooling of an `[N, C, H, W]` tensor with a square `kernel` and `stride`, differentiable.
+/// Max-pooling of an `[N, C, H, W]` tensor with a square `kernel` and `stride`, differentiable:
+/// the CPU kernel below on the CPU, [`max_pool2d_tensor_ops`] on other devices.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if h < kernel || w < kernel {
         candle_core::bail!("max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window")
     }
+    if !x.device().is_cpu() {
+        return max_pool2d_tensor_ops(x, kernel, stride);
+    }
     x.contiguous()?.apply_op1(MaxPool2d { kernel, stride })
+}
+
+/// The same pooling as Candle tensor ops, for every backend: the elementwise maximum of the
+/// `kernel²` strided views of the input (each an `index_select` of rows, then of columns).
+/// Gradients come from Candle's `maximum`, which splits a tie evenly between the tied inputs
+/// where PyTorch gives it all to the first; the two agree whenever a window's maximum is unique.
+pub fn max_pool2d_tensor_ops(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let pool = MaxPool2d { kernel, stride };
+    let (oh, ow) = pool.out_size(h, w);
+    let picks = |offset: usize, count: usize| {
+        let index: Vec<u32> = (0..count).map(|i| (offset + i * stride) as u32).collect();
+        Tensor::new(index, x.device())
+    };
+    let mut out: Option<Tensor> = None;
+    for dy in 0..kernel {
+        let rows = x.index_select(&picks(dy, oh)?, 2)?;
+        for dx in 0..kernel {
+            let view = rows.index_select(&picks(dx, ow)?, 3)?;
+            out = Some(match out {
+                None => view,
+                Some(m) => m.maximum(&view)?,
+            });
+        }
+    }
+    Ok(out.expect("a window has at least one element"))
 }
 
 impl MaxPool2d {

@@ -10,7 +10,9 @@
 //!   [`conv2d_relu`] with the ReLU fused in.
 //!
 //! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
-//! contiguous first, so callers never have to.
+//! contiguous first, so callers never have to. On other devices (CUDA) LRN and max-pooling run
+//! as compositions of Candle tensor ops (`*_tensor_ops`, tested against the same fixtures on
+//! the CPU) and the convolution as Candle's `conv2d`.
 
 mod adaptive_pool;
 mod conv;
@@ -19,8 +21,8 @@ mod max_pool;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use conv::{conv2d, conv2d_relu};
-pub use lrn::{lrn, Lrn};
-pub use max_pool::max_pool2d;
+pub use lrn::{lrn, lrn_tensor_ops, Lrn};
+pub use max_pool::{max_pool2d, max_pool2d_tensor_ops};
 
 use candle_core::{CpuStorage, Layout, Result};
 
