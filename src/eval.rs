@@ -84,7 +84,7 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
 
     let progress = progress_bar(samples.len() as u64, opts.quiet);
     let start = Instant::now();
-    let (mut top1, mut top5, mut seen) = (0usize, 0usize, 0usize);
+    let mut hits = Hits::default();
     let mut skipped = Vec::new();
     let mut predictions = Vec::with_capacity(samples.len());
     for batch in batches {
@@ -100,27 +100,18 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
             continue;
         }
         let n = batch.items.len();
-        let data: Vec<f32> = batch.items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-        let x = Tensor::from_vec(data, (n * crops, 3, side, side), &Device::Cpu)?.to_device(model.device())?;
-        let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?;
-        // the paper's 10-patch prediction: average the softmax over the crops
-        let probs = probs.reshape((n, crops, ()))?.mean(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-        for ((i, _), p) in batch.items.iter().zip(probs) {
+        let views: Vec<f32> = batch.items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        for ((i, _), p) in batch.items.iter().zip(predict(model, views, n, crops, side)?) {
             let label = samples[*i].label;
-            let top = top_k(&p, 5);
-            top1 += usize::from(top[0] == label);
-            top5 += usize::from(top.contains(&label));
-            seen += 1;
-            predictions.push(Prediction { path: samples[*i].path.clone(), label, top5: top });
+            let top5 = hits.add(&p, label);
+            predictions.push(Prediction { path: samples[*i].path.clone(), label, top5 });
         }
         progress.inc(n as u64);
-        progress.set_message(format!(
-            "top-1 {:.2}%  top-5 {:.2}%",
-            100.0 * top1 as f64 / seen as f64,
-            100.0 * top5 as f64 / seen as f64
-        ));
+        let (top1, top5) = hits.accuracy();
+        progress.set_message(format!("top-1 {:.2}%  top-5 {:.2}%", 100.0 * top1, 100.0 * top5));
     }
     progress.finish_and_clear();
+    let (seen, top1, top5) = (hits.seen, hits.top1, hits.top5);
     if seen == 0 {
         bail!("no image of {} could be evaluated ({} skipped)", opts.data.display(), skipped.len())
     }
@@ -145,6 +136,39 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
         images_per_second: seen as f64 / seconds,
         predictions,
     })
+}
+
+/// The paper's prediction for `n` images of `crops` views each (`views`: their pixels one view
+/// after another): the softmax averaged over each image's views, as rows on the CPU.
+pub fn predict(model: &AlexNet, views: Vec<f32>, n: usize, crops: usize, side: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    let x = Tensor::from_vec(views, (n * crops, 3, side, side), &Device::Cpu)?.to_device(model.device())?;
+    let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?;
+    Ok(probs.reshape((n, crops, ()))?.mean(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+}
+
+/// Top-1 and top-5 hits, counted as predictions come in.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hits {
+    pub top1: usize,
+    pub top5: usize,
+    pub seen: usize,
+}
+
+impl Hits {
+    /// Counts one prediction (scores of every class) of an image of class `label`; returns its top 5.
+    pub fn add(&mut self, scores: &[f32], label: usize) -> Vec<usize> {
+        let top = top_k(scores, 5);
+        self.top1 += usize::from(top[0] == label);
+        self.top5 += usize::from(top.contains(&label));
+        self.seen += 1;
+        top
+    }
+
+    /// Top-1 and top-5 accuracy so far.
+    pub fn accuracy(&self) -> (f64, f64) {
+        let n = self.seen.max(1) as f64;
+        (self.top1 as f64 / n, self.top5 as f64 / n)
+    }
 }
 
 /// Indices of the `k` largest values (all of them if fewer), largest first; ties: lower index first.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::augment::{Stats, TrainTransform};
 use crate::data::dataset::{Dataset, Sample};
 use crate::data::loader;
-use crate::eval::{progress_bar, top_k};
+use crate::eval::{predict, progress_bar, Hits};
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
@@ -231,7 +231,11 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             sgd.step(&grads, sched.lr)?;
             step += 1;
 
-            let (top1, top5) = count_correct(&logits, &batch.items)?;
+            let mut hits = Hits::default();
+            for (row, (_, (_, label))) in logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?.iter().zip(&batch.items) {
+                hits.add(row, *label);
+            }
+            let (top1, top5) = (hits.top1, hits.top5);
             (epoch_top1, epoch_n, epoch_loss) = (epoch_top1 + top1, epoch_n + n, epoch_loss + loss_value * n as f64);
             window_loss += loss_value * n as f64;
             window_n += n;
@@ -285,7 +289,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             ..Default::default()
         };
         if let Some(val) = &val_samples {
-            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, device)?;
+            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size)?;
             (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
             if !opts.quiet {
                 eprintln!(
@@ -411,17 +415,6 @@ fn to_tensors(items: &[(usize, (Vec<f32>, usize))], side: usize, device: &Device
     Ok((Tensor::from_vec(pixels, (n, 3, side, side), device)?, Tensor::from_vec(labels, n, device)?))
 }
 
-fn count_correct(logits: &Tensor, items: &[(usize, (Vec<f32>, usize))]) -> anyhow::Result<(usize, usize)> {
-    let rows = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-    let (mut top1, mut top5) = (0, 0);
-    for (row, (_, (_, label))) in rows.iter().zip(items) {
-        let k = top_k(row, 5);
-        top1 += usize::from(k[0] == *label);
-        top5 += usize::from(k.contains(label));
-    }
-    Ok((top1, top5))
-}
-
 /// Top-1 and top-5 accuracy on the validation images (centre crop, or the ten crops).
 fn validate(
     model: &AlexNet,
@@ -429,7 +422,6 @@ fn validate(
     t: &TrainTransform,
     crops: usize,
     batch: usize,
-    device: &Device,
 ) -> anyhow::Result<(f64, f64)> {
     let t = t.clone();
     let ten = crops == 10;
@@ -438,20 +430,18 @@ fn validate(
         Ok((views.concat(), s.label))
     });
     let side = model.preset.input_size();
-    let (mut top1, mut top5, mut n) = (0, 0, 0);
+    let mut hits = Hits::default();
     for b in batches {
         if let Some((path, reason)) = b.failures.first() {
             bail!("cannot load validation image {}: {reason}", path.display())
         }
         let m = b.items.len();
-        let pixels: Vec<f32> = b.items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
-        let x = Tensor::from_vec(pixels, (m * crops, 3, side, side), device)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.reshape((m, crops, ()))?.mean(1)?;
-        let (a, b5) = count_correct(&probs, &b.items)?;
-        (top1, top5, n) = (top1 + a, top5 + b5, n + m);
+        let views: Vec<f32> = b.items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
+        for (p, (_, (_, label))) in predict(model, views, m, crops, side)?.iter().zip(&b.items) {
+            hits.add(p, *label);
+        }
     }
-    Ok((top1 as f64 / n as f64, top5 as f64 / n as f64))
+    Ok(hits.accuracy())
 }
 
 /// The four corners, the centre and their mirrors, from the base image.
