@@ -90,14 +90,16 @@ impl Geometry {
         (lo.min(hi), hi)
     }
 
-    /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside).
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside), each
+    /// row of `cols` starting `ld` values after the previous one (`ld = ohw`, or wider when
+    /// several images share one matrix side by side).
+    fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
         let (k, s, p) = (self.k, self.stride, self.pad as isize);
         for ci in 0..self.c {
             let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
             for ky in 0..k {
                 for kx in 0..k {
-                    let row = &mut cols[((ci * k + ky) * k + kx) * self.ohw()..][..self.ohw()];
+                    let row = &mut cols[((ci * k + ky) * k + kx) * ld..][..self.ohw()];
                     for oy in 0..self.oh {
                         let iy = (oy * s + ky) as isize - p;
                         let out = &mut row[oy * self.ow..(oy + 1) * self.ow];
@@ -200,6 +202,19 @@ fn matmul(
 /// Images per partial weight gradient: fixed, so the summation order is too.
 const CHUNK: usize = 8;
 
+/// Columns a forward GEMM should have at least: below that, packing the weights (once per
+/// GEMM) costs more than it should against the multiply-adds.
+const GEMM_COLUMNS: usize = 1024;
+
+/// Images per forward GEMM: small maps (13x13 has 169 columns) go side by side into one wide
+/// GEMM, so the weights are packed once per group instead of once per image; the groups are
+/// evened out over the cores.
+fn images_per_gemm(n: usize, ohw: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let tasks = n.div_ceil(GEMM_COLUMNS.div_ceil(ohw)).next_multiple_of(threads).min(n).max(1);
+    n.div_ceil(tasks)
+}
+
 fn parallelism(images: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
     if images >= threads {
@@ -227,20 +242,32 @@ impl CustomOp3 for Conv2d {
         let x = super::contiguous_f32("conv2d", xs, xl)?;
         let w = super::contiguous_f32("conv2d", ws, wl)?;
         let b = super::contiguous_f32("conv2d", bs, bl)?;
-        let (ckk, ohw) = (g.ckk(), g.ohw());
-        let par = parallelism(g.n);
+        let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
+        let group = images_per_gemm(g.n, ohw);
+        let par = parallelism(g.n.div_ceil(group));
         let mut y = vec![0f32; g.n * g.o * ohw];
-        y.par_chunks_mut(g.o * ohw).zip(x.par_chunks(g.c * g.h * g.w)).for_each_init(
-            || vec![0f32; ckk * ohw],
-            |cols, (out, img)| {
-                g.im2col(img, cols);
-                for (row, &bias) in out.chunks_mut(ohw).zip(b) {
+        y.par_chunks_mut(group * g.o * ohw).zip(x.par_chunks(group * chw)).for_each_init(
+            || (vec![0f32; ckk * group * ohw], vec![0f32; g.o * group * ohw]),
+            |(cols, wide), (out, images)| {
+                // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw]
+                let ld = images.len() / chw * ohw;
+                for (i, image) in images.chunks(chw).enumerate() {
+                    g.im2col(image, &mut cols[i * ohw..], ld);
+                }
+                for (row, &bias) in wide.chunks_mut(ld).zip(b) {
                     row.fill(bias);
                 }
-                matmul(g.o, ohw, ckk, out, true, (w, ckk as isize, 1), (cols, ohw as isize, 1), par);
-                if self.relu {
-                    out.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
-                    // NaN stays NaN
+                matmul(g.o, ld, ckk, wide, true, (w, ckk as isize, 1), (cols, ld as isize, 1), par);
+                // back to [image, o, oy, ox], with the ReLU (NaN stays NaN)
+                for (i, y_image) in out.chunks_mut(g.o * ohw).enumerate() {
+                    for (oc, dst) in y_image.chunks_mut(ohw).enumerate() {
+                        let src = &wide[oc * ld + i * ohw..][..ohw];
+                        if self.relu {
+                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = if v < 0.0 { 0.0 } else { v });
+                        } else {
+                            dst.copy_from_slice(src);
+                        }
+                    }
                 }
             },
         );
@@ -327,7 +354,7 @@ impl candle_core::CustomOp2 for WeightGrad {
                 let mut acc = vec![0f32; o * ckk];
                 let mut cols = vec![0f32; ckk * ohw];
                 for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                    g.im2col(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], &mut cols);
+                    g.im2col(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], &mut cols, ohw);
                     let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
                     // acc[o, ckk] += dY[o, ohw] · colsᵀ[ohw, ckk]
                     matmul(
