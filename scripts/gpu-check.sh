@@ -220,12 +220,12 @@ for preset in ("paper", "torchvision"):
     for train in (False, True):
         for batch in BATCHES:
             a, b = ours(preset, batch, train), pytorch(preset, batch, train)
-            report.append(f"| {preset} | {'train' if train else 'forward'} | {batch} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+            report.append(f"| {preset} | {'train' if train else 'forward'} | {batch} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
 a = ours("paper", BATCHES[0], True, TOWERS)
-report.append(f"| paper, towers {TOWERS} | train | {BATCHES[0]} | {a:.0f} | - | - |")
+report.append(f"| paper, towers {TOWERS} | train | {BATCHES[0]} | {a:.1f} | - | - |")
 if gpus >= 2:
     a = ours("paper", BATCHES[0], True, "cuda:0,cuda:1")
-    report.append(f"| paper, towers cuda:0,cuda:1 | train | {BATCHES[0]} | {a:.0f} | - | - |")
+    report.append(f"| paper, towers cuda:0,cuda:1 | train | {BATCHES[0]} | {a:.1f} | - | - |")
 
 text = "\n".join(report) + "\n"
 open(os.path.join(OUT, "gpu-check.md"), "w").write(text)
