@@ -199,6 +199,24 @@ fn matmul(
     }
 }
 
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` values (im2col columns and GEMM outputs),
+/// reused from call to call instead of allocating and zeroing megabytes each time. Its contents
+/// are stale: `f` must write before it reads. A nested call (rayon may run another task here
+/// while this one waits) finds the buffer taken and gets a fresh one.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.take();
+    if buf.len() < len {
+        buf = vec![0f32; len];
+    }
+    let result = f(&mut buf[..len]);
+    SCRATCH.set(buf);
+    result
+}
+
 /// Images per partial weight gradient: fixed, so the summation order is too.
 const CHUNK: usize = 8;
 
@@ -246,11 +264,11 @@ impl CustomOp3 for Conv2d {
         let group = images_per_gemm(g.n, ohw);
         let par = parallelism(g.n.div_ceil(group));
         let mut y = vec![0f32; g.n * g.o * ohw];
-        y.par_chunks_mut(group * g.o * ohw).zip(x.par_chunks(group * chw)).for_each_init(
-            || (vec![0f32; ckk * group * ohw], vec![0f32; g.o * group * ohw]),
-            |(cols, wide), (out, images)| {
-                // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw]
-                let ld = images.len() / chw * ohw;
+        y.par_chunks_mut(group * g.o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
+            // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw]
+            let ld = images.len() / chw * ohw;
+            with_scratch(ckk * ld + g.o * ld, |scratch| {
+                let (cols, wide) = scratch.split_at_mut(ckk * ld);
                 for (i, image) in images.chunks(chw).enumerate() {
                     g.im2col(image, &mut cols[i * ohw..], ld);
                 }
@@ -269,8 +287,8 @@ impl CustomOp3 for Conv2d {
                         }
                     }
                 }
-            },
-        );
+            })
+        });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -352,22 +370,23 @@ impl candle_core::CustomOp2 for WeightGrad {
             .par_iter()
             .map(|&chunk| {
                 let mut acc = vec![0f32; o * ckk];
-                let mut cols = vec![0f32; ckk * ohw];
-                for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                    g.im2col(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], &mut cols, ohw);
-                    let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
-                    // acc[o, ckk] += dY[o, ohw] · colsᵀ[ohw, ckk]
-                    matmul(
-                        o,
-                        ckk,
-                        ohw,
-                        &mut acc,
-                        true,
-                        (dyi, ohw as isize, 1),
-                        (&cols, 1, ohw as isize),
-                        parallelism(chunks.len()),
-                    );
-                }
+                with_scratch(ckk * ohw, |cols| {
+                    for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
+                        g.im2col(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], cols, ohw);
+                        let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
+                        // acc[o, ckk] += dY[o, ohw] · colsᵀ[ohw, ckk]
+                        matmul(
+                            o,
+                            ckk,
+                            ohw,
+                            &mut acc,
+                            true,
+                            (dyi, ohw as isize, 1),
+                            (cols, 1, ohw as isize),
+                            parallelism(chunks.len()),
+                        );
+                    }
+                });
                 acc
             })
             .collect();
@@ -395,14 +414,13 @@ impl candle_core::CustomOp2 for InputGrad {
         let (ckk, ohw, o) = (g.ckk(), g.ohw(), g.o);
         let par = parallelism(g.n);
         let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-        dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each_init(
-            || vec![0f32; ckk * ohw],
-            |cols, (dxi, dyi)| {
-                // cols[ckk, ohw] = Wᵀ[ckk, o] · dY[o, ohw]
+        dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each(|(dxi, dyi)| {
+            with_scratch(ckk * ohw, |cols| {
+                // cols[ckk, ohw] = Wᵀ[ckk, o] · dY[o, ohw] (overwritten, not accumulated)
                 matmul(ckk, ohw, o, cols, false, (w, 1, ckk as isize), (dyi, ohw as isize, 1), par);
                 g.col2im(cols, dxi);
-            },
-        );
+            })
+        });
         Ok((CpuStorage::F32(dx), Shape::from(self.1)))
     }
 }
