@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The training experiments of results/, with their exact commands.
-#   scripts/experiments.sh memorise|fig1-relu|fig1-tanh|cifar-towers
+#   scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-resume
 # Data: target/imagenet100 (100 of ../shared/data/imagenet-sample, one class each) and
 # target/cifar10 (../shared/data/cifar10-jpeg.tar.gz extracted); made here if missing.
 set -euo pipefail
@@ -41,5 +41,10 @@ case "$1" in
     # validated on the 10,000 test images after every epoch
     $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
       --out target/runs/cifar-towers --epochs "${EPOCHS:-30}" --lr 0.01 --patience 2 --init reference --keep 2 --quiet ;;
+  cifar-towers-resume)
+    # continue the run above from checkpoint CKPT (Ctrl-C saves one), optionally at LR (the
+    # paper's manual division by 10)
+    $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
+      --out target/runs/cifar-towers --resume "$CKPT" ${LR:+--lr "$LR"} --keep 2 --quiet ;;
   *) echo "unknown experiment $1" >&2; exit 2 ;;
 esac
