@@ -42,6 +42,9 @@ if [ ! -x "$toolkit/bin/nvcc" ]; then
 fi
 export CUDA_HOME=$toolkit CUDA_PATH=$toolkit NVCC=$toolkit/bin/nvcc CUDA_COMPUTE_CAP=$cap
 export PATH=$toolkit/bin:$PATH CUDARC_CUDA_VERSION=13000
+# where the linker finds libcudart (candle-kernels' static kernels need it); an environment
+# variable rather than RUSTFLAGS, which would rebuild every crate when changed
+export LIBRARY_PATH=$toolkit/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 nvcc --version | tail -2
 
 # 2. cudarc, loading instead of linking, and the copy of the crate it is patched into
@@ -52,10 +55,14 @@ import json, sys
 meta = json.load(sys.stdin)
 print(next(p["manifest_path"] for p in meta["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
 patched=$root/target/cuda-patch/cudarc
-rm -rf "$patched" && mkdir -p "$(dirname "$patched")" && cp -r "$cudarc_src" "$patched"
-grep -rl 'feature = "dynamic-linking"' "$patched/build.rs" "$patched/src" |
-  xargs sed -i 's/feature = "dynamic-linking"/feature = "dynamic-linking-not-used"/g'
-sed -i 's/^dynamic-linking = \[\]/dynamic-linking = ["dynamic-loading"]/' "$patched/Cargo.toml"
+marker=$root/target/cuda-patch/.cudarc-loads-not-links # outside the crate: a new file there would rebuild it
+if [ ! -e "$marker" ]; then # once: a fresh copy would rebuild Candle
+  rm -rf "$patched" && mkdir -p "$(dirname "$patched")" && cp -r "$cudarc_src" "$patched"
+  grep -rl 'feature = "dynamic-linking"' "$patched/build.rs" "$patched/src" |
+    xargs sed -i 's/feature = "dynamic-linking"/feature = "dynamic-linking-not-used"/g'
+  sed -i 's/^dynamic-linking = \[\]/dynamic-linking = ["dynamic-loading"]/' "$patched/Cargo.toml"
+  touch "$marker"
+fi
 
 # 3. the build
 export RUSTFLAGS="-C link-arg=-Wl,-rpath,\$ORIGIN"
