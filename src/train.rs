@@ -326,7 +326,7 @@ impl ScheduleState {
         match config.schedule {
             Schedule::Constant => {}
             Schedule::Step => {
-                if epoch % config.step_epochs.max(1) == 0 {
+                if epoch.is_multiple_of(config.step_epochs.max(1)) {
                     self.lr *= config.gamma;
                 }
             }

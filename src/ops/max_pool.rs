@@ -70,8 +70,8 @@ impl MaxPool2d {
         for y in y0..y0 + self.kernel {
             let row = y * w + x0;
             for (dx, &v) in plane[row..row + self.kernel].iter().enumerate() {
-                // `!(v <= max)` is PyTorch's `v > max || isnan(v)`
-                if !(v <= max) {
+                // PyTorch's rule: the first maximum, and a NaN wins
+                if v > max || v.is_nan() {
                     max = v;
                     best = row + dx;
                     if v.is_nan() {
