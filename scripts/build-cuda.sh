@@ -2,6 +2,8 @@
 # Builds alexnet with Candle's CUDA backend on a machine with neither a GPU nor a CUDA toolkit.
 #
 #   scripts/build-cuda.sh        ->  target/cuda-dist/{alexnet, libcudart.so.13}
+#                                    target/cuda-carry/{alexnet.xz, libcudart.so.13} (8 MB: what
+#                                    goes to a GPU machine; scripts/gpu-check.sh unpacks it)
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), JOBS (cargo -j, default: all cores).
 #
@@ -72,6 +74,10 @@ mkdir -p "$dist"
 cp target/cuda/release/alexnet "$dist/alexnet"
 strip "$dist/alexnet"
 cp -L "$toolkit"/lib/libcudart.so.13 "$dist/"
+# the binary holds every CUDA kernel (59 MB); xz brings it under what a device call carries
+mkdir -p "$root/target/cuda-carry"
+xz -6 -T0 -c "$dist/alexnet" > "$root/target/cuda-carry/alexnet.xz"
+cp "$dist/libcudart.so.13" "$root/target/cuda-carry/"
 echo "built $dist/alexnet (compute capability $cap); it needs libcudart.so.13 beside it, the NVIDIA driver,"
 echo "and cuBLAS/cuRAND on LD_LIBRARY_PATH at run time"
 ls -la "$dist"

@@ -2,7 +2,7 @@
 # The GPU check: one prepared run on a machine with an NVIDIA GPU, PyTorch and no Rust/network.
 #
 #   here:   scripts/build-cuda.sh                       (target/cuda-dist: alexnet + libcudart)
-#   there:  scripts/gpu-check.sh [OUT_DIR]              (with target/cuda-dist carried along)
+#   there:  scripts/gpu-check.sh [OUT_DIR]              (with target/cuda-carry carried along)
 #
 # 1. CPU vs GPU logits of `paper` and `torchvision` (reference-pattern weights, a seeded batch),
 #    and PyTorch's logits for the same weights on the same GPU;
@@ -19,7 +19,12 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-target/gpu-check}}
 mkdir -p "$out"
 bin=${BIN:-$PWD/target/cuda-dist/alexnet}
-[ -x "$bin" ] || { echo "no $bin: run scripts/build-cuda.sh first and carry target/cuda-dist" >&2; exit 1; }
+if [ ! -x "$bin" ] && [ -e target/cuda-carry/alexnet.xz ]; then
+  mkdir -p target/cuda-dist
+  xz -dc target/cuda-carry/alexnet.xz > target/cuda-dist/alexnet && chmod +x target/cuda-dist/alexnet
+  cp target/cuda-carry/libcudart.so.13 target/cuda-dist/
+fi
+[ -x "$bin" ] || { echo "no $bin: run scripts/build-cuda.sh first and carry target/cuda-carry" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
 # cuBLAS, cuRAND and NVRTC come from PyTorch's NVIDIA wheels; libcudart sits beside the binary.
