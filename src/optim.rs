@@ -54,9 +54,10 @@ impl Sgd {
 
     /// One update with learning rate `lr`. A parameter without a gradient is left alone.
     ///
-    /// Both rules are `v <- a v + b w + c g; w <- w + d v`; on the CPU the two lines run as
-    /// one in-place pass over each parameter (the same f32 operations in the same order as the
-    /// formulas above), elsewhere as tensor ops.
+    /// Both rules compute the new velocity from (v, w, g), then add `d v` to the weights
+    /// (d = 1 for the paper's rule, -lr for PyTorch's). On the CPU each is one in-place pass
+    /// over the parameter (the same f32 operations in the same order as the formulas above),
+    /// elsewhere tensor ops.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let c = self.config;
         for slot in &mut self.slots {
@@ -151,16 +152,10 @@ impl InplaceOp2 for ApplyVelocity {
     fn cpu_fwd(&self, ws: &mut CpuStorage, wl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<()> {
         let w = contiguous_f32_mut("sgd", ws, wl)?;
         let v = contiguous_f32("sgd", vs, vl)?;
-        let d = self.0 as f32;
-        if d == 1.0 {
-            w.par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(w, v)| w.iter_mut().zip(v).for_each(|(w, v)| *w += v));
-        } else {
-            w.par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(w, v)| w.iter_mut().zip(v).for_each(|(w, v)| *w += v * d));
-        }
+        let d = self.0 as f32; // v * 1.0 is exactly v, so the paper's rule stays w + v
+        w.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(w, v)| w.iter_mut().zip(v).for_each(|(w, v)| *w += v * d));
         Ok(())
     }
 }
