@@ -22,7 +22,7 @@
 use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
 use serde::Serialize;
 
-use crate::ops::{adaptive_avg_pool2d, conv2d, conv2d_relu, lrn, max_pool2d, Lrn};
+use crate::ops::{adaptive_avg_pool2d, conv2d, conv2d_relu, linear, linear_relu, lrn, max_pool2d, Lrn};
 use crate::weights::Params;
 
 /// Which AlexNet.
@@ -290,7 +290,12 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        linear(x, &self.weight, &self.bias)
+    }
+
+    /// `relu(linear(x))` in one pass.
+    fn forward_relu(&self, x: &Tensor) -> CandleResult<Tensor> {
+        linear_relu(x, &self.weight, &self.bias)
     }
 }
 
@@ -504,10 +509,10 @@ impl TwoTowers {
 
         // fc6 sees both towers' maps, flattened in Caffe's (channel, row, column) order.
         let h = self.exchange(&h)?;
-        let h = [dropout(a.fc6.forward(&h[0])?.relu()?, mode, 60)?, dropout(b.fc6.forward(&h[1])?.relu()?, mode, 61)?];
+        let h = [dropout(a.fc6.forward_relu(&h[0])?, mode, 60)?, dropout(b.fc6.forward_relu(&h[1])?, mode, 61)?];
         self.record(trace, "fc6", "both towers", &h, |t| &t.fc6)?;
         let h = self.exchange(&h)?;
-        let h = [dropout(a.fc7.forward(&h[0])?.relu()?, mode, 70)?, dropout(b.fc7.forward(&h[1])?.relu()?, mode, 71)?];
+        let h = [dropout(a.fc7.forward_relu(&h[0])?, mode, 70)?, dropout(b.fc7.forward_relu(&h[1])?, mode, 71)?];
         self.record(trace, "fc7", "both towers", &h, |t| &t.fc7)?;
         let h = self.exchange(&h)?;
         let h = self.each(&h, |t, x| t.fc8.forward(x))?;
@@ -652,9 +657,9 @@ impl Torchvision {
         record(trace, "pool5", "-", &h, (0, 0));
         let h = adaptive_avg_pool2d(&h, (6, 6))?.flatten_from(1)?;
         record(trace, "avgpool", "-", &h, (0, 0));
-        let h = t.fc6.forward(&dropout(h, mode, 60)?)?.relu()?;
+        let h = t.fc6.forward_relu(&dropout(h, mode, 60)?)?;
         record(trace, "fc6", "-", &h, t.fc6.cost(&h));
-        let h = t.fc7.forward(&dropout(h, mode, 70)?)?.relu()?;
+        let h = t.fc7.forward_relu(&dropout(h, mode, 70)?)?;
         record(trace, "fc7", "-", &h, t.fc7.cost(&h));
         let h = t.fc8.forward(&h)?;
         record(trace, "fc8", "-", &h, t.fc8.cost(&h));

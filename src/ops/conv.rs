@@ -13,7 +13,9 @@
 //! Other devices use Candle's `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
+
+use super::gemm::matmul;
 use rayon::prelude::*;
 
 /// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
@@ -159,46 +161,6 @@ impl Geometry {
     }
 }
 
-/// `dst[m, n] (+)= a[m, k] · b[k, n]`, each given as (pointer, row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    a: (&[f32], isize, isize),
-    b: (&[f32], isize, isize),
-    par: Parallelism,
-) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the slices cover every element the strides address (checked by the callers'
-    // geometry), and dst does not alias a or b.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2,
-            a.1,
-            b.0.as_ptr(),
-            b.2,
-            b.1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
 thread_local! {
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
@@ -300,32 +262,11 @@ impl CustomOp3 for Conv2d {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = if self.relu { dy.apply_op2_no_bwd(y, &ReluGrad)? } else { dy.contiguous()? };
+        let dy = if self.relu { dy.apply_op2_no_bwd(y, &super::gemm::ReluGrad)? } else { dy.contiguous()? };
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(*self, w.dims4()?.0, w.dims4()?.2))?;
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(*self, x.dims4()?))?) } else { None };
         Ok((dx, Some(dw), Some(db)))
-    }
-}
-
-/// `dy` where the ReLU's output `y` is positive, 0 elsewhere; args (dy, y).
-struct ReluGrad;
-
-impl candle_core::CustomOp2 for ReluGrad {
-    fn name(&self) -> &'static str {
-        "relu-grad"
-    }
-
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ys: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dy = super::contiguous_f32("relu grad", gs, gl)?;
-        let y = super::contiguous_f32("relu grad", ys, yl)?;
-        let mut out = vec![0f32; dy.len()];
-        out.par_chunks_mut(4096).zip(dy.par_chunks(4096).zip(y.par_chunks(4096))).for_each(|(o, (g, y))| {
-            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                *o = if y > 0.0 { g } else { 0.0 };
-            }
-        });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
 

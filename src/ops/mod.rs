@@ -8,6 +8,8 @@
 //! * [`conv2d`]: convolution + bias as im2col and packed GEMM, forward and backward (Candle's
 //!   CPU convolution backward runs without GEMM and always computes the input gradient), and
 //!   [`conv2d_relu`] with the ReLU fused in.
+//! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
+//!   Candle each gradient once.
 //!
 //! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
 //! contiguous first, so callers never have to. On other devices (CUDA) LRN and max-pooling run
@@ -16,11 +18,14 @@
 
 mod adaptive_pool;
 mod conv;
+mod gemm;
+mod linear;
 mod lrn;
 mod max_pool;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use conv::{conv2d, conv2d_relu};
+pub use linear::{linear, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use max_pool::{max_pool2d, max_pool2d_tensor_ops};
 
