@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::matmul;
+use super::gemm::{incoming_grad, matmul, relu_in_place};
 use rayon::prelude::*;
 
 /// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
@@ -238,14 +238,13 @@ impl CustomOp3 for Conv2d {
                     row.fill(bias);
                 }
                 matmul(g.o, ld, ckk, wide, true, (w, ckk as isize, 1), (cols, ld as isize, 1), par);
-                // back to [image, o, oy, ox], with the ReLU (NaN stays NaN)
+                // back to [image, o, oy, ox], with the ReLU
                 for (i, y_image) in out.chunks_mut(g.o * ohw).enumerate() {
                     for (oc, dst) in y_image.chunks_mut(ohw).enumerate() {
                         let src = &wide[oc * ld + i * ohw..][..ohw];
+                        dst.copy_from_slice(src);
                         if self.relu {
-                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = if v < 0.0 { 0.0 } else { v });
-                        } else {
-                            dst.copy_from_slice(src);
+                            relu_in_place(dst);
                         }
                     }
                 }
@@ -262,7 +261,7 @@ impl CustomOp3 for Conv2d {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = if self.relu { dy.apply_op2_no_bwd(y, &super::gemm::ReluGrad)? } else { dy.contiguous()? };
+        let dy = incoming_grad(dy, y, self.relu)?;
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(*self, w.dims4()?.0, w.dims4()?.2))?;
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(*self, x.dims4()?))?) } else { None };

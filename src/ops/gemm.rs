@@ -1,6 +1,7 @@
-//! The pieces the GEMM-based ops share: one call into the `gemm` crate, and the ReLU's gradient.
+//! The pieces the GEMM-based ops (convolution, fully-connected) share: one call into the
+//! `gemm` crate, and their fused ReLU, forward and backward.
 
-use candle_core::{CpuStorage, Layout, Result, Shape};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -45,7 +46,7 @@ pub(crate) fn matmul(
 }
 
 /// `dy` where the ReLU's output `y` is positive, 0 elsewhere; args (dy, y).
-pub(crate) struct ReluGrad;
+struct ReluGrad;
 
 impl candle_core::CustomOp2 for ReluGrad {
     fn name(&self) -> &'static str {
@@ -62,5 +63,20 @@ impl candle_core::CustomOp2 for ReluGrad {
             }
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// The fused ReLU, in place on an op's output (NaN stays NaN, as in PyTorch).
+pub(crate) fn relu_in_place(y: &mut [f32]) {
+    y.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
+}
+
+/// The gradient arriving at the op's pre-activation: `dy` masked by the output's sign when the
+/// op applied the ReLU, else `dy` itself.
+pub(crate) fn incoming_grad(dy: &Tensor, y: &Tensor, relu: bool) -> Result<Tensor> {
+    if relu {
+        dy.apply_op2_no_bwd(y, &ReluGrad)
+    } else {
+        dy.contiguous()
     }
 }

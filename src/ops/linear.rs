@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::{matmul, ReluGrad};
+use super::gemm::{incoming_grad, matmul, relu_in_place};
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -73,7 +73,7 @@ impl CustomOp3 for Linear {
         // y[n, o] += x[n, k] · wᵀ[k, o]
         matmul(n, o, k, &mut y, true, (x, k as isize, 1), (w, 1, k as isize), all_cores());
         if self.relu {
-            y.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0); // NaN stays NaN
+            relu_in_place(&mut y);
         }
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
@@ -86,7 +86,7 @@ impl CustomOp3 for Linear {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = if self.relu { dy.apply_op2_no_bwd(y, &ReluGrad)? } else { dy.contiguous()? };
+        let dy = incoming_grad(dy, y, self.relu)?;
         let dw = dy.apply_op2_no_bwd(x, &WeightGrad)?;
         let db = dy.sum(0)?;
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad)?) } else { None };
