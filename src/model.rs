@@ -238,9 +238,12 @@ impl AlexNet {
     pub fn check_input(&self, x: &Tensor) -> anyhow::Result<()> {
         let preset = self.preset.name();
         let dims = x.dims();
-        let &[_, c, h, w] = dims else {
+        let &[n, c, h, w] = dims else {
             anyhow::bail!("the {preset} preset takes a [N, 3, H, W] batch, got a tensor of shape {dims:?}")
         };
+        if n == 0 {
+            anyhow::bail!("the batch is empty (shape {dims:?}): nothing to run the {preset} preset on")
+        }
         if c != 3 {
             anyhow::bail!("the {preset} preset takes 3-channel images, got {c} channels (shape {dims:?})")
         }

@@ -28,8 +28,9 @@ fn workdir() -> &'static Path {
         .unwrap();
         let small = Tensor::zeros((1, 3, 60, 60), candle_core::DType::F32, &Device::Cpu).unwrap();
         let rank3 = input.get(0).unwrap();
+        let empty = Tensor::zeros((0, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
         save_safetensors(
-            &[("input".into(), small), ("rank3".into(), rank3)],
+            &[("input".into(), small), ("rank3".into(), rank3), ("empty".into(), empty)],
             &Default::default(),
             &dir.path().join("bad-input.safetensors"),
         )
@@ -167,6 +168,8 @@ fn bad_input_is_a_clear_error() {
     assert!(err.contains("[N, 3, H, W]") && err.contains("[3, 224, 224]"), "{err}");
     let err = infer("nope");
     assert!(err.contains("no tensor `nope`"), "{err}");
+    let err = infer("empty");
+    assert!(err.contains("the batch is empty"), "{err}");
 }
 
 #[test]

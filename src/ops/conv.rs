@@ -192,7 +192,7 @@ const GEMM_COLUMNS: usize = 1024;
 fn images_per_gemm(n: usize, ohw: usize) -> usize {
     let threads = rayon::current_num_threads();
     let tasks = n.div_ceil(GEMM_COLUMNS.div_ceil(ohw)).next_multiple_of(threads).min(n).max(1);
-    n.div_ceil(tasks)
+    n.div_ceil(tasks).max(1) // at least 1: an empty batch still needs a chunk size
 }
 
 fn parallelism(images: usize) -> Parallelism {

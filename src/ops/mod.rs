@@ -35,6 +35,7 @@ use candle_core::{CpuStorage, Layout, Result};
 pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
+        Some((start, end)) if start == end => Ok(&[]), // an empty view may start past the data
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
