@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::Serialize;
 
+use crate::cli::at_least_one;
 use crate::device::DeviceArgs;
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Preset};
@@ -19,10 +20,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "paper,caffe,torchvision")]
     preset: Vec<Preset>,
     /// Batch sizes, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = at_least_one)]
     batch_sizes: Vec<usize>,
     /// Timed runs per measurement (the median is reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, value_parser = at_least_one)]
     runs: usize,
     /// Untimed runs first.
     #[arg(long, default_value_t = 2)]

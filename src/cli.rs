@@ -127,10 +127,10 @@ enum Command {
         /// 1 (centre crop) or 10 (corners, centre, mirrored; softmax averaged, as the paper).
         #[arg(long, default_value_t = 1, value_parser = crops_parser)]
         crops: usize,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 64)]
         batch_size: usize,
         /// Evaluate only the first N images.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         limit: Option<usize>,
         /// Preprocessing (default: the preset's own).
         #[arg(long, value_enum)]
@@ -224,7 +224,7 @@ pub struct TrainArgs {
     recipe: Option<Recipe>,
     #[arg(long)]
     epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     batch_size: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
@@ -245,7 +245,7 @@ pub struct TrainArgs {
     #[arg(long)]
     max_drops: Option<usize>,
     /// Step: epochs between multiplications by --gamma.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     step_epochs: Option<usize>,
     #[arg(long)]
     gamma: Option<f64>,
@@ -266,7 +266,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = crops_parser)]
     val_crops: usize,
     /// Train on a fixed subset of N images, classes taken in turn (balanced).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// Stop once an epoch's training top-1 error falls below this fraction (e.g. 0.25).
     #[arg(long)]
@@ -281,10 +281,10 @@ pub struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Also checkpoint every N steps (always: every epoch).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     save_every: Option<usize>,
     /// Keep the newest N checkpoints.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = at_least_one, default_value_t = 3)]
     keep: usize,
     /// Log every N steps.
     #[arg(long, default_value_t = 10)]
@@ -400,6 +400,16 @@ impl TransformArgs {
         let crop = self.crop_size.unwrap_or(if self.transform == TransformKind::Torchvision { 224 } else { 227 });
         let mean = self.mean.as_deref().map(Mean::load).transpose()?;
         Ok(Transform::new(self.transform, crop, mean))
+    }
+}
+
+/// For counts that must be positive (batch sizes, image limits, step intervals): 0 is refused
+/// when the flags are read, not discovered as a crash later.
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 
