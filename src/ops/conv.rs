@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::{incoming_grad, matmul, relu_in_place};
+use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
 use rayon::prelude::*;
 
 /// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
@@ -39,7 +39,7 @@ impl Conv2d {
     fn apply(self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         if !x.device().is_cpu() {
             let y = x.conv2d(w, self.padding, self.stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-            return if self.relu { y.relu() } else { Ok(y) };
+            return relu_if(y, self.relu);
         }
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, self)
     }
@@ -102,6 +102,7 @@ impl Geometry {
             for ky in 0..k {
                 for kx in 0..k {
                     let row = &mut cols[((ci * k + ky) * k + kx) * ld..][..self.ohw()];
+                    let (lo, hi) = self.valid_columns(kx);
                     for oy in 0..self.oh {
                         let iy = (oy * s + ky) as isize - p;
                         let out = &mut row[oy * self.ow..(oy + 1) * self.ow];
@@ -110,7 +111,6 @@ impl Geometry {
                             continue;
                         }
                         let src = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        let (lo, hi) = self.valid_columns(kx);
                         out[..lo].fill(0.0);
                         out[hi..].fill(0.0);
                         if lo == hi {
@@ -139,13 +139,13 @@ impl Geometry {
             for ky in 0..k {
                 for kx in 0..k {
                     let row = &cols[((ci * k + ky) * k + kx) * self.ohw()..][..self.ohw()];
+                    let (lo, hi) = self.valid_columns(kx);
                     for oy in 0..self.oh {
                         let iy = (oy * s + ky) as isize - p;
                         if iy < 0 || iy >= self.h as isize {
                             continue;
                         }
                         let dst = &mut plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        let (lo, hi) = self.valid_columns(kx);
                         if lo == hi {
                             continue;
                         }

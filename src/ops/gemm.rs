@@ -71,6 +71,15 @@ pub(crate) fn relu_in_place(y: &mut [f32]) {
     y.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
 }
 
+/// The tensor-op form for other devices: Candle's ReLU when the op fuses one.
+pub(crate) fn relu_if(y: Tensor, relu: bool) -> Result<Tensor> {
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
 /// The gradient arriving at the op's pre-activation: `dy` masked by the output's sign when the
 /// op applied the ReLU, else `dy` itself.
 pub(crate) fn incoming_grad(dy: &Tensor, y: &Tensor, relu: bool) -> Result<Tensor> {

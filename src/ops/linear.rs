@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::{incoming_grad, matmul, relu_in_place};
+use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -29,8 +29,7 @@ struct Linear {
 impl Linear {
     fn apply(self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         if !x.device().is_cpu() {
-            let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
-            return if self.relu { y.relu() } else { Ok(y) };
+            return relu_if(x.matmul(&w.t()?)?.broadcast_add(b)?, self.relu);
         }
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, self)
     }
