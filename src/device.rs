@@ -27,6 +27,11 @@ impl DeviceArgs {
                 [device.clone(), device]
             }
             Some(spec) => match spec.split(',').collect::<Vec<_>>()[..] {
+                // one device for one name: opened twice, Candle would see two devices and copy
+                [a, b] if a.trim() == b.trim() => {
+                    let device = parse_device(a.trim())?;
+                    [device.clone(), device]
+                }
                 [a, b] => [parse_device(a.trim())?, parse_device(b.trim())?],
                 _ => bail!(
                     "--tower-devices takes two devices, tower A's and tower B's, e.g. cuda:0,cuda:1; got `{spec}`"
