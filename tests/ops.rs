@@ -54,6 +54,23 @@ fn max_pool_3_2_backward_sends_ties_where_pytorch_does() {
     }
 }
 
+/// PyTorch's rule: a window holding a NaN pools to NaN, wherever in the window it sits.
+#[test]
+fn max_pool_propagates_nan_like_pytorch() {
+    for at in [0, 4, 12, 24] {
+        let mut v = vec![1f32; 25];
+        v[at] = f32::NAN;
+        let x = Tensor::from_vec(v, (1, 1, 5, 5), &candle_core::Device::Cpu).unwrap();
+        let y: Vec<f32> = max_pool2d(&x, 3, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let (ry, rx) = (at / 5, at % 5);
+        for (i, v) in y.iter().enumerate() {
+            let (oy, ox) = (i / 2, i % 2);
+            let covers = (oy * 2..oy * 2 + 3).contains(&ry) && (ox * 2..ox * 2 + 3).contains(&rx);
+            assert_eq!(v.is_nan(), covers, "NaN at {at}: output {i} = {v}");
+        }
+    }
+}
+
 /// The paths other devices (CUDA) take, run here on the CPU against the same fixtures.
 #[test]
 fn lrn_and_max_pool_as_tensor_ops_for_other_devices() {

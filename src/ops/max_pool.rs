@@ -84,6 +84,17 @@ impl MaxPool2d {
     }
 }
 
+/// The larger of `m` and `v`, NaN winning (PyTorch's rule: the maximum of a window holding a NaN
+/// is NaN).
+#[inline]
+fn nan_max(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
+}
+
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "max-pool2d"
@@ -94,13 +105,24 @@ impl CustomOp1 for MaxPool2d {
         let x = super::contiguous_f32("max-pool2d", storage, layout)?;
         let (oh, ow) = self.out_size(h, w);
         let mut y = vec![0f32; n * c * oh * ow];
-        y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(out, plane)| {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    out[oy * ow + ox] = plane[self.argmax(plane, w, oy, ox)];
+        // The window's maximum as a maximum of column maxima: the rows combine elementwise
+        // (vectorised), then each output takes `kernel` neighbours of that row.
+        y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each_init(
+            || vec![0f32; w],
+            |columns, (out, plane)| {
+                for (oy, out_row) in out.chunks_mut(ow).enumerate() {
+                    let y0 = oy * self.stride;
+                    columns.copy_from_slice(&plane[y0 * w..][..w]);
+                    for row in plane[(y0 + 1) * w..(y0 + self.kernel) * w].chunks(w) {
+                        columns.iter_mut().zip(row).for_each(|(m, &v)| *m = nan_max(*m, v));
+                    }
+                    for (ox, o) in out_row.iter_mut().enumerate() {
+                        let window = &columns[ox * self.stride..ox * self.stride + self.kernel];
+                        *o = window[1..].iter().fold(window[0], |m, &v| nan_max(m, v));
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
 
