@@ -83,78 +83,96 @@ impl Geometry {
         self.oh * self.ow
     }
 
-    /// The output columns `lo..hi` whose kernel column `kx` falls inside the image
-    /// (`0 <= ox*s + kx - p < w`); the others read padding.
-    fn valid_columns(&self, kx: usize) -> (usize, usize) {
-        let (s, p) = (self.stride, self.pad);
-        let lo = p.saturating_sub(kx).div_ceil(s);
-        let hi = if self.w + p > kx { ((self.w + p - kx - 1) / s + 1).min(self.ow) } else { 0 };
-        (lo.min(hi), hi)
+    /// Values per channel row of the split image: `stride` phases of `phase_len` values.
+    fn phase_len(&self) -> usize {
+        (self.w + 2 * self.pad).div_ceil(self.stride)
     }
 
-    /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside), each
-    /// row of `cols` starting `ld` values after the previous one (`ld = ohw`, or wider when
-    /// several images share one matrix side by side).
-    fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
-        let (k, s, p) = (self.k, self.stride, self.pad as isize);
-        for ci in 0..self.c {
-            let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &mut cols[((ci * k + ky) * k + kx) * ld..][..self.ohw()];
-                    let (lo, hi) = self.valid_columns(kx);
-                    for oy in 0..self.oh {
-                        let iy = (oy * s + ky) as isize - p;
-                        let out = &mut row[oy * self.ow..(oy + 1) * self.ow];
-                        if iy < 0 || iy >= self.h as isize {
-                            out.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        out[..lo].fill(0.0);
-                        out[hi..].fill(0.0);
-                        if lo == hi {
-                            continue;
-                        }
-                        let first = lo * s + kx - self.pad; // input column of output column `lo`
-                        if s == 1 {
-                            out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                        } else {
-                            for (o, &v) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
-                                *o = v;
-                            }
-                        }
+    /// Length of [`Geometry::split`]'s output.
+    fn split_len(&self) -> usize {
+        self.c * (self.h + 2 * self.pad) * self.stride * self.phase_len()
+    }
+
+    /// The image zero-padded, each padded row cut into `stride` phases (the columns `q, q+s,
+    /// q+2s, ...` for phase `q`): `split[ci, r, q, j] = x[ci, r - p, q + s*j - p]`, 0 outside.
+    /// Every row of `cols` is then a set of contiguous copies: output column `ox` of kernel
+    /// column `kx` reads padded column `ox*s + kx`, which is phase `kx % s`, index `ox + kx/s`.
+    fn split(&self, x: &[f32], split: &mut [f32]) {
+        let (s, p, pl) = (self.stride, self.pad, self.phase_len());
+        let padded_row = s * pl;
+        for (ci, channel) in split.chunks_mut((self.h + 2 * p) * padded_row).enumerate() {
+            for (r, row) in channel.chunks_mut(padded_row).enumerate() {
+                if r < p || r >= p + self.h {
+                    row.fill(0.0);
+                    continue;
+                }
+                let src = &x[(ci * self.h + r - p) * self.w..][..self.w];
+                if s == 1 {
+                    row[..p].fill(0.0);
+                    row[p..p + self.w].copy_from_slice(src);
+                    row[p + self.w..].fill(0.0);
+                    continue;
+                }
+                for (q, phase) in row.chunks_mut(pl).enumerate() {
+                    for (j, v) in phase.iter_mut().enumerate() {
+                        let col = (q + s * j).wrapping_sub(p); // wraps to a huge value left of the image
+                        *v = if col < self.w { src[col] } else { 0.0 };
                     }
                 }
             }
         }
     }
 
-    /// The adjoint of [`Geometry::im2col`]: adds each column entry back to its input pixel.
-    fn col2im(&self, cols: &[f32], x: &mut [f32]) {
-        let (k, s, p) = (self.k, self.stride, self.pad as isize);
-        x.fill(0.0);
-        for ci in 0..self.c {
-            let plane = &mut x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+    /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside), from
+    /// the [`Geometry::split`] image, each row of `cols` starting `ld` values after the previous
+    /// one (`ld = ohw`, or wider when several images share one matrix side by side).
+    fn im2col(&self, split: &[f32], cols: &mut [f32], ld: usize) {
+        let (k, s, pl, ohw) = (self.k, self.stride, self.phase_len(), self.ohw());
+        let padded_rows = self.h + 2 * self.pad;
+        for (ci, channel) in split.chunks(padded_rows * s * pl).enumerate() {
             for ky in 0..k {
                 for kx in 0..k {
-                    let row = &cols[((ci * k + ky) * k + kx) * self.ohw()..][..self.ohw()];
-                    let (lo, hi) = self.valid_columns(kx);
-                    for oy in 0..self.oh {
-                        let iy = (oy * s + ky) as isize - p;
-                        if iy < 0 || iy >= self.h as isize {
-                            continue;
-                        }
-                        let dst = &mut plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        if lo == hi {
-                            continue;
-                        }
-                        let first = lo * s + kx - self.pad;
-                        let src = &row[oy * self.ow + lo..oy * self.ow + hi];
-                        for (d, &v) in dst[first..].iter_mut().step_by(s).zip(src) {
-                            *d += v;
-                        }
+                    let row = &mut cols[((ci * k + ky) * k + kx) * ld..][..ohw];
+                    let from = (kx % s) * pl + kx / s;
+                    for (oy, out) in row.chunks_mut(self.ow).enumerate() {
+                        out.copy_from_slice(&channel[(oy * s + ky) * s * pl + from..][..self.ow]);
                     }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Geometry::im2col`]: adds each column entry back to its place in the
+    /// split image (zeroed first), then [`Geometry::unsplit`] takes the image out of it.
+    fn col2im(&self, cols: &[f32], split: &mut [f32], x: &mut [f32]) {
+        let (k, s, pl, ohw) = (self.k, self.stride, self.phase_len(), self.ohw());
+        let padded_rows = self.h + 2 * self.pad;
+        split.fill(0.0);
+        for (ci, channel) in split.chunks_mut(padded_rows * s * pl).enumerate() {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &cols[((ci * k + ky) * k + kx) * ohw..][..ohw];
+                    let from = (kx % s) * pl + kx / s;
+                    for (oy, src) in row.chunks(self.ow).enumerate() {
+                        let dst = &mut channel[(oy * s + ky) * s * pl + from..][..self.ow];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                    }
+                }
+            }
+        }
+        self.unsplit(split, x);
+    }
+
+    /// The adjoint of [`Geometry::split`] restricted to the image: `x[ci, y, c] = split[ci,
+    /// y + p, (c + p) % s, (c + p) / s]` (the padding's gradient is dropped).
+    fn unsplit(&self, split: &[f32], x: &mut [f32]) {
+        let (s, p, pl) = (self.stride, self.pad, self.phase_len());
+        for (ci, channel) in x.chunks_mut(self.h * self.w).enumerate() {
+            for (y, row) in channel.chunks_mut(self.w).enumerate() {
+                let padded = &split[((ci * (self.h + 2 * p)) + y + p) * s * pl..][..s * pl];
+                for (col, v) in row.iter_mut().enumerate() {
+                    let c = col + p;
+                    *v = padded[(c % s) * pl + c / s];
                 }
             }
         }
@@ -229,10 +247,12 @@ impl CustomOp3 for Conv2d {
         y.par_chunks_mut(group * g.o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
             // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw]
             let ld = images.len() / chw * ohw;
-            with_scratch(ckk * ld + g.o * ld, |scratch| {
+            with_scratch(g.split_len() + ckk * ld + g.o * ld, |scratch| {
+                let (split, scratch) = scratch.split_at_mut(g.split_len());
                 let (cols, wide) = scratch.split_at_mut(ckk * ld);
                 for (i, image) in images.chunks(chw).enumerate() {
-                    g.im2col(image, &mut cols[i * ohw..], ld);
+                    g.split(image, split);
+                    g.im2col(split, &mut cols[i * ohw..], ld);
                 }
                 for (row, &bias) in wide.chunks_mut(ld).zip(b) {
                     row.fill(bias);
@@ -310,9 +330,11 @@ impl candle_core::CustomOp2 for WeightGrad {
             .par_iter()
             .map(|&chunk| {
                 let mut acc = vec![0f32; o * ckk];
-                with_scratch(ckk * ohw, |cols| {
+                with_scratch(g.split_len() + ckk * ohw, |scratch| {
+                    let (split, cols) = scratch.split_at_mut(g.split_len());
                     for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                        g.im2col(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], cols, ohw);
+                        g.split(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], split);
+                        g.im2col(split, cols, ohw);
                         let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
                         // acc[o, ckk] += dY[o, ohw] · colsᵀ[ohw, ckk]
                         matmul(
@@ -355,10 +377,11 @@ impl candle_core::CustomOp2 for InputGrad {
         let par = parallelism(g.n);
         let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
         dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each(|(dxi, dyi)| {
-            with_scratch(ckk * ohw, |cols| {
+            with_scratch(g.split_len() + ckk * ohw, |scratch| {
+                let (split, cols) = scratch.split_at_mut(g.split_len());
                 // cols[ckk, ohw] = Wᵀ[ckk, o] · dY[o, ohw] (overwritten, not accumulated)
                 matmul(ckk, ohw, o, cols, false, (w, 1, ckk as isize), (dyi, ohw as isize, 1), par);
-                g.col2im(cols, dxi);
+                g.col2im(cols, split, dxi);
             })
         });
         Ok((CpuStorage::F32(dx), Shape::from(self.1)))

@@ -68,7 +68,8 @@ impl candle_core::CustomOp2 for ReluGrad {
 
 /// The fused ReLU, in place on an op's output (NaN stays NaN, as in PyTorch).
 pub(crate) fn relu_in_place(y: &mut [f32]) {
-    y.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
+    // a select rather than a conditional store, so it vectorises
+    y.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
 }
 
 /// The tensor-op form for other devices: Candle's ReLU when the op fuses one.
