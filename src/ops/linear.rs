@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
+use super::gemm::{incoming_grad, matmul, matmul_wt, relu_if, relu_in_place};
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -69,8 +69,7 @@ impl CustomOp3 for Linear {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        // y[n, o] += x[n, k] · wᵀ[k, o]
-        matmul(n, o, k, &mut y, true, (x, k as isize, 1), (w, 1, k as isize), all_cores());
+        matmul_wt(n, o, k, x, w, &mut y);
         if self.relu {
             relu_in_place(&mut y);
         }
