@@ -177,6 +177,25 @@ def ops_fixture():
         y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
         out[f"{name}/y"] = y.detach().contiguous()
         out[f"{name}/grad_x"] = xi.grad.contiguous()
+    # Convolution + bias (+ ReLU): the Winograd path (3x3 stride 1; 64 images so that it is
+    # taken on up to 32 cores; map sizes that leave partial tiles) and the im2col path
+    # (conv1's 11x11 stride 4).
+    for name, xs, ws, stride, pad, relu in [
+        ("conv3x3_pad1", (64, 4, 7, 7), (5, 4, 3, 3), 1, 1, True),
+        ("conv3x3_pad0", (64, 3, 6, 5), (4, 3, 3, 3), 1, 0, False),
+        ("conv11_stride4", (2, 3, 35, 31), (4, 3, 11, 11), 4, 2, True),
+    ]:
+        xi = t(reference_pattern(f"{name}.x", 1, xs, 1.0)).requires_grad_(True)
+        wi = t(reference_pattern(f"{name}.w", 1, ws, 0.5)).requires_grad_(True)
+        bi = t(reference_pattern(f"{name}.b", 1, (ws[0],), 0.5)).requires_grad_(True)
+        y = F.conv2d(xi, wi, bi, stride=stride, padding=pad)
+        if relu:
+            y = F.relu(y)
+        y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
+        out[f"{name}/y"] = y.detach().contiguous()
+        out[f"{name}/grad_x"] = xi.grad.contiguous()
+        out[f"{name}/grad_w"] = wi.grad.contiguous()
+        out[f"{name}/grad_b"] = bi.grad.contiguous()
     save_file(out, os.path.join(OUT, "ops.safetensors"))
 
 

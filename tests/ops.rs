@@ -3,7 +3,9 @@
 mod common;
 
 use alexnet::init::reference_pattern;
-use alexnet::ops::{adaptive_avg_pool2d, lrn, lrn_tensor_ops, max_pool2d, max_pool2d_tensor_ops, Lrn};
+use alexnet::ops::{
+    adaptive_avg_pool2d, conv2d, conv2d_relu, lrn, lrn_tensor_ops, max_pool2d, max_pool2d_tensor_ops, Lrn,
+};
 use candle_core::{Tensor, Var};
 use common::*;
 
@@ -51,6 +53,31 @@ fn max_pool_3_2_backward_sends_ties_where_pytorch_does() {
     for (name, dims) in [("pool_ties", [2, 3, 9, 11]), ("pool_alexnet", [1, 4, 13, 13])] {
         let x = pattern(&format!("{name}.x"), &dims, 2.0).floor().unwrap();
         check_op(name, &x, |x| max_pool2d(x, 3, 2));
+    }
+}
+
+/// Convolution + bias (+ ReLU) forward and all three gradients: 3x3 stride 1 at 64 images (the
+/// Winograd forward) with partial tiles, and conv1's 11x11 stride 4 (im2col).
+#[test]
+fn conv_forward_and_gradients_match_pytorch() {
+    let f = fixture("ops.safetensors");
+    for (name, xs, ws, stride, pad, relu) in [
+        ("conv3x3_pad1", [64, 4, 7, 7], [5, 4, 3, 3], 1, 1, true),
+        ("conv3x3_pad0", [64, 3, 6, 5], [4, 3, 3, 3], 1, 0, false),
+        ("conv11_stride4", [2, 3, 35, 31], [4, 3, 11, 11], 4, 2, true),
+    ] {
+        let x = Var::from_tensor(&pattern(&format!("{name}.x"), &xs, 1.0)).unwrap();
+        let w = Var::from_tensor(&pattern(&format!("{name}.w"), &ws, 0.5)).unwrap();
+        let b = Var::from_tensor(&pattern(&format!("{name}.b"), &[ws[0]], 0.5)).unwrap();
+        let op = if relu { conv2d_relu } else { conv2d };
+        let y = op(&x, &w, &b, stride, pad).unwrap();
+        assert_close(&format!("{name} forward"), &y, get(&f, &format!("{name}/y")), 1e-6);
+        let grad_y = pattern(&format!("{name}.grad"), y.dims(), 1.0);
+        let grads = (&y * &grad_y).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, var) in [("grad_x", &x), ("grad_w", &w), ("grad_b", &b)] {
+            let got = grads.get(var).expect("a gradient");
+            assert_close(&format!("{name} {what}"), got, get(&f, &format!("{name}/{what}")), 1e-5);
+        }
     }
 }
 

@@ -18,6 +18,8 @@ use gemm::Parallelism;
 use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
 use rayon::prelude::*;
 
+mod winograd;
+
 /// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     Conv2d { stride, padding, relu: false }.apply(x, w, b)
@@ -240,6 +242,10 @@ impl CustomOp3 for Conv2d {
         let x = super::contiguous_f32("conv2d", xs, xl)?;
         let w = super::contiguous_f32("conv2d", ws, wl)?;
         let b = super::contiguous_f32("conv2d", bs, bl)?;
+        let shape = Shape::from((g.n, g.o, g.oh, g.ow));
+        if winograd::applies(&g) {
+            return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu)), shape));
+        }
         let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
         let group = images_per_gemm(g.n, ohw);
         let par = parallelism(g.n.div_ceil(group));
@@ -270,7 +276,7 @@ impl CustomOp3 for Conv2d {
                 }
             })
         });
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(

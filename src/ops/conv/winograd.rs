@@ -1,0 +1,152 @@
+//! The forward pass of a 3x3, stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3)
+//! (Lavin & Gray 2016): each 2x2 block of outputs comes from a 4x4 patch of input with 16
+//! multiplies per channel pair instead of 36. AlexNet's conv3, conv4 and conv5 (13x13 maps,
+//! half of the net's multiply-adds) need about half the multiply-adds this way:
+//!
+//! * weights: `U = G g Gᵀ` for each 3x3 kernel `g`, 16 values `U[ξ, o, c]`;
+//! * input: `V = Bᵀ d B` for each 4x4 patch `d` (patches every 2 pixels), `V[ξ, c, tile]`;
+//! * 16 GEMMs, one per position ξ: `M[ξ] = U[ξ] · V[ξ]`, `[O, C] · [C, tiles]`;
+//! * output: `Y = Aᵀ M A`, the 2x2 block, plus bias (and the ReLU).
+//!
+//! The transforms only add, subtract and halve, so the result differs from the direct sum by
+//! rounding alone (the parity tests hold it to PyTorch's numbers like the im2col path).
+//! The backward pass stays with im2col: it is the same function.
+
+use rayon::prelude::*;
+
+use super::{images_per_gemm, parallelism, with_scratch, Geometry};
+use crate::ops::gemm::matmul;
+
+/// Whether [`forward`] computes this convolution: 3x3 stride 1, and at least two images per
+/// core. With fewer, each of the 16 GEMMs has too few columns (49 tiles an image at 13x13) to
+/// run at speed: measured for conv3-5, 11.6 ms against im2col's 4.4 ms at batch 1, 13.9 against
+/// 15.4 at batch 4, 39 against 54 at batch 16 (2 cores).
+pub(super) fn applies(g: &Geometry) -> bool {
+    g.k == 3 && g.stride == 1 && g.n >= 2 * rayon::current_num_threads()
+}
+
+/// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a 3x3 stride-1 `g`.
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
+    let (c, o) = (g.c, g.o);
+    let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let tiles = tiles_y * tiles_x;
+    let u = transform_weights(w, o, c);
+    let group = images_per_gemm(g.n, tiles);
+    let par = parallelism(g.n.div_ceil(group));
+    let (chw, ohw) = (c * g.h * g.w, g.ohw());
+    let mut y = vec![0f32; g.n * o * ohw];
+    y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
+        let ld = images.len() / chw * tiles; // the group's tiles side by side
+        with_scratch(16 * c * ld + 16 * o * ld + input_work(g), |scratch| {
+            let (v, rest) = scratch.split_at_mut(16 * c * ld);
+            let (m, work) = rest.split_at_mut(16 * o * ld);
+            for (i, image) in images.chunks(chw).enumerate() {
+                transform_input(g, image, v, ld, i * tiles, work);
+            }
+            for (m_xi, (u_xi, v_xi)) in m.chunks_mut(o * ld).zip(u.chunks(o * c).zip(v.chunks(c * ld))) {
+                matmul(o, ld, c, m_xi, false, (u_xi, c as isize, 1), (v_xi, ld as isize, 1), par);
+            }
+            for (i, y_image) in out.chunks_mut(o * ohw).enumerate() {
+                transform_output(g, m, ld, i * tiles, b, relu, y_image);
+            }
+        })
+    });
+    y
+}
+
+/// `U[ξ, o, c] = (G g Gᵀ)[ξ]` with `G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]`.
+fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    #[inline(always)]
+    fn g_times(a: f32, b: f32, e: f32) -> [f32; 4] {
+        [a, (a + b + e) * 0.5, (a - b + e) * 0.5, e]
+    }
+    let mut u = vec![0f32; 16 * o * c];
+    for (pair, g) in w.chunks_exact(9).enumerate() {
+        let gg = [g_times(g[0], g[3], g[6]), g_times(g[1], g[4], g[7]), g_times(g[2], g[5], g[8])]; // (G g) by column
+        for r in 0..4 {
+            let row = g_times(gg[0][r], gg[1][r], gg[2][r]);
+            for (s, v) in row.into_iter().enumerate() {
+                u[(4 * r + s) * o * c + pair] = v;
+            }
+        }
+    }
+    u
+}
+
+/// Scratch values [`transform_input`] needs: the padded plane and four combined rows.
+fn input_work(g: &Geometry) -> usize {
+    let pw = 2 * g.ow.div_ceil(2) + 2;
+    (2 * g.oh.div_ceil(2) + 2) * pw + 4 * pw
+}
+
+/// `V[ξ, c, first + tile] = (Bᵀ d B)[ξ]` for every 4x4 patch `d` of one image (patch `(ty, tx)`
+/// starting at input pixel `(2ty - p, 2tx - p)`, zero outside), `Bᵀ = [1 0 -1 0; 0 1 1 0;
+/// 0 -1 1 0; 0 1 0 -1]`. A row of tiles at a time: `Bᵀ` combines four whole rows of the
+/// zero-padded plane, then `B` combines columns of those, tile after tile.
+fn transform_input(g: &Geometry, image: &[f32], v: &mut [f32], ld: usize, first: usize, work: &mut [f32]) {
+    let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let pw = 2 * tiles_x + 2; // padded width: every patch inside
+    let (padded, bt) = work.split_at_mut((2 * tiles_y + 2) * pw);
+    for (ci, plane) in image.chunks(g.h * g.w).enumerate() {
+        padded.fill(0.0);
+        for (y, row) in plane.chunks(g.w).enumerate() {
+            let at = (y + g.pad) * pw + g.pad;
+            padded[at..at + g.w].copy_from_slice(row);
+        }
+        for ty in 0..tiles_y {
+            let d = &padded[2 * ty * pw..][..4 * pw];
+            let (d0, d1, d2, d3) = (&d[..pw], &d[pw..2 * pw], &d[2 * pw..3 * pw], &d[3 * pw..]);
+            let (b0, rest) = bt.split_at_mut(pw);
+            let (b1, rest) = rest.split_at_mut(pw);
+            let (b2, b3) = rest.split_at_mut(pw);
+            for x in 0..pw {
+                b0[x] = d0[x] - d2[x];
+                b1[x] = d1[x] + d2[x];
+                b2[x] = d2[x] - d1[x];
+                b3[x] = d1[x] - d3[x];
+            }
+            for (r, t) in bt.chunks(pw).enumerate() {
+                let at = |s: usize| ((4 * r + s) * g.c + ci) * ld + first + ty * tiles_x;
+                let (v0, v1, v2, v3) = (at(0), at(1), at(2), at(3));
+                for tx in 0..tiles_x {
+                    let (a, b, c, e) = (t[2 * tx], t[2 * tx + 1], t[2 * tx + 2], t[2 * tx + 3]);
+                    v[v0 + tx] = a - c;
+                    v[v1 + tx] = b + c;
+                    v[v2 + tx] = c - b;
+                    v[v3 + tx] = b - e;
+                }
+            }
+        }
+    }
+}
+
+/// One image's output from `M`: each tile's 2x2 block `Aᵀ m A` (`Aᵀ = [1 1 1 0; 0 1 -1 -1]`)
+/// plus the bias (and the ReLU), cropped to the output's size; a row of tiles at a time.
+fn transform_output(g: &Geometry, m: &[f32], ld: usize, first: usize, b: &[f32], relu: bool, y: &mut [f32]) {
+    let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    for (oc, (plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
+        for ty in 0..tiles_y {
+            let mm: [&[f32]; 16] =
+                std::array::from_fn(|xi| &m[(xi * g.o + oc) * ld + first + ty * tiles_x..][..tiles_x]);
+            for r in 0..2.min(g.oh - 2 * ty) {
+                let out = &mut plane[(2 * ty + r) * g.ow..][..g.ow];
+                for tx in 0..tiles_x {
+                    // (Aᵀ m)[r][s], then the row's two outputs
+                    let am = |s: usize| {
+                        if r == 0 {
+                            mm[s][tx] + mm[4 + s][tx] + mm[8 + s][tx]
+                        } else {
+                            mm[4 + s][tx] - mm[8 + s][tx] - mm[12 + s][tx]
+                        }
+                    };
+                    let (a, b_, c, e) = (am(0), am(1), am(2), am(3));
+                    let act = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
+                    out[2 * tx] = act(a + b_ + c + bias);
+                    if 2 * tx + 1 < g.ow {
+                        out[2 * tx + 1] = act(b_ - c - e + bias);
+                    }
+                }
+            }
+        }
+    }
+}
