@@ -215,10 +215,12 @@ impl candle_core::CustomOp2 for ReluGrad {
     }
 }
 
-/// The fused ReLU, in place on an op's output (NaN stays NaN, as in PyTorch).
-pub(crate) fn relu_in_place(y: &mut [f32]) {
-    // a select rather than a conditional store, so it vectorises
-    y.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+wide_fn! {
+    /// The fused ReLU, in place on an op's output (NaN stays NaN, as in PyTorch).
+    pub(crate) fn relu_in_place(y: &mut [f32]) {
+        // a select rather than a conditional store, so it vectorises
+        y.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+    }
 }
 
 /// The tensor-op form for other devices: Candle's ReLU when the op fuses one.

@@ -43,6 +43,7 @@ impl Lrn {
     /// `k + alpha * mean(a_j^2 over the window)` for one channel `ch` of an image `img`
     /// (`c` planes of `plane` values), computed the way PyTorch does (sum, divide by size,
     /// scale, add k), written to `out`.
+    #[inline(always)]
     fn denominators(&self, img: &[f32], ch: usize, c: usize, plane: usize, out: &mut [f32]) {
         let (below, above) = self.reach();
         out.fill(0.0);
@@ -59,7 +60,7 @@ impl Lrn {
 
     /// `s^-beta`; for the usual beta = 0.75 as `1 / (sqrt(s) sqrt(sqrt(s)))`, several times
     /// faster than `powf` and within an ulp or two of it.
-    #[inline]
+    #[inline(always)]
     fn pow_neg_beta(&self, s: f32) -> f32 {
         if self.beta == 0.75 {
             let r = s.sqrt();
@@ -93,6 +94,31 @@ pub fn lrn_tensor_ops(x: &Tensor, p: Lrn) -> Result<Tensor> {
     x * scale?.powf(-p.beta as f64)?
 }
 
+wide_fn! {
+    /// Channel `ch` of one image (`img`, its planes one after another) normalised into `out`.
+    fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
+        let plane = out.len();
+        p.denominators(img, ch, img.len() / plane, plane, scale);
+        for ((o, &v), &s) in out.iter_mut().zip(&img[ch * plane..(ch + 1) * plane]).zip(scale.iter()) {
+            *o = v * p.pow_neg_beta(s);
+        }
+    }
+}
+
+wide_fn! {
+    /// For channel `ch` of one image (`img`) with output gradient `g`: `s^-beta` into `pow` and
+    /// `g x s^(-beta-1)` into `t`.
+    fn backward_factors(p: &Lrn, img: &[f32], ch: usize, g: &[f32], scale: &mut [f32], pow: &mut [f32], t: &mut [f32]) {
+        let plane = g.len();
+        p.denominators(img, ch, img.len() / plane, plane, scale);
+        let x = &img[ch * plane..(ch + 1) * plane];
+        for (((p_, t), &s), (&xv, &gv)) in pow.iter_mut().zip(t.iter_mut()).zip(scale.iter()).zip(x.iter().zip(g)) {
+            *p_ = p.pow_neg_beta(s);
+            *t = gv * xv * (*p_ / s);
+        }
+    }
+}
+
 impl CustomOp1 for Lrn {
     fn name(&self) -> &'static str {
         "lrn"
@@ -106,14 +132,7 @@ impl CustomOp1 for Lrn {
         // One task per (image, channel) plane: enough work for every core at any batch size.
         y.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
             || vec![0f32; plane],
-            |scale, (i, out)| {
-                let img = &x[(i / c) * c * plane..][..c * plane];
-                let ch = i % c;
-                self.denominators(img, ch, c, plane, scale);
-                for ((o, &v), &s) in out.iter_mut().zip(&img[ch * plane..(ch + 1) * plane]).zip(scale.iter()) {
-                    *o = v * self.pow_neg_beta(s);
-                }
-            },
+            |scale, (i, out)| normalise_plane(self, &x[(i / c) * c * plane..][..c * plane], i % c, scale, out),
         );
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -147,15 +166,9 @@ impl CustomOp2 for LrnBackward {
         pow.par_chunks_mut(plane).zip(t.par_chunks_mut(plane)).enumerate().take(n * c).for_each_init(
             || vec![0f32; plane],
             |scale, (i, (pow, t))| {
-                let img = &x[(i / c) * c * plane..][..c * plane];
-                p.denominators(img, i % c, c, plane, scale);
                 let at = i * plane..(i + 1) * plane;
-                for (((p_, t), &s), (&xv, &gv)) in
-                    pow.iter_mut().zip(t.iter_mut()).zip(scale.iter()).zip(x[at.clone()].iter().zip(&g[at]))
-                {
-                    *p_ = p.pow_neg_beta(s);
-                    *t = gv * xv * (*p_ / s);
-                }
+                let img = &x[(i / c) * c * plane..][..c * plane];
+                backward_factors(&p, img, i % c, &g[at], scale, pow, t)
             },
         );
         // Pass 2, per plane: channel j is in the window of channels i in [j - above, j + below].

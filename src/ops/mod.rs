@@ -16,6 +16,30 @@
 //! as compositions of Candle tensor ops (`*_tensor_ops`, tested against the same fixtures on
 //! the CPU) and the convolution as Candle's `conv2d`.
 
+/// Defines a function whose body is compiled twice, for baseline x86-64 (what the crate is
+/// built for) and for AVX-512, the second run where the CPU has it: for the elementwise
+/// kernels, whose loops the compiler then vectorises 16 lanes wide. Without FMA contraction or
+/// fast-math both give the same bits.
+macro_rules! wide_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { avx512($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 mod adaptive_pool;
 mod conv;
 mod gemm;

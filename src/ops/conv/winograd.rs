@@ -79,71 +79,75 @@ fn input_work(g: &Geometry) -> usize {
     (2 * g.oh.div_ceil(2) + 2) * pw + 4 * pw
 }
 
-/// `V[ξ, c, first + tile] = (Bᵀ d B)[ξ]` for every 4x4 patch `d` of one image (patch `(ty, tx)`
-/// starting at input pixel `(2ty - p, 2tx - p)`, zero outside), `Bᵀ = [1 0 -1 0; 0 1 1 0;
-/// 0 -1 1 0; 0 1 0 -1]`. A row of tiles at a time: `Bᵀ` combines four whole rows of the
-/// zero-padded plane, then `B` combines columns of those, tile after tile.
-fn transform_input(g: &Geometry, image: &[f32], v: &mut [f32], ld: usize, first: usize, work: &mut [f32]) {
-    let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
-    let pw = 2 * tiles_x + 2; // padded width: every patch inside
-    let (padded, bt) = work.split_at_mut((2 * tiles_y + 2) * pw);
-    for (ci, plane) in image.chunks(g.h * g.w).enumerate() {
-        padded.fill(0.0);
-        for (y, row) in plane.chunks(g.w).enumerate() {
-            let at = (y + g.pad) * pw + g.pad;
-            padded[at..at + g.w].copy_from_slice(row);
-        }
-        for ty in 0..tiles_y {
-            let d = &padded[2 * ty * pw..][..4 * pw];
-            let (d0, d1, d2, d3) = (&d[..pw], &d[pw..2 * pw], &d[2 * pw..3 * pw], &d[3 * pw..]);
-            let (b0, rest) = bt.split_at_mut(pw);
-            let (b1, rest) = rest.split_at_mut(pw);
-            let (b2, b3) = rest.split_at_mut(pw);
-            for x in 0..pw {
-                b0[x] = d0[x] - d2[x];
-                b1[x] = d1[x] + d2[x];
-                b2[x] = d2[x] - d1[x];
-                b3[x] = d1[x] - d3[x];
+wide_fn! {
+    /// `V[ξ, c, first + tile] = (Bᵀ d B)[ξ]` for every 4x4 patch `d` of one image (patch `(ty, tx)`
+    /// starting at input pixel `(2ty - p, 2tx - p)`, zero outside), `Bᵀ = [1 0 -1 0; 0 1 1 0;
+    /// 0 -1 1 0; 0 1 0 -1]`. A row of tiles at a time: `Bᵀ` combines four whole rows of the
+    /// zero-padded plane, then `B` combines columns of those, tile after tile.
+    fn transform_input(g: &Geometry, image: &[f32], v: &mut [f32], ld: usize, first: usize, work: &mut [f32]) {
+        let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+        let pw = 2 * tiles_x + 2; // padded width: every patch inside
+        let (padded, bt) = work.split_at_mut((2 * tiles_y + 2) * pw);
+        for (ci, plane) in image.chunks(g.h * g.w).enumerate() {
+            padded.fill(0.0);
+            for (y, row) in plane.chunks(g.w).enumerate() {
+                let at = (y + g.pad) * pw + g.pad;
+                padded[at..at + g.w].copy_from_slice(row);
             }
-            for (r, t) in bt.chunks(pw).enumerate() {
-                let at = |s: usize| ((4 * r + s) * g.c + ci) * ld + first + ty * tiles_x;
-                let (v0, v1, v2, v3) = (at(0), at(1), at(2), at(3));
-                for tx in 0..tiles_x {
-                    let (a, b, c, e) = (t[2 * tx], t[2 * tx + 1], t[2 * tx + 2], t[2 * tx + 3]);
-                    v[v0 + tx] = a - c;
-                    v[v1 + tx] = b + c;
-                    v[v2 + tx] = c - b;
-                    v[v3 + tx] = b - e;
+            for ty in 0..tiles_y {
+                let d = &padded[2 * ty * pw..][..4 * pw];
+                let (d0, d1, d2, d3) = (&d[..pw], &d[pw..2 * pw], &d[2 * pw..3 * pw], &d[3 * pw..]);
+                let (b0, rest) = bt.split_at_mut(pw);
+                let (b1, rest) = rest.split_at_mut(pw);
+                let (b2, b3) = rest.split_at_mut(pw);
+                for x in 0..pw {
+                    b0[x] = d0[x] - d2[x];
+                    b1[x] = d1[x] + d2[x];
+                    b2[x] = d2[x] - d1[x];
+                    b3[x] = d1[x] - d3[x];
+                }
+                for (r, t) in bt.chunks(pw).enumerate() {
+                    let at = |s: usize| ((4 * r + s) * g.c + ci) * ld + first + ty * tiles_x;
+                    let (v0, v1, v2, v3) = (at(0), at(1), at(2), at(3));
+                    for tx in 0..tiles_x {
+                        let (a, b, c, e) = (t[2 * tx], t[2 * tx + 1], t[2 * tx + 2], t[2 * tx + 3]);
+                        v[v0 + tx] = a - c;
+                        v[v1 + tx] = b + c;
+                        v[v2 + tx] = c - b;
+                        v[v3 + tx] = b - e;
+                    }
                 }
             }
         }
     }
 }
 
-/// One image's output from `M`: each tile's 2x2 block `Aᵀ m A` (`Aᵀ = [1 1 1 0; 0 1 -1 -1]`)
-/// plus the bias (and the ReLU), cropped to the output's size; a row of tiles at a time.
-fn transform_output(g: &Geometry, m: &[f32], ld: usize, first: usize, b: &[f32], relu: bool, y: &mut [f32]) {
-    let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
-    for (oc, (plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
-        for ty in 0..tiles_y {
-            let mm: [&[f32]; 16] =
-                std::array::from_fn(|xi| &m[(xi * g.o + oc) * ld + first + ty * tiles_x..][..tiles_x]);
-            for r in 0..2.min(g.oh - 2 * ty) {
-                let out = &mut plane[(2 * ty + r) * g.ow..][..g.ow];
-                for tx in 0..tiles_x {
-                    // (Aᵀ m)[r][s], then the row's two outputs
-                    let am = |s: usize| {
-                        if r == 0 {
-                            mm[s][tx] + mm[4 + s][tx] + mm[8 + s][tx]
-                        } else {
-                            mm[4 + s][tx] - mm[8 + s][tx] - mm[12 + s][tx]
+wide_fn! {
+    /// One image's output from `M`: each tile's 2x2 block `Aᵀ m A` (`Aᵀ = [1 1 1 0; 0 1 -1 -1]`)
+    /// plus the bias (and the ReLU), cropped to the output's size; a row of tiles at a time.
+    fn transform_output(g: &Geometry, m: &[f32], ld: usize, first: usize, b: &[f32], relu: bool, y: &mut [f32]) {
+        let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+        for (oc, (plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
+            for ty in 0..tiles_y {
+                let mm: [&[f32]; 16] =
+                    std::array::from_fn(|xi| &m[(xi * g.o + oc) * ld + first + ty * tiles_x..][..tiles_x]);
+                for r in 0..2.min(g.oh - 2 * ty) {
+                    let out = &mut plane[(2 * ty + r) * g.ow..][..g.ow];
+                    for tx in 0..tiles_x {
+                        // (Aᵀ m)[r][s], then the row's two outputs
+                        let am = |s: usize| {
+                            if r == 0 {
+                                mm[s][tx] + mm[4 + s][tx] + mm[8 + s][tx]
+                            } else {
+                                mm[4 + s][tx] - mm[8 + s][tx] - mm[12 + s][tx]
+                            }
+                        };
+                        let (a, b_, c, e) = (am(0), am(1), am(2), am(3));
+                        let act = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
+                        out[2 * tx] = act(a + b_ + c + bias);
+                        if 2 * tx + 1 < g.ow {
+                            out[2 * tx + 1] = act(b_ - c - e + bias);
                         }
-                    };
-                    let (a, b_, c, e) = (am(0), am(1), am(2), am(3));
-                    let act = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
-                    out[2 * tx] = act(a + b_ + c + bias);
-                    if 2 * tx + 1 < g.ow {
-                        out[2 * tx + 1] = act(b_ - c - e + bias);
                     }
                 }
             }
