@@ -144,6 +144,25 @@ impl Geometry {
         }
     }
 
+    /// [`Geometry::split`] then [`Geometry::im2col`] of one image, a channel at a time, the
+    /// channels spread over the cores when `spread` (a batch too small to give every core
+    /// images of its own).
+    fn columns(&self, image: &[f32], split: &mut [f32], cols: &mut [f32], ld: usize, spread: bool) {
+        let one = Geometry { c: 1, ..*self };
+        let rows = self.k * self.k * ld; // a channel's rows of `cols`
+        let work = |((plane, split), cols): ((&[f32], &mut [f32]), &mut [f32])| {
+            one.split(plane, split);
+            one.im2col(split, cols, ld);
+        };
+        let planes = self.h * self.w;
+        if spread {
+            let split = split.par_chunks_mut(one.split_len());
+            image.par_chunks(planes).zip(split).zip(cols.par_chunks_mut(rows)).for_each(work);
+        } else {
+            image.chunks(planes).zip(split.chunks_mut(one.split_len())).zip(cols.chunks_mut(rows)).for_each(work);
+        }
+    }
+
     /// The adjoint of [`Geometry::im2col`]: adds each column entry back to its place in the
     /// split image (zeroed first), then [`Geometry::unsplit`] takes the image out of it.
     fn col2im(&self, cols: &[f32], split: &mut [f32], x: &mut [f32]) {
@@ -251,19 +270,33 @@ impl CustomOp3 for Conv2d {
         let par = parallelism(g.n.div_ceil(group));
         let mut y = vec![0f32; g.n * g.o * ohw];
         y.par_chunks_mut(group * g.o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
-            // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw]
+            // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw];
+            // a single image's `wide` is its output itself
             let ld = images.len() / chw * ohw;
-            with_scratch(g.split_len() + ckk * ld + g.o * ld, |scratch| {
+            let single = ld == ohw;
+            let wide_len = if single { 0 } else { g.o * ld };
+            with_scratch(g.split_len() + ckk * ld + wide_len, |scratch| {
                 let (split, scratch) = scratch.split_at_mut(g.split_len());
-                let (cols, wide) = scratch.split_at_mut(ckk * ld);
+                let (cols, scratch) = scratch.split_at_mut(ckk * ld);
+                let spread = !matches!(par, Parallelism::None);
                 for (i, image) in images.chunks(chw).enumerate() {
-                    g.split(image, split);
-                    g.im2col(split, &mut cols[i * ohw..], ld);
+                    g.columns(image, split, &mut cols[i * ohw..], ld, spread);
                 }
-                for (row, &bias) in wide.chunks_mut(ld).zip(b) {
-                    row.fill(bias);
+                let product = |wide: &mut [f32]| {
+                    for (row, &bias) in wide.chunks_mut(ld).zip(b) {
+                        row.fill(bias);
+                    }
+                    matmul(g.o, ld, ckk, wide, true, (w, ckk as isize, 1), (&*cols, ld as isize, 1), par);
+                };
+                if single {
+                    product(out);
+                    if self.relu {
+                        out.par_chunks_mut(ohw).for_each(relu_in_place);
+                    }
+                    return;
                 }
-                matmul(g.o, ld, ckk, wide, true, (w, ckk as isize, 1), (cols, ld as isize, 1), par);
+                let wide = scratch;
+                product(wide);
                 // back to [image, o, oy, ox], with the ReLU
                 for (i, y_image) in out.chunks_mut(g.o * ohw).enumerate() {
                     for (oc, dst) in y_image.chunks_mut(ohw).enumerate() {
@@ -339,8 +372,8 @@ impl candle_core::CustomOp2 for WeightGrad {
                 with_scratch(g.split_len() + ckk * ohw, |scratch| {
                     let (split, cols) = scratch.split_at_mut(g.split_len());
                     for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                        g.split(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], split);
-                        g.im2col(split, cols, ohw);
+                        let spread = chunks.len() < rayon::current_num_threads();
+                        g.columns(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], split, cols, ohw, spread);
                         let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
                         // acc[o, ckk] += dY[o, ohw] · colsᵀ[ohw, ckk]
                         matmul(

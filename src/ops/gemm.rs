@@ -69,9 +69,11 @@ mod dot_form {
     /// Rows of `w` per task: enough tasks for every core at fc8's 1000 rows, few enough that
     /// each task's share of `y` is worth its own buffer.
     const ROWS_PER_TASK: usize = 32;
-    /// Values of k per block: a block of x (`n` rows) stays in L2, a register block's rows of
-    /// w in L1.
-    const K_BLOCK: usize = 1024;
+    /// Values of x per block of k: `n` rows of a block stay in L2 (256 KiB), so each is
+    /// loaded from memory once. At small batches the block is a whole row (at batch 1 the
+    /// product is a stream through `w`, which the prefetchers follow best unbroken), at
+    /// batch 64 1024 values.
+    const X_BLOCK: usize = 64 * 1024;
 
     pub(super) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
         // each task computes yᵀ for its rows of w; written into y afterwards
@@ -99,8 +101,9 @@ mod dot_form {
     #[target_feature(enable = "avx512f")]
     unsafe fn rows_times_x(rows: &[f32], x: &[f32], n: usize, k: usize, part: &mut [f32]) {
         let m = rows.len() / k;
-        for k0 in (0..k).step_by(K_BLOCK) {
-            let len = K_BLOCK.min(k - k0);
+        let k_block = (X_BLOCK / n.max(1)).next_multiple_of(16).max(1024);
+        for k0 in (0..k).step_by(k_block) {
+            let len = k_block.min(k - k0);
             let mut r = 0;
             while r < m {
                 if r + ROWS <= m {
