@@ -4,7 +4,7 @@
 //! half of the net's multiply-adds) need about half the multiply-adds this way:
 //!
 //! * weights: `U = G g Gᵀ` for each 3x3 kernel `g`, 16 values `U[ξ, o, c]`;
-//! * input: `V = Bᵀ d B` for each 4x4 patch `d` (patches every 2 pixels), `V[ξ, c, tile]`;
+//! * input: `V = Bᵀ d B` for each 4x4 patch `d` (patches every 2 pixels), `V[ξ, tile, c]`;
 //! * 16 GEMMs, one per position ξ: `M[ξ] = U[ξ] · V[ξ]`, `[O, C] · [C, tiles]`;
 //! * output: `Y = Aᵀ M A`, the 2x2 block, plus bias (and the ReLU).
 //!
@@ -25,13 +25,19 @@ pub(super) fn applies(g: &Geometry) -> bool {
     g.k == 3 && g.stride == 1 && g.n >= 2 * rayon::current_num_threads()
 }
 
+/// Bytes of `V` and `M` one group of images may take: the GEMMs then find them in cache.
+/// Measured at batch 64 (torchvision's conv3-5): groups of 4 images (6.4 MB for conv4) 142 ms,
+/// of 16 images (the im2col path's grouping, 25 MB) 220 ms.
+const GROUP_BYTES: usize = 8 << 20;
+
 /// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a 3x3 stride-1 `g`.
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
     let (c, o) = (g.c, g.o);
     let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
     let tiles = tiles_y * tiles_x;
     let u = transform_weights(w, o, c);
-    let group = images_per_gemm(g.n, tiles);
+    let per_image = 16 * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and M
+    let group = images_per_gemm(g.n, tiles).min((GROUP_BYTES / per_image).max(1));
     let par = parallelism(g.n.div_ceil(group));
     let (chw, ohw) = (c * g.h * g.w, g.ohw());
     let mut y = vec![0f32; g.n * o * ohw];
@@ -44,7 +50,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
                 transform_input(g, image, v, ld, i * tiles, work);
             }
             for (m_xi, (u_xi, v_xi)) in m.chunks_mut(o * ld).zip(u.chunks(o * c).zip(v.chunks(c * ld))) {
-                matmul(o, ld, c, m_xi, false, (u_xi, c as isize, 1), (v_xi, ld as isize, 1), par);
+                matmul(o, ld, c, m_xi, false, (u_xi, c as isize, 1), (v_xi, 1, c as isize), par);
             }
             for (i, y_image) in out.chunks_mut(o * ohw).enumerate() {
                 transform_output(g, m, ld, i * tiles, b, relu, y_image);
@@ -73,48 +79,69 @@ fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
     u
 }
 
-/// Scratch values [`transform_input`] needs: the padded plane and four combined rows.
+/// Channels the input transform works on at once: one vector of them.
+const LANES: usize = 16;
+
+/// Scratch values [`transform_input`] needs: a block of channels' padded planes.
 fn input_work(g: &Geometry) -> usize {
-    let pw = 2 * g.ow.div_ceil(2) + 2;
-    (2 * g.oh.div_ceil(2) + 2) * pw + 4 * pw
+    (2 * g.oh.div_ceil(2) + 2) * (2 * g.ow.div_ceil(2) + 2) * LANES
 }
 
 wide_fn! {
-    /// `V[ξ, c, first + tile] = (Bᵀ d B)[ξ]` for every 4x4 patch `d` of one image (patch `(ty, tx)`
-    /// starting at input pixel `(2ty - p, 2tx - p)`, zero outside), `Bᵀ = [1 0 -1 0; 0 1 1 0;
-    /// 0 -1 1 0; 0 1 0 -1]`. A row of tiles at a time: `Bᵀ` combines four whole rows of the
-    /// zero-padded plane, then `B` combines columns of those, tile after tile.
+    /// `V[ξ, first + tile, c] = (Bᵀ d B)[ξ]` for every 4x4 patch `d` of one image (patch
+    /// `(ty, tx)` starting at input pixel `(2ty - p, 2tx - p)`, zero outside), `Bᵀ = [1 0 -1 0;
+    /// 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`. `LANES` channels at a time, interleaved in `work`
+    /// (zero-padded), so every add works on a vector of channels and every store of `V` is
+    /// contiguous.
     fn transform_input(g: &Geometry, image: &[f32], v: &mut [f32], ld: usize, first: usize, work: &mut [f32]) {
         let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
         let pw = 2 * tiles_x + 2; // padded width: every patch inside
-        let (padded, bt) = work.split_at_mut((2 * tiles_y + 2) * pw);
-        for (ci, plane) in image.chunks(g.h * g.w).enumerate() {
-            padded.fill(0.0);
-            for (y, row) in plane.chunks(g.w).enumerate() {
-                let at = (y + g.pad) * pw + g.pad;
-                padded[at..at + g.w].copy_from_slice(row);
+        let plane = g.h * g.w;
+        for c0 in (0..g.c).step_by(LANES) {
+            let lanes = LANES.min(g.c - c0);
+            work.fill(0.0);
+            for lane in 0..lanes {
+                for (y, row) in image[(c0 + lane) * plane..][..plane].chunks(g.w).enumerate() {
+                    for (x, &val) in row.iter().enumerate() {
+                        work[((y + g.pad) * pw + x + g.pad) * LANES + lane] = val;
+                    }
+                }
             }
             for ty in 0..tiles_y {
-                let d = &padded[2 * ty * pw..][..4 * pw];
-                let (d0, d1, d2, d3) = (&d[..pw], &d[pw..2 * pw], &d[2 * pw..3 * pw], &d[3 * pw..]);
-                let (b0, rest) = bt.split_at_mut(pw);
-                let (b1, rest) = rest.split_at_mut(pw);
-                let (b2, b3) = rest.split_at_mut(pw);
-                for x in 0..pw {
-                    b0[x] = d0[x] - d2[x];
-                    b1[x] = d1[x] + d2[x];
-                    b2[x] = d2[x] - d1[x];
-                    b3[x] = d1[x] - d3[x];
-                }
-                for (r, t) in bt.chunks(pw).enumerate() {
-                    let at = |s: usize| ((4 * r + s) * g.c + ci) * ld + first + ty * tiles_x;
-                    let (v0, v1, v2, v3) = (at(0), at(1), at(2), at(3));
-                    for tx in 0..tiles_x {
-                        let (a, b, c, e) = (t[2 * tx], t[2 * tx + 1], t[2 * tx + 2], t[2 * tx + 3]);
-                        v[v0 + tx] = a - c;
-                        v[v1 + tx] = b + c;
-                        v[v2 + tx] = c - b;
-                        v[v3 + tx] = b - e;
+                for tx in 0..tiles_x {
+                    let d = |r: usize, s: usize| -> [f32; LANES] {
+                        let at = ((2 * ty + r) * pw + 2 * tx + s) * LANES;
+                        work[at..at + LANES].try_into().expect("LANES values")
+                    };
+                    // Bᵀ d, column by column: bd[r][s]
+                    let mut bd = [[[0f32; LANES]; 4]; 4];
+                    for s in 0..4 {
+                        let (a, b, c, e) = (d(0, s), d(1, s), d(2, s), d(3, s));
+                        for l in 0..LANES {
+                            bd[0][s][l] = a[l] - c[l];
+                            bd[1][s][l] = b[l] + c[l];
+                            bd[2][s][l] = c[l] - b[l];
+                            bd[3][s][l] = b[l] - e[l];
+                        }
+                    }
+                    // (Bᵀ d) B, row by row, stored
+                    let col = first + ty * tiles_x + tx;
+                    for (r, [a, b, c, e]) in bd.iter().enumerate() {
+                        let mut out = [[0f32; LANES]; 4];
+                        for l in 0..LANES {
+                            out[0][l] = a[l] - c[l];
+                            out[1][l] = b[l] + c[l];
+                            out[2][l] = c[l] - b[l];
+                            out[3][l] = b[l] - e[l];
+                        }
+                        for (s, values) in out.iter().enumerate() {
+                            let dst = &mut v[((4 * r + s) * ld + col) * g.c + c0..];
+                            if lanes == LANES {
+                                dst[..LANES].copy_from_slice(values); // a fixed size: one vector store
+                            } else {
+                                dst[..lanes].copy_from_slice(&values[..lanes]);
+                            }
+                        }
                     }
                 }
             }
