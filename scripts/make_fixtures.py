@@ -178,7 +178,7 @@ def ops_fixture():
         out[f"{name}/y"] = y.detach().contiguous()
         out[f"{name}/grad_x"] = xi.grad.contiguous()
     # Convolution + bias (+ ReLU): the Winograd path (3x3 stride 1; 64 images so that it is
-    # taken on up to 32 cores; map sizes that leave partial tiles) and the im2col path
+    # taken on up to 16 cores; map sizes that leave partial tiles) and the im2col path
     # (conv1's 11x11 stride 4).
     for name, xs, ws, stride, pad, relu in [
         ("conv3x3_pad1", (64, 4, 7, 7), (5, 4, 3, 3), 1, 1, True),

@@ -17,12 +17,12 @@ use rayon::prelude::*;
 use super::{images_per_gemm, parallelism, with_scratch, Geometry};
 use crate::ops::gemm::matmul;
 
-/// Whether [`forward`] computes this convolution: 3x3 stride 1, and at least two images per
+/// Whether [`forward`] computes this convolution: 3x3 stride 1, and at least four images per
 /// core. With fewer, each of the 16 GEMMs has too few columns (49 tiles an image at 13x13) to
-/// run at speed: measured for conv3-5, 11.6 ms against im2col's 4.4 ms at batch 1, 13.9 against
-/// 15.4 at batch 4, 39 against 54 at batch 16 (2 cores).
+/// run at speed: measured for torchvision's conv3-5 on 2 cores, 8.6-11.2 ms against im2col's
+/// 4.5-6.0 at batch 1, 18-20 against 14-15 at batch 4, 25-32 against 31-43 at batch 8.
 pub(super) fn applies(g: &Geometry) -> bool {
-    g.k == 3 && g.stride == 1 && g.n >= 2 * rayon::current_num_threads()
+    g.k == 3 && g.stride == 1 && g.n >= 4 * rayon::current_num_threads()
 }
 
 /// Bytes of `V` and `M` one group of images may take: the GEMMs then find them in cache.
