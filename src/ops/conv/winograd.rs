@@ -113,20 +113,21 @@ wide_fn! {
                         let at = ((2 * ty + r) * pw + 2 * tx + s) * LANES;
                         work[at..at + LANES].try_into().expect("LANES values")
                     };
-                    // Bᵀ d, column by column: bd[r][s]
-                    let mut bd = [[[0f32; LANES]; 4]; 4];
-                    for s in 0..4 {
+                    // Bᵀ d, column by column: bdt[s][r]
+                    let mut bdt = [[[0f32; LANES]; 4]; 4];
+                    for (s, column) in bdt.iter_mut().enumerate() {
                         let (a, b, c, e) = (d(0, s), d(1, s), d(2, s), d(3, s));
                         for l in 0..LANES {
-                            bd[0][s][l] = a[l] - c[l];
-                            bd[1][s][l] = b[l] + c[l];
-                            bd[2][s][l] = c[l] - b[l];
-                            bd[3][s][l] = b[l] - e[l];
+                            column[0][l] = a[l] - c[l];
+                            column[1][l] = b[l] + c[l];
+                            column[2][l] = c[l] - b[l];
+                            column[3][l] = b[l] - e[l];
                         }
                     }
                     // (Bᵀ d) B, row by row, stored
                     let col = first + ty * tiles_x + tx;
-                    for (r, [a, b, c, e]) in bd.iter().enumerate() {
+                    for r in 0..4 {
+                        let [a, b, c, e] = [&bdt[0][r], &bdt[1][r], &bdt[2][r], &bdt[3][r]];
                         let mut out = [[0f32; LANES]; 4];
                         for l in 0..LANES {
                             out[0][l] = a[l] - c[l];
