@@ -512,10 +512,12 @@ impl TwoTowers {
 
         // fc6 sees both towers' maps, flattened in Caffe's (channel, row, column) order.
         let h = self.exchange(&h)?;
-        let h = [dropout(a.fc6.forward_relu(&h[0])?, mode, 60)?, dropout(b.fc6.forward_relu(&h[1])?, mode, 61)?];
+        let [ha, hb] = self.each(&h, |t, x| t.fc6.forward_relu(x))?;
+        let h = [dropout(ha, mode, 60)?, dropout(hb, mode, 61)?];
         self.record(trace, "fc6", "both towers", &h, |t| &t.fc6)?;
         let h = self.exchange(&h)?;
-        let h = [dropout(a.fc7.forward_relu(&h[0])?, mode, 70)?, dropout(b.fc7.forward_relu(&h[1])?, mode, 71)?];
+        let [ha, hb] = self.each(&h, |t, x| t.fc7.forward_relu(x))?;
+        let h = [dropout(ha, mode, 70)?, dropout(hb, mode, 71)?];
         self.record(trace, "fc7", "both towers", &h, |t| &t.fc7)?;
         let h = self.exchange(&h)?;
         let h = self.each(&h, |t, x| t.fc8.forward(x))?;
