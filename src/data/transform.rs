@@ -254,39 +254,13 @@ pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
     let (in_w, in_h, ow, oh) = (in_w as usize, in_h as usize, out_w as usize, out_h as usize);
     let horizontal = |src: &[u8], h: usize| -> Vec<u8> {
-        let coeffs = PilCoeffs::new(in_w, ow);
         let mut out = vec![0u8; ow * h * 3];
-        for (row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(ow * 3)) {
-            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
-                let (start, k) = coeffs.taps(x);
-                let mut acc = [PIL_ROUND; 3];
-                for (p, &w) in row[start * 3..].chunks_exact(3).zip(k) {
-                    for c in 0..3 {
-                        acc[c] += p[c] as i32 * w;
-                    }
-                }
-                px.copy_from_slice(&acc.map(pil_clip8));
-            }
-        }
+        resize_rows(src, in_w, &PilCoeffs::new(in_w, ow), &mut out);
         out
     };
     let vertical = |src: &[u8], w: usize| -> Vec<u8> {
-        let coeffs = PilCoeffs::new(in_h, oh);
         let mut out = vec![0u8; w * oh * 3];
-        let mut acc = vec![0i32; w * 3];
-        for (y, out_row) in out.chunks_exact_mut(w * 3).enumerate() {
-            let (start, k) = coeffs.taps(y);
-            acc.fill(PIL_ROUND);
-            for (i, &wt) in k.iter().enumerate() {
-                let row = &src[(start + i) * w * 3..(start + i + 1) * w * 3];
-                for (a, &p) in acc.iter_mut().zip(row) {
-                    *a += p as i32 * wt;
-                }
-            }
-            for (o, &a) in out_row.iter_mut().zip(&acc) {
-                *o = pil_clip8(a);
-            }
-        }
+        resize_columns(src, w, &PilCoeffs::new(in_h, oh), &mut out);
         out
     };
     let src = img.as_raw();
@@ -301,9 +275,50 @@ pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     RgbImage::from_raw(out_w, out_h, pixels).expect("buffer matches the size")
 }
 
+crate::ops::wide_fn! {
+    /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`.
+    fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, out: &mut [u8]) {
+        let ow = coeffs.bounds.len();
+        for (row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(ow * 3)) {
+            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+                let (start, k) = coeffs.taps(x);
+                let mut acc = [PIL_ROUND; 3];
+                for (p, &w) in row[start * 3..].chunks_exact(3).zip(k) {
+                    for c in 0..3 {
+                        acc[c] += p[c] as i32 * w;
+                    }
+                }
+                px.copy_from_slice(&acc.map(pil_clip8));
+            }
+        }
+    }
+}
+
+crate::ops::wide_fn! {
+    /// Pillow's vertical pass: rows of `w` RGB pixels, each output row a weighted sum of
+    /// input rows (whole rows at a time, so it vectorises).
+    fn resize_columns(src: &[u8], w: usize, coeffs: &PilCoeffs, out: &mut [u8]) {
+        let mut acc = vec![0i32; w * 3];
+        for (y, out_row) in out.chunks_exact_mut(w * 3).enumerate() {
+            let (start, k) = coeffs.taps(y);
+            acc.fill(PIL_ROUND);
+            for (i, &wt) in k.iter().enumerate() {
+                let row = &src[(start + i) * w * 3..(start + i + 1) * w * 3];
+                for (a, &p) in acc.iter_mut().zip(row) {
+                    *a += p as i32 * wt;
+                }
+            }
+            for (o, &a) in out_row.iter_mut().zip(&acc) {
+                *o = pil_clip8(a);
+            }
+        }
+    }
+}
+
 const PIL_PRECISION_BITS: u32 = 32 - 8 - 2;
 const PIL_ROUND: i32 = 1 << (PIL_PRECISION_BITS - 1);
 
+#[inline(always)]
 fn pil_clip8(v: i32) -> u8 {
     (v >> PIL_PRECISION_BITS).clamp(0, 255) as u8
 }
@@ -345,6 +360,7 @@ impl PilCoeffs {
         PilCoeffs { bounds, ksize, k }
     }
 
+    #[inline(always)]
     fn taps(&self, out: usize) -> (usize, &[i32]) {
         let (start, n) = self.bounds[out];
         (start, &self.k[out * self.ksize..out * self.ksize + n])

@@ -39,6 +39,7 @@ macro_rules! wide_fn {
         }
     };
 }
+pub(crate) use wide_fn;
 
 mod adaptive_pool;
 mod conv;
