@@ -103,14 +103,14 @@ mod dot_form {
         let m = rows.len() / k;
         let k_block = if n < IMAGES { k } else { K_BLOCK };
         for k0 in (0..k).step_by(k_block) {
-            let len = k_block.min(k - k0);
+            let slab = Slab { rows, x, n, k, k0, len: k_block.min(k - k0) };
             let mut r = 0;
             while r < m {
                 if r + ROWS <= m {
-                    images::<ROWS>(rows, x, k, k0, len, r, n, part);
+                    images::<ROWS>(slab, r, part);
                     r += ROWS;
                 } else {
-                    images::<1>(rows, x, k, k0, len, r, n, part);
+                    images::<1>(slab, r, part);
                     r += 1;
                 }
             }
@@ -122,49 +122,41 @@ mod dot_form {
     const ROWS: usize = 8;
     const IMAGES: usize = 3;
 
-    /// Rows `r..r + R` of w against every image.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn images<const R: usize>(
-        rows: &[f32],
-        x: &[f32],
+    /// One block of k: the values `k0..k0 + len` of every row of w (`rows`) and of x (`n`
+    /// rows), rows `k` values apart.
+    #[derive(Clone, Copy)]
+    struct Slab<'a> {
+        rows: &'a [f32],
+        x: &'a [f32],
+        n: usize,
         k: usize,
         k0: usize,
         len: usize,
-        r: usize,
-        n: usize,
-        part: &mut [f32],
-    ) {
+    }
+
+    /// Rows `r..r + R` of w against every image.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn images<const R: usize>(s: Slab, r: usize, part: &mut [f32]) {
         let mut i = 0;
-        while i + IMAGES <= n {
-            block::<R, IMAGES>(rows, x, k, k0, len, r, i, n, part);
+        while i + IMAGES <= s.n {
+            block::<R, IMAGES>(s, r, i, part);
             i += IMAGES;
         }
-        while i < n {
-            block::<R, 1>(rows, x, k, k0, len, r, i, n, part);
+        while i < s.n {
+            block::<R, 1>(s, r, i, part);
             i += 1;
         }
     }
 
-    /// Adds to `part[r.., i..]` (R rows by C images) the dot products over `k0..k0 + len`,
-    /// 16 lanes at a time (the tail masked), each lane summed at the end.
-    #[allow(clippy::too_many_arguments)]
+    /// Adds to `part[r.., i..]` (R rows by C images) the dot products over the slab's block
+    /// of k, 16 lanes at a time (the tail masked), each lane summed at the end.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize, const C: usize>(
-        rows: &[f32],
-        x: &[f32],
-        k: usize,
-        k0: usize,
-        len: usize,
-        r: usize,
-        i: usize,
-        n: usize,
-        part: &mut [f32],
-    ) {
-        let w_at = |row: usize, at: usize| rows.as_ptr().add((r + row) * k + k0 + at);
-        let x_at = |img: usize, at: usize| x.as_ptr().add((i + img) * k + k0 + at);
+    unsafe fn block<const R: usize, const C: usize>(s: Slab, r: usize, i: usize, part: &mut [f32]) {
+        let (k, k0, len, n) = (s.k, s.k0, s.len, s.n);
+        let w_at = |row: usize, at: usize| s.rows.as_ptr().add((r + row) * k + k0 + at);
+        let x_at = |img: usize, at: usize| s.x.as_ptr().add((i + img) * k + k0 + at);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let mut at = 0;
         while at + 16 <= len {
