@@ -1,7 +1,10 @@
 //! 2-D convolution with bias as one op, on the CPU as im2col + packed GEMM (the `gemm` crate
 //! Candle itself uses), with a backward written the same way:
 //!
-//! * forward, per image: `Y = W · cols(X) + b`;
+//! * forward, per image: `Y = W · cols(X) + b`, where `cols` is built by contiguous copies
+//!   from a padded copy of the image split into `stride` phases ([`Geometry::split`]); the
+//!   3x3 stride-1 layers (conv3-5) instead by Winograd's F(2x2, 3x3) once the batch gives
+//!   every core four images ([`winograd`]);
 //! * weight gradient: `dW = Σ dY · cols(X)ᵀ`, summed over fixed chunks of the batch in a fixed
 //!   order, so the result does not depend on how many threads ran it;
 //! * input gradient: `dX = col2im(Wᵀ · dY)`, skipped entirely when the input needs no gradient
@@ -9,7 +12,8 @@
 //!
 //! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
 //! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
-//! gradient). Images are spread over the cores; a single image spreads its GEMM instead.
+//! gradient). Images are spread over the cores; a batch too small for that spreads the
+//! columns of each image by channel and its GEMM instead.
 //! Other devices use Candle's `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
