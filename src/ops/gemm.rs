@@ -53,6 +53,9 @@ pub(crate) fn matmul(
 /// elsewhere it goes to the `gemm` crate.
 pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     assert!(x.len() >= n * k && w.len() >= o * k && y.len() >= n * o);
+    if n == 0 || o == 0 || k == 0 {
+        return; // nothing to add
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         return dot_form::matmul_wt(n, o, k, x, w, y);
@@ -243,7 +246,7 @@ mod tests {
     /// (rows of w past the register block, images past it, k past the 16 lanes and the k block).
     #[test]
     fn matmul_wt_matches_plain_sums() {
-        for (n, o, k) in [(1, 5, 7), (4, 37, 1030), (7, 70, 2081), (3, 8, 16)] {
+        for (n, o, k) in [(1, 5, 7), (4, 37, 1030), (7, 70, 2081), (3, 8, 16), (2, 3, 0), (0, 4, 5)] {
             let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5).collect();
             let w: Vec<f32> = (0..o * k).map(|i| ((i * 104_729) % 31) as f32 / 31.0 - 0.5).collect();
             let mut y = vec![1f32; n * o];
