@@ -170,21 +170,7 @@ impl Geometry {
     /// The adjoint of [`Geometry::im2col`]: adds each column entry back to its place in the
     /// split image (zeroed first), then [`Geometry::unsplit`] takes the image out of it.
     fn col2im(&self, cols: &[f32], split: &mut [f32], x: &mut [f32]) {
-        let (k, s, pl, ohw) = (self.k, self.stride, self.phase_len(), self.ohw());
-        let padded_rows = self.h + 2 * self.pad;
-        split.fill(0.0);
-        for (ci, channel) in split.chunks_mut(padded_rows * s * pl).enumerate() {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &cols[((ci * k + ky) * k + kx) * ohw..][..ohw];
-                    let from = (kx % s) * pl + kx / s;
-                    for (oy, src) in row.chunks(self.ow).enumerate() {
-                        let dst = &mut channel[(oy * s + ky) * s * pl + from..][..self.ow];
-                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
-                    }
-                }
-            }
-        }
+        add_columns(self, cols, split);
         self.unsplit(split, x);
     }
 
@@ -198,6 +184,26 @@ impl Geometry {
                 for (col, v) in row.iter_mut().enumerate() {
                     let c = col + p;
                     *v = padded[(c % s) * pl + c / s];
+                }
+            }
+        }
+    }
+}
+
+super::wide_fn! {
+    /// The sums of [`Geometry::col2im`]: every entry of `cols` added to its place in `split`.
+    fn add_columns(g: &Geometry, cols: &[f32], split: &mut [f32]) {
+        let (k, s, pl, ohw) = (g.k, g.stride, g.phase_len(), g.ohw());
+        split.fill(0.0);
+        for (ci, channel) in split.chunks_mut((g.h + 2 * g.pad) * s * pl).enumerate() {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &cols[((ci * k + ky) * k + kx) * ohw..][..ohw];
+                    let from = (kx % s) * pl + kx / s;
+                    for (oy, src) in row.chunks(g.ow).enumerate() {
+                        let dst = &mut channel[(oy * s + ky) * s * pl + from..][..g.ow];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                    }
                 }
             }
         }
