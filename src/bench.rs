@@ -1,5 +1,6 @@
 //! `alexnet bench`: forward (or training-step) throughput in images/s and peak memory,
-//! median of repeated runs after warm-up, on reference-pattern weights. Peers are compared by `scripts/bench_peers.py`.
+//! median of repeated runs after warm-up, on reference-pattern weights; `--layers` adds each
+//! layer's time. Peers are compared by `scripts/bench_peers.py`.
 
 use std::time::Instant;
 
@@ -31,8 +32,12 @@ pub struct BenchArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Time a training step (forward, backward, SGD with momentum) instead of a forward pass.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "layers")]
     train: bool,
+    /// Also time each layer of the forward pass (median per layer; two-tower layers are both
+    /// towers together), to see where the time goes.
+    #[arg(long)]
+    layers: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -46,6 +51,16 @@ struct Measurement {
     median_s: f64,
     images_per_s: f64,
     peak_rss_mib: f64,
+    /// With `--layers`: each layer's median time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    layers: Vec<LayerTime>,
+}
+
+#[derive(Serialize)]
+struct LayerTime {
+    layer: &'static str,
+    median_s: f64,
+    gflop_per_s: f64,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -64,9 +79,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false))).collect();
             let mut sgd = Sgd::new(config, vars)?;
             let mut times = Vec::with_capacity(args.runs);
+            let mut layer_runs: Vec<Vec<(&'static str, u64, f64)>> = Vec::new(); // name, macs, seconds
             for i in 0..args.warmup + args.runs {
                 let start = Instant::now();
-                if args.train {
+                if args.layers {
+                    let (_, steps) = model.forward_traced(&x, Mode::Eval)?;
+                    if i >= args.warmup {
+                        // the times only: keeping every run's activations would grow the heap
+                        layer_runs.push(steps.iter().map(|s| (s.name, s.macs, s.seconds)).collect());
+                    }
+                } else if args.train {
                     let logits = model.forward(&x, Mode::Train { seed: i as u64 })?;
                     let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
                     sgd.step(&loss.backward()?, 1e-6)?;
@@ -90,6 +112,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 median_s,
                 images_per_s: batch as f64 / median_s,
                 peak_rss_mib: peak_rss_mib(),
+                layers: layer_medians(&layer_runs),
             };
             println!(
                 "{:<12} {:>6} {:>12.1} {:>10.1} {:>14.0}",
@@ -99,6 +122,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 m.images_per_s,
                 m.peak_rss_mib
             );
+            for l in &m.layers {
+                let share = 100.0 * l.median_s / m.layers.iter().map(|l| l.median_s).sum::<f64>();
+                println!(
+                    "  {:<10} {:>9.2} ms {:>5.1}% {:>8.1} GFLOP/s",
+                    l.layer,
+                    1e3 * l.median_s,
+                    share,
+                    l.gflop_per_s
+                );
+            }
             results.push(m);
         }
     }
@@ -106,6 +139,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// Each layer's median time over the traced runs (`(name, macs, seconds)` per layer), and its
+/// multiply-adds' rate.
+fn layer_medians(runs: &[Vec<(&'static str, u64, f64)>]) -> Vec<LayerTime> {
+    let Some(first) = runs.first() else { return Vec::new() };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, &(layer, macs, _))| {
+            let mut times: Vec<f64> = runs.iter().map(|r| r[i].2).collect();
+            times.sort_by(f64::total_cmp);
+            let median_s = times[times.len() / 2];
+            LayerTime { layer, median_s, gflop_per_s: 2.0 * macs as f64 / median_s / 1e9 }
+        })
+        .collect()
 }
 
 /// The process's peak resident memory so far (Linux `VmHWM`), 0 where unknown.

@@ -1,5 +1,5 @@
-//! The `alexnet` binary: summary totals, `infer` against PyTorch's logits, and clear errors
-//! (never a panic) for bad weights and bad input.
+//! The `alexnet` binary: summary totals, `infer` against PyTorch's logits, `bench --layers`,
+//! and clear errors (never a panic) for bad weights and bad input.
 
 mod common;
 
@@ -106,6 +106,33 @@ fn classify_prints_top5_as_json() {
     assert_eq!(json[0]["top"].as_array().unwrap().len(), 5);
     let p: f64 = json[0]["top"].as_array().unwrap().iter().map(|t| t["probability"].as_f64().unwrap()).sum();
     assert!(p > 0.0 && p <= 1.0 + 1e-6);
+}
+
+/// `bench --layers` reports every layer of the pass, in order, with a time and the images/s.
+#[test]
+fn bench_layers_reports_every_layer() {
+    let json = workdir().join("bench.json");
+    let out = alexnet(&[
+        "bench",
+        "--preset",
+        "fig1-relu",
+        "--batch-sizes",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--layers",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let layers: Vec<&str> =
+        results[0]["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_str().unwrap()).collect();
+    assert_eq!(layers, ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc"]);
+    assert!(results[0]["layers"].as_array().unwrap().iter().all(|l| l["median_s"].as_f64().unwrap() >= 0.0));
+    assert!(results[0]["images_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
