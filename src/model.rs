@@ -125,8 +125,8 @@ pub struct Step {
 
 /// A forward pass that records every layer's output and time, for `summary`, `bench --layers`
 /// and the parity tests.
-pub struct Trace {
-    pub steps: Vec<Step>,
+struct Trace {
+    steps: Vec<Step>,
     /// When the previous layer's output was recorded (or the pass began).
     since: Instant,
 }

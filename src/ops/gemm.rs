@@ -73,7 +73,7 @@ mod dot_form {
     /// each task's share of `y` is worth its own buffer.
     const ROWS_PER_TASK: usize = 32;
     /// Values of k per block once the batch fills a register block: a register block's rows
-    /// of w (32 KiB) stay in L1 while every image passes them, 64 blocks of x in L2. Below
+    /// of w (32 KiB) stay in L1 while every image passes them, x's block (n rows) in L2. Below
     /// that each value of w is used once, and the block is a whole row: one unbroken stream
     /// through `w`, which the prefetchers follow best (batch 1: fc6 4.3 against 6.3 ms).
     const K_BLOCK: usize = 1024;
