@@ -1,10 +1,13 @@
 //! 2-D convolution with bias as one op, on the CPU as im2col + packed GEMM (the `gemm` crate
 //! Candle itself uses), with a backward written the same way:
 //!
-//! * forward, per image: `Y = W · cols(X) + b`, where `cols` is built by contiguous copies
-//!   from a padded copy of the image split into `stride` phases ([`Geometry::split`]); the
-//!   3x3 stride-1 layers (conv3-5) instead by Winograd's F(2x2, 3x3) once the batch gives
-//!   every core four images ([`winograd`]);
+//! * forward: the patches of a group of images one under the other, each patch channels-last
+//!   so that it is `k` contiguous runs ([`Geometry::patches`]), times the weights in the same
+//!   order: `P · Wᵀ`, `[pixels, o]`, transposed into the NCHW output with the bias and ReLU
+//!   ([`forward_pixel_major`]); 13x13 maps at batch 1-3, too few pixels for that orientation,
+//!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 stride-1 layers
+//!   (conv3-5) by Winograd's F(2x2, 3x3) once the batch gives every core four images
+//!   ([`winograd`]);
 //! * weight gradient: `dW = Σ dY · cols(X)ᵀ`, summed over fixed chunks of the batch in a fixed
 //!   order, so the result does not depend on how many threads ran it;
 //! * input gradient: `dX = col2im(Wᵀ · dY)`, skipped entirely when the input needs no gradient
@@ -20,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
+use super::transpose::transpose;
 use rayon::prelude::*;
 
 mod winograd;
@@ -79,6 +83,67 @@ impl Geometry {
         let oh = (h + 2 * op.padding - k) / op.stride + 1;
         let ow = (wd + 2 * op.padding - k) / op.stride + 1;
         Ok(Geometry { n, c, h, w: wd, o, k, oh, ow, stride: op.stride, pad: op.padding })
+    }
+
+    /// Length of [`Geometry::pad_channels_last`]'s output.
+    fn padded_len(&self) -> usize {
+        (self.h + 2 * self.pad) * (self.w + 2 * self.pad) * self.c
+    }
+
+    /// The image zero-padded and channels last, `padded[r, col, ci] = x[ci, r - p, col - p]`
+    /// (0 outside), so that one row of a patch (k pixels, every channel) is one contiguous run.
+    /// The rows are spread over the cores when `spread`.
+    fn pad_channels_last(&self, x: &[f32], padded: &mut [f32], spread: bool) {
+        let (c, p, plane) = (self.c, self.pad, self.h * self.w);
+        let row_len = (self.w + 2 * p) * c;
+        let fill_row = |(r, row): (usize, &mut [f32])| {
+            if r < p || r >= p + self.h {
+                return row.fill(0.0);
+            }
+            let y = r - p;
+            row[..p * c].fill(0.0);
+            row[(p + self.w) * c..].fill(0.0);
+            transpose(c, self.w, &x[y * self.w..], plane, &mut row[p * c..], c);
+        };
+        if spread {
+            padded.par_chunks_mut(row_len).enumerate().for_each(fill_row);
+        } else {
+            padded.chunks_mut(row_len).enumerate().for_each(fill_row);
+        }
+    }
+
+    /// `patches[(oy, ox), (ky, kx, ci)] = padded[oy*s + ky, ox*s + kx, ci]` from the
+    /// [`Geometry::pad_channels_last`] image: each output pixel's patch is k contiguous runs of
+    /// `k * c` values. The output rows are spread over the cores when `spread`.
+    fn patches(&self, padded: &[f32], patches: &mut [f32], spread: bool) {
+        let (k, s, c, ckk) = (self.k, self.stride, self.c, self.ckk());
+        let (run, row_len) = (k * c, (self.w + 2 * self.pad) * c);
+        let fill_row = |(oy, rows): (usize, &mut [f32])| {
+            for (ox, patch) in rows.chunks_mut(ckk).enumerate() {
+                for (ky, dst) in patch.chunks_mut(run).enumerate() {
+                    dst.copy_from_slice(&padded[(oy * s + ky) * row_len + ox * s * c..][..run]);
+                }
+            }
+        };
+        if spread {
+            patches.par_chunks_mut(self.ow * ckk).enumerate().for_each(fill_row);
+        } else {
+            patches.chunks_mut(self.ow * ckk).enumerate().for_each(fill_row);
+        }
+    }
+
+    /// The weights in the patches' order, `[o, ky, kx, ci]` from `[o, ci, ky, kx]`.
+    fn channels_last_weights(&self, w: &[f32]) -> Vec<f32> {
+        let (c, kk) = (self.c, self.k * self.k);
+        let mut out = vec![0f32; w.len()];
+        for (filter, dst) in w.chunks(self.ckk()).zip(out.chunks_mut(self.ckk())) {
+            for (ci, taps) in filter.chunks(kk).enumerate() {
+                for (t, &v) in taps.iter().enumerate() {
+                    dst[t * c + ci] = v;
+                }
+            }
+        }
+        out
     }
 
     fn ckk(&self) -> usize {
@@ -228,12 +293,98 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     result
 }
 
+/// The forward by `P · Wᵀ`: the patches of `group` images one under the other, `P [m, ckk]`
+/// in [`Geometry::patches`]' order, times the weights in the same order, gives `[m, o]`, which
+/// [`channels_first`] turns into each image's output with the bias and ReLU.
+fn forward_pixel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool, group: usize) -> Vec<f32> {
+    let (ckk, ohw, chw, o) = (g.ckk(), g.ohw(), g.c * g.h * g.w, g.o);
+    let w = g.channels_last_weights(w);
+    let par = parallelism(g.n.div_ceil(group));
+    let spread = !matches!(par, Parallelism::None);
+    let mut y = vec![0f32; g.n * o * ohw];
+    y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
+        let m = images.len() / chw * ohw;
+        with_scratch(g.padded_len() + m * ckk + m * o, |scratch| {
+            let (padded, scratch) = scratch.split_at_mut(g.padded_len());
+            let (patches, product) = scratch.split_at_mut(m * ckk);
+            for (image, patches) in images.chunks(chw).zip(patches.chunks_mut(ohw * ckk)) {
+                g.pad_channels_last(image, padded, spread);
+                g.patches(padded, patches, spread);
+            }
+            matmul(m, o, ckk, product, false, (patches, ckk as isize, 1), (&w, 1, ckk as isize), par);
+            for (y_image, product) in out.chunks_mut(o * ohw).zip(product.chunks(ohw * o)) {
+                channels_first(product, b, relu, y_image, spread);
+            }
+        })
+    });
+    y
+}
+
+/// The forward by `W · cols`, an image at a time, written straight into its output: for maps
+/// too small to fill [`PIXEL_MAJOR_ROWS`] (13x13 at batch 1-3), where this orientation of the
+/// GEMM is faster.
+fn forward_channel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
+    let (ckk, ohw, chw, o) = (g.ckk(), g.ohw(), g.c * g.h * g.w, g.o);
+    let par = parallelism(g.n);
+    let spread = !matches!(par, Parallelism::None);
+    let mut y = vec![0f32; g.n * o * ohw];
+    y.par_chunks_mut(o * ohw).zip(x.par_chunks(chw)).for_each(|(out, image)| {
+        with_scratch(g.split_len() + ckk * ohw, |scratch| {
+            let (split, cols) = scratch.split_at_mut(g.split_len());
+            g.columns(image, split, cols, ohw, spread);
+            for (plane, &bias) in out.chunks_mut(ohw).zip(b) {
+                plane.fill(bias);
+            }
+            matmul(o, ohw, ckk, out, true, (w, ckk as isize, 1), (&*cols, ohw as isize, 1), par);
+            if relu {
+                out.par_chunks_mut(ohw).for_each(relu_in_place);
+            }
+        })
+    });
+    y
+}
+
+/// One image's output from the GEMM's `[pixel, o]` product: `y[oc, p] = product[p, oc] +
+/// b[oc]`, then the ReLU if `relu`; the channels spread over the cores when `spread`.
+fn channels_first(product: &[f32], b: &[f32], relu: bool, y: &mut [f32], spread: bool) {
+    let o = b.len();
+    let ohw = y.len() / o;
+    let channels = if spread { o.div_ceil(rayon::current_num_threads()) } else { o };
+    let write = |(part, y): (usize, &mut [f32])| {
+        let first = part * channels;
+        transpose(ohw, y.len() / ohw, &product[first..], o, y, ohw);
+        for (plane, &bias) in y.chunks_mut(ohw).zip(&b[first..]) {
+            add_bias(plane, bias, relu);
+        }
+    };
+    if spread {
+        y.par_chunks_mut(channels * ohw).enumerate().for_each(write);
+    } else {
+        write((0, y));
+    }
+}
+
+super::wide_fn! {
+    /// `plane += bias`, then the ReLU if `relu` (NaN stays NaN, as in PyTorch).
+    fn add_bias(plane: &mut [f32], bias: f32, relu: bool) {
+        plane.iter_mut().for_each(|v| *v += bias);
+        if relu {
+            plane.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+        }
+    }
+}
+
 /// Images per partial weight gradient: fixed, so the summation order is too.
 const CHUNK: usize = 8;
 
-/// Columns a forward GEMM should have at least: below that, packing the weights (once per
+/// Pixels a forward GEMM should have at least: below that, packing the weights (once per
 /// GEMM) costs more than it should against the multiply-adds.
 const GEMM_COLUMNS: usize = 1024;
+
+/// Pixels per GEMM from which the forward is taken pixel-major ([`forward_pixel_major`]),
+/// which the `gemm` crate runs faster (conv1 at batch 64: 150 against 125 GFLOP/s a core);
+/// below it (13x13 maps at batch 1) `W · cols` is (conv3-5 at batch 1: 1.7 against 2.8 ms).
+const PIXEL_MAJOR_ROWS: usize = 512;
 
 /// Images per forward GEMM: small maps (13x13 has 169 columns) go side by side into one wide
 /// GEMM, so the weights are packed once per group instead of once per image; the groups are
@@ -275,50 +426,12 @@ impl CustomOp3 for Conv2d {
         if winograd::applies(&g) {
             return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu)), shape));
         }
-        let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
-        let group = images_per_gemm(g.n, ohw);
-        let par = parallelism(g.n.div_ceil(group));
-        let mut y = vec![0f32; g.n * g.o * ohw];
-        y.par_chunks_mut(group * g.o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
-            // the group's images side by side: cols [ckk, m*ohw], wide = W · cols + b [o, m*ohw];
-            // a single image's `wide` is its output itself
-            let ld = images.len() / chw * ohw;
-            let single = ld == ohw;
-            let wide_len = if single { 0 } else { g.o * ld };
-            with_scratch(g.split_len() + ckk * ld + wide_len, |scratch| {
-                let (split, scratch) = scratch.split_at_mut(g.split_len());
-                let (cols, scratch) = scratch.split_at_mut(ckk * ld);
-                let spread = !matches!(par, Parallelism::None);
-                for (i, image) in images.chunks(chw).enumerate() {
-                    g.columns(image, split, &mut cols[i * ohw..], ld, spread);
-                }
-                let product = |wide: &mut [f32]| {
-                    for (row, &bias) in wide.chunks_mut(ld).zip(b) {
-                        row.fill(bias);
-                    }
-                    matmul(g.o, ld, ckk, wide, true, (w, ckk as isize, 1), (&*cols, ld as isize, 1), par);
-                };
-                if single {
-                    product(out);
-                    if self.relu {
-                        out.par_chunks_mut(ohw).for_each(relu_in_place);
-                    }
-                    return;
-                }
-                let wide = scratch;
-                product(wide);
-                // back to [image, o, oy, ox], with the ReLU
-                for (i, y_image) in out.chunks_mut(g.o * ohw).enumerate() {
-                    for (oc, dst) in y_image.chunks_mut(ohw).enumerate() {
-                        let src = &wide[oc * ld + i * ohw..][..ohw];
-                        dst.copy_from_slice(src);
-                        if self.relu {
-                            relu_in_place(dst);
-                        }
-                    }
-                }
-            })
-        });
+        let group = images_per_gemm(g.n, g.ohw());
+        let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
+            forward_pixel_major(&g, x, w, b, self.relu, group)
+        } else {
+            forward_channel_major(&g, x, w, b, self.relu)
+        };
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -434,5 +547,48 @@ impl candle_core::CustomOp2 for InputGrad {
             })
         });
         Ok((CpuStorage::F32(dx), Shape::from(self.1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every forward path (pixel-major at every grouping, spread over the cores or not;
+    /// channel-major; Winograd) gives the same numbers; the PyTorch fixtures pin one of them
+    /// per shape (tests/ops.rs, tests/parity.rs).
+    #[test]
+    fn forward_paths_agree() {
+        for (n, c, h, w, o, k, stride, pad) in [
+            (3, 5, 13, 13, 16, 3, 1, 1),
+            (4, 6, 10, 9, 17, 3, 1, 0),
+            (2, 3, 35, 31, 7, 11, 4, 2),
+            (5, 4, 9, 9, 20, 5, 1, 2),
+        ] {
+            let op = Conv2d { stride, padding: pad, relu: false };
+            let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
+            let g = Geometry::new(&op, &xl, &wl).unwrap();
+            let values = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len).map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0)).collect()
+            };
+            let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
+            for relu in [false, true] {
+                let want = forward_channel_major(&g, &x, &wt, &b, relu);
+                let mut got: Vec<(String, Vec<f32>)> = (1..=n)
+                    .map(|group| {
+                        (format!("pixel-major, {group} a GEMM"), forward_pixel_major(&g, &x, &wt, &b, relu, group))
+                    })
+                    .collect();
+                if k == 3 && stride == 1 {
+                    got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu)));
+                }
+                // sums of up to 363 products in different orders: rounding, relative to the sizes
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (path, y) in got {
+                    let worst = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+                    assert!(worst < 4e-6, "{path}, {n}x{c}x{h}x{w} * {o}x{k}x{k}, relu {relu}: differs by {worst:e}");
+                }
+            }
+        }
     }
 }

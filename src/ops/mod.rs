@@ -47,6 +47,7 @@ mod gemm;
 mod linear;
 mod lrn;
 mod max_pool;
+mod transpose;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use conv::{conv2d, conv2d_relu};
