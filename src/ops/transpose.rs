@@ -1,7 +1,8 @@
 //! Matrix transposition between the layouts the convolution uses: the image into channels-last
 //! rows for its patches, and the GEMM's `[pixel, channel]` product back into channels-first
 //! planes. With AVX-512, 16 x 16 blocks go through registers (16 loads, 64 shuffles, 16
-//! stores) instead of 256 strided loads; the edges and other CPUs take the plain loop.
+//! stores) instead of 256 strided loads, the edges as blocks with masked loads and stores;
+//! other CPUs take the plain loop.
 
 /// `dst[j * dst_ld + i] = src[i * src_ld + j]` for `i < rows`, `j < cols`.
 pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], src_ld: usize, dst: &mut [f32], dst_ld: usize) {
@@ -9,42 +10,55 @@ pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], src_ld: usize, ds
         return;
     }
     assert!((rows - 1) * src_ld + cols <= src.len() && (cols - 1) * dst_ld + rows <= dst.len());
-    let mut done = 0; // rows (of src) transposed by whole blocks, in every column up to `blocked`
-    let mut blocked = 0;
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        (done, blocked) = (rows / 16 * 16, cols / 16 * 16);
-        for i in (0..done).step_by(16) {
-            for j in (0..blocked).step_by(16) {
-                // SAFETY: AVX-512F is present; the block's 16 rows of 16 values lie inside
-                // `src` and `dst` (asserted above, since i + 16 <= rows and j + 16 <= cols).
+        for i in (0..rows).step_by(16) {
+            for j in (0..cols).step_by(16) {
+                let (height, width) = (16.min(rows - i), 16.min(cols - j));
+                // SAFETY: AVX-512F is present; the block reads `height` rows of `width` values
+                // inside `src` and writes `width` rows of `height` values inside `dst` (asserted
+                // above), the rest masked off.
                 unsafe {
-                    avx512::block(src[i * src_ld + j..].as_ptr(), src_ld, dst[j * dst_ld + i..].as_mut_ptr(), dst_ld)
+                    let (from, to) = (src[i * src_ld + j..].as_ptr(), dst[j * dst_ld + i..].as_mut_ptr());
+                    avx512::block(from, src_ld, to, dst_ld, height, width)
                 }
             }
         }
+        return;
     }
-    let mut plain = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
-        for i in rows {
-            for j in cols.clone() {
-                dst[j * dst_ld + i] = src[i * src_ld + j];
-            }
+    for i in 0..rows {
+        for j in 0..cols {
+            dst[j * dst_ld + i] = src[i * src_ld + j];
         }
-    };
-    plain(0..done, blocked..cols);
-    plain(done..rows, 0..cols);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// One 16 x 16 block. After the unpacks and in-lane shuffles, lane `l` of `r[4g + q]`
-    /// holds column `4l + q` of rows `4g..4g + 4`; the two 128-bit lane shuffles then gather
-    /// each column's four lanes into one register.
+    /// One block of up to 16 x 16: `height` rows of `width` values (masked loads, zeros
+    /// below), transposed into `width` rows of `height` (masked stores). After the unpacks and
+    /// in-lane shuffles, lane `l` of `r[4g + q]` holds column `4l + q` of rows `4g..4g + 4`;
+    /// the two 128-bit lane shuffles then gather each column's four lanes into one register.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize) {
-        let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_ld)));
+    pub(super) unsafe fn block(
+        src: *const f32,
+        src_ld: usize,
+        dst: *mut f32,
+        dst_ld: usize,
+        height: usize,
+        width: usize,
+    ) {
+        let (columns, rows) = (((1u32 << width) - 1) as u16, ((1u32 << height) - 1) as u16);
+        let load = |i: usize| {
+            if i < height {
+                _mm512_maskz_loadu_ps(columns, src.add(i * src_ld))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        let mut r: [__m512; 16] = std::array::from_fn(load);
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -63,8 +77,11 @@ mod avx512 {
             t[q + 12] = _mm512_shuffle_f32x4::<0xDD>(r[q + 8], r[q + 12]);
         }
         for j in 0..8 {
-            _mm512_storeu_ps(dst.add(j * dst_ld), _mm512_shuffle_f32x4::<0x88>(t[j], t[j + 8]));
-            _mm512_storeu_ps(dst.add((j + 8) * dst_ld), _mm512_shuffle_f32x4::<0xDD>(t[j], t[j + 8]));
+            r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[j + 8]);
+            r[j + 8] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[j + 8]);
+        }
+        for (j, column) in r.iter().enumerate().take(width) {
+            _mm512_mask_storeu_ps(dst.add(j * dst_ld), rows, *column);
         }
     }
 }
@@ -75,7 +92,7 @@ mod tests {
 
     #[test]
     fn transposes_every_block_and_edge() {
-        for (rows, cols) in [(1, 1), (16, 16), (35, 50), (3, 40), (40, 3), (169, 64)] {
+        for (rows, cols) in [(1, 1), (16, 16), (35, 50), (3, 40), (40, 3), (169, 64), (27, 17)] {
             let (src_ld, dst_ld) = (cols + 3, rows + 5);
             let src: Vec<f32> = (0..rows * src_ld).map(|v| v as f32).collect();
             let mut dst = vec![-1f32; cols * dst_ld];
