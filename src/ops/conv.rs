@@ -586,7 +586,7 @@ mod tests {
             let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
             let g = Geometry::new(&op, &xl, &wl).unwrap();
             let values = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len).map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0)).collect()
+                (0..len).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect()
             };
             let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
             for relu in [false, true] {
