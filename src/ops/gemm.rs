@@ -79,6 +79,15 @@ mod dot_form {
     const K_BLOCK: usize = 1024;
 
     pub(super) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+        // x's rows one cache line further apart than k: fc6-8's k is a multiple of 1024, so
+        // as stored, the same column of every row of x and of w falls into one L1 set, more
+        // lines than its 12 ways once several images pass a block of w
+        let x_ld = k + 16;
+        let mut skewed = vec![0f32; n * x_ld];
+        for (dst, src) in skewed.chunks_mut(x_ld).zip(x.chunks(k)) {
+            dst[..k].copy_from_slice(src);
+        }
+        let x = &skewed[..];
         // each task computes yᵀ for its rows of w; written into y afterwards
         let parts: Vec<Vec<f32>> = w[..o * k]
             .par_chunks(ROWS_PER_TASK * k)
@@ -86,7 +95,7 @@ mod dot_form {
                 let mut part = vec![0f32; rows.len() / k * n];
                 // SAFETY: AVX-512F is present (checked by the caller); the blocks index within
                 // `rows`, `x` and `part` (sizes asserted by the caller).
-                unsafe { rows_times_x(rows, x, n, k, &mut part) };
+                unsafe { rows_times_x(rows, x, x_ld, n, k, &mut part) };
                 part
             })
             .collect();
@@ -102,11 +111,11 @@ mod dot_form {
 
     /// `part[r, i] = Σ_k rows[r, k] · x[i, k]`, in register blocks of rows by images.
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_times_x(rows: &[f32], x: &[f32], n: usize, k: usize, part: &mut [f32]) {
+    unsafe fn rows_times_x(rows: &[f32], x: &[f32], x_ld: usize, n: usize, k: usize, part: &mut [f32]) {
         let m = rows.len() / k;
         let k_block = if n < IMAGES { k } else { K_BLOCK };
         for k0 in (0..k).step_by(k_block) {
-            let slab = Slab { rows, x, n, k, k0, len: k_block.min(k - k0) };
+            let slab = Slab { rows, x, x_ld, n, k, k0, len: k_block.min(k - k0) };
             let mut r = 0;
             while r < m {
                 if r + ROWS <= m {
@@ -131,6 +140,7 @@ mod dot_form {
     struct Slab<'a> {
         rows: &'a [f32],
         x: &'a [f32],
+        x_ld: usize,
         n: usize,
         k: usize,
         k0: usize,
@@ -141,14 +151,19 @@ mod dot_form {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn images<const R: usize>(s: Slab, r: usize, part: &mut [f32]) {
+        // blocks of 3 images, the rest as blocks of 2 (a lone image would load a vector of w
+        // for every multiply-add): 16 = 4 x 3 + 2 x 2
         let mut i = 0;
-        while i + IMAGES <= s.n {
+        while s.n - i >= IMAGES && s.n - i != 4 {
             block::<R, IMAGES>(s, r, i, part);
             i += IMAGES;
         }
-        while i < s.n {
+        while s.n - i >= 2 {
+            block::<R, 2>(s, r, i, part);
+            i += 2;
+        }
+        if i < s.n {
             block::<R, 1>(s, r, i, part);
-            i += 1;
         }
     }
 
@@ -159,7 +174,7 @@ mod dot_form {
     unsafe fn block<const R: usize, const C: usize>(s: Slab, r: usize, i: usize, part: &mut [f32]) {
         let (k, k0, len, n) = (s.k, s.k0, s.len, s.n);
         let w_at = |row: usize, at: usize| s.rows.as_ptr().add((r + row) * k + k0 + at);
-        let x_at = |img: usize, at: usize| s.x.as_ptr().add((i + img) * k + k0 + at);
+        let x_at = |img: usize, at: usize| s.x.as_ptr().add((i + img) * s.x_ld + k0 + at);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let mut at = 0;
         while at + 16 <= len {
@@ -246,7 +261,9 @@ mod tests {
     /// (rows of w past the register block, images past it, k past the 16 lanes and the k block).
     #[test]
     fn matmul_wt_matches_plain_sums() {
-        for (n, o, k) in [(1, 5, 7), (4, 37, 1030), (7, 70, 2081), (3, 8, 16), (2, 3, 0), (0, 4, 5)] {
+        for (n, o, k) in
+            [(1, 5, 7), (4, 37, 1030), (5, 9, 40), (7, 70, 2081), (16, 17, 1024), (3, 8, 16), (2, 3, 0), (0, 4, 5)]
+        {
             let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5).collect();
             let w: Vec<f32> = (0..o * k).map(|i| ((i * 104_729) % 31) as f32 / 31.0 - 0.5).collect();
             let mut y = vec![1f32; n * o];
