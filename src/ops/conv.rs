@@ -8,15 +8,16 @@
 //!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 stride-1 layers
 //!   (conv3-5) by Winograd's F(2x2, 3x3) once the batch gives every core four images
 //!   ([`winograd`]);
-//! * weight gradient: `dW = Σ dY · cols(X)ᵀ`, summed over fixed chunks of the batch in a fixed
-//!   order, so the result does not depend on how many threads ran it;
+//! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches, summed over fixed
+//!   chunks of the batch in a fixed order, so the result does not depend on how many threads
+//!   ran it;
 //! * input gradient: `dX = col2im(Wᵀ · dY)`, skipped entirely when the input needs no gradient
 //!   (the image), which Candle's own conv backward always computes, without GEMM.
 //!
 //! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
 //! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
 //! gradient). Images are spread over the cores; a batch too small for that spreads the
-//! columns of each image by channel and its GEMM instead.
+//! patches of each image by row (the columns by channel) and its GEMM instead.
 //! Other devices use Candle's `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -134,30 +135,12 @@ impl Geometry {
 
     /// The weights in the patches' order, `[o, ky, kx, ci]` from `[o, ci, ky, kx]`.
     fn channels_last_weights(&self, w: &[f32]) -> Vec<f32> {
-        let (c, kk) = (self.c, self.k * self.k);
-        let mut out = vec![0f32; w.len()];
-        for (filter, dst) in w.chunks(self.ckk()).zip(out.chunks_mut(self.ckk())) {
-            for (ci, taps) in filter.chunks(kk).enumerate() {
-                for (t, &v) in taps.iter().enumerate() {
-                    dst[t * c + ci] = v;
-                }
-            }
-        }
-        out
+        transpose_filters(w, self.c, self.k * self.k)
     }
 
     /// The inverse of [`Geometry::channels_last_weights`]: `[o, ci, ky, kx]` from `[o, ky, kx, ci]`.
     fn channels_first_weights(&self, w: &[f32]) -> Vec<f32> {
-        let (c, kk) = (self.c, self.k * self.k);
-        let mut out = vec![0f32; w.len()];
-        for (filter, dst) in w.chunks(self.ckk()).zip(out.chunks_mut(self.ckk())) {
-            for (ci, taps) in dst.chunks_mut(kk).enumerate() {
-                for (t, v) in taps.iter_mut().enumerate() {
-                    *v = filter[t * c + ci];
-                }
-            }
-        }
-        out
+        transpose_filters(w, self.k * self.k, self.c)
     }
 
     fn ckk(&self) -> usize {
@@ -267,6 +250,15 @@ impl Geometry {
             }
         }
     }
+}
+
+/// Each filter (`rows * cols` values of `w`) transposed.
+fn transpose_filters(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (filter, dst) in w.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
+        transpose(rows, cols, filter, cols, dst, rows);
+    }
+    out
 }
 
 super::wide_fn! {
@@ -396,8 +388,9 @@ const CHUNK: usize = 8;
 const GEMM_COLUMNS: usize = 1024;
 
 /// Pixels per GEMM from which the forward is taken pixel-major ([`forward_pixel_major`]),
-/// which the `gemm` crate runs faster (conv1 at batch 64: 150 against 125 GFLOP/s a core);
-/// below it (13x13 maps at batch 1) `W · cols` is (conv3-5 at batch 1: 1.7 against 2.8 ms).
+/// which the `gemm` crate runs faster (conv1's shape in isolation: 150-170 against 125 GFLOP/s
+/// a core); below it (13x13 maps at batch 1-3) `W · cols` is (conv3 at batch 1: 1.3-1.5
+/// against 2.3-2.8 ms).
 const PIXEL_MAJOR_ROWS: usize = 512;
 
 /// Images per forward GEMM: small maps (13x13 has 169 columns) go side by side into one wide
