@@ -97,7 +97,7 @@ impl Geometry {
     fn pad_channels_last(&self, x: &[f32], padded: &mut [f32], spread: bool) {
         let (c, p, plane) = (self.c, self.pad, self.h * self.w);
         let row_len = (self.w + 2 * p) * c;
-        let fill_row = |(r, row): (usize, &mut [f32])| {
+        for_each_chunk(padded, row_len, spread, |r, row| {
             if r < p || r >= p + self.h {
                 return row.fill(0.0);
             }
@@ -105,12 +105,7 @@ impl Geometry {
             row[..p * c].fill(0.0);
             row[(p + self.w) * c..].fill(0.0);
             transpose(c, self.w, &x[y * self.w..], plane, &mut row[p * c..], c);
-        };
-        if spread {
-            padded.par_chunks_mut(row_len).enumerate().for_each(fill_row);
-        } else {
-            padded.chunks_mut(row_len).enumerate().for_each(fill_row);
-        }
+        });
     }
 
     /// `patches[(oy, ox), (ky, kx, ci)] = padded[oy*s + ky, ox*s + kx, ci]` from the
@@ -119,18 +114,13 @@ impl Geometry {
     fn patches(&self, padded: &[f32], patches: &mut [f32], spread: bool) {
         let (k, s, c, ckk) = (self.k, self.stride, self.c, self.ckk());
         let (run, row_len) = (k * c, (self.w + 2 * self.pad) * c);
-        let fill_row = |(oy, rows): (usize, &mut [f32])| {
+        for_each_chunk(patches, self.ow * ckk, spread, |oy, rows| {
             for (ox, patch) in rows.chunks_mut(ckk).enumerate() {
                 for (ky, dst) in patch.chunks_mut(run).enumerate() {
                     dst.copy_from_slice(&padded[(oy * s + ky) * row_len + ox * s * c..][..run]);
                 }
             }
-        };
-        if spread {
-            patches.par_chunks_mut(self.ow * ckk).enumerate().for_each(fill_row);
-        } else {
-            patches.chunks_mut(self.ow * ckk).enumerate().for_each(fill_row);
-        }
+        });
     }
 
     /// The weights in the patches' order, `[o, ky, kx, ci]` from `[o, ci, ky, kx]`.
@@ -192,15 +182,14 @@ impl Geometry {
     }
 
     /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside), from
-    /// the [`Geometry::split`] image, each row of `cols` starting `ld` values after the previous
-    /// one (`ld = ohw`, or wider when several images share one matrix side by side).
-    fn im2col(&self, split: &[f32], cols: &mut [f32], ld: usize) {
+    /// the [`Geometry::split`] image.
+    fn im2col(&self, split: &[f32], cols: &mut [f32]) {
         let (k, s, pl, ohw) = (self.k, self.stride, self.phase_len(), self.ohw());
         let padded_rows = self.h + 2 * self.pad;
         for (ci, channel) in split.chunks(padded_rows * s * pl).enumerate() {
             for ky in 0..k {
                 for kx in 0..k {
-                    let row = &mut cols[((ci * k + ky) * k + kx) * ld..][..ohw];
+                    let row = &mut cols[((ci * k + ky) * k + kx) * ohw..][..ohw];
                     let from = (kx % s) * pl + kx / s;
                     for (oy, out) in row.chunks_mut(self.ow).enumerate() {
                         out.copy_from_slice(&channel[(oy * s + ky) * s * pl + from..][..self.ow]);
@@ -213,12 +202,12 @@ impl Geometry {
     /// [`Geometry::split`] then [`Geometry::im2col`] of one image, a channel at a time, the
     /// channels spread over the cores when `spread` (a batch too small to give every core
     /// images of its own).
-    fn columns(&self, image: &[f32], split: &mut [f32], cols: &mut [f32], ld: usize, spread: bool) {
+    fn columns(&self, image: &[f32], split: &mut [f32], cols: &mut [f32], spread: bool) {
         let one = Geometry { c: 1, ..*self };
-        let rows = self.k * self.k * ld; // a channel's rows of `cols`
+        let rows = self.k * self.k * self.ohw(); // a channel's rows of `cols`
         let work = |((plane, split), cols): ((&[f32], &mut [f32]), &mut [f32])| {
             one.split(plane, split);
-            one.im2col(split, cols, ld);
+            one.im2col(split, cols);
         };
         let planes = self.h * self.w;
         if spread {
@@ -337,7 +326,7 @@ fn forward_channel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bo
     y.par_chunks_mut(o * ohw).zip(x.par_chunks(chw)).for_each(|(out, image)| {
         with_scratch(g.split_len() + ckk * ohw, |scratch| {
             let (split, cols) = scratch.split_at_mut(g.split_len());
-            g.columns(image, split, cols, ohw, spread);
+            g.columns(image, split, cols, spread);
             for (plane, &bias) in out.chunks_mut(ohw).zip(b) {
                 plane.fill(bias);
             }
@@ -356,35 +345,40 @@ fn channels_first(product: &[f32], b: &[f32], relu: bool, y: &mut [f32], spread:
     let o = b.len();
     let ohw = y.len() / o;
     let channels = if spread { o.div_ceil(rayon::current_num_threads()) } else { o };
-    let write = |(part, y): (usize, &mut [f32])| {
+    for_each_chunk(y, channels * ohw, spread, |part, y| {
         let first = part * channels;
         transpose(ohw, y.len() / ohw, &product[first..], o, y, ohw);
         for (plane, &bias) in y.chunks_mut(ohw).zip(&b[first..]) {
-            add_bias(plane, bias, relu);
+            add_bias(plane, bias);
+            if relu {
+                relu_in_place(plane);
+            }
         }
-    };
-    if spread {
-        y.par_chunks_mut(channels * ohw).enumerate().for_each(write);
-    } else {
-        write((0, y));
-    }
+    });
 }
 
 super::wide_fn! {
-    /// `plane += bias`, then the ReLU if `relu` (NaN stays NaN, as in PyTorch).
-    fn add_bias(plane: &mut [f32], bias: f32, relu: bool) {
+    /// `plane += bias`.
+    fn add_bias(plane: &mut [f32], bias: f32) {
         plane.iter_mut().for_each(|v| *v += bias);
-        if relu {
-            plane.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
-        }
+    }
+}
+
+/// `f(i, chunk)` for each `len`-value chunk of `data` in turn, or spread over the cores when
+/// `spread` (a batch too small to give every core images of its own).
+fn for_each_chunk(data: &mut [f32], len: usize, spread: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if spread {
+        data.par_chunks_mut(len).enumerate().for_each(|(i, chunk)| f(i, chunk));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, chunk)| f(i, chunk));
     }
 }
 
 /// Images per partial weight gradient: fixed, so the summation order is too.
 const CHUNK: usize = 8;
 
-/// Pixels a forward GEMM should have at least: below that, packing the weights (once per
-/// GEMM) costs more than it should against the multiply-adds.
+/// Pixels (or Winograd tiles) a forward GEMM should have at least: below that, packing the
+/// weights (once per GEMM) costs more than it should against the multiply-adds.
 const GEMM_COLUMNS: usize = 1024;
 
 /// Pixels per GEMM from which the forward is taken pixel-major ([`forward_pixel_major`]),
@@ -393,7 +387,7 @@ const GEMM_COLUMNS: usize = 1024;
 /// against 2.3-2.8 ms).
 const PIXEL_MAJOR_ROWS: usize = 512;
 
-/// Images per forward GEMM: small maps (13x13 has 169 columns) go side by side into one wide
+/// Images per forward GEMM: small maps (13x13 has 169 pixels, 49 Winograd tiles) share one
 /// GEMM, so the weights are packed once per group instead of once per image; the groups are
 /// evened out over the cores.
 fn images_per_gemm(n: usize, ohw: usize) -> usize {
@@ -501,8 +495,8 @@ impl candle_core::CustomOp2 for WeightGrad {
                 let mut acc = vec![0f32; o * ckk];
                 with_scratch(g.padded_len() + ohw * ckk, |scratch| {
                     let (padded, patches) = scratch.split_at_mut(g.padded_len());
+                    let spread = chunks.len() < rayon::current_num_threads();
                     for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                        let spread = chunks.len() < rayon::current_num_threads();
                         g.pad_channels_last(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], padded, spread);
                         g.patches(padded, patches, spread);
                         let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
