@@ -71,24 +71,31 @@ def median_rate(fn, batch, runs, warmup):
     return batch / statistics.median(times)
 
 
+def onnx_session(model, side, threads):
+    """ONNX Runtime on `model` exported at opset 17; the export (0.25 GB) is deleted once loaded."""
+    import onnxruntime as ort
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(model, torch.randn(1, 3, side, side), path, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
 def peers(args):
     import numpy as np
-    import onnxruntime as ort
     import torch
     import torchvision
 
     torch.set_num_threads(args.threads)
     rows = {}
-    tmp = tempfile.mkdtemp()
     for preset, side, make in [("paper", 227, paper_net), ("torchvision", 224, torchvision.models.alexnet)]:
         model = make().eval()
-        onnx_path = os.path.join(tmp, f"{preset}.onnx")
-        torch.onnx.export(model, torch.randn(1, 3, side, side), onnx_path, input_names=["x"],
-                          dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        session = onnx_session(model, side, args.threads)
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, side, side)
             with torch.no_grad():
@@ -122,10 +129,12 @@ def ours(args):
         for preset in ["paper", "caffe", "torchvision"]:
             if mode == "train" and preset == "caffe":
                 continue
-            path = os.path.join(tempfile.mkdtemp(), "bench.json")
-            subprocess.run([binary, "bench", "--preset", preset, "--batch-sizes", batches, "--runs", str(args.runs), "--json", path, *extra],
-                           check=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads)}, stdout=subprocess.DEVNULL)
-            for m in json.load(open(path)):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "bench.json")
+                subprocess.run([binary, "bench", "--preset", preset, "--batch-sizes", batches, "--runs", str(args.runs), "--json", path, *extra],
+                               check=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads)}, stdout=subprocess.DEVNULL)
+                measured = json.load(open(path))
+            for m in measured:
                 out[(preset, m["mode"], m["batch"], "alexnet")] = m["images_per_s"]
                 peak = max(peak, m["peak_rss_mib"])
     return out, peak

@@ -38,25 +38,25 @@ def main():
     x = torch.from_numpy(reference_pattern("input", SEED, (2, 3, 224, 224), 2.0))
     with torch.no_grad():
         want = original(x)
-    tmp = tempfile.mkdtemp()
-    save_file({"input": x}, os.path.join(tmp, "x.safetensors"))
-    for fmt, zip_format in [("zip", True), ("legacy", False)]:
-        pth = os.path.join(tmp, f"alexnet-{fmt}.pth")
-        torch.save(original.state_dict(), pth, _use_new_zipfile_serialization=zip_format)
-        out = os.path.join(tmp, f"exported-{fmt}.safetensors")
-        subprocess.run([args.alexnet, "convert", pth, out, "--to", "torchvision"], check=True)
-        model = torchvision.models.alexnet().eval()
-        result = model.load_state_dict(load_file(out), strict=True)
-        with torch.no_grad():
-            got = model(x)
-        bitwise = all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), model.state_dict().values()))
-        logits = os.path.join(tmp, f"logits-{fmt}.safetensors")
-        subprocess.run([args.alexnet, "infer", "--weights", out, "--input", os.path.join(tmp, "x.safetensors"),
-                        "--output", logits], check=True, capture_output=True)
-        ours = load_file(logits)["logits"]
-        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
-        print(f"{fmt:>6} .pth -> safetensors: load_state_dict {result}, weights bit-identical: {bitwise}, "
-              f"torchvision logits max rel diff {rel(got, want):.2e}, alexnet infer vs PyTorch {rel(ours, want):.2e}")
+    with tempfile.TemporaryDirectory() as tmp:  # two .pth and two exports, 1 GB
+        save_file({"input": x}, os.path.join(tmp, "x.safetensors"))
+        for fmt, zip_format in [("zip", True), ("legacy", False)]:
+            pth = os.path.join(tmp, f"alexnet-{fmt}.pth")
+            torch.save(original.state_dict(), pth, _use_new_zipfile_serialization=zip_format)
+            out = os.path.join(tmp, f"exported-{fmt}.safetensors")
+            subprocess.run([args.alexnet, "convert", pth, out, "--to", "torchvision"], check=True)
+            model = torchvision.models.alexnet().eval()
+            result = model.load_state_dict(load_file(out), strict=True)
+            with torch.no_grad():
+                got = model(x)
+            bitwise = all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), model.state_dict().values()))
+            logits = os.path.join(tmp, f"logits-{fmt}.safetensors")
+            subprocess.run([args.alexnet, "infer", "--weights", out, "--input", os.path.join(tmp, "x.safetensors"),
+                            "--output", logits], check=True, capture_output=True)
+            ours = load_file(logits)["logits"]
+            rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+            print(f"{fmt:>6} .pth -> safetensors: load_state_dict {result}, weights bit-identical: {bitwise}, "
+                  f"torchvision logits max rel diff {rel(got, want):.2e}, alexnet infer vs PyTorch {rel(ours, want):.2e}")
 
 
 if __name__ == "__main__":

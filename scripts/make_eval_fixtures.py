@@ -102,9 +102,10 @@ def meta_fixture():
 def report(alexnet):
     names = sorted(os.listdir(os.path.join(DATA, "imagenet-sample")))
     paths = [os.path.join(DATA, "imagenet-sample", n) for n in names]
-    out = os.path.join(tempfile.mkdtemp(), "x.safetensors")
-    subprocess.run([alexnet, "preprocess", "--transform", "torchvision", *paths, "--output", out], check=True)
-    ours = load_file(out)["input"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "x.safetensors")
+        subprocess.run([alexnet, "preprocess", "--transform", "torchvision", *paths, "--output", out], check=True)
+        ours = load_file(out)["input"]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     within, total, worst = 0, 0, 0.0

@@ -39,11 +39,12 @@ CAFFE_LAYERS = [  # name, weight shape (grouped layout)
 
 def caffe_pb2():
     from grpc_tools import protoc
-    gen = tempfile.mkdtemp()
-    rc = protoc.main(["protoc", f"-I{HERE}", f"--python_out={gen}", os.path.join(HERE, "caffe_subset.proto")])
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, gen)
-    import caffe_subset_pb2
+    with tempfile.TemporaryDirectory() as gen:
+        rc = protoc.main(["protoc", f"-I{HERE}", f"--python_out={gen}", os.path.join(HERE, "caffe_subset.proto")])
+        assert rc == 0, "protoc failed"
+        sys.path.insert(0, gen)
+        import caffe_subset_pb2  # loaded now, so the folder can go
+        sys.path.remove(gen)
     return caffe_subset_pb2
 
 

@@ -14,41 +14,37 @@ use common::*;
 /// A temporary folder holding the reference torchvision weights (in torchvision's names) and
 /// the fixtures' input batch, written once for all tests of this file.
 fn workdir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = shared_scratch_dir("cli");
         let state = reference_state(Preset::Torchvision);
-        save_safetensors(&state, &Default::default(), &dir.path().join("tv.safetensors")).unwrap();
+        save_safetensors(&state, &Default::default(), &dir.join("tv.safetensors")).unwrap();
         let input = reference_input(Preset::Torchvision);
-        save_safetensors(
-            &[("input".into(), input.clone())],
-            &Default::default(),
-            &dir.path().join("input.safetensors"),
-        )
-        .unwrap();
+        save_safetensors(&[("input".into(), input.clone())], &Default::default(), &dir.join("input.safetensors"))
+            .unwrap();
         let small = Tensor::zeros((1, 3, 60, 60), candle_core::DType::F32, &Device::Cpu).unwrap();
         let rank3 = input.get(0).unwrap();
         let empty = Tensor::zeros((0, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
         save_safetensors(
             &[("input".into(), small), ("rank3".into(), rank3), ("empty".into(), empty)],
             &Default::default(),
-            &dir.path().join("bad-input.safetensors"),
+            &dir.join("bad-input.safetensors"),
         )
         .unwrap();
         // The same weights, then with one tensor mis-shaped, one missing, one extra.
         let mut misshaped = state.clone();
         misshaped[0].1 = misshaped[0].1.narrow(3, 0, 10).unwrap();
-        save_safetensors(&misshaped, &Default::default(), &dir.path().join("misshaped.safetensors")).unwrap();
-        save_safetensors(&state[..15], &Default::default(), &dir.path().join("missing.safetensors")).unwrap();
+        save_safetensors(&misshaped, &Default::default(), &dir.join("misshaped.safetensors")).unwrap();
+        save_safetensors(&state[..15], &Default::default(), &dir.join("missing.safetensors")).unwrap();
         let mut extra = state.clone();
         extra.push((
             "classifier.7.weight".into(),
             Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
         ));
-        save_safetensors(&extra, &Default::default(), &dir.path().join("extra.safetensors")).unwrap();
+        save_safetensors(&extra, &Default::default(), &dir.join("extra.safetensors")).unwrap();
         dir
     })
-    .path()
+    .as_path()
 }
 
 fn file(name: &str) -> String {

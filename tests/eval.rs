@@ -100,10 +100,9 @@ fn sample_images() -> Vec<(PathBuf, String)> {
 
 /// The torchvision reference weights and the three layouts of the same images, built once.
 fn layouts() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
+        let root = shared_scratch_dir("eval-layouts");
         save_safetensors(&reference_state(Preset::Torchvision), &Default::default(), &root.join("tv.safetensors"))
             .unwrap();
         let images = sample_images();
@@ -126,9 +125,9 @@ fn layouts() -> &'static Path {
         std::fs::write(root.join("b/val_labels.txt"), labels).unwrap();
         std::fs::write(root.join("c/ILSVRC2012_validation_ground_truth.txt"), ids).unwrap();
         std::fs::copy(fixture_path("eval/meta_compressed.mat"), root.join("c/meta.mat")).unwrap();
-        dir
+        root
     })
-    .path()
+    .as_path()
 }
 
 fn eval_json(data: &Path, extra: &[&str]) -> serde_json::Value {

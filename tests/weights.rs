@@ -138,9 +138,9 @@ fn caffemodel(state: &[(String, Tensor)], legacy: bool) -> Vec<u8> {
 /// Full-size caffemodels (V1, V2) with the reference weights, byte-identical to what protobuf
 /// wrote in scripts/make_interop_fixtures.py, plus one from a net without groups.
 fn caffe_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = shared_scratch_dir("caffemodels");
         let state = reference_state(Preset::Caffe);
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(interop("caffemodels.json")).unwrap()).unwrap();
@@ -148,14 +148,14 @@ fn caffe_dir() -> &'static Path {
             let bytes = caffemodel(&state, legacy);
             let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(sha, json[form]["sha256"].as_str().unwrap(), "{form}: our bytes differ from protobuf's");
-            std::fs::write(dir.path().join(format!("{form}.caffemodel")), bytes).unwrap();
+            std::fs::write(dir.join(format!("{form}.caffemodel")), bytes).unwrap();
         }
         let mut ungrouped = state.clone();
         ungrouped[2].1 = Tensor::zeros((256, 96, 5, 5), DType::F32, &Device::Cpu).unwrap();
-        std::fs::write(dir.path().join("ungrouped.caffemodel"), caffemodel(&ungrouped, false)).unwrap();
+        std::fs::write(dir.join("ungrouped.caffemodel"), caffemodel(&ungrouped, false)).unwrap();
         dir
     })
-    .path()
+    .as_path()
 }
 
 #[test]

@@ -18,6 +18,18 @@ pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// An empty folder, `target/tmp/<name>`, for the large files all tests of one binary share.
+/// Not a `TempDir` in a `static`: statics are never dropped, so that leaked a gigabyte a run;
+/// this one is emptied when the next run starts instead.
+pub fn shared_scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 pub fn fixture(name: &str) -> HashMap<String, Tensor> {
     let path = fixture_path(name);
     candle_core::safetensors::load(&path, &Device::Cpu)
