@@ -95,6 +95,87 @@ fn nan_max(m: f32, v: f32) -> f32 {
     }
 }
 
+/// `columns[j]`: the maximum of column `j` over the window's rows (`rows`, one after another,
+/// each `columns.len()` long).
+fn column_maxima(rows: &[f32], columns: &mut [f32]) {
+    let w = columns.len();
+    assert!(rows.len() >= w);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; every row read lies inside `rows` (asserted).
+        return unsafe { avx512::column_maxima(rows, columns) };
+    }
+    columns.copy_from_slice(&rows[..w]);
+    for row in rows[w..].chunks(w) {
+        columns.iter_mut().zip(row).for_each(|(m, &v)| *m = nan_max(*m, v));
+    }
+}
+
+impl MaxPool2d {
+    /// `out[ox]`: the maximum of `columns[ox * stride..][..kernel]`, folded left to right.
+    /// `columns` holds at least 32 values past the last window (AlexNet's 3/2 kernel loads
+    /// whole vectors).
+    fn window_maxima(&self, columns: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if (self.kernel, self.stride) == (3, 2) && std::arch::is_x86_feature_detected!("avx512f") {
+            assert!(columns.len() >= 2 * out.len() + 32);
+            // SAFETY: AVX-512F is present; the loads stay inside `columns` (asserted).
+            return unsafe { avx512::windows_3_2(columns, out) };
+        }
+        for (ox, o) in out.iter_mut().enumerate() {
+            let window = &columns[ox * self.stride..ox * self.stride + self.kernel];
+            *o = window[1..].iter().fold(window[0], |m, &v| nan_max(m, v));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::nan_max`] in 16 lanes: `maxps(v, m)` is `v > m ? v : m`, which keeps a NaN in
+    /// `m`; a NaN in `v` is put back in by the blend.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn nan_max(m: __m512, v: __m512) -> __m512 {
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), _mm512_max_ps(v, m), v)
+    }
+
+    /// [`super::column_maxima`], 16 columns at a time (the last ones masked).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn column_maxima(rows: &[f32], columns: &mut [f32]) {
+        let w = columns.len();
+        for j in (0..w).step_by(16) {
+            let mask = ((1u32 << (w - j).min(16)) - 1) as u16;
+            let mut max = _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(j));
+            for row in (w..rows.len()).step_by(w) {
+                max = nan_max(max, _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(row + j)));
+            }
+            _mm512_mask_storeu_ps(columns.as_mut_ptr().add(j), mask, max);
+        }
+    }
+
+    /// 16 windows at a time: of the 34 columns they cover, the even ones (each window's first),
+    /// the odd ones (its second) and the even ones two further on (its third), each gathered
+    /// from two vectors by one permute.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn windows_3_2(columns: &[f32], out: &mut [f32]) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        for ox in (0..out.len()).step_by(16) {
+            let at = columns.as_ptr().add(2 * ox);
+            let (lo, hi) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
+            let (lo2, hi2) = (_mm512_loadu_ps(at.add(2)), _mm512_loadu_ps(at.add(18)));
+            let first = _mm512_permutex2var_ps(lo, even, hi);
+            let second = _mm512_permutex2var_ps(lo, odd, hi);
+            let third = _mm512_permutex2var_ps(lo2, even, hi2);
+            let mask = ((1u32 << (out.len() - ox).min(16)) - 1) as u16;
+            let max = nan_max(nan_max(first, second), third);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(ox), mask, max);
+        }
+    }
+}
+
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "max-pool2d"
@@ -108,18 +189,12 @@ impl CustomOp1 for MaxPool2d {
         // The window's maximum as a maximum of column maxima: the rows combine elementwise
         // (vectorised), then each output takes `kernel` neighbours of that row.
         y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each_init(
-            || vec![0f32; w],
+            // room past the row for the window kernel's whole-vector loads
+            || vec![0f32; w + 32],
             |columns, (out, plane)| {
                 for (oy, out_row) in out.chunks_mut(ow).enumerate() {
-                    let y0 = oy * self.stride;
-                    columns.copy_from_slice(&plane[y0 * w..][..w]);
-                    for row in plane[(y0 + 1) * w..(y0 + self.kernel) * w].chunks(w) {
-                        columns.iter_mut().zip(row).for_each(|(m, &v)| *m = nan_max(*m, v));
-                    }
-                    for (ox, o) in out_row.iter_mut().enumerate() {
-                        let window = &columns[ox * self.stride..ox * self.stride + self.kernel];
-                        *o = window[1..].iter().fold(window[0], |m, &v| nan_max(m, v));
-                    }
+                    column_maxima(&plane[oy * self.stride * w..][..self.kernel * w], &mut columns[..w]);
+                    self.window_maxima(columns, out_row);
                 }
             },
         );
@@ -156,5 +231,40 @@ impl CustomOp2 for MaxPool2dBackward {
             },
         );
         Ok((CpuStorage::F32(grad), xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The vector kernels against the rule written out once per output (rows folded per column,
+    /// then the columns left to right), bit for bit, on values full of ties, signed zeros and
+    /// NaNs, at widths with every remainder of 16.
+    #[test]
+    fn vector_kernels_agree_with_the_scalar_rule() {
+        let values = [1.0, -0.0, 0.0, f32::NAN, -2.0, 1.0, 0.0, 3.0, -0.0, 1.0, 2.0];
+        for w in [3, 7, 13, 16, 17, 27, 33, 55, 64] {
+            let h = 5;
+            let x: Vec<f32> = (0..2 * h * w).map(|i| values[(i * 7 + i / 5) % values.len()]).collect();
+            let input = Tensor::from_vec(x.clone(), (1, 2, h, w), &Device::Cpu).unwrap();
+            let got: Vec<f32> = max_pool2d(&input, 3, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let pool = MaxPool2d { kernel: 3, stride: 2 };
+            let (oh, ow) = pool.out_size(h, w);
+            let mut want = vec![];
+            for plane in x.chunks(h * w) {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let column = |j: usize| {
+                            (1..3).fold(plane[2 * oy * w + j], |m, dy| nan_max(m, plane[(2 * oy + dy) * w + j]))
+                        };
+                        want.push((1..3).fold(column(2 * ox), |m, dx| nan_max(m, column(2 * ox + dx))));
+                    }
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "width {w}");
+        }
     }
 }
