@@ -1,7 +1,8 @@
 //! 2-D convolution with bias as one op, on the CPU as im2col + packed GEMM (the `gemm` crate
 //! Candle itself uses), with a backward written the same way:
 //!
-//! * forward: the patches of a group of images one under the other, each patch channels-last
+//! * forward: strided layers (conv1) directly, without patches ([`direct`], AVX-512); the
+//!   others as the patches of a group of images one under the other, each patch channels-last
 //!   so that it is `k` contiguous runs ([`Geometry::patches`]), times the weights in the same
 //!   order: `P · Wᵀ`, `[pixels, o]`, transposed into the NCHW output with the bias and ReLU
 //!   ([`forward_pixel_major`]); 13x13 maps at batch 1-3, too few pixels for that orientation,
@@ -27,6 +28,8 @@ use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
 use super::transpose::transpose;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod direct;
 mod winograd;
 
 /// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
@@ -424,6 +427,10 @@ impl CustomOp3 for Conv2d {
         let w = super::contiguous_f32("conv2d", ws, wl)?;
         let b = super::contiguous_f32("conv2d", bs, bl)?;
         let shape = Shape::from((g.n, g.o, g.oh, g.ow));
+        #[cfg(target_arch = "x86_64")]
+        if direct::applies(&g) {
+            return Ok((CpuStorage::F32(direct::forward(&g, x, w, b, self.relu)), shape));
+        }
         if winograd::applies(&g) {
             return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu)), shape));
         }
@@ -568,6 +575,8 @@ mod tests {
             (4, 6, 10, 9, 17, 3, 1, 0),
             (2, 3, 35, 31, 7, 11, 4, 2),
             (5, 4, 9, 9, 20, 5, 1, 2),
+            (1, 3, 35, 31, 7, 11, 4, 2),
+            (3, 8, 21, 41, 10, 3, 2, 1),
         ] {
             let op = Conv2d { stride, padding: pad, relu: false };
             let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
@@ -585,6 +594,10 @@ mod tests {
                     .collect();
                 if k == 3 && stride == 1 {
                     got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu)));
+                }
+                #[cfg(target_arch = "x86_64")]
+                if direct::applies(&g) {
+                    got.push(("direct".into(), direct::forward(&g, &x, &wt, &b, relu)));
                 }
                 // sums of up to 363 products in different orders: rounding, relative to the sizes
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
