@@ -84,6 +84,22 @@ impl MaxPool2d {
     }
 }
 
+impl MaxPool2d {
+    /// [`MaxPool2d::argmax`] for every window of output row `oy` into `at`.
+    fn row_argmax(&self, plane: &[f32], w: usize, oy: usize, at: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if (self.kernel, self.stride) == (3, 2) && std::arch::is_x86_feature_detected!("avx512f") {
+            assert!((2 * oy + 3) * w <= plane.len() && 2 * at.len() < w && plane.len() < 1 << 31);
+            // SAFETY: AVX-512F is present; the windows lie inside `plane` (asserted), the
+            // loads past them are masked off.
+            return unsafe { avx512::row_argmax_3_2(plane, w, oy, at) };
+        }
+        for (ox, a) in at.iter_mut().enumerate() {
+            *a = self.argmax(plane, w, oy, ox) as u32;
+        }
+    }
+}
+
 /// The larger of `m` and `v`, NaN winning (PyTorch's rule: the maximum of a window holding a NaN
 /// is NaN).
 #[inline]
@@ -155,6 +171,46 @@ mod avx512 {
         }
     }
 
+    /// [`super::MaxPool2d::argmax`] of 16 windows at a time, in its order (rows, then columns
+    /// in each row) and by its rule: a value replaces the maximum when larger, or when it is
+    /// the first NaN.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_argmax_3_2(plane: &[f32], w: usize, oy: usize, at: &mut [u32]) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let lanes = |from: usize| ((1u32 << w.saturating_sub(from).min(16)) - 1) as u16;
+        for ox in (0..at.len()).step_by(16) {
+            let mut max = _mm512_setzero_ps();
+            let mut arg = _mm512_setzero_si512();
+            for dy in 0..3 {
+                let row = (2 * oy + dy) * w;
+                let col = 2 * ox; // the first window's first column
+                let load = |from: usize| _mm512_maskz_loadu_ps(lanes(from), plane.as_ptr().add(row + from));
+                let (lo, hi, lo2, hi2) = (load(col), load(col + 16), load(col + 2), load(col + 18));
+                let values = [
+                    _mm512_permutex2var_ps(lo, even, hi),
+                    _mm512_permutex2var_ps(lo, odd, hi),
+                    _mm512_permutex2var_ps(lo2, even, hi2),
+                ];
+                for (dx, &v) in values.iter().enumerate() {
+                    let index = _mm512_add_epi32(even, _mm512_set1_epi32((row + col + dx) as i32));
+                    if dy == 0 && dx == 0 {
+                        (max, arg) = (v, index);
+                        continue;
+                    }
+                    let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, max);
+                    let first_nan =
+                        _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) & !_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(max, max);
+                    let take = larger | first_nan;
+                    max = _mm512_mask_blend_ps(take, max, v);
+                    arg = _mm512_mask_blend_epi32(take, arg, index);
+                }
+            }
+            let count = (at.len() - ox).min(16);
+            _mm512_mask_storeu_epi32(at.as_mut_ptr().add(ox) as *mut i32, ((1u32 << count) - 1) as u16, arg);
+        }
+    }
+
     /// 16 windows at a time: of the 34 columns they cover, the even ones (each window's first),
     /// the odd ones (its second) and the even ones two further on (its third), each gathered
     /// from two vectors by one permute.
@@ -221,11 +277,13 @@ impl CustomOp2 for MaxPool2dBackward {
         let g = super::contiguous_f32("max-pool2d-backward", gs, gl)?;
         let (oh, ow) = pool.out_size(h, w);
         let mut grad = vec![0f32; x.len()];
-        grad.par_chunks_mut(h * w).zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow))).for_each(
-            |(out, (plane, gplane))| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        out[pool.argmax(plane, w, oy, ox)] += gplane[oy * ow + ox];
+        grad.par_chunks_mut(h * w).zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow))).for_each_init(
+            || vec![0u32; ow],
+            |at, (out, (plane, gplane))| {
+                for (oy, grow) in gplane.chunks(ow).enumerate() {
+                    pool.row_argmax(plane, w, oy, at);
+                    for (&i, &gv) in at.iter().zip(grow) {
+                        out[i as usize] += gv;
                     }
                 }
             },
@@ -265,6 +323,15 @@ mod tests {
             }
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "width {w}");
+            // the backward's windows: each output's first maximum, NaN first
+            for plane in x.chunks(h * w) {
+                for oy in 0..oh {
+                    let mut at = vec![0u32; ow];
+                    pool.row_argmax(plane, w, oy, &mut at);
+                    let want: Vec<u32> = (0..ow).map(|ox| pool.argmax(plane, w, oy, ox) as u32).collect();
+                    assert_eq!(at, want, "width {w}, row {oy}");
+                }
+            }
         }
     }
 }
