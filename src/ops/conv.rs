@@ -577,6 +577,7 @@ mod tests {
             (5, 4, 9, 9, 20, 5, 1, 2),
             (1, 3, 35, 31, 7, 11, 4, 2),
             (3, 8, 21, 41, 10, 3, 2, 1),
+            (2, 20, 9, 11, 8, 3, 1, 1),
         ] {
             let op = Conv2d { stride, padding: pad, relu: false };
             let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::{images_per_gemm, parallelism, with_scratch, Geometry};
 use crate::ops::gemm::matmul;
+use crate::ops::transpose::transpose;
 
 /// Whether [`forward`] computes this convolution: 3x3 stride 1, and at least four images per
 /// core. With fewer, each of the 16 GEMMs has too few columns (49 tiles an image at 13x13) to
@@ -100,12 +101,9 @@ wide_fn! {
         for c0 in (0..g.c).step_by(LANES) {
             let lanes = LANES.min(g.c - c0);
             work.fill(0.0);
-            for lane in 0..lanes {
-                for (y, row) in image[(c0 + lane) * plane..][..plane].chunks(g.w).enumerate() {
-                    for (x, &val) in row.iter().enumerate() {
-                        work[((y + g.pad) * pw + x + g.pad) * LANES + lane] = val;
-                    }
-                }
+            for y in 0..g.h {
+                let row = &image[c0 * plane + y * g.w..];
+                transpose(lanes, g.w, row, plane, &mut work[((y + g.pad) * pw + g.pad) * LANES..], LANES);
             }
             for ty in 0..tiles_y {
                 for tx in 0..tiles_x {
