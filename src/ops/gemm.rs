@@ -191,7 +191,7 @@ mod dot_form {
             at += 16;
         }
         if at < len {
-            let mask: __mmask16 = (1u32 << (len - at)) as u16 - 1;
+            let mask = crate::ops::first_lanes(len - at);
             for (row, acc_row) in acc.iter_mut().enumerate() {
                 let wv = _mm512_maskz_loadu_ps(mask, w_at(row, at));
                 for (c, a) in acc_row.iter_mut().enumerate() {

@@ -157,7 +157,7 @@ mod avx512 {
         assert!(ch < c && img.len() == c * plane);
         let (size, alpha, k) = (_mm512_set1_ps(p.size as f32), _mm512_set1_ps(p.alpha), _mm512_set1_ps(p.k));
         for at in (0..plane).step_by(16) {
-            let mask = ((1u32 << (plane - at).min(16)) - 1) as u16;
+            let mask = crate::ops::first_lanes(plane - at);
             let mut sum = _mm512_setzero_ps();
             for j in window.clone() {
                 let v = _mm512_maskz_loadu_ps(mask, img.as_ptr().add(j * plane + at));

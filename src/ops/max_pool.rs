@@ -147,6 +147,7 @@ impl MaxPool2d {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::first_lanes;
     use std::arch::x86_64::*;
 
     /// [`super::nan_max`] in 16 lanes: `maxps(v, m)` is `v > m ? v : m`, which keeps a NaN in
@@ -157,12 +158,33 @@ mod avx512 {
         _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), _mm512_max_ps(v, m), v)
     }
 
+    /// 0, 2, ..., 30.
+    #[inline(always)]
+    unsafe fn even() -> __m512i {
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+    }
+
+    /// The first, second and third columns of 16 neighbouring 3/2 windows, `load(i)` being the
+    /// 16 values from the first window's column `i` on: of the 34 columns the windows cover,
+    /// the even ones, the odd ones and the even ones two further on, each gathered from two
+    /// vectors by one permute.
+    #[inline(always)]
+    unsafe fn window_columns(load: impl Fn(usize) -> __m512) -> [__m512; 3] {
+        let odd = _mm512_add_epi32(even(), _mm512_set1_epi32(1));
+        let (lo, hi, lo2, hi2) = (load(0), load(16), load(2), load(18));
+        [
+            _mm512_permutex2var_ps(lo, even(), hi),
+            _mm512_permutex2var_ps(lo, odd, hi),
+            _mm512_permutex2var_ps(lo2, even(), hi2),
+        ]
+    }
+
     /// [`super::column_maxima`], 16 columns at a time (the last ones masked).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn column_maxima(rows: &[f32], columns: &mut [f32]) {
         let w = columns.len();
         for j in (0..w).step_by(16) {
-            let mask = ((1u32 << (w - j).min(16)) - 1) as u16;
+            let mask = first_lanes(w - j);
             let mut max = _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(j));
             for row in (w..rows.len()).step_by(w) {
                 max = nan_max(max, _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(row + j)));
@@ -176,24 +198,18 @@ mod avx512 {
     /// the first NaN.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn row_argmax_3_2(plane: &[f32], w: usize, oy: usize, at: &mut [u32]) {
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-        let lanes = |from: usize| ((1u32 << w.saturating_sub(from).min(16)) - 1) as u16;
         for ox in (0..at.len()).step_by(16) {
             let mut max = _mm512_setzero_ps();
             let mut arg = _mm512_setzero_si512();
             for dy in 0..3 {
                 let row = (2 * oy + dy) * w;
                 let col = 2 * ox; // the first window's first column
-                let load = |from: usize| _mm512_maskz_loadu_ps(lanes(from), plane.as_ptr().add(row + from));
-                let (lo, hi, lo2, hi2) = (load(col), load(col + 16), load(col + 2), load(col + 18));
-                let values = [
-                    _mm512_permutex2var_ps(lo, even, hi),
-                    _mm512_permutex2var_ps(lo, odd, hi),
-                    _mm512_permutex2var_ps(lo2, even, hi2),
-                ];
+                let values = window_columns(|i| {
+                    let from = col + i;
+                    _mm512_maskz_loadu_ps(first_lanes(w.saturating_sub(from)), plane.as_ptr().add(row + from))
+                });
                 for (dx, &v) in values.iter().enumerate() {
-                    let index = _mm512_add_epi32(even, _mm512_set1_epi32((row + col + dx) as i32));
+                    let index = _mm512_add_epi32(even(), _mm512_set1_epi32((row + col + dx) as i32));
                     if dy == 0 && dx == 0 {
                         (max, arg) = (v, index);
                         continue;
@@ -206,26 +222,16 @@ mod avx512 {
                     arg = _mm512_mask_blend_epi32(take, arg, index);
                 }
             }
-            let count = (at.len() - ox).min(16);
-            _mm512_mask_storeu_epi32(at.as_mut_ptr().add(ox) as *mut i32, ((1u32 << count) - 1) as u16, arg);
+            _mm512_mask_storeu_epi32(at.as_mut_ptr().add(ox) as *mut i32, first_lanes(at.len() - ox), arg);
         }
     }
 
-    /// 16 windows at a time: of the 34 columns they cover, the even ones (each window's first),
-    /// the odd ones (its second) and the even ones two further on (its third), each gathered
-    /// from two vectors by one permute.
+    /// 16 windows at a time (the columns by [`window_columns`]).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn windows_3_2(columns: &[f32], out: &mut [f32]) {
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
         for ox in (0..out.len()).step_by(16) {
-            let at = columns.as_ptr().add(2 * ox);
-            let (lo, hi) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
-            let (lo2, hi2) = (_mm512_loadu_ps(at.add(2)), _mm512_loadu_ps(at.add(18)));
-            let first = _mm512_permutex2var_ps(lo, even, hi);
-            let second = _mm512_permutex2var_ps(lo, odd, hi);
-            let third = _mm512_permutex2var_ps(lo2, even, hi2);
-            let mask = ((1u32 << (out.len() - ox).min(16)) - 1) as u16;
+            let [first, second, third] = window_columns(|i| _mm512_loadu_ps(columns.as_ptr().add(2 * ox + i)));
+            let mask = first_lanes(out.len() - ox);
             let max = nan_max(nan_max(first, second), third);
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(ox), mask, max);
         }

@@ -41,6 +41,12 @@ macro_rules! wide_fn {
 }
 pub(crate) use wide_fn;
 
+/// The AVX-512 mask of the first `count` of 16 lanes (all 16 from 16 on): the tail of a row.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn first_lanes(count: usize) -> u16 {
+    ((1u32 << count.min(16)) - 1) as u16
+}
+
 mod adaptive_pool;
 mod conv;
 mod gemm;

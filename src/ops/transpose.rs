@@ -53,7 +53,7 @@ mod avx512 {
         height: usize,
         width: usize,
     ) {
-        let (columns, rows) = (((1u32 << width) - 1) as u16, ((1u32 << height) - 1) as u16);
+        let (columns, rows) = (crate::ops::first_lanes(width), crate::ops::first_lanes(height));
         // every row and column takes the same instructions, the missing ones masked off (a
         // mask of 0 touches no memory): no branches in the block
         let mut r: [__m512; 16] = std::array::from_fn(|i| {

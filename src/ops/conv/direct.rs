@@ -12,6 +12,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::first_lanes;
 use super::super::transpose::transpose;
 use super::{for_each_chunk, Geometry};
 
@@ -32,9 +33,8 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     let weights = pack_weights(g, w);
     let mut y = vec![0f32; g.n * g.o * g.ohw()];
     // the output pixels in vectors of 16: (row, first column, lanes inside the row)
-    let vectors: Vec<(usize, usize, u16)> = (0..g.oh)
-        .flat_map(|oy| (0..g.ow).step_by(16).map(move |ox| (oy, ox, ((1u32 << (g.ow - ox).min(16)) - 1) as u16)))
-        .collect();
+    let vectors: Vec<(usize, usize, u16)> =
+        (0..g.oh).flat_map(|oy| (0..g.ow).step_by(16).map(move |ox| (oy, ox, first_lanes(g.ow - ox)))).collect();
     // images over the cores; a batch too small for that spreads each image's channel blocks
     let spread_blocks = g.n < rayon::current_num_threads();
     for_each_chunk(&mut y, g.o * g.ohw(), !spread_blocks, |i, y| {
