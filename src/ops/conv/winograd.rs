@@ -105,6 +105,18 @@ wide_fn! {
                 let row = &image[c0 * plane + y * g.w..];
                 transpose(lanes, g.w, row, plane, &mut work[((y + g.pad) * pw + g.pad) * LANES..], LANES);
             }
+            #[cfg(target_arch = "x86_64")]
+            if lanes == LANES && std::arch::is_x86_feature_detected!("avx512f") {
+                for ty in 0..tiles_y {
+                    for tx in 0..tiles_x {
+                        let patch = &work[(2 * ty * pw + 2 * tx) * LANES..][..(3 * pw + 4) * LANES];
+                        let out = &mut v[(first + ty * tiles_x + tx) * g.c + c0..][..15 * ld * g.c + LANES];
+                        // SAFETY: AVX-512F is present.
+                        unsafe { avx512::transform_patch(patch, pw, out, ld * g.c) };
+                    }
+                }
+                continue;
+            }
             for ty in 0..tiles_y {
                 for tx in 0..tiles_x {
                     let d = |r: usize, s: usize| -> [f32; LANES] {
@@ -152,6 +164,11 @@ wide_fn! {
     /// One image's output from `M`: each tile's 2x2 block `Aᵀ m A` (`Aᵀ = [1 1 1 0; 0 1 -1 -1]`)
     /// plus the bias (and the ReLU), cropped to the output's size; a row of tiles at a time.
     fn transform_output(g: &Geometry, m: &[f32], ld: usize, first: usize, b: &[f32], relu: bool, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present.
+            return unsafe { avx512::transform_output(g, m, ld, first, b, relu, y) };
+        }
         let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
         for (oc, (plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
             for ty in 0..tiles_y {
@@ -174,6 +191,102 @@ wide_fn! {
                         if 2 * tx + 1 < g.ow {
                             out[2 * tx + 1] = act(b_ - c - e + bias);
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Geometry;
+    use crate::ops::first_lanes;
+    use std::arch::x86_64::*;
+
+    /// [`super::transform_input`] of one patch `d` of 16 channels, in registers (the generic
+    /// code's arrays of lanes go through the stack): `d(r, s)` at `patch[(r * pw + s) * 16..]`,
+    /// `V[ξ]` stored at `out[ξ * stride..]`, the same additions in the same order.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_patch(patch: &[f32], pw: usize, out: &mut [f32], stride: usize) {
+        assert!(patch.len() >= (3 * pw + 4) * 16 && out.len() >= 15 * stride + 16);
+        let d = |r: usize, s: usize| _mm512_loadu_ps(patch.as_ptr().add((r * pw + s) * 16));
+        // Bᵀ applied to a column (a, b, c, e) of four values
+        let bt = |a, b, c, e| [_mm512_sub_ps(a, c), _mm512_add_ps(b, c), _mm512_sub_ps(c, b), _mm512_sub_ps(b, e)];
+        let columns: [[__m512; 4]; 4] = std::array::from_fn(|s| bt(d(0, s), d(1, s), d(2, s), d(3, s)));
+        for r in 0..4 {
+            let row = bt(columns[0][r], columns[1][r], columns[2][r], columns[3][r]);
+            for (s, value) in row.into_iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add((4 * r + s) * stride), value);
+            }
+        }
+    }
+
+    /// [`super::transform_output`] with 16 tiles to a vector (an image's tiles lie side by side
+    /// in each row of `M`): the same additions in the same order, each of the four outputs of
+    /// a tile scattered to its place in the plane.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_output(
+        g: &Geometry,
+        m: &[f32],
+        ld: usize,
+        first: usize,
+        b: &[f32],
+        relu: bool,
+        y: &mut [f32],
+    ) {
+        let (tiles_y, tiles_x) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+        let tiles = tiles_y * tiles_x;
+        assert!(m.len() >= (15 * g.o + g.o - 1) * ld + first + tiles && y.len() == g.o * g.ohw() && b.len() == g.o);
+        // for each vector of tiles and output (r, s) of a tile: where it goes, and whether it is
+        // inside the map (the last tiles' second row and column may not be)
+        let places: Vec<[(__m512i, __mmask16); 4]> = (0..tiles)
+            .step_by(16)
+            .map(|t0| {
+                std::array::from_fn(|rs| {
+                    let (r, s) = (rs / 2, rs % 2);
+                    let mut index = [0i32; 16];
+                    let mut inside = 0u16;
+                    for (lane, slot) in index.iter_mut().enumerate().take(tiles - t0) {
+                        let t = t0 + lane;
+                        let (oy, ox) = (2 * (t / tiles_x) + r, 2 * (t % tiles_x) + s);
+                        if oy < g.oh && ox < g.ow {
+                            *slot = (oy * g.ow + ox) as i32;
+                            inside |= 1 << lane;
+                        }
+                    }
+                    (_mm512_loadu_si512(index.as_ptr().cast()), inside)
+                })
+            })
+            .collect();
+        for (oc, (plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
+            let bias = _mm512_set1_ps(bias);
+            for (j, places) in places.iter().enumerate() {
+                let t0 = 16 * j;
+                let lanes = first_lanes(tiles - t0);
+                let mm: [__m512; 16] = std::array::from_fn(|xi| {
+                    _mm512_maskz_loadu_ps(lanes, m.as_ptr().add((xi * g.o + oc) * ld + first + t0))
+                });
+                for (r, pair) in places.chunks(2).enumerate() {
+                    // (Aᵀ m)[r][s], then the row's two outputs
+                    let am = |s: usize| {
+                        if r == 0 {
+                            _mm512_add_ps(_mm512_add_ps(mm[s], mm[4 + s]), mm[8 + s])
+                        } else {
+                            _mm512_sub_ps(_mm512_sub_ps(mm[4 + s], mm[8 + s]), mm[12 + s])
+                        }
+                    };
+                    let (a, b_, c, e) = (am(0), am(1), am(2), am(3));
+                    let outputs = [
+                        _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a, b_), c), bias),
+                        _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(b_, c), e), bias),
+                    ];
+                    for (&(index, inside), mut value) in pair.iter().zip(outputs) {
+                        if relu {
+                            // `maxps(0, v)` is v for v >= 0, -0 and NaN: the scalar rule
+                            value = _mm512_max_ps(_mm512_setzero_ps(), value);
+                        }
+                        _mm512_mask_i32scatter_ps::<4>(plane.as_mut_ptr().cast(), inside, index, value);
                     }
                 }
             }
