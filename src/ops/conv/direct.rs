@@ -31,6 +31,8 @@ pub(super) fn applies(g: &Geometry) -> bool {
 /// `relu?(conv(x, w) + b)` for a batch, NCHW in and out.
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
     let weights = pack_weights(g, w);
+    // kernel column kx reads phase kx % s at index kx / s (no division in the kernel's loop)
+    let from: Vec<usize> = (0..g.k).map(|kx| (kx % g.stride) * g.phase_len() + kx / g.stride).collect();
     let mut y = vec![0f32; g.n * g.o * g.ohw()];
     // the output pixels in vectors of 16: (row, first column, lanes inside the row)
     let vectors: Vec<(usize, usize, u16)> =
@@ -52,7 +54,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
                 // SAFETY: AVX-512F is present (`applies`); the reads stay in `split` (16 values
                 // of slack past the image) and `w` (checked in `run`), the masked writes in
                 // `planes`, one per channel of `bias`.
-                unsafe { Block { g, split: &split, w, bias, relu, at }.run(planes) }
+                unsafe { Block { g, split: &split, from: &from, w, bias, relu, at }.run(planes) }
             }
         });
     });
@@ -74,6 +76,8 @@ fn pack_weights(g: &Geometry, w: &[f32]) -> Vec<f32> {
 struct Block<'a> {
     g: &'a Geometry,
     split: &'a [f32],
+    /// Where kernel column kx reads in a padded row of the split image.
+    from: &'a [usize],
     w: &'a [f32],
     bias: &'a [f32],
     relu: bool,
@@ -87,10 +91,8 @@ impl Block<'_> {
         let (k, s, pl, ohw) = (g.k, g.stride, g.phase_len(), g.ohw());
         let padded_rows = g.h + 2 * g.pad;
         assert!(self.w.len() == g.ckk() * R && planes.len() >= self.bias.len() * ohw);
-        // kernel column kx reads phase kx % s at index kx / s (no division in the loop)
-        let from: Vec<usize> = (0..k).map(|kx| (kx % s) * pl + kx / s).collect();
         let furthest = |&(oy, ox, _): &(usize, usize, u16)| {
-            ((g.c - 1) * padded_rows + oy * s + k - 1) * s * pl + ox + from.iter().max().unwrap() + 15
+            ((g.c - 1) * padded_rows + oy * s + k - 1) * s * pl + ox + self.from.iter().max().unwrap() + 15
         };
         assert!(self.at.iter().all(|v| furthest(v) < self.split.len()));
         let mut acc = [[_mm512_setzero_ps(); C]; R];
@@ -102,7 +104,7 @@ impl Block<'_> {
                     let (oy, ox, _) = self.at[v];
                     self.split.as_ptr().add((ci * padded_rows + oy * s + ky) * s * pl + ox)
                 });
-                for &from in &from {
+                for &from in self.from {
                     let xv: [__m512; C] = std::array::from_fn(|v| _mm512_loadu_ps(rows[v].add(from)));
                     for (i, acc_row) in acc.iter_mut().enumerate() {
                         let wv = _mm512_set1_ps(*w.add(i));
