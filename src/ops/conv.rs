@@ -12,8 +12,10 @@
 //! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches, summed over fixed
 //!   chunks of the batch in a fixed order, so the result does not depend on how many threads
 //!   ran it;
-//! * input gradient: `dX = col2im(Wᵀ · dY)`, skipped entirely when the input needs no gradient
-//!   (the image), which Candle's own conv backward always computes, without GEMM.
+//! * input gradient: `dX = col2im(Wᵀ · dY)`, or for the 3x3 stride-1 layers, where the batch
+//!   allows, Winograd's forward of `dY` with the filters turned half a turn; skipped entirely
+//!   when the input needs no gradient (the image), which Candle's own conv backward always
+//!   computes, without GEMM.
 //!
 //! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
 //! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
@@ -134,6 +136,22 @@ impl Geometry {
     /// The inverse of [`Geometry::channels_last_weights`]: `[o, ci, ky, kx]` from `[o, ky, kx, ci]`.
     fn channels_first_weights(&self, w: &[f32]) -> Vec<f32> {
         transpose_filters(w, self.k * self.k, self.c)
+    }
+
+    /// For a stride-1 convolution, the one that maps `dY` to `dX`: the same kernel size over
+    /// the output, `o` channels in and `c` out, padded by `k - 1 - pad` so that it gives back
+    /// the input's size.
+    fn transposed(&self) -> Option<Geometry> {
+        (self.stride == 1 && self.pad < self.k).then_some(Geometry {
+            c: self.o,
+            h: self.oh,
+            w: self.ow,
+            o: self.c,
+            oh: self.h,
+            ow: self.w,
+            pad: self.k - 1 - self.pad,
+            ..*self
+        })
     }
 
     fn ckk(&self) -> usize {
@@ -546,19 +564,43 @@ impl candle_core::CustomOp2 for InputGrad {
         let g = Geometry::new(&self.0, &xl, wl)?;
         let dy = super::contiguous_f32("conv2d input grad", gs, gl)?;
         let w = super::contiguous_f32("conv2d input grad", ws, wl)?;
-        let (ckk, ohw, o) = (g.ckk(), g.ohw(), g.o);
-        let par = parallelism(g.n);
-        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-        dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each(|(dxi, dyi)| {
-            with_scratch(g.split_len() + ckk * ohw, |scratch| {
-                let (split, cols) = scratch.split_at_mut(g.split_len());
-                // cols[ckk, ohw] = Wᵀ[ckk, o] · dY[o, ohw] (overwritten, not accumulated)
-                matmul(ckk, ohw, o, cols, false, (w, 1, ckk as isize), (dyi, ohw as isize, 1), par);
-                g.col2im(cols, split, dxi);
-            })
-        });
+        let dx = match g.transposed() {
+            Some(t) if winograd::applies(&t) => input_grad_winograd(&g, &t, dy, w),
+            _ => input_grad_col2im(&g, dy, w),
+        };
         Ok((CpuStorage::F32(dx), Shape::from(self.1)))
     }
+}
+
+/// `dX = col2im(Wᵀ · dY)`, an image at a time.
+fn input_grad_col2im(g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ckk, ohw, o) = (g.ckk(), g.ohw(), g.o);
+    let par = parallelism(g.n);
+    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+    dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each(|(dxi, dyi)| {
+        with_scratch(g.split_len() + ckk * ohw, |scratch| {
+            let (split, cols) = scratch.split_at_mut(g.split_len());
+            // cols[ckk, ohw] = Wᵀ[ckk, o] · dY[o, ohw] (overwritten, not accumulated)
+            matmul(ckk, ohw, o, cols, false, (w, 1, ckk as isize), (dyi, ohw as isize, 1), par);
+            g.col2im(cols, split, dxi);
+        })
+    });
+    dx
+}
+
+/// `dX` as the convolution `t` ([`Geometry::transposed`]) of `dY` with each filter turned
+/// half a turn and its channels swapped, `w'[ci, o, ky, kx] = w[o, ci, k-1-ky, k-1-kx]`, by
+/// Winograd's forward (conv3-5 while training: 2.25 times fewer multiply-adds than the GEMM).
+fn input_grad_winograd(g: &Geometry, t: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let kk = g.k * g.k;
+    let mut turned = vec![0f32; w.len()];
+    for (oc, filters) in w.chunks(g.ckk()).enumerate() {
+        for (ci, filter) in filters.chunks(kk).enumerate() {
+            let dst = &mut turned[(ci * g.o + oc) * kk..][..kk];
+            dst.iter_mut().zip(filter.iter().rev()).for_each(|(d, &v)| *d = v);
+        }
+    }
+    winograd::forward(t, dy, &turned, &vec![0f32; g.c], false)
 }
 
 #[cfg(test)]
@@ -607,6 +649,26 @@ mod tests {
                     assert!(worst < 4e-6, "{path}, {n}x{c}x{h}x{w} * {o}x{k}x{k}, relu {relu}: differs by {worst:e}");
                 }
             }
+        }
+    }
+
+    /// The input gradient by Winograd (a 3x3 stride-1 layer's `dX` as a convolution of `dY`)
+    /// against `col2im(Wᵀ · dY)`, with padding 1 and 0 and partial tiles.
+    #[test]
+    fn input_gradient_paths_agree() {
+        for (n, c, h, w, o, pad) in [(3, 20, 9, 11, 8, 1), (2, 5, 10, 9, 17, 0), (1, 16, 13, 13, 16, 1)] {
+            let op = Conv2d { stride: 1, padding: pad, relu: false };
+            let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, 3, 3)));
+            let g = Geometry::new(&op, &xl, &wl).unwrap();
+            let values = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect()
+            };
+            let (dy, wt) = (values(n * o * g.ohw(), 4), values(o * c * 9, 5));
+            let want = input_grad_col2im(&g, &dy, &wt);
+            let got = input_grad_winograd(&g, &g.transposed().unwrap(), &dy, &wt);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} filters, pad {pad}: differs by {worst:e}");
         }
     }
 }
