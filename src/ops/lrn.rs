@@ -96,7 +96,7 @@ pub fn lrn_tensor_ops(x: &Tensor, p: Lrn) -> Result<Tensor> {
 
 wide_fn! {
     /// Channel `ch` of one image (`img`, its planes one after another) normalised into `out`.
-    fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
+    pub(super) fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if p.beta == 0.75 && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present.
@@ -219,8 +219,14 @@ impl CustomOp1 for Lrn {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        let grad_x = x.apply_op2_no_bwd(&grad_y.contiguous()?, &LrnBackward(*self))?;
-        Ok(Some(grad_x))
+        Ok(Some(self.backward(x, grad_y)?))
+    }
+}
+
+impl Lrn {
+    /// The input gradient given the input `x` and the output gradient.
+    pub(super) fn backward(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+        x.apply_op2_no_bwd(&grad_y.contiguous()?, &LrnBackward(*self))
     }
 }
 

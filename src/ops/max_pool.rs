@@ -9,9 +9,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
-struct MaxPool2d {
-    kernel: usize,
-    stride: usize,
+pub(super) struct MaxPool2d {
+    pub(super) kernel: usize,
+    pub(super) stride: usize,
 }
 
 /// Max-pooling of an `[N, C, H, W]` tensor with a square `kernel` and `stride`, differentiable:
@@ -54,7 +54,7 @@ pub fn max_pool2d_tensor_ops(x: &Tensor, kernel: usize, stride: usize) -> Result
 }
 
 impl MaxPool2d {
-    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+    pub(super) fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
         ((h - self.kernel) / self.stride + 1, (w - self.kernel) / self.stride + 1)
     }
 
@@ -248,23 +248,38 @@ impl CustomOp1 for MaxPool2d {
         let x = super::contiguous_f32("max-pool2d", storage, layout)?;
         let (oh, ow) = self.out_size(h, w);
         let mut y = vec![0f32; n * c * oh * ow];
-        // The window's maximum as a maximum of column maxima: the rows combine elementwise
-        // (vectorised), then each output takes `kernel` neighbours of that row.
-        y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each_init(
-            // room past the row for the window kernel's whole-vector loads
-            || vec![0f32; w + 32],
-            |columns, (out, plane)| {
-                for (oy, out_row) in out.chunks_mut(ow).enumerate() {
-                    column_maxima(&plane[oy * self.stride * w..][..self.kernel * w], &mut columns[..w]);
-                    self.window_maxima(columns, out_row);
-                }
-            },
-        );
+        y.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each_init(|| self.columns(w), |columns, (out, plane)| self.pool_plane(plane, w, columns, out));
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad_y.contiguous()?, &MaxPool2dBackward(*self))?))
+        Ok(Some(self.backward(x, grad_y)?))
+    }
+}
+
+impl MaxPool2d {
+    /// Scratch for [`MaxPool2d::pool_plane`] on rows of `w` values (with room past the row for
+    /// the window kernel's whole-vector loads).
+    pub(super) fn columns(&self, w: usize) -> Vec<f32> {
+        vec![0f32; w + 32]
+    }
+
+    /// One plane (rows of `w` values) pooled into `out`. The window's maximum as a maximum of
+    /// column maxima: the rows combine elementwise (vectorised), then each output takes
+    /// `kernel` neighbours of that row.
+    pub(super) fn pool_plane(&self, plane: &[f32], w: usize, columns: &mut [f32], out: &mut [f32]) {
+        let ow = self.out_size(plane.len() / w, w).1;
+        for (oy, out_row) in out.chunks_mut(ow).enumerate() {
+            column_maxima(&plane[oy * self.stride * w..][..self.kernel * w], &mut columns[..w]);
+            self.window_maxima(columns, out_row);
+        }
+    }
+
+    /// The input gradient given the input `x` and the output gradient.
+    pub(super) fn backward(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+        x.apply_op2_no_bwd(&grad_y.contiguous()?, &MaxPool2dBackward(*self))
     }
 }
 

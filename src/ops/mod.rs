@@ -4,6 +4,7 @@
 //!   Caffe's/PyTorch's conventions.
 //! * [`max_pool2d`]: max-pooling with a backward for overlapping windows (Candle's
 //!   `max_pool2d_with_stride` has none when kernel != stride); ties go where PyTorch sends them.
+//! * [`lrn_max_pool2d`]: LRN then max-pooling in one pass, for inference.
 //! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
 //! * [`conv2d`]: convolution + bias as im2col and packed GEMM (3x3 stride 1 by Winograd),
 //!   forward and backward (Candle's CPU convolution backward runs without GEMM and always
@@ -52,6 +53,7 @@ mod conv;
 mod gemm;
 mod linear;
 mod lrn;
+mod lrn_pool;
 mod max_pool;
 mod transpose;
 
@@ -59,6 +61,7 @@ pub use adaptive_pool::adaptive_avg_pool2d;
 pub use conv::{conv2d, conv2d_relu};
 pub use linear::{linear, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
+pub use lrn_pool::lrn_max_pool2d;
 pub use max_pool::{max_pool2d, max_pool2d_tensor_ops};
 
 use candle_core::{CpuStorage, Layout, Result};
