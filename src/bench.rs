@@ -35,7 +35,8 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "layers")]
     train: bool,
     /// Also time each layer of the forward pass (median per layer; two-tower layers are both
-    /// towers together), to see where the time goes.
+    /// towers together; LRN and pooling, otherwise one op, run as two so that each is timed),
+    /// to see where the time goes.
     #[arg(long)]
     layers: bool,
     /// Also write the results as JSON to this file.
