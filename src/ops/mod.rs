@@ -48,6 +48,16 @@ pub(crate) fn first_lanes(count: usize) -> u16 {
     ((1u32 << count.min(16)) - 1) as u16
 }
 
+/// [`gemm::relu_in_place`]'s rule on 16 lanes, for kernels that apply the ReLU as their sums
+/// leave the registers: `maxps(0, v)` is `v` for `v >= 0`, `-0` and NaN, else 0.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn relu_lanes(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_max_ps(_mm512_setzero_ps(), v)
+}
+
 mod adaptive_pool;
 mod conv;
 mod gemm;

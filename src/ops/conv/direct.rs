@@ -12,9 +12,9 @@
 
 use std::arch::x86_64::*;
 
-use super::super::first_lanes;
 use super::super::transpose::transpose;
-use super::{for_each_chunk, Geometry};
+use super::super::{first_lanes, relu_lanes};
+use super::{for_each_chunk, with_scratch, Geometry};
 
 /// Output channels (broadcast weights) and pixel vectors a register block holds: 24
 /// accumulators, 6 input vectors and a broadcast use 31 of the 32 registers. Of the shapes
@@ -37,26 +37,32 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     // the output pixels in vectors of 16: (row, first column, lanes inside the row)
     let vectors: Vec<(usize, usize, u16)> =
         (0..g.oh).flat_map(|oy| (0..g.ow).step_by(16).map(move |ox| (oy, ox, first_lanes(g.ow - ox)))).collect();
+    // the unmasked loads of a row's last vector read up to 15 values past the image (stale
+    // values, into lanes that are never stored): the furthest read, checked once here
+    let split_len = g.split_len() + 16;
+    let (padded_rows, pl) = (g.h + 2 * g.pad, g.phase_len());
+    let furthest = (g.c.saturating_sub(1) * padded_rows + (g.oh - 1) * g.stride + g.k - 1) * g.stride * pl;
+    assert!(g.n == 0 || furthest + vectors.last().map_or(0, |v| v.1) + from.iter().max().unwrap() + 15 < split_len);
     // images over the cores; a batch too small for that spreads each image's channel blocks
     let spread_blocks = g.n < rayon::current_num_threads();
     for_each_chunk(&mut y, g.o * g.ohw(), !spread_blocks, |i, y| {
-        // the unmasked loads of a row's last vector read up to 15 values past the image
-        let mut split = vec![0f32; g.split_len() + 16];
-        g.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], &mut split[..g.split_len()]);
-        for_each_chunk(y, R * g.ohw(), spread_blocks, |ob, planes| {
-            let w = &weights[ob * g.ckk() * R..][..g.ckk() * R];
-            let bias = &b[ob * R..(ob * R + R).min(g.o)];
-            for chunk in vectors.chunks(C) {
-                let at = std::array::from_fn(|v| match chunk.get(v) {
-                    Some(&vector) => vector,
-                    None => (chunk[0].0, chunk[0].1, 0), // stores nothing; reads a valid row
-                });
-                // SAFETY: AVX-512F is present (`applies`); the reads stay in `split` (16 values
-                // of slack past the image) and `w` (checked in `run`), the masked writes in
-                // `planes`, one per channel of `bias`.
-                unsafe { Block { g, split: &split, from: &from, w, bias, relu, at }.run(planes) }
-            }
-        });
+        with_scratch(split_len, |split| {
+            g.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], &mut split[..g.split_len()]);
+            for_each_chunk(y, R * g.ohw(), spread_blocks, |ob, planes| {
+                let w = &weights[ob * g.ckk() * R..][..g.ckk() * R];
+                let bias = &b[ob * R..(ob * R + R).min(g.o)];
+                for chunk in vectors.chunks(C) {
+                    let at = std::array::from_fn(|v| match chunk.get(v) {
+                        Some(&vector) => vector,
+                        None => (chunk[0].0, chunk[0].1, 0), // stores nothing; reads a valid row
+                    });
+                    // SAFETY: AVX-512F is present (`applies`); the reads stay in `split` (asserted
+                    // above) and `w` (checked in `run`), the masked writes in `planes`, one per
+                    // channel of `bias`.
+                    unsafe { Block { g, split, from: &from, w, bias, relu, at }.run(planes) }
+                }
+            });
+        })
     });
     y
 }
@@ -91,10 +97,6 @@ impl Block<'_> {
         let (k, s, pl, ohw) = (g.k, g.stride, g.phase_len(), g.ohw());
         let padded_rows = g.h + 2 * g.pad;
         assert!(self.w.len() == g.ckk() * R && planes.len() >= self.bias.len() * ohw);
-        let furthest = |&(oy, ox, _): &(usize, usize, u16)| {
-            ((g.c - 1) * padded_rows + oy * s + k - 1) * s * pl + ox + self.from.iter().max().unwrap() + 15
-        };
-        assert!(self.at.iter().all(|v| furthest(v) < self.split.len()));
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let mut w = self.w.as_ptr();
         for ci in 0..g.c {
@@ -120,8 +122,7 @@ impl Block<'_> {
             for (&a, &(oy, ox, mask)) in acc_row.iter().zip(&self.at) {
                 let mut value = _mm512_add_ps(a, _mm512_set1_ps(bias));
                 if self.relu {
-                    // `maxps(0, v)` is v for v >= 0, -0 and NaN: `relu_in_place`'s rule
-                    value = _mm512_max_ps(_mm512_setzero_ps(), value);
+                    value = relu_lanes(value);
                 }
                 _mm512_mask_storeu_ps(planes.as_mut_ptr().add(i * ohw + oy * g.ow + ox), mask, value);
             }

@@ -201,7 +201,7 @@ wide_fn! {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Geometry;
-    use crate::ops::first_lanes;
+    use crate::ops::{first_lanes, relu_lanes};
     use std::arch::x86_64::*;
 
     /// [`super::transform_input`] of one patch `d` of 16 channels, in registers (the generic
@@ -283,8 +283,7 @@ mod avx512 {
                     ];
                     for (&(index, inside), mut value) in pair.iter().zip(outputs) {
                         if relu {
-                            // `maxps(0, v)` is v for v >= 0, -0 and NaN: the scalar rule
-                            value = _mm512_max_ps(_mm512_setzero_ps(), value);
+                            value = relu_lanes(value);
                         }
                         _mm512_mask_i32scatter_ps::<4>(plane.as_mut_ptr().cast(), inside, index, value);
                     }
