@@ -177,12 +177,13 @@ def ops_fixture():
         y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
         out[f"{name}/y"] = y.detach().contiguous()
         out[f"{name}/grad_x"] = xi.grad.contiguous()
-    # Convolution + bias (+ ReLU): the Winograd path (3x3 stride 1; 64 images so that it is
-    # taken on up to 16 cores; map sizes that leave partial tiles) and the im2col path
-    # (conv1's 11x11 stride 4).
+    # Convolution + bias (+ ReLU): the Winograd paths (3x3 and 5x5 stride 1; 64 images of the
+    # small maps, 8 of 27x27, so that they are taken on up to 16 and 8 cores; map sizes that
+    # leave partial tiles) and the direct path (conv1's 11x11 stride 4).
     for name, xs, ws, stride, pad, relu in [
         ("conv3x3_pad1", (64, 4, 7, 7), (5, 4, 3, 3), 1, 1, True),
         ("conv3x3_pad0", (64, 3, 6, 5), (4, 3, 3, 3), 1, 0, False),
+        ("conv5x5_pad2", (8, 4, 27, 27), (6, 4, 5, 5), 1, 2, True),
         ("conv11_stride4", (2, 3, 35, 31), (4, 3, 11, 11), 4, 2, True),
     ]:
         xi = t(reference_pattern(f"{name}.x", 1, xs, 1.0)).requires_grad_(True)

@@ -6,14 +6,14 @@
 //!   so that it is `k` contiguous runs ([`Geometry::patches`]), times the weights in the same
 //!   order: `P · Wᵀ`, `[pixels, o]`, transposed into the NCHW output with the bias and ReLU
 //!   ([`forward_pixel_major`]); 13x13 maps at batch 1-3, too few pixels for that orientation,
-//!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 stride-1 layers
-//!   (conv3-5) by Winograd's F(2x2, 3x3) once the batch gives every core four images
-//!   ([`winograd`]);
+//!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 and 5x5
+//!   stride-1 layers (conv2-5) by Winograd's F(2x2, 3x3) and F(2x2, 5x5) once the batch gives
+//!   every core enough tiles ([`winograd`]);
 //! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches, summed over fixed
 //!   chunks of the batch in a fixed order, so the result does not depend on how many threads
 //!   ran it;
-//! * input gradient: `dX = col2im(Wᵀ · dY)`, or for the 3x3 stride-1 layers, where the batch
-//!   allows, Winograd's forward of `dY` with the filters turned half a turn; skipped entirely
+//! * input gradient: `dX = col2im(Wᵀ · dY)`, or for the 3x3 and 5x5 stride-1 layers, where the
+//!   batch allows, Winograd's forward of `dY` with the filters turned half a turn; skipped entirely
 //!   when the input needs no gradient (the image), which Candle's own conv backward always
 //!   computes, without GEMM.
 //!
@@ -590,7 +590,8 @@ fn input_grad_col2im(g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// `dX` as the convolution `t` ([`Geometry::transposed`]) of `dY` with each filter turned
 /// half a turn and its channels swapped, `w'[ci, o, ky, kx] = w[o, ci, k-1-ky, k-1-kx]`, by
-/// Winograd's forward (conv3-5 while training: 2.25 times fewer multiply-adds than the GEMM).
+/// Winograd's forward (conv2-5 while training: 2.25 and 2.6 times fewer multiply-adds than
+/// the GEMM).
 fn input_grad_winograd(g: &Geometry, t: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let kk = g.k * g.k;
     let mut turned = vec![0f32; w.len()];
@@ -620,6 +621,8 @@ mod tests {
             (1, 3, 35, 31, 7, 11, 4, 2),
             (3, 8, 21, 41, 10, 3, 2, 1),
             (2, 20, 9, 11, 8, 3, 1, 1),
+            (2, 48, 14, 13, 24, 5, 1, 2),
+            (3, 17, 8, 10, 5, 5, 1, 0),
         ] {
             let op = Conv2d { stride, padding: pad, relu: false };
             let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
@@ -635,7 +638,7 @@ mod tests {
                         (format!("pixel-major, {group} a GEMM"), forward_pixel_major(&g, &x, &wt, &b, relu, group))
                     })
                     .collect();
-                if k == 3 && stride == 1 {
+                if matches!(k, 3 | 5) && stride == 1 {
                     got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu)));
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -652,23 +655,29 @@ mod tests {
         }
     }
 
-    /// The input gradient by Winograd (a 3x3 stride-1 layer's `dX` as a convolution of `dY`)
+    /// The input gradient by Winograd (a stride-1 layer's `dX` as a convolution of `dY`)
     /// against `col2im(Wᵀ · dY)`, with padding 1 and 0 and partial tiles.
     #[test]
     fn input_gradient_paths_agree() {
-        for (n, c, h, w, o, pad) in [(3, 20, 9, 11, 8, 1), (2, 5, 10, 9, 17, 0), (1, 16, 13, 13, 16, 1)] {
+        for (n, c, h, w, o, k, pad) in [
+            (3, 20, 9, 11, 8, 3, 1),
+            (2, 5, 10, 9, 17, 3, 0),
+            (1, 16, 13, 13, 16, 3, 1),
+            (2, 24, 14, 13, 48, 5, 2),
+            (1, 6, 9, 8, 5, 5, 0),
+        ] {
             let op = Conv2d { stride: 1, padding: pad, relu: false };
-            let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, 3, 3)));
+            let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
             let g = Geometry::new(&op, &xl, &wl).unwrap();
             let values = |len: usize, seed: usize| -> Vec<f32> {
                 (0..len).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect()
             };
-            let (dy, wt) = (values(n * o * g.ohw(), 4), values(o * c * 9, 5));
+            let (dy, wt) = (values(n * o * g.ohw(), 4), values(o * c * k * k, 5));
             let want = input_grad_col2im(&g, &dy, &wt);
             let got = input_grad_winograd(&g, &g.transposed().unwrap(), &dy, &wt);
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
-            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} filters, pad {pad}: differs by {worst:e}");
+            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
         }
     }
 }

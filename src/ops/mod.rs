@@ -6,7 +6,7 @@
 //!   `max_pool2d_with_stride` has none when kernel != stride); ties go where PyTorch sends them.
 //! * [`lrn_max_pool2d`]: LRN then max-pooling in one pass, for inference.
 //! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
-//! * [`conv2d`]: convolution + bias as im2col and packed GEMM (3x3 stride 1 by Winograd),
+//! * [`conv2d`]: convolution + bias as im2col and packed GEMM (3x3 and 5x5 stride 1 by Winograd),
 //!   forward and backward (Candle's CPU convolution backward runs without GEMM and always
 //!   computes the input gradient), and [`conv2d_relu`] with the ReLU fused in.
 //! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
