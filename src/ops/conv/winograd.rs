@@ -17,7 +17,9 @@
 
 use rayon::prelude::*;
 
-use super::{images_per_gemm, parallelism, with_scratch, Geometry};
+use gemm::Parallelism;
+
+use super::{for_each_chunk, images_per_gemm, with_scratch, Geometry};
 use crate::ops::gemm::matmul;
 use crate::ops::transpose::transpose;
 
@@ -25,8 +27,7 @@ use crate::ops::transpose::transpose;
 /// The transforms are constants, so once inlined only their nonzero entries cost anything.
 trait Minimal<const M: usize, const R: usize, const A: usize> {
     const BT: [[f32; A]; A];
-    /// In f64: `U` is computed once a call, and its entries (sixths, fifteenths) round once.
-    const G: [[f64; R]; A];
+    const G: [[f32; R]; A];
     const AT: [[f32; A]; M];
 }
 
@@ -36,7 +37,7 @@ struct F2x3;
 
 impl Minimal<2, 3, 4> for F2x3 {
     const BT: [[f32; 4]; 4] = [[1., 0., -1., 0.], [0., 1., 1., 0.], [0., -1., 1., 0.], [0., 1., 0., -1.]];
-    const G: [[f64; 3]; 4] = [[1., 0., 0.], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0., 0., 1.]];
+    const G: [[f32; 3]; 4] = [[1., 0., 0.], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0., 0., 1.]];
     const AT: [[f32; 4]; 2] = [[1., 1., 1., 0.], [0., 1., -1., -1.]];
 }
 
@@ -53,7 +54,7 @@ impl Minimal<2, 5, 6> for F2x5 {
         [0., 2., -1., -2., 1., 0.],
         [0., 2., 3., -4., -3., 2.],
     ];
-    const G: [[f64; 5]; 6] = [
+    const G: [[f32; 5]; 6] = [
         [1. / 2., 0., 0., 0., 0.],
         [-1. / 6., -1. / 6., -1. / 6., -1. / 6., -1. / 6.],
         [1. / 6., -1. / 6., 1. / 6., -1. / 6., 1. / 6.],
@@ -64,18 +65,21 @@ impl Minimal<2, 5, 6> for F2x5 {
     const AT: [[f32; 6]; 2] = [[1., 1., 1., 1., 2., 0.], [0., 1., -1., 2., -1., 1.]];
 }
 
-/// Whether [`forward`] computes this convolution: 3x3 or 5x5, stride 1, and at least
-/// [`TILES_PER_CORE`] tiles for each core.
+/// Whether [`forward`] computes this convolution: 3x3 or 5x5, stride 1, and GEMMs of at
+/// least [`GEMM_TILES`] columns with enough of them for the cores: a 27x27 map (196 tiles)
+/// fills one, its GEMMs then spread over the cores; 13x13 maps (49 tiles) need four images a
+/// core.
 pub(super) fn applies(g: &Geometry) -> bool {
-    let tiles = g.n * g.oh.div_ceil(2) * g.ow.div_ceil(2); // both algorithms have M = 2
-    matches!(g.k, 3 | 5) && g.stride == 1 && tiles >= TILES_PER_CORE * rayon::current_num_threads()
+    let tiles = g.oh.div_ceil(2) * g.ow.div_ceil(2); // both algorithms have M = 2
+    let enough = tiles >= GEMM_TILES || g.n * tiles >= GEMM_TILES * rayon::current_num_threads();
+    matches!(g.k, 3 | 5) && g.stride == 1 && enough
 }
 
-/// With fewer tiles (13x13 maps have 49 an image, 27x27 196), each GEMM has too few columns to
-/// run at speed. Measured on 2 cores: torchvision's conv3-5 8.6-11.2 ms against im2col's
-/// 4.5-6.0 at batch 1, 18-20 against 14-15 at batch 4, 25-32 against 31-43 at batch 8; its
-/// conv2 5.5 against 3.8-4.2 at batch 1, 5.0 against 5.6-6.0 at batch 2.
-const TILES_PER_CORE: usize = 196;
+/// With fewer tiles a GEMM has too few columns to run at speed. Measured on 2 cores:
+/// torchvision's conv3-5 at batch 1 3.3 / 4.2 / 2.5 ms against im2col's 1.7 / 2.6 / 1.6, at
+/// batch 4 about level (5.3 / 7.2 / 4.6 against 5.0 / 6.8 / 4.5), ahead from batch 8; its
+/// conv2 at batch 1 3.2 against 3.5-3.7 ms.
+const GEMM_TILES: usize = 196;
 
 /// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a `g` that
 /// [`applies`].
@@ -104,8 +108,12 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     let u = transform_weights::<F, M, R, A>(w, o, c);
     let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and M
     let group = images_per_gemm(g.n, tiles).min((GROUP_BYTES / per_image).max(1));
-    let par = parallelism(g.n.div_ceil(group));
+    // too few groups of images for the cores (small batches): each group's GEMMs (one per ξ)
+    // and its output channels are spread over the cores instead
+    let threads = rayon::current_num_threads();
+    let spread = g.n.div_ceil(group) < threads;
     let (chw, ohw) = (c * g.h * g.w, g.ohw());
+    let channels = if spread { o.div_ceil(threads) } else { o }; // per output-transform task
     let mut y = vec![0f32; g.n * o * ohw];
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let ld = images.len() / chw * tiles; // the group's tiles side by side
@@ -115,31 +123,48 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
             for (i, image) in images.chunks(chw).enumerate() {
                 transform_input::<F, M, R, A>(g, image, v, ld, i * tiles, work);
             }
-            for (m_xi, (u_xi, v_xi)) in m.chunks_mut(o * ld).zip(u.chunks(o * c).zip(v.chunks(c * ld))) {
-                matmul(o, ld, c, m_xi, false, (u_xi, c as isize, 1), (v_xi, 1, c as isize), par);
-            }
+            let v = &*v;
+            for_each_chunk(m, o * ld, spread, |xi, m_xi| {
+                let (u_xi, v_xi) = (&u[xi * o * c..][..o * c], &v[xi * c * ld..][..c * ld]);
+                matmul(o, ld, c, m_xi, false, (u_xi, c as isize, 1), (v_xi, 1, c as isize), Parallelism::None);
+            });
+            let m = &*m;
             for (i, y_image) in out.chunks_mut(o * ohw).enumerate() {
-                transform_output::<F, M, R, A>(g, m, ld, i * tiles, b, relu, y_image);
+                for_each_chunk(y_image, channels * ohw, spread, |part, y_part| {
+                    let (first, bias) = (part * channels, &b[part * channels..][..y_part.len() / ohw]);
+                    transform_output::<F, M, R, A>(g, &m[first * ld..], ld, i * tiles, bias, relu, y_part);
+                });
             }
         })
     });
     y
 }
 
-/// `U[ξ, o, c] = (G g Gᵀ)[ξ]` for each kernel `g`, summed in f64; a row of ξ (the `A`
-/// positions `(i, ·)`, which share `(G g)[i]`) to a task.
+/// `U[ξ, o, c] = (G g Gᵀ)[ξ]` for each kernel `g`, from the weights turned tap-major so that
+/// the kernels lie side by side (16 at a time with AVX-512); a row of ξ (the `A` positions
+/// `(i, ·)`, which share `(G g)[i]`) to a task.
 fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     w: &[f32],
     o: usize,
     c: usize,
 ) -> Vec<f32> {
-    let mut u = vec![0f32; A * A * o * c];
-    u.par_chunks_mut(A * o * c).enumerate().for_each(|(i, u_row)| {
-        for (pair, g) in w.chunks_exact(R * R).enumerate() {
-            let gg: [f64; R] = std::array::from_fn(|s| (0..R).map(|r| F::G[i][r] * g[r * R + s] as f64).sum());
-            for (j, u_xi) in u_row.chunks_mut(o * c).enumerate() {
-                u_xi[pair] = (0..R).map(|s| gg[s] * F::G[j][s]).sum::<f64>() as f32;
-            }
+    let pairs = o * c;
+    let mut taps = vec![0f32; R * R * pairs]; // taps[(r, s), pair]
+    transpose(pairs, R * R, w, R * R, &mut taps, pairs);
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    let mut u = vec![0f32; A * A * pairs];
+    u.par_chunks_mut(A * pairs).enumerate().for_each(|(i, u_row)| {
+        let mut first = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            first = pairs / LANES * LANES;
+            // SAFETY: AVX-512F is present.
+            unsafe { avx512::transform_kernels::<F, M, R, A>(i, &taps, u_row, first) };
+        }
+        for pair in first..pairs {
+            let g = |r: usize, s: usize| taps[(r * R + s) * pairs + pair];
+            transform_kernel::<f32, F, M, R, A>(i, g, |j, value| u_row[j * pairs + pair] = value);
         }
     });
     u
@@ -240,6 +265,23 @@ fn transform_tile<T: Lanes, F: Minimal<M, R, A>, const M: usize, const R: usize,
     block
 }
 
+/// Row `i` of `G g Gᵀ` for one kernel `g`, loaded as `g(r, s)`, each of the `A` values handed
+/// to `store(j, value)`.
+#[inline(always)]
+fn transform_kernel<T: Lanes, F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+    i: usize,
+    g: impl Fn(usize, usize) -> T,
+    mut store: impl FnMut(usize, T),
+) {
+    let mut g_g = [T::default(); R]; // (G g)[i]
+    for (s, value) in g_g.iter_mut().enumerate() {
+        *value = combine(&F::G[i], |r| g(r, s));
+    }
+    for (j, value) in times(&F::G, &g_g).into_iter().enumerate() {
+        store(j, value);
+    }
+}
+
 /// Channels the input transform works on at once: one vector of them.
 const LANES: usize = 16;
 
@@ -294,7 +336,8 @@ fn transform_input<F: Minimal<M, R, A>, const M: usize, const R: usize, const A:
 }
 
 /// One image's output from `M`: each tile's MxM block `Aᵀ m A` plus the bias (and the ReLU),
-/// cropped to the output's size.
+/// cropped to the output's size, for the output channels of `b` (`m` and `y` start at the
+/// first of them).
 fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     g: &Geometry,
     m: &[f32],
@@ -363,6 +406,24 @@ mod avx512 {
         }
     }
 
+    /// [`super::transform_kernel`] of the first `count` kernels (a multiple of 16), 16 at a
+    /// time: `taps[(r, s), pair]`, row `i` of `U` stored at `u_row[j * pairs + pair]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_kernels<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+        i: usize,
+        taps: &[f32],
+        u_row: &mut [f32],
+        count: usize,
+    ) {
+        let pairs = taps.len() / (R * R);
+        assert!(count % 16 == 0 && count <= pairs && u_row.len() == A * pairs);
+        for first in (0..count).step_by(16) {
+            let g = |r: usize, s: usize| Vector(_mm512_loadu_ps(taps.as_ptr().add((r * R + s) * pairs + first)));
+            let store = |j: usize, value: Vector| _mm512_storeu_ps(u_row.as_mut_ptr().add(j * pairs + first), value.0);
+            super::transform_kernel::<Vector, F, M, R, A>(i, g, store);
+        }
+    }
+
     /// [`super::transform_patch`] of one patch of 16 channels: `d(r, s)` at `patch[(r * pw + s)
     /// * 16..]`, `V[ξ]` stored at `out[ξ * stride..]`.
     #[target_feature(enable = "avx512f")]
@@ -393,8 +454,8 @@ mod avx512 {
         let tiles_x = g.ow.div_ceil(M);
         let tiles = g.oh.div_ceil(M) * tiles_x;
         let plane = g.o * ld; // between the positions ξ in `m`
-        assert!(m.len() >= (A * A - 1) * plane + (g.o - 1) * ld + first + tiles);
-        assert!(y.len() == g.o * g.ohw() && b.len() == g.o);
+        assert!(m.len() >= (A * A - 1) * plane + (b.len() - 1) * ld + first + tiles);
+        assert!(y.len() == b.len() * g.ohw());
         // for each vector of tiles and output (r, s) of a tile: where it goes, and whether it is
         // inside the map (the last tiles' last rows and columns may not be)
         let places: Vec<[[(__m512i, __mmask16); M]; M]> = (0..tiles)
