@@ -416,7 +416,7 @@ mod avx512 {
         count: usize,
     ) {
         let pairs = taps.len() / (R * R);
-        assert!(count % 16 == 0 && count <= pairs && u_row.len() == A * pairs);
+        assert!(count.is_multiple_of(16) && count <= pairs && u_row.len() == A * pairs);
         for first in (0..count).step_by(16) {
             let g = |r: usize, s: usize| Vector(_mm512_loadu_ps(taps.as_ptr().add((r * R + s) * pairs + first)));
             let store = |j: usize, value: Vector| _mm512_storeu_ps(u_row.as_mut_ptr().add(j * pairs + first), value.0);
