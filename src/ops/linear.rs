@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::{incoming_grad, matmul, matmul_wt, relu_if, relu_in_place};
+use super::gemm::{incoming_grad, matmul, matmul_rows, matmul_wt, relu_if, relu_in_place};
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -123,7 +123,7 @@ impl candle_core::CustomOp2 for InputGrad {
         let dy = super::contiguous_f32("linear input grad", gs, gl)?;
         let w = super::contiguous_f32("linear input grad", ws, wl)?;
         let mut dx = vec![0f32; n * k];
-        matmul(n, k, o, &mut dx, false, (dy, o as isize, 1), (w, k as isize, 1), all_cores());
+        matmul_rows(n, k, o, dy, w, &mut dx);
         Ok((CpuStorage::F32(dx), Shape::from((n, k))))
     }
 }
