@@ -389,44 +389,51 @@ pub(crate) fn incoming_grad(dy: &Tensor, y: &Tensor, relu: bool) -> Result<Tenso
 
 #[cfg(test)]
 mod tests {
-    /// The broadcast form against a plain f64 sum, at sizes that leave every remainder (rows
-    /// past the register block and the task, columns past the 16 lanes and the column block,
-    /// k past the k block).
+    /// `len` values in [-0.5, 0.5) from a pattern (`step` and `modulus` make each operand's own).
+    fn pattern(len: usize, step: usize, modulus: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * step) % modulus) as f32 / modulus as f32 - 0.5).collect()
+    }
+
+    /// `got` within rounding of the f64 sum `want`.
+    fn assert_near(got: f32, want: f64, at: &str) {
+        let got = got as f64;
+        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{at}: {got} vs {want}");
+    }
+
+    /// The broadcast form against plain f64 sums, at sizes that leave every remainder (rows
+    /// past the register block, columns past the 16 lanes and the column block, k past the k
+    /// block).
     #[test]
     fn matmul_rows_matches_plain_sums() {
         for (m, n, k) in
             [(1, 5, 7), (32, 100, 130), (5, 97, 64), (70, 16, 33), (3, 200, 1), (4, 0, 3), (0, 4, 5), (2, 3, 0)]
         {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 31) as f32 / 31.0 - 0.5).collect();
+            let (a, b) = (pattern(m * k, 7919, 23), pattern(k * n, 104_729, 31));
             let mut c = vec![f32::NAN; m * n]; // every value must be written
             super::matmul_rows(m, n, k, &a, &b, &mut c);
             for i in 0..m {
                 for j in 0..n {
-                    let want: f64 = (0..k).map(|l| a[i * k + l] as f64 * b[l * n + j] as f64).sum();
-                    let got = c[i * n + j] as f64;
-                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{m}x{n}x{k} [{i}, {j}]: {got} vs {want}");
+                    let want = (0..k).map(|l| a[i * k + l] as f64 * b[l * n + j] as f64).sum();
+                    assert_near(c[i * n + j], want, &format!("{m}x{n}x{k} [{i}, {j}]"));
                 }
             }
         }
     }
 
-    /// The dot-form product against a plain f64 sum, at sizes that leave every remainder
+    /// The dot-form product against plain f64 sums, at sizes that leave every remainder
     /// (rows of w past the register block, images past it, k past the 16 lanes and the k block).
     #[test]
     fn matmul_wt_matches_plain_sums() {
         for (n, o, k) in
             [(1, 5, 7), (4, 37, 1030), (5, 9, 40), (7, 70, 2081), (16, 17, 1024), (3, 8, 16), (2, 3, 0), (0, 4, 5)]
         {
-            let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5).collect();
-            let w: Vec<f32> = (0..o * k).map(|i| ((i * 104_729) % 31) as f32 / 31.0 - 0.5).collect();
+            let (x, w) = (pattern(n * k, 7919, 23), pattern(o * k, 104_729, 31));
             let mut y = vec![1f32; n * o];
             super::matmul_wt(n, o, k, &x, &w, &mut y);
             for i in 0..n {
                 for r in 0..o {
-                    let want: f64 = 1.0 + (0..k).map(|j| x[i * k + j] as f64 * w[r * k + j] as f64).sum::<f64>();
-                    let got = y[i * o + r] as f64;
-                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{n}x{o}x{k} [{i}, {r}]: {got} vs {want}");
+                    let want = 1.0 + (0..k).map(|j| x[i * k + j] as f64 * w[r * k + j] as f64).sum::<f64>();
+                    assert_near(y[i * o + r], want, &format!("{n}x{o}x{k} [{i}, {r}]"));
                 }
             }
         }
