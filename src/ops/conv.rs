@@ -351,9 +351,8 @@ fn forward_channel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bo
             // a batch too small for the cores: each takes a share of the output channels, a GEMM
             // of its own (torchvision's conv3-5 at batch 1: 2.0 / 3.0 / 1.9 -> 1.5 / 2.1 / 1.5 ms
             // against one GEMM split by the `gemm` crate)
-            let channels = if spread { o.div_ceil(rayon::current_num_threads()) } else { o };
-            for_each_chunk(out, channels * ohw, spread, |part, out| {
-                let (w, b) = (&w[part * channels * ckk..], &b[part * channels..]);
+            for_each_plane_share(out, ohw, spread, |first, out| {
+                let (w, b) = (&w[first * ckk..], &b[first..]);
                 let rows = out.len() / ohw;
                 for (plane, &bias) in out.chunks_mut(ohw).zip(b) {
                     plane.fill(bias);
@@ -373,9 +372,7 @@ fn forward_channel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bo
 fn channels_first(product: &[f32], b: &[f32], relu: bool, y: &mut [f32], spread: bool) {
     let o = b.len();
     let ohw = y.len() / o;
-    let channels = if spread { o.div_ceil(rayon::current_num_threads()) } else { o };
-    for_each_chunk(y, channels * ohw, spread, |part, y| {
-        let first = part * channels;
+    for_each_plane_share(y, ohw, spread, |first, y| {
         transpose(ohw, y.len() / ohw, &product[first..], o, y, ohw);
         for (plane, &bias) in y.chunks_mut(ohw).zip(&b[first..]) {
             add_bias(plane, bias);
@@ -391,6 +388,14 @@ super::wide_fn! {
     fn add_bias(plane: &mut [f32], bias: f32) {
         plane.iter_mut().for_each(|v| *v += bias);
     }
+}
+
+/// `f(first, planes)` for the planes of `y` (`plane` values each, output channels) all at
+/// once, or a share of them for each core when `spread`; `first` is the share's first plane.
+fn for_each_plane_share(y: &mut [f32], plane: usize, spread: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let planes = y.len() / plane.max(1);
+    let share = if spread { planes.div_ceil(rayon::current_num_threads()) } else { planes }.max(1);
+    for_each_chunk(y, share * plane.max(1), spread, |part, planes| f(part * share, planes));
 }
 
 /// `f(i, chunk)` for each `len`-value chunk of `data` in turn, or spread over the cores when

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use gemm::Parallelism;
 
-use super::{for_each_chunk, images_per_gemm, with_scratch, Geometry};
+use super::{for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, with_scratch, Geometry};
 use crate::ops::gemm::matmul;
 use crate::ops::transpose::transpose;
 
@@ -96,6 +96,8 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
 /// of 16 images (the im2col path's grouping, 25 MB) 220 ms.
 const GROUP_BYTES: usize = 8 << 20;
 
+/// [`forward`] by the algorithm `F`, on groups of images whose `V` and `M` fit in
+/// [`GROUP_BYTES`], the groups spread over the cores.
 fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     g: &Geometry,
     x: &[f32],
@@ -110,10 +112,8 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     let group = images_per_gemm(g.n, tiles).min((GROUP_BYTES / per_image).max(1));
     // too few groups of images for the cores (small batches): each group's GEMMs (one per ξ)
     // and its output channels are spread over the cores instead
-    let threads = rayon::current_num_threads();
-    let spread = g.n.div_ceil(group) < threads;
+    let spread = !matches!(parallelism(g.n.div_ceil(group)), Parallelism::None);
     let (chw, ohw) = (c * g.h * g.w, g.ohw());
-    let channels = if spread { o.div_ceil(threads) } else { o }; // per output-transform task
     let mut y = vec![0f32; g.n * o * ohw];
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let ld = images.len() / chw * tiles; // the group's tiles side by side
@@ -130,8 +130,8 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
             });
             let m = &*m;
             for (i, y_image) in out.chunks_mut(o * ohw).enumerate() {
-                for_each_chunk(y_image, channels * ohw, spread, |part, y_part| {
-                    let (first, bias) = (part * channels, &b[part * channels..][..y_part.len() / ohw]);
+                for_each_plane_share(y_image, ohw, spread, |first, y_part| {
+                    let bias = &b[first..][..y_part.len() / ohw];
                     transform_output::<F, M, R, A>(g, &m[first * ld..], ld, i * tiles, bias, relu, y_part);
                 });
             }
