@@ -177,9 +177,11 @@ def ops_fixture():
         y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
         out[f"{name}/y"] = y.detach().contiguous()
         out[f"{name}/grad_x"] = xi.grad.contiguous()
-    # Convolution + bias (+ ReLU): the Winograd paths (3x3 and 5x5 stride 1; 64 images of the
-    # small maps, 8 of 27x27, so that they are taken on up to 16 and 8 cores; map sizes that
-    # leave partial tiles) and the direct path (conv1's 11x11 stride 4).
+    # Convolution + bias (+ ReLU): the Winograd paths (3x3 and 5x5 stride 1; map sizes that
+    # leave partial tiles; Winograd needs 196 tiles a core: 64 images of 7x7 and 6x5 maps give
+    # 1024 and 576, enough for 5 and 2 cores, one 27x27 map gives 196 whatever the cores) and
+    # the direct path (conv1's 11x11 stride 4). src/ops/conv.rs's unit tests hold every path to
+    # the others on any machine.
     for name, xs, ws, stride, pad, relu in [
         ("conv3x3_pad1", (64, 4, 7, 7), (5, 4, 3, 3), 1, 1, True),
         ("conv3x3_pad0", (64, 3, 6, 5), (4, 3, 3, 3), 1, 0, False),

@@ -57,8 +57,8 @@ fn max_pool_3_2_backward_sends_ties_where_pytorch_does() {
 }
 
 /// Convolution + bias (+ ReLU) forward and all three gradients: 3x3 stride 1 at 64 images and
-/// 5x5 at 8 images of 27x27 (the Winograd forwards, and input gradients) with partial tiles,
-/// and conv1's 11x11 stride 4 (the direct forward).
+/// 5x5 at 8 images of 27x27 (the Winograd forwards and input gradients, on CI's 2 cores; see
+/// scripts/make_fixtures.py) with partial tiles, and conv1's 11x11 stride 4 (the direct forward).
 #[test]
 fn conv_forward_and_gradients_match_pytorch() {
     let f = fixture("ops.safetensors");
