@@ -634,9 +634,28 @@ fn input_grad_winograd(g: &Geometry, t: &Geometry, dy: &[f32], w: &[f32]) -> Vec
 mod tests {
     use super::*;
 
+    /// The sizes of a convolution of `n` `c`x`h`x`w` images by `o` `k`x`k` filters.
+    #[allow(clippy::too_many_arguments)]
+    fn geometry(n: usize, c: usize, h: usize, w: usize, o: usize, k: usize, stride: usize, pad: usize) -> Geometry {
+        let op = Conv2d { stride, padding: pad, relu: false };
+        Geometry::new(&op, &Layout::contiguous((n, c, h, w)), &Layout::contiguous((o, c, k, k))).unwrap()
+    }
+
+    /// `len` values in [-1, 1] from a pattern (`seed` makes each operand's own).
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect()
+    }
+
+    /// The largest difference from `want`, relative to `want`'s largest value: sums of up to
+    /// 363 products in different orders differ by rounding, relative to their sizes.
+    fn relative_difference(got: &[f32], want: &[f32]) -> f32 {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+    }
+
     /// Every forward path (pixel-major at every grouping, spread over the cores or not;
-    /// channel-major; Winograd) gives the same numbers; the PyTorch fixtures pin one of them
-    /// per shape (tests/ops.rs, tests/parity.rs).
+    /// channel-major; Winograd; direct) gives the same numbers; the PyTorch fixtures pin one of
+    /// them per shape (tests/ops.rs, tests/model.rs).
     #[test]
     fn forward_paths_agree() {
         for (n, c, h, w, o, k, stride, pad) in [
@@ -650,12 +669,7 @@ mod tests {
             (2, 48, 14, 13, 24, 5, 1, 2),
             (3, 17, 8, 10, 5, 5, 1, 0),
         ] {
-            let op = Conv2d { stride, padding: pad, relu: false };
-            let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
-            let g = Geometry::new(&op, &xl, &wl).unwrap();
-            let values = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect()
-            };
+            let g = geometry(n, c, h, w, o, k, stride, pad);
             let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
             for relu in [false, true] {
                 let want = forward_channel_major(&g, &x, &wt, &b, relu);
@@ -671,10 +685,8 @@ mod tests {
                 if direct::applies(&g) {
                     got.push(("direct".into(), direct::forward(&g, &x, &wt, &b, relu)));
                 }
-                // sums of up to 363 products in different orders: rounding, relative to the sizes
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (path, y) in got {
-                    let worst = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+                    let worst = relative_difference(&y, &want);
                     assert!(worst < 4e-6, "{path}, {n}x{c}x{h}x{w} * {o}x{k}x{k}, relu {relu}: differs by {worst:e}");
                 }
             }
@@ -692,17 +704,11 @@ mod tests {
             (2, 24, 14, 13, 48, 5, 2),
             (1, 6, 9, 8, 5, 5, 0),
         ] {
-            let op = Conv2d { stride: 1, padding: pad, relu: false };
-            let (xl, wl) = (Layout::contiguous((n, c, h, w)), Layout::contiguous((o, c, k, k)));
-            let g = Geometry::new(&op, &xl, &wl).unwrap();
-            let values = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect()
-            };
+            let g = geometry(n, c, h, w, o, k, 1, pad);
             let (dy, wt) = (values(n * o * g.ohw(), 4), values(o * c * k * k, 5));
             let want = input_grad_col2im(&g, &dy, &wt);
             let got = input_grad_winograd(&g, &g.transposed().unwrap(), &dy, &wt);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            let worst = relative_difference(&got, &want);
             assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
         }
     }
