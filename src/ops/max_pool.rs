@@ -58,6 +58,44 @@ impl MaxPool2d {
         ((h - self.kernel) / self.stride + 1, (w - self.kernel) / self.stride + 1)
     }
 
+    /// Scratch for [`MaxPool2d::pool_plane`] on rows of `w` values (with room past the row for
+    /// the window kernel's whole-vector loads).
+    pub(super) fn columns(&self, w: usize) -> Vec<f32> {
+        vec![0f32; w + 32]
+    }
+
+    /// One plane (rows of `w` values) pooled into `out`. The window's maximum as a maximum of
+    /// column maxima: the rows combine elementwise (vectorised), then each output takes
+    /// `kernel` neighbours of that row.
+    pub(super) fn pool_plane(&self, plane: &[f32], w: usize, columns: &mut [f32], out: &mut [f32]) {
+        let ow = self.out_size(plane.len() / w, w).1;
+        for (oy, out_row) in out.chunks_mut(ow).enumerate() {
+            column_maxima(&plane[oy * self.stride * w..][..self.kernel * w], &mut columns[..w]);
+            self.window_maxima(columns, out_row);
+        }
+    }
+
+    /// The input gradient given the input `x` and the output gradient.
+    pub(super) fn backward(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+        x.apply_op2_no_bwd(&grad_y.contiguous()?, &MaxPool2dBackward(*self))
+    }
+
+    /// `out[ox]`: the maximum of `columns[ox * stride..][..kernel]`, folded left to right.
+    /// `columns` holds at least 32 values past the last window (AlexNet's 3/2 kernel loads
+    /// whole vectors).
+    fn window_maxima(&self, columns: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if (self.kernel, self.stride) == (3, 2) && std::arch::is_x86_feature_detected!("avx512f") {
+            assert!(columns.len() >= 2 * out.len() + 32);
+            // SAFETY: AVX-512F is present; the loads stay inside `columns` (asserted).
+            return unsafe { avx512::windows_3_2(columns, out) };
+        }
+        for (ox, o) in out.iter_mut().enumerate() {
+            let window = &columns[ox * self.stride..ox * self.stride + self.kernel];
+            *o = window[1..].iter().fold(window[0], |m, &v| nan_max(m, v));
+        }
+    }
+
     /// Index within the plane of the first maximal element of the window at (oy, ox).
     #[inline]
     fn argmax(&self, plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
@@ -82,9 +120,7 @@ impl MaxPool2d {
         }
         best
     }
-}
 
-impl MaxPool2d {
     /// [`MaxPool2d::argmax`] for every window of output row `oy` into `at`.
     fn row_argmax(&self, plane: &[f32], w: usize, oy: usize, at: &mut [u32]) {
         #[cfg(target_arch = "x86_64")]
@@ -124,24 +160,6 @@ fn column_maxima(rows: &[f32], columns: &mut [f32]) {
     columns.copy_from_slice(&rows[..w]);
     for row in rows[w..].chunks(w) {
         columns.iter_mut().zip(row).for_each(|(m, &v)| *m = nan_max(*m, v));
-    }
-}
-
-impl MaxPool2d {
-    /// `out[ox]`: the maximum of `columns[ox * stride..][..kernel]`, folded left to right.
-    /// `columns` holds at least 32 values past the last window (AlexNet's 3/2 kernel loads
-    /// whole vectors).
-    fn window_maxima(&self, columns: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if (self.kernel, self.stride) == (3, 2) && std::arch::is_x86_feature_detected!("avx512f") {
-            assert!(columns.len() >= 2 * out.len() + 32);
-            // SAFETY: AVX-512F is present; the loads stay inside `columns` (asserted).
-            return unsafe { avx512::windows_3_2(columns, out) };
-        }
-        for (ox, o) in out.iter_mut().enumerate() {
-            let window = &columns[ox * self.stride..ox * self.stride + self.kernel];
-            *o = window[1..].iter().fold(window[0], |m, &v| nan_max(m, v));
-        }
     }
 }
 
@@ -256,30 +274,6 @@ impl CustomOp1 for MaxPool2d {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.backward(x, grad_y)?))
-    }
-}
-
-impl MaxPool2d {
-    /// Scratch for [`MaxPool2d::pool_plane`] on rows of `w` values (with room past the row for
-    /// the window kernel's whole-vector loads).
-    pub(super) fn columns(&self, w: usize) -> Vec<f32> {
-        vec![0f32; w + 32]
-    }
-
-    /// One plane (rows of `w` values) pooled into `out`. The window's maximum as a maximum of
-    /// column maxima: the rows combine elementwise (vectorised), then each output takes
-    /// `kernel` neighbours of that row.
-    pub(super) fn pool_plane(&self, plane: &[f32], w: usize, columns: &mut [f32], out: &mut [f32]) {
-        let ow = self.out_size(plane.len() / w, w).1;
-        for (oy, out_row) in out.chunks_mut(ow).enumerate() {
-            column_maxima(&plane[oy * self.stride * w..][..self.kernel * w], &mut columns[..w]);
-            self.window_maxima(columns, out_row);
-        }
-    }
-
-    /// The input gradient given the input `x` and the output gradient.
-    pub(super) fn backward(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
-        x.apply_op2_no_bwd(&grad_y.contiguous()?, &MaxPool2dBackward(*self))
     }
 }
 
