@@ -179,7 +179,8 @@ def ops_fixture():
         out[f"{name}/grad_x"] = xi.grad.contiguous()
     # Convolution + bias (+ ReLU): the Winograd paths (3x3 and 5x5 stride 1; map sizes that
     # leave partial tiles; Winograd needs 196 tiles a core: 64 images of 7x7 and 6x5 maps give
-    # 1024 and 576, enough for 5 and 2 cores, one 27x27 map gives 196 whatever the cores) and
+    # 1024 and 576, enough for 5 and 2 cores, one 27x27 map gives 196 whatever the cores; the
+    # weight gradient takes Winograd where the forward does) and
     # the direct path (conv1's 11x11 stride 4). src/ops/conv.rs's unit tests hold every path to
     # the others on any machine.
     for name, xs, ws, stride, pad, relu in [

@@ -9,9 +9,10 @@
 //!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 and 5x5
 //!   stride-1 layers (conv2-5) by Winograd's F(2x2, 3x3) and F(2x2, 5x5) once the batch gives
 //!   every core enough tiles ([`winograd`]);
-//! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches, summed over fixed
-//!   chunks of the batch in a fixed order, so the result does not depend on how many threads
-//!   ran it;
+//! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches, or for the 3x3
+//!   and 5x5 stride-1 layers, where the forward takes Winograd, by Winograd's algorithm read
+//!   the other way round ([`winograd::weight_grad`]); either way summed over fixed chunks of the
+//!   batch in a fixed order, so the result does not depend on how many threads ran it;
 //! * input gradient: `dX = col2im(Wᵀ · dY)`, or for the 3x3 and 5x5 stride-1 layers, where the
 //!   batch allows, Winograd's forward of `dY` with the filters turned half a turn; skipped entirely
 //!   when the input needs no gradient (the image), which Candle's own conv backward always
@@ -523,7 +524,7 @@ fn lane_sum(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `dW = Σ_n dY[n] · P(X[n])`, args (x, dy); carries (op, O, k).
+/// `dW = Σ_n dY[n] ⋆ X[n]`, args (x, dy); carries (op, O, k).
 struct WeightGrad(Conv2d, usize, usize);
 
 impl candle_core::CustomOp2 for WeightGrad {
@@ -532,49 +533,55 @@ impl candle_core::CustomOp2 for WeightGrad {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, _, _) = super::nchw("conv2d weight grad", xl)?;
+        let (_, c, _, _) = super::nchw("conv2d weight grad", xl)?;
         let (o, k) = (self.1, self.2);
         let wl = Layout::contiguous((o, c, k, k));
         let g = Geometry::new(&self.0, xl, &wl)?;
         let x = super::contiguous_f32("conv2d weight grad", xs, xl)?;
         let dy = super::contiguous_f32("conv2d weight grad", gs, gl)?;
-        let (ckk, ohw) = (g.ckk(), g.ohw());
-        let chunks: Vec<usize> = (0..n.div_ceil(CHUNK)).collect();
-        let partials: Vec<Vec<f32>> = chunks
-            .par_iter()
-            .map(|&chunk| {
-                let mut acc = vec![0f32; o * ckk];
-                with_scratch(g.padded_len() + ohw * ckk, |scratch| {
-                    let (padded, patches) = scratch.split_at_mut(g.padded_len());
-                    let spread = chunks.len() < rayon::current_num_threads();
-                    for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                        g.pad_channels_last(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], padded, spread);
-                        g.patches(padded, patches, spread);
-                        let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
-                        // acc[o, ckk] += dY[o, ohw] · P[ohw, ckk], both row-major (conv1's
-                        // shapes: 127 against 106 GFLOP/s a core with the channel-major columns)
-                        matmul(
-                            o,
-                            ckk,
-                            ohw,
-                            &mut acc,
-                            true,
-                            (dyi, ohw as isize, 1),
-                            (patches, ckk as isize, 1),
-                            parallelism(chunks.len()),
-                        );
-                    }
-                });
-                acc
-            })
-            .collect();
-        let mut dw = vec![0f32; o * ckk];
-        for p in partials {
-            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
-        let dw = g.channels_first_weights(&dw);
+        let dw = if winograd::applies(&g) { winograd::weight_grad(&g, x, dy) } else { weight_grad_gemm(&g, x, dy) };
         Ok((CpuStorage::F32(dw), Shape::from((o, c, k, k))))
     }
+}
+
+/// `dW = Σ_n dY[n] · P(X[n])`, in fixed chunks of [`CHUNK`] images summed in order.
+fn weight_grad_gemm(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (n, c, o) = (g.n, g.c, g.o);
+    let (ckk, ohw) = (g.ckk(), g.ohw());
+    let chunks: Vec<usize> = (0..n.div_ceil(CHUNK)).collect();
+    let partials: Vec<Vec<f32>> = chunks
+        .par_iter()
+        .map(|&chunk| {
+            let mut acc = vec![0f32; o * ckk];
+            with_scratch(g.padded_len() + ohw * ckk, |scratch| {
+                let (padded, patches) = scratch.split_at_mut(g.padded_len());
+                let spread = chunks.len() < rayon::current_num_threads();
+                for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
+                    g.pad_channels_last(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], padded, spread);
+                    g.patches(padded, patches, spread);
+                    let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
+                    // acc[o, ckk] += dY[o, ohw] · P[ohw, ckk], both row-major (conv1's
+                    // shapes: 127 against 106 GFLOP/s a core with the channel-major columns)
+                    matmul(
+                        o,
+                        ckk,
+                        ohw,
+                        &mut acc,
+                        true,
+                        (dyi, ohw as isize, 1),
+                        (patches, ckk as isize, 1),
+                        parallelism(chunks.len()),
+                    );
+                }
+            });
+            acc
+        })
+        .collect();
+    let mut dw = vec![0f32; o * ckk];
+    for p in partials {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    g.channels_first_weights(&dw)
 }
 
 /// `dX[n] = col2im(Wᵀ · dY[n])`, args (dy, w); carries (op, input dims).
@@ -690,6 +697,27 @@ mod tests {
                     assert!(worst < 4e-6, "{path}, {n}x{c}x{h}x{w} * {o}x{k}x{k}, relu {relu}: differs by {worst:e}");
                 }
             }
+        }
+    }
+
+    /// The weight gradient by Winograd against `Σ dY · P(X)`, with padding 1, 0 and 2, partial
+    /// tiles, channel counts off the 16 lanes, one chunk of images spread over the cores and
+    /// several chunks.
+    #[test]
+    fn weight_gradient_paths_agree() {
+        for (n, c, h, w, o, k, pad) in [
+            (3, 20, 9, 11, 8, 3, 1),
+            (2, 5, 10, 9, 17, 3, 0),
+            (11, 16, 13, 13, 16, 3, 1),
+            (2, 24, 14, 13, 48, 5, 2),
+            (9, 6, 9, 8, 5, 5, 0),
+        ] {
+            let g = geometry(n, c, h, w, o, k, 1, pad);
+            let (x, dy) = (values(n * c * h * w, 6), values(n * o * g.ohw(), 7));
+            let want = weight_grad_gemm(&g, &x, &dy);
+            let got = winograd::weight_grad(&g, &x, &dy);
+            let worst = relative_difference(&got, &want);
+            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
         }
     }
 

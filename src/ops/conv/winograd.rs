@@ -13,13 +13,15 @@
 //! small point sets, the one with the smallest rounding error in float32 (1.4e-6 of the
 //! largest output for a conv2-like layer, against 3.6e-6 for the usual 0, ±1, ±2, and 2e-7 for
 //! a direct sum: `scripts/winograd_matrices.py`). The backward pass reuses the forward for the
-//! input gradient (conv.rs).
+//! input gradient (conv.rs), and [`weight_grad`] runs the same algorithm the other way round.
+
+use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
 use gemm::Parallelism;
 
-use super::{for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, with_scratch, Geometry};
+use super::{for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, with_scratch, Geometry, CHUNK};
 use crate::ops::gemm::matmul;
 use crate::ops::transpose::transpose;
 
@@ -29,6 +31,49 @@ trait Minimal<const M: usize, const R: usize, const A: usize> {
     const BT: [[f32; A]; A];
     const G: [[f32; R]; A];
     const AT: [[f32; A]; M];
+}
+
+/// A constant matrix as a type, so that a transform by it is compiled for its entries (zeros
+/// skipped, ±1 as additions and subtractions) even inside the AVX-512 functions, which take no
+/// constants from their callers.
+trait Matrix<const ROWS: usize, const COLS: usize> {
+    const K: [[f32; COLS]; ROWS];
+}
+
+/// `Bᵀ` of `F`: the input's patches.
+struct InputT<F, const M: usize, const R: usize, const A: usize>(PhantomData<F>);
+/// `Aᵀ` of `F`: a tile's outputs.
+struct OutputT<F, const M: usize, const R: usize, const A: usize>(PhantomData<F>);
+/// `A` (`Aᵀ` transposed): the output gradient's blocks, for the weight gradient.
+struct OutputGrad<F, const M: usize, const R: usize, const A: usize>(PhantomData<F>);
+/// `Gᵀ`: the weight gradient of a kernel from its `A²` sums.
+struct KernelGrad<F, const M: usize, const R: usize, const A: usize>(PhantomData<F>);
+
+impl<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize> Matrix<A, A> for InputT<F, M, R, A> {
+    const K: [[f32; A]; A] = F::BT;
+}
+impl<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize> Matrix<M, A> for OutputT<F, M, R, A> {
+    const K: [[f32; A]; M] = F::AT;
+}
+impl<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize> Matrix<A, M> for OutputGrad<F, M, R, A> {
+    const K: [[f32; M]; A] = transposed(F::AT);
+}
+impl<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize> Matrix<R, A> for KernelGrad<F, M, R, A> {
+    const K: [[f32; A]; R] = transposed(F::G);
+}
+
+const fn transposed<const ROWS: usize, const COLS: usize>(m: [[f32; COLS]; ROWS]) -> [[f32; ROWS]; COLS] {
+    let mut t = [[0.0; ROWS]; COLS];
+    let mut i = 0;
+    while i < ROWS {
+        let mut j = 0;
+        while j < COLS {
+            t[j][i] = m[i][j];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
 }
 
 /// F(2x2, 3x3) at 0, 1, -1: Lavin & Gray's matrices (the script's, up to the signs of two
@@ -117,11 +162,12 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     let mut y = vec![0f32; g.n * o * ohw];
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let ld = images.len() / chw * tiles; // the group's tiles side by side
-        with_scratch(A * A * (c + o) * ld + input_work::<M, R>(g), |scratch| {
+        let tiling = Tiling::input::<M, A>(g);
+        with_scratch(A * A * (c + o) * ld + tiling.work(), |scratch| {
             let (v, rest) = scratch.split_at_mut(A * A * c * ld);
             let (m, work) = rest.split_at_mut(A * A * o * ld);
             for (i, image) in images.chunks(chw).enumerate() {
-                transform_input::<F, M, R, A>(g, image, v, ld, i * tiles, work);
+                tiling.transform::<InputT<F, M, R, A>, A, A>(image, v, ld, i * tiles, work);
             }
             let v = &*v;
             for_each_chunk(m, o * ld, spread, |xi, m_xi| {
@@ -138,6 +184,103 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
         })
     });
     y
+}
+
+/// `dW = Σ_n dY[n] ⋆ X[n]` (`[O, C, R, R]`) for a `g` that [`applies`], by the same algorithm
+/// read the other way round. Over one MxM block of outputs, `dW[k] = Σ_i dY[i] d[i + k]` is
+/// a correlation of the input patch `d` with the block `dY` as the filter, R outputs: the
+/// bilinear form behind F(M, R) is symmetric in the output and the filter, so F(R, M) is F(M, R)
+/// with `Aᵀ` and `G` swapping roles, `dW = Gᵀ [(A dY Aᵀ) ⊙ (Bᵀ d B)] G`. The sums over
+/// the blocks and images go inside the brackets: one GEMM per position ξ,
+/// `S[ξ] = Σ_blocks (A dY Aᵀ)[ξ] · V[ξ]`, `[O, blocks] · [blocks, C]`, with `V` the forward's
+/// own input transform, then one output transform per kernel. Multiply-adds: 2.25 (3x3) and
+/// 2.6 (5x5) times fewer than `dY · P(X)`.
+pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    match g.k {
+        3 => weight_grad_by::<F2x3, 2, 3, 4>(g, x, dy),
+        5 => weight_grad_by::<F2x5, 2, 5, 6>(g, x, dy),
+        k => unreachable!("no Winograd algorithm for {k}x{k} kernels: `applies` rules them out"),
+    }
+}
+
+/// [`weight_grad`] by the algorithm `F`: fixed chunks of [`CHUNK`] images, each summed into
+/// its own `S` in groups whose transforms fit [`GROUP_BYTES`], the chunks spread over the cores
+/// and their sums added in order, so the result does not depend on the number of threads.
+fn weight_grad_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+    g: &Geometry,
+    x: &[f32],
+    dy: &[f32],
+) -> Vec<f32> {
+    let (c, o) = (g.c, g.o);
+    let tiles = g.oh.div_ceil(M) * g.ow.div_ceil(M);
+    let (chw, ohw) = (c * g.h * g.w, g.ohw());
+    let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and dY's transform
+    let group = (GROUP_BYTES / per_image).clamp(1, CHUNK);
+    let (input, output_grad) = (Tiling::input::<M, A>(g), Tiling::output_grad::<M>(g));
+    let chunks: Vec<usize> = (0..g.n.div_ceil(CHUNK)).collect();
+    // fewer chunks than cores (small batches): each chunk's GEMMs are spread over the cores
+    let spread = !matches!(parallelism(chunks.len()), Parallelism::None);
+    let partials: Vec<Vec<f32>> = chunks
+        .par_iter()
+        .map(|&chunk| {
+            let mut sums = vec![0f32; A * A * o * c]; // S[ξ, o, c]
+            let images = chunk * CHUNK..((chunk + 1) * CHUNK).min(g.n);
+            for first in images.clone().step_by(group) {
+                let count = group.min(images.end - first);
+                let ld = count * tiles;
+                with_scratch(A * A * (c + o) * ld + input.work().max(output_grad.work()), |scratch| {
+                    let (v, rest) = scratch.split_at_mut(A * A * c * ld);
+                    let (dy_t, work) = rest.split_at_mut(A * A * o * ld);
+                    for i in 0..count {
+                        let image = first + i;
+                        input.transform::<InputT<F, M, R, A>, A, A>(&x[image * chw..][..chw], v, ld, i * tiles, work);
+                        let dy_image = &dy[image * o * ohw..][..o * ohw];
+                        output_grad.transform::<OutputGrad<F, M, R, A>, A, M>(dy_image, dy_t, ld, i * tiles, work);
+                    }
+                    let (v, dy_t) = (&*v, &*dy_t);
+                    for_each_chunk(&mut sums, o * c, spread, |xi, s_xi| {
+                        let (dy_xi, v_xi) = (&dy_t[xi * o * ld..][..o * ld], &v[xi * c * ld..][..c * ld]);
+                        // S[ξ][o, c] += (A dY Aᵀ)[ξ][o, blocks] · V[ξ][blocks, c]; both are stored
+                        // block-major, channels last
+                        matmul(o, c, ld, s_xi, true, (dy_xi, 1, o as isize), (v_xi, c as isize, 1), Parallelism::None);
+                    });
+                })
+            }
+            sums
+        })
+        .collect();
+    let mut sums = vec![0f32; A * A * o * c];
+    for partial in partials {
+        sums.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+    }
+    kernel_grads::<F, M, R, A>(&sums, o * c)
+}
+
+/// `dW[pair] = Gᵀ S[·, pair] G` for each of the `pairs` kernels (`S[ξ, pair]`), `[pair, r, s]`:
+/// 16 kernels at a time with AVX-512, tap-major, then turned kernel-major.
+fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+    sums: &[f32],
+    pairs: usize,
+) -> Vec<f32> {
+    let mut taps = vec![0f32; R * R * pairs]; // taps[(r, s), pair]
+    let mut first = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        first = pairs / LANES * LANES;
+        // SAFETY: AVX-512F is present.
+        unsafe { avx512::kernel_grads::<F, M, R, A>(sums, &mut taps, first) };
+    }
+    for pair in first..pairs {
+        let block = transform_tile::<f32, KernelGrad<F, M, R, A>, R, A>(|xi| sums[xi * pairs + pair]);
+        for (r, row) in block.iter().enumerate() {
+            for (s, &value) in row.iter().enumerate() {
+                taps[(r * R + s) * pairs + pair] = value;
+            }
+        }
+    }
+    let mut dw = vec![0f32; pairs * R * R];
+    transpose(R * R, pairs, &taps, pairs, &mut dw, R * R);
+    dw
 }
 
 /// `U[ξ, o, c] = (G g Gᵀ)[ξ]` for each kernel `g`, from the weights turned tap-major so that
@@ -225,42 +368,45 @@ fn times<T: Lanes, const ROWS: usize, const COLS: usize>(matrix: &[[f32; COLS]; 
     out
 }
 
-/// `(Bᵀ d B)[ξ]` of one patch `d`, loaded as `d(r, s)`, each of the `A²` values handed to
-/// `store(ξ, value)`: a row of `Bᵀ d` at a time, so that only `2A` values are live.
+/// `(K d Kᵀ)[ξ]` of one patch `d` (`COLS`x`COLS`, loaded as `d(r, s)`) for a constant `K`
+/// (`Bᵀ` for the input's patches, `A` for the output gradient's blocks), each of the `ROWS²`
+/// values handed to `store(ξ, value)`: a row of `K d` at a time, so that only `ROWS + COLS`
+/// values are live.
 #[inline(always)]
-fn transform_patch<T: Lanes, F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+fn transform_patch<T: Lanes, K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
     d: impl Fn(usize, usize) -> T,
     mut store: impl FnMut(usize, T),
 ) {
-    for r in 0..A {
-        let mut bt_d = [T::default(); A];
-        for (s, value) in bt_d.iter_mut().enumerate() {
-            *value = combine(&F::BT[r], |i| d(i, s));
+    for (r, k_row) in K::K.iter().enumerate() {
+        let mut k_d = [T::default(); COLS];
+        for (s, value) in k_d.iter_mut().enumerate() {
+            *value = combine(k_row, |i| d(i, s));
         }
-        for (t, value) in times(&F::BT, &bt_d).into_iter().enumerate() {
-            store(r * A + t, value);
+        for (t, value) in times(&K::K, &k_d).into_iter().enumerate() {
+            store(r * ROWS + t, value);
         }
     }
 }
 
-/// `(Aᵀ m A)`, the MxM outputs of one tile, `m[ξ]` loaded as `m(ξ)`: a column of `m` at a time.
+/// `K m Kᵀ` for a constant `K` (`Aᵀ`: a tile's MxM outputs; `Gᵀ`: a kernel's RxR weight
+/// gradient), `m[ξ]` (`COLS`x`COLS`) loaded as `m(ξ)`: a column of `m` at a time.
 #[inline(always)]
-fn transform_tile<T: Lanes, F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+fn transform_tile<T: Lanes, K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
     m: impl Fn(usize) -> T,
-) -> [[T; M]; M] {
-    let mut at_m = [[T::default(); A]; M]; // Aᵀ m
-    for s in 0..A {
-        let mut column = [T::default(); A];
+) -> [[T; ROWS]; ROWS] {
+    let mut k_m = [[T::default(); COLS]; ROWS]; // K m
+    for s in 0..COLS {
+        let mut column = [T::default(); COLS];
         for (i, value) in column.iter_mut().enumerate() {
-            *value = m(i * A + s);
+            *value = m(i * COLS + s);
         }
-        for (row, value) in at_m.iter_mut().zip(times(&F::AT, &column)) {
+        for (row, value) in k_m.iter_mut().zip(times(&K::K, &column)) {
             row[s] = value;
         }
     }
-    let mut block = [[T::default(); M]; M];
-    for (out, at_m_row) in block.iter_mut().zip(&at_m) {
-        *out = times(&F::AT, at_m_row);
+    let mut block = [[T::default(); ROWS]; ROWS];
+    for (out, k_m_row) in block.iter_mut().zip(&k_m) {
+        *out = times(&K::K, k_m_row);
     }
     block
 }
@@ -285,50 +431,85 @@ fn transform_kernel<T: Lanes, F: Minimal<M, R, A>, const M: usize, const R: usiz
 /// Channels the input transform works on at once: one vector of them.
 const LANES: usize = 16;
 
-/// Scratch values [`transform_input`] needs: a block of channels' padded planes, every patch
-/// of every tile inside.
-fn input_work<const M: usize, const R: usize>(g: &Geometry) -> usize {
-    (M * g.oh.div_ceil(M) + R - 1) * (M * g.ow.div_ceil(M) + R - 1) * LANES
+/// Where the patches of a transform lie: `channels` planes of `h`x`w`, zero-padded by `pad`,
+/// a `size`x`size` patch every `step` pixels, `tiles_y` by `tiles_x` of them.
+struct Tiling {
+    channels: usize,
+    h: usize,
+    w: usize,
+    pad: usize,
+    step: usize,
+    size: usize,
+    tiles_y: usize,
+    tiles_x: usize,
 }
 
-/// `V[ξ, first + tile, c] = (Bᵀ d B)[ξ]` for every patch `d` of one image (patch `(ty, tx)`
-/// starting at input pixel `(M ty - p, M tx - p)`, zero outside). `LANES` channels at a time,
-/// interleaved in `work` (zero-padded), so that with AVX-512 every operation works on a vector
-/// of channels and every store of `V` is contiguous.
-fn transform_input<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
-    g: &Geometry,
-    image: &[f32],
-    v: &mut [f32],
-    ld: usize,
-    first: usize,
-    work: &mut [f32],
-) {
-    let (tiles_y, tiles_x) = (g.oh.div_ceil(M), g.ow.div_ceil(M));
-    let pw = M * tiles_x + R - 1; // padded width
-    let plane = g.h * g.w;
-    let stride = ld * g.c; // between the positions ξ in `v`
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-    for c0 in (0..g.c).step_by(LANES) {
-        let lanes = LANES.min(g.c - c0);
-        work.fill(0.0);
-        for y in 0..g.h {
-            let row = &image[c0 * plane + y * g.w..];
-            transpose(lanes, g.w, row, plane, &mut work[((y + g.pad) * pw + g.pad) * LANES..], LANES);
-        }
-        for ty in 0..tiles_y {
-            for tx in 0..tiles_x {
-                let patch = &work[(M * ty * pw + M * tx) * LANES..][..((A - 1) * pw + A) * LANES];
-                let out = &mut v[(first + ty * tiles_x + tx) * g.c + c0..][..(A * A - 1) * stride + lanes];
-                #[cfg(target_arch = "x86_64")]
-                if avx512 && lanes == LANES {
-                    // SAFETY: AVX-512F is present.
-                    unsafe { avx512::transform_patch::<F, M, R, A>(patch, pw, out, stride) };
-                    continue;
-                }
-                for l in 0..lanes {
-                    let d = |r: usize, s: usize| patch[(r * pw + s) * LANES + l];
-                    transform_patch::<f32, F, M, R, A>(d, |xi, value| out[xi * stride + l] = value);
+impl Tiling {
+    /// The input's AxA patches, one for each MxM block of outputs.
+    fn input<const M: usize, const A: usize>(g: &Geometry) -> Tiling {
+        let (tiles_y, tiles_x) = (g.oh.div_ceil(M), g.ow.div_ceil(M));
+        Tiling { channels: g.c, h: g.h, w: g.w, pad: g.pad, step: M, size: A, tiles_y, tiles_x }
+    }
+
+    /// The output gradient's MxM blocks (zero past the map's edge).
+    fn output_grad<const M: usize>(g: &Geometry) -> Tiling {
+        let (tiles_y, tiles_x) = (g.oh.div_ceil(M), g.ow.div_ceil(M));
+        Tiling { channels: g.o, h: g.oh, w: g.ow, pad: 0, step: M, size: M, tiles_y, tiles_x }
+    }
+
+    /// Width of a padded plane, every patch inside.
+    fn padded_width(&self) -> usize {
+        self.step * self.tiles_x + self.size - self.step
+    }
+
+    /// Scratch values [`Tiling::transform`] needs: a block of channels' padded planes.
+    fn work(&self) -> usize {
+        (self.step * self.tiles_y + self.size - self.step) * self.padded_width() * LANES
+    }
+
+    /// `out[ξ, first + tile, c] = (K d Kᵀ)[ξ]` for every patch `d` of one image's planes
+    /// (patch `(ty, tx)` starting at pixel `(step ty - pad, step tx - pad)`, zero outside),
+    /// positions ξ `ld * channels` apart. `LANES` channels at a time, interleaved in `work`
+    /// (zero-padded), so that with AVX-512 every operation works on a vector of channels and
+    /// every store is contiguous.
+    #[allow(clippy::too_many_arguments)]
+    fn transform<K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
+        &self,
+        planes: &[f32],
+        out: &mut [f32],
+        ld: usize,
+        first: usize,
+        work: &mut [f32],
+    ) {
+        assert_eq!(self.size, COLS);
+        let pw = self.padded_width();
+        let plane = self.h * self.w;
+        let stride = ld * self.channels; // between the positions ξ in `out`
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        for c0 in (0..self.channels).step_by(LANES) {
+            let lanes = LANES.min(self.channels - c0);
+            work.fill(0.0);
+            for y in 0..self.h {
+                let row = &planes[c0 * plane + y * self.w..];
+                transpose(lanes, self.w, row, plane, &mut work[((y + self.pad) * pw + self.pad) * LANES..], LANES);
+            }
+            for ty in 0..self.tiles_y {
+                for tx in 0..self.tiles_x {
+                    let at = self.step * (ty * pw + tx);
+                    let patch = &work[at * LANES..][..((COLS - 1) * pw + COLS) * LANES];
+                    let tile = first + ty * self.tiles_x + tx;
+                    let out = &mut out[tile * self.channels + c0..][..(ROWS * ROWS - 1) * stride + lanes];
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512 && lanes == LANES {
+                        // SAFETY: AVX-512F is present.
+                        unsafe { avx512::transform_patch::<K, ROWS, COLS>(patch, pw, out, stride) };
+                        continue;
+                    }
+                    for l in 0..lanes {
+                        let d = |r: usize, s: usize| patch[(r * pw + s) * LANES + l];
+                        transform_patch::<f32, K, ROWS, COLS>(d, |xi, value| out[xi * stride + l] = value);
+                    }
                 }
             }
         }
@@ -357,7 +538,7 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
     for (oc, (y_plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
         for tile in 0..g.oh.div_ceil(M) * tiles_x {
             let at = oc * ld + first + tile;
-            let block = transform_tile::<f32, F, M, R, A>(|xi| m[xi * plane + at]);
+            let block = transform_tile::<f32, OutputT<F, M, R, A>, M, A>(|xi| m[xi * plane + at]);
             let (oy, ox) = (M * (tile / tiles_x), M * (tile % tiles_x));
             for (r, row) in block.iter().enumerate().take(g.oh - oy) {
                 for (s, &value) in row.iter().enumerate().take(g.ow - ox) {
@@ -371,7 +552,7 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{transform_tile, Geometry, Lanes, Minimal};
+    use super::{transform_tile, Geometry, KernelGrad, Lanes, Matrix, Minimal, OutputT};
     use crate::ops::{first_lanes, relu_lanes};
     use std::arch::x86_64::*;
 
@@ -424,19 +605,39 @@ mod avx512 {
         }
     }
 
-    /// [`super::transform_patch`] of one patch of 16 channels: `d(r, s)` at `patch[(r * pw + s)
-    /// * 16..]`, `V[ξ]` stored at `out[ξ * stride..]`.
+    /// [`super::kernel_grads`] of the first `count` kernels (a multiple of 16), 16 at a time.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transform_patch<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+    pub(super) unsafe fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+        sums: &[f32],
+        taps: &mut [f32],
+        count: usize,
+    ) {
+        let pairs = taps.len() / (R * R);
+        assert!(count.is_multiple_of(16) && count <= pairs && sums.len() == A * A * pairs);
+        for first in (0..count).step_by(16) {
+            let s = |xi: usize| Vector(_mm512_loadu_ps(sums.as_ptr().add(xi * pairs + first)));
+            let block = transform_tile::<Vector, KernelGrad<F, M, R, A>, R, A>(s);
+            for (r, row) in block.iter().enumerate() {
+                for (t, value) in row.iter().enumerate() {
+                    _mm512_storeu_ps(taps.as_mut_ptr().add((r * R + t) * pairs + first), value.0);
+                }
+            }
+        }
+    }
+
+    /// [`super::transform_patch`] of one patch of 16 channels: `d(r, s)` at `patch[(r * pw + s)
+    /// * 16..]`, value ξ stored at `out[ξ * stride..]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_patch<K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
         patch: &[f32],
         pw: usize,
         out: &mut [f32],
         stride: usize,
     ) {
-        assert!(patch.len() >= ((A - 1) * pw + A) * 16 && out.len() >= (A * A - 1) * stride + 16);
+        assert!(patch.len() >= ((COLS - 1) * pw + COLS) * 16 && out.len() >= (ROWS * ROWS - 1) * stride + 16);
         let d = |r: usize, s: usize| Vector(_mm512_loadu_ps(patch.as_ptr().add((r * pw + s) * 16)));
         let store = |xi: usize, value: Vector| _mm512_storeu_ps(out.as_mut_ptr().add(xi * stride), value.0);
-        super::transform_patch::<Vector, F, M, R, A>(d, store);
+        super::transform_patch::<Vector, K, ROWS, COLS>(d, store);
     }
 
     /// [`super::transform_output`] with 16 tiles to a vector (an image's tiles lie side by side
@@ -484,7 +685,7 @@ mod avx512 {
                 let at = oc * ld + first + 16 * j;
                 let lanes = first_lanes(tiles - 16 * j);
                 let m = |xi: usize| Vector(_mm512_maskz_loadu_ps(lanes, m.as_ptr().add(xi * plane + at)));
-                let block = transform_tile::<Vector, F, M, R, A>(m);
+                let block = transform_tile::<Vector, OutputT<F, M, R, A>, M, A>(m);
                 for (row, places) in block.iter().zip(places) {
                     for (value, &(index, inside)) in row.iter().zip(places) {
                         let mut value = _mm512_add_ps(value.0, bias);
