@@ -194,9 +194,15 @@ impl Geometry {
                     continue;
                 }
                 for (q, phase) in row.chunks_mut(pl).enumerate() {
-                    for (j, v) in phase.iter_mut().enumerate() {
-                        let col = (q + s * j).wrapping_sub(p); // wraps to a huge value left of the image
-                        *v = if col < self.w { src[col] } else { 0.0 };
+                    // phase q's values j in [first, end) are inside the image (q + s*j - p < w),
+                    // the rest padding: no test per value (conv1's split was 9% of its time)
+                    let first = p.saturating_sub(q).div_ceil(s);
+                    let end = (self.w + p).saturating_sub(q).div_ceil(s).min(pl);
+                    phase[..first].fill(0.0);
+                    phase[end.max(first)..].fill(0.0);
+                    if first < end {
+                        let columns = src[q + s * first - p..].iter().step_by(s);
+                        phase[first..end].iter_mut().zip(columns).for_each(|(v, &x)| *v = x);
                     }
                 }
             }
