@@ -319,10 +319,15 @@ mod dot_form {
         let w_at = |row: usize, at: usize| s.rows.as_ptr().add((r + row) * k + k0 + at);
         let x_at = |img: usize, at: usize| s.x.as_ptr().add((i + img) * s.x_ld + k0 + at);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
-        // the first values up to a line boundary of w, the whole lines, then the rest
-        let lead = ((LINE - w_at(0, 0) as usize % LINE) % LINE / 4).min(len);
+        // The values up to w's next line boundary, the whole lines, then the rest. Value `t` of
+        // the block goes to lane `t - lead` (mod 16) wherever the lines fall, and the lanes are
+        // turned back before they are summed: each lane sums the values `t ≡ lane` in order, as
+        // if the loads started at 0, so the result does not depend on w's address.
+        let lead = (LINE - w_at(0, 0) as usize % LINE) % LINE / 4;
         if lead > 0 {
-            partial(&mut acc, crate::ops::first_lanes(lead), |row| w_at(row, 0), |c| x_at(c, 0));
+            let mask = crate::ops::first_lanes(lead.min(len)) << (LANES - lead);
+            let back = |p: *const f32| p.wrapping_sub(LANES - lead); // only lanes of `mask` are read
+            partial(&mut acc, mask, |row| back(w_at(row, 0)), |c| back(x_at(c, 0)));
         }
         let mut at = lead;
         while at + LANES <= len {
@@ -341,9 +346,11 @@ mod dot_form {
         if at < len {
             partial(&mut acc, crate::ops::first_lanes(len - at), |row| w_at(row, at), |c| x_at(c, at));
         }
+        let turn: [i32; LANES] = std::array::from_fn(|lane| ((lane + LANES - lead) % LANES) as i32);
+        let turn = _mm512_loadu_si512(turn.as_ptr().cast());
         for (row, acc_row) in acc.iter().enumerate() {
-            for (c, a) in acc_row.iter().enumerate() {
-                part[(r + row) * n + i + c] += _mm512_reduce_add_ps(*a);
+            for (c, &a) in acc_row.iter().enumerate() {
+                part[(r + row) * n + i + c] += _mm512_reduce_add_ps(_mm512_permutexvar_ps(turn, a));
             }
         }
     }
@@ -442,6 +449,31 @@ mod tests {
                 for j in 0..n {
                     let want = (0..k).map(|l| a[i * k + l] as f64 * b[l * n + j] as f64).sum();
                     assert_near(c[i * n + j], want, &format!("{m}x{n}x{k} [{i}, {j}]"));
+                }
+            }
+        }
+    }
+
+    /// The dot-form product gives the same bits wherever w lies in memory (its loads follow
+    /// w's cache lines, so each offset from a line takes a different first step).
+    #[test]
+    fn matmul_wt_does_not_depend_on_addresses() {
+        for (n, o, k) in [(5, 9, 100), (4, 3, 1040), (1, 2, 37)] {
+            // magnitudes from 1e-3 to 1e3, so that sums in another order round differently
+            let spread = |v: Vec<f32>| -> Vec<f32> {
+                v.iter().enumerate().map(|(i, &v)| v * 10f32.powi((i % 7) as i32 - 3)).collect()
+            };
+            let (x, w) = (spread(pattern(n * k, 7919, 23)), spread(pattern(o * k, 104_729, 31)));
+            let mut first: Option<Vec<u32>> = None;
+            for shift in 0..16 {
+                let mut moved = vec![0f32; o * k + 16];
+                moved[shift..][..o * k].copy_from_slice(&w);
+                let mut y = vec![0f32; n * o];
+                super::matmul_wt(n, o, k, &x, &moved[shift..][..o * k], &mut y);
+                let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                match &first {
+                    None => first = Some(bits),
+                    Some(want) => assert_eq!(want, &bits, "{n}x{o}x{k}, w moved by {shift}"),
                 }
             }
         }
