@@ -470,7 +470,7 @@ impl CustomOp3 for Conv2d {
             return Ok((CpuStorage::F32(direct::forward(&g, x, w, b, self.relu)), shape));
         }
         if winograd::applies(&g) {
-            return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu)), shape));
+            return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu, true)), shape));
         }
         let group = images_per_gemm(g.n, g.ohw());
         let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
@@ -640,7 +640,7 @@ fn input_grad_winograd(g: &Geometry, t: &Geometry, dy: &[f32], w: &[f32]) -> Vec
             dst.iter_mut().zip(filter.iter().rev()).for_each(|(d, &v)| *d = v);
         }
     }
-    winograd::forward(t, dy, &turned, &vec![0f32; g.c], false)
+    winograd::forward(t, dy, &turned, &vec![0f32; g.c], false, false)
 }
 
 #[cfg(test)]
@@ -692,7 +692,7 @@ mod tests {
                     })
                     .collect();
                 if matches!(k, 3 | 5) && stride == 1 {
-                    got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu)));
+                    got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu, false)));
                 }
                 #[cfg(target_arch = "x86_64")]
                 if direct::applies(&g) {
@@ -724,6 +724,25 @@ mod tests {
             let got = winograd::weight_grad(&g, &x, &dy);
             let worst = relative_difference(&got, &want);
             assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
+        }
+    }
+
+    /// A layer's kept Winograd kernels give what fresh ones give, and follow its weights when
+    /// they change in place (as SGD changes them) or to one bit.
+    #[test]
+    fn kept_winograd_kernels_follow_the_weights() {
+        let g = geometry(4, 6, 13, 13, 8, 3, 1, 1);
+        let (x, b) = (values(4 * 6 * 13 * 13, 8), values(8, 9));
+        let mut wt = values(8 * 6 * 9, 10);
+        // unchanged, a step, the last bit, the sign, unchanged
+        for (step, flip) in [0u32, 0, 1, 1 << 31, 0].into_iter().enumerate() {
+            if step == 1 {
+                wt[17] += 0.5;
+            }
+            wt[17] = f32::from_bits(wt[17].to_bits() ^ flip);
+            let kept = winograd::forward(&g, &x, &wt, &b, true, true);
+            let fresh = winograd::forward(&g, &x, &wt, &b, true, false);
+            assert_eq!(kept, fresh, "step {step}");
         }
     }
 

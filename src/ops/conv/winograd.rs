@@ -16,6 +16,7 @@
 //! input gradient (conv.rs), and [`weight_grad`] runs the same algorithm the other way round.
 
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::prelude::*;
 
@@ -127,13 +128,67 @@ pub(super) fn applies(g: &Geometry) -> bool {
 const GEMM_TILES: usize = 196;
 
 /// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a `g` that
-/// [`applies`].
-pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
+/// [`applies`]. With `keep`, the weights' transform `U` is kept for the next call with the same
+/// weights ([`kept_kernels`]): a layer's own weights, not the input gradient's turned filters,
+/// which are new every time.
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool, keep: bool) -> Vec<f32> {
     match g.k {
-        3 => forward_by::<F2x3, 2, 3, 4>(g, x, w, b, relu),
-        5 => forward_by::<F2x5, 2, 5, 6>(g, x, w, b, relu),
+        3 => forward_by::<F2x3, 2, 3, 4>(g, x, &kernels::<F2x3, 2, 3, 4>(g, w, keep), b, relu),
+        5 => forward_by::<F2x5, 2, 5, 6>(g, x, &kernels::<F2x5, 2, 5, 6>(g, w, keep), b, relu),
         k => unreachable!("no Winograd algorithm for {k}x{k} kernels: `applies` rules them out"),
     }
+}
+
+/// `U` for the weights `w`: kept from an earlier call if `keep`, else computed.
+fn kernels<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+    g: &Geometry,
+    w: &[f32],
+    keep: bool,
+) -> Arc<Vec<f32>> {
+    let compute = || Arc::new(transform_weights::<F, M, R, A>(w, g.o, g.c));
+    if keep {
+        kept_kernels(g, w, compute)
+    } else {
+        compute()
+    }
+}
+
+/// One layer's `U` and the weights it came from.
+struct Kept {
+    /// Where the weights lay: a layer updated in place (SGD) replaces its own entry.
+    at: usize,
+    /// The weights' `[O, C, k, k]`.
+    shape: (usize, usize, usize),
+    weights: Vec<f32>,
+    u: Arc<Vec<f32>>,
+}
+
+/// `U` of the last weights each Winograd layer ran with: a pure function of the weights,
+/// reused while they are bit for bit the same (compared in full on every call, a read of the
+/// weights against the 4-6 ms `U` costs conv2-5 each forward pass: 5% of torchvision's at batch
+/// 16), recomputed after any change.
+static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+
+/// Entries [`KEPT`] holds: the two-tower nets have 8 Winograd layers.
+const KEPT_LAYERS: usize = 16;
+
+fn kept_kernels(g: &Geometry, w: &[f32], compute: impl FnOnce() -> Arc<Vec<f32>>) -> Arc<Vec<f32>> {
+    let same = |kept: &[f32]| kept.len() == w.len() && kept.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+    let (at, shape) = (w.as_ptr() as usize, (g.o, g.c, g.k));
+    {
+        let kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = kept.iter().find(|e| e.at == at && e.shape == shape && same(&e.weights)) {
+            return entry.u.clone();
+        }
+    }
+    let u = compute();
+    let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
+    kept.retain(|e| e.at != at);
+    if kept.len() == KEPT_LAYERS {
+        kept.remove(0); // the oldest
+    }
+    kept.push(Kept { at, shape, weights: w.to_vec(), u: u.clone() });
+    u
 }
 
 /// Bytes of `V` and `M` one group of images may take: the GEMMs then find them in cache.
@@ -146,13 +201,12 @@ const GROUP_BYTES: usize = 8 << 20;
 fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     g: &Geometry,
     x: &[f32],
-    w: &[f32],
+    u: &[f32],
     b: &[f32],
     relu: bool,
 ) -> Vec<f32> {
     let (c, o) = (g.c, g.o);
     let tiles = g.oh.div_ceil(M) * g.ow.div_ceil(M);
-    let u = transform_weights::<F, M, R, A>(w, o, c);
     let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and M
     let group = images_per_gemm(g.n, tiles).min((GROUP_BYTES / per_image).max(1));
     // too few groups of images for the cores (small batches): each group's GEMMs (one per ξ)
