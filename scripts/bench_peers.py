@@ -1,6 +1,6 @@
-"""This crate against PyTorch (eager) and ONNX Runtime, same shapes, same threads, one run.
+"""This crate against PyTorch (eager) and ONNX Runtime, same shapes, same threads.
 
-    python3 scripts/bench_peers.py [--venv ../venv-bench] [--threads 2] [--batch-sizes 1,16,64]
+    python3 scripts/bench_peers.py [--venv ../venv-bench] [--threads 2] [--batch-sizes 1,16,64] [--rounds 3]
 
 Creates the venv (torch, torchvision, onnxruntime, onnx from PyPI) unless it exists, re-runs
 itself inside it, then measures forward throughput of the paper/caffe net (227, groups, LRN)
@@ -8,6 +8,10 @@ and torchvision's net (224) in PyTorch and ONNX Runtime, runs `alexnet bench` fo
 presets and batch sizes, and prints one table with images/s and the ratios. `--train` adds a
 training step (forward, backward, SGD with momentum) at batch 32. Random weights; median of
 `--runs` runs after warm-up. Peak memory: each engine's process's maximum RSS.
+
+On a shared machine the speed drifts from minute to minute, and the engines are measured
+minutes apart: `--rounds R` measures the peers and this crate in turn R times and reports each
+engine's median over the rounds, the ratio of the medians, and the range of the rounds' ratios.
 """
 import argparse
 import json
@@ -147,6 +151,7 @@ def main():
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="peers and this crate measured in turn this many times")
     ap.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -154,18 +159,25 @@ def main():
     if args.peers_only:
         print(json.dumps(peers(args)))
         return
-    # the peers in their own process, so their memory is measured apart from ours
-    proc = subprocess.run([sys.executable, __file__, "--peers-only", "--threads", str(args.threads), "--runs", str(args.runs),
-                           "--batch-sizes", ",".join(map(str, args.batch_sizes)), *(["--train"] if args.train else [])],
-                          check=True, capture_output=True, text=True)
-    theirs_json = json.loads(proc.stdout.strip().splitlines()[-1])
-    their_peak = theirs_json.pop("peak_rss_mib")
-    theirs = {tuple(int(p) if p.isdigit() else p for p in k.split("|")): v for k, v in theirs_json.items()}
-    mine, my_peak = ours(args)
-    rate = {**theirs, **mine}
-    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {args.threads} threads, median of {args.runs} runs, images/s")
-    print(f"| preset | mode | batch | alexnet | PyTorch | ONNX Runtime | vs PyTorch | vs ORT |")
-    print("|---|---|---|---|---|---|---|---|")
+    rounds, their_peak, my_peak = [], 0.0, 0.0
+    for r in range(args.rounds):
+        # the peers in their own process, so their memory is measured apart from ours
+        proc = subprocess.run([sys.executable, __file__, "--peers-only", "--threads", str(args.threads), "--runs", str(args.runs),
+                               "--batch-sizes", ",".join(map(str, args.batch_sizes)), *(["--train"] if args.train else [])],
+                              check=True, capture_output=True, text=True)
+        theirs_json = json.loads(proc.stdout.strip().splitlines()[-1])
+        their_peak = max(their_peak, theirs_json.pop("peak_rss_mib"))
+        theirs = {tuple(int(p) if p.isdigit() else p for p in k.split("|")): v for k, v in theirs_json.items()}
+        mine, peak = ours(args)
+        my_peak = max(my_peak, peak)
+        rounds.append({**theirs, **mine})
+        print(f"  round {r + 1} of {args.rounds} measured at {time.strftime('%H:%M')}", file=sys.stderr)
+    rate = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {args.threads} threads, median of {args.runs} runs, "
+          f"images/s; {args.rounds} round(s): each engine's median over the rounds, the ratio of the medians, "
+          "and the range of the rounds' own ratios")
+    print(f"| preset | mode | batch | alexnet | PyTorch | ONNX Runtime | vs PyTorch | vs ORT | rounds vs PyTorch | rounds vs ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for preset in ["paper", "caffe", "torchvision"]:
         peer = "paper" if preset == "caffe" else preset  # the same network for the peers
         for mode, batches in [("forward", args.batch_sizes), ("train", [32] if args.train else [])]:
@@ -177,7 +189,14 @@ def main():
                     continue
                 fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
                 ratio = lambda v: f"{a / v:.2f}x" if v else "-"  # noqa: E731
-                print(f"| {preset} | {mode} | {b} | {fmt(a)} | {fmt(p)} | {fmt(o)} | {ratio(p)} | {ratio(o)} |")
+
+                def spread(engine):
+                    ratios = [r[(preset, mode, b, "alexnet")] / r[(peer, mode, b, engine)] for r in rounds
+                              if r.get((peer, mode, b, engine))]
+                    return f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
+
+                print(f"| {preset} | {mode} | {b} | {fmt(a)} | {fmt(p)} | {fmt(o)} | {ratio(p)} | {ratio(o)} "
+                      f"| {spread('pytorch')} | {spread('onnxruntime')} |")
     print(f"peak memory: alexnet {my_peak:.0f} MiB (largest single bench run), PyTorch + ONNX Runtime process {their_peak:.0f} MiB")
 
 
