@@ -706,27 +706,6 @@ mod tests {
         }
     }
 
-    /// The weight gradient by Winograd against `Σ dY · P(X)`, with padding 1, 0 and 2, partial
-    /// tiles, channel counts off the 16 lanes, one chunk of images spread over the cores and
-    /// several chunks.
-    #[test]
-    fn weight_gradient_paths_agree() {
-        for (n, c, h, w, o, k, pad) in [
-            (3, 20, 9, 11, 8, 3, 1),
-            (2, 5, 10, 9, 17, 3, 0),
-            (11, 16, 13, 13, 16, 3, 1),
-            (2, 24, 14, 13, 48, 5, 2),
-            (9, 6, 9, 8, 5, 5, 0),
-        ] {
-            let g = geometry(n, c, h, w, o, k, 1, pad);
-            let (x, dy) = (values(n * c * h * w, 6), values(n * o * g.ohw(), 7));
-            let want = weight_grad_gemm(&g, &x, &dy);
-            let got = winograd::weight_grad(&g, &x, &dy);
-            let worst = relative_difference(&got, &want);
-            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
-        }
-    }
-
     /// A layer's kept Winograd kernels give what fresh ones give, and follow its weights when
     /// they change in place (as SGD changes them) or to one bit.
     #[test]
@@ -746,23 +725,31 @@ mod tests {
         }
     }
 
-    /// The input gradient by Winograd (a stride-1 layer's `dX` as a convolution of `dY`)
-    /// against `col2im(Wᵀ · dY)`, with padding 1 and 0 and partial tiles.
+    /// Both gradients by Winograd against the GEMM paths: the input gradient (a stride-1
+    /// layer's `dX` as a convolution of `dY`) against `col2im(Wᵀ · dY)`, the weight gradient
+    /// against `Σ dY · P(X)`; padding 1, 0 and 2, partial tiles, channel counts off the 16
+    /// lanes, single images, one chunk of images spread over the cores and several chunks.
     #[test]
-    fn input_gradient_paths_agree() {
+    fn gradient_paths_agree() {
         for (n, c, h, w, o, k, pad) in [
             (3, 20, 9, 11, 8, 3, 1),
             (2, 5, 10, 9, 17, 3, 0),
             (1, 16, 13, 13, 16, 3, 1),
+            (11, 16, 13, 13, 16, 3, 1),
             (2, 24, 14, 13, 48, 5, 2),
             (1, 6, 9, 8, 5, 5, 0),
+            (9, 6, 9, 8, 5, 5, 0),
         ] {
             let g = geometry(n, c, h, w, o, k, 1, pad);
-            let (dy, wt) = (values(n * o * g.ohw(), 4), values(o * c * k * k, 5));
-            let want = input_grad_col2im(&g, &dy, &wt);
-            let got = input_grad_winograd(&g, &g.transposed().unwrap(), &dy, &wt);
-            let worst = relative_difference(&got, &want);
-            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
+            let (x, dy, wt) = (values(n * c * h * w, 6), values(n * o * g.ohw(), 4), values(o * c * k * k, 5));
+            let paths = [
+                ("input", input_grad_col2im(&g, &dy, &wt), input_grad_winograd(&g, &g.transposed().unwrap(), &dy, &wt)),
+                ("weight", weight_grad_gemm(&g, &x, &dy), winograd::weight_grad(&g, &x, &dy)),
+            ];
+            for (what, want, got) in paths {
+                let worst = relative_difference(&got, &want);
+                assert!(worst < 4e-6, "{what}: {n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
+            }
         }
     }
 }
