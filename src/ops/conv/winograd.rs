@@ -164,9 +164,9 @@ struct Kept {
 }
 
 /// `U` of the last weights each Winograd layer ran with: a pure function of the weights,
-/// reused while they are bit for bit the same (compared in full on every call, a read of the
-/// weights against the 4-6 ms `U` costs conv2-5 each forward pass: 5% of torchvision's at batch
-/// 16), recomputed after any change.
+/// reused while they are bit for bit the same and recomputed after any change. The weights are
+/// compared in full on every call, one read of them, where computing `U` for conv2-5 takes 4-6
+/// ms a forward pass (5% of torchvision's at batch 16).
 static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
 
 /// Entries [`KEPT`] holds: the two-tower nets have 8 Winograd layers.
