@@ -418,6 +418,29 @@ fn for_each_chunk(data: &mut [f32], len: usize, spread: bool, f: impl Fn(usize, 
 /// Images per partial weight gradient: fixed, so the summation order is too.
 const CHUNK: usize = 8;
 
+/// A weight gradient (`len` values) as the sum of partial sums over fixed chunks of [`CHUNK`]
+/// of the `n` images: `f(images, spread, partial)` adds a chunk's share to its zeroed
+/// `partial`; the chunks run on the cores and their partials are added in order, so the result
+/// does not depend on how many threads ran it. `spread`: fewer chunks than cores, so `f` should
+/// spread its own work.
+fn sum_over_chunks(n: usize, len: usize, f: impl Fn(std::ops::Range<usize>, bool, &mut [f32]) + Sync) -> Vec<f32> {
+    let chunks: Vec<usize> = (0..n.div_ceil(CHUNK)).collect();
+    let spread = chunks.len() < rayon::current_num_threads();
+    let partials: Vec<Vec<f32>> = chunks
+        .par_iter()
+        .map(|&chunk| {
+            let mut partial = vec![0f32; len];
+            f(chunk * CHUNK..((chunk + 1) * CHUNK).min(n), spread, &mut partial);
+            partial
+        })
+        .collect();
+    let mut sum = vec![0f32; len];
+    for partial in partials {
+        sum.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+    }
+    sum
+}
+
 /// Pixels (or Winograd tiles) a forward GEMM should have at least: below that, packing the
 /// weights (once per GEMM) costs more than it should against the multiply-adds.
 const GEMM_COLUMNS: usize = 1024;
@@ -550,43 +573,24 @@ impl candle_core::CustomOp2 for WeightGrad {
     }
 }
 
-/// `dW = Σ_n dY[n] · P(X[n])`, in fixed chunks of [`CHUNK`] images summed in order.
+/// `dW = Σ_n dY[n] · P(X[n])`, [`sum_over_chunks`].
 fn weight_grad_gemm(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let (n, c, o) = (g.n, g.c, g.o);
+    let (c, o) = (g.c, g.o);
     let (ckk, ohw) = (g.ckk(), g.ohw());
-    let chunks: Vec<usize> = (0..n.div_ceil(CHUNK)).collect();
-    let partials: Vec<Vec<f32>> = chunks
-        .par_iter()
-        .map(|&chunk| {
-            let mut acc = vec![0f32; o * ckk];
-            with_scratch(g.padded_len() + ohw * ckk, |scratch| {
-                let (padded, patches) = scratch.split_at_mut(g.padded_len());
-                let spread = chunks.len() < rayon::current_num_threads();
-                for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                    g.pad_channels_last(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], padded, spread);
-                    g.patches(padded, patches, spread);
-                    let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
-                    // acc[o, ckk] += dY[o, ohw] · P[ohw, ckk], both row-major (conv1's
-                    // shapes: 127 against 106 GFLOP/s a core with the channel-major columns)
-                    matmul(
-                        o,
-                        ckk,
-                        ohw,
-                        &mut acc,
-                        true,
-                        (dyi, ohw as isize, 1),
-                        (patches, ckk as isize, 1),
-                        parallelism(chunks.len()),
-                    );
-                }
-            });
-            acc
+    let dw = sum_over_chunks(g.n, o * ckk, |images, spread, acc| {
+        with_scratch(g.padded_len() + ohw * ckk, |scratch| {
+            let (padded, patches) = scratch.split_at_mut(g.padded_len());
+            let par = if spread { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
+            for i in images {
+                g.pad_channels_last(&x[i * c * g.h * g.w..(i + 1) * c * g.h * g.w], padded, spread);
+                g.patches(padded, patches, spread);
+                let dyi = &dy[i * o * ohw..(i + 1) * o * ohw];
+                // acc[o, ckk] += dY[o, ohw] · P[ohw, ckk], both row-major (conv1's shapes: 127
+                // against 106 GFLOP/s a core with the channel-major columns)
+                matmul(o, ckk, ohw, acc, true, (dyi, ohw as isize, 1), (patches, ckk as isize, 1), par);
+            }
         })
-        .collect();
-    let mut dw = vec![0f32; o * ckk];
-    for p in partials {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
+    });
     g.channels_first_weights(&dw)
 }
 

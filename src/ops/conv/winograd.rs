@@ -22,7 +22,9 @@ use rayon::prelude::*;
 
 use gemm::Parallelism;
 
-use super::{for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, with_scratch, Geometry, CHUNK};
+use super::{
+    for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, sum_over_chunks, with_scratch, Geometry, CHUNK,
+};
 use crate::ops::gemm::matmul;
 use crate::ops::transpose::transpose;
 
@@ -257,9 +259,8 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     }
 }
 
-/// [`weight_grad`] by the algorithm `F`: fixed chunks of [`CHUNK`] images, each summed into
-/// its own `S` in groups whose transforms fit [`GROUP_BYTES`], the chunks spread over the cores
-/// and their sums added in order, so the result does not depend on the number of threads.
+/// [`weight_grad`] by the algorithm `F`: `S` by [`sum_over_chunks`], each chunk in groups of
+/// images whose transforms fit [`GROUP_BYTES`].
 fn weight_grad_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     g: &Geometry,
     x: &[f32],
@@ -271,42 +272,30 @@ fn weight_grad_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: 
     let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and dY's transform
     let group = (GROUP_BYTES / per_image).clamp(1, CHUNK);
     let (input, output_grad) = (Tiling::input::<M, A>(g), Tiling::output_grad::<M>(g));
-    let chunks: Vec<usize> = (0..g.n.div_ceil(CHUNK)).collect();
-    // fewer chunks than cores (small batches): each chunk's GEMMs are spread over the cores
-    let spread = !matches!(parallelism(chunks.len()), Parallelism::None);
-    let partials: Vec<Vec<f32>> = chunks
-        .par_iter()
-        .map(|&chunk| {
-            let mut sums = vec![0f32; A * A * o * c]; // S[ξ, o, c]
-            let images = chunk * CHUNK..((chunk + 1) * CHUNK).min(g.n);
-            for first in images.clone().step_by(group) {
-                let count = group.min(images.end - first);
-                let ld = count * tiles;
-                with_scratch(A * A * (c + o) * ld + input.work().max(output_grad.work()), |scratch| {
-                    let (v, rest) = scratch.split_at_mut(A * A * c * ld);
-                    let (dy_t, work) = rest.split_at_mut(A * A * o * ld);
-                    for i in 0..count {
-                        let image = first + i;
-                        input.transform::<InputT<F, M, R, A>, A, A>(&x[image * chw..][..chw], v, ld, i * tiles, work);
-                        let dy_image = &dy[image * o * ohw..][..o * ohw];
-                        output_grad.transform::<OutputGrad<F, M, R, A>, A, M>(dy_image, dy_t, ld, i * tiles, work);
-                    }
-                    let (v, dy_t) = (&*v, &*dy_t);
-                    for_each_chunk(&mut sums, o * c, spread, |xi, s_xi| {
-                        let (dy_xi, v_xi) = (&dy_t[xi * o * ld..][..o * ld], &v[xi * c * ld..][..c * ld]);
-                        // S[ξ][o, c] += (A dY Aᵀ)[ξ][o, blocks] · V[ξ][blocks, c]; both are stored
-                        // block-major, channels last
-                        matmul(o, c, ld, s_xi, true, (dy_xi, 1, o as isize), (v_xi, c as isize, 1), Parallelism::None);
-                    });
-                })
-            }
-            sums
-        })
-        .collect();
-    let mut sums = vec![0f32; A * A * o * c];
-    for partial in partials {
-        sums.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
-    }
+    // S[ξ, o, c]; with fewer chunks than cores, each chunk's GEMMs are spread over the cores
+    let sums = sum_over_chunks(g.n, A * A * o * c, |images, spread, sums| {
+        for first in images.clone().step_by(group) {
+            let count = group.min(images.end - first);
+            let ld = count * tiles;
+            with_scratch(A * A * (c + o) * ld + input.work().max(output_grad.work()), |scratch| {
+                let (v, rest) = scratch.split_at_mut(A * A * c * ld);
+                let (dy_t, work) = rest.split_at_mut(A * A * o * ld);
+                for i in 0..count {
+                    let image = first + i;
+                    input.transform::<InputT<F, M, R, A>, A, A>(&x[image * chw..][..chw], v, ld, i * tiles, work);
+                    let dy_image = &dy[image * o * ohw..][..o * ohw];
+                    output_grad.transform::<OutputGrad<F, M, R, A>, A, M>(dy_image, dy_t, ld, i * tiles, work);
+                }
+                let (v, dy_t) = (&*v, &*dy_t);
+                for_each_chunk(sums, o * c, spread, |xi, s_xi| {
+                    let (dy_xi, v_xi) = (&dy_t[xi * o * ld..][..o * ld], &v[xi * c * ld..][..c * ld]);
+                    // S[ξ][o, c] += (A dY Aᵀ)[ξ][o, blocks] · V[ξ][blocks, c]; both are stored
+                    // block-major, channels last
+                    matmul(o, c, ld, s_xi, true, (dy_xi, 1, o as isize), (v_xi, c as isize, 1), Parallelism::None);
+                });
+            })
+        }
+    });
     kernel_grads::<F, M, R, A>(&sums, o * c)
 }
 
