@@ -227,7 +227,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
                     opts.out.display()
                 )
             }
-            let grads = loss.backward()?;
+            let grads = crate::ops::backward(&loss)?;
             sgd.step(&grads, sched.lr)?;
             step += 1;
 

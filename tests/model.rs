@@ -40,12 +40,17 @@ fn gradients_of_every_parameter_match_pytorch() {
         let labels = Tensor::new(&LABELS, &Device::Cpu).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
         assert_close(&format!("{name} loss"), &loss.reshape(1).unwrap(), get(&f, "loss"), 1e-5);
-        let grads = loss.backward().unwrap();
+        // the training path; Candle's own backward must give the same values
+        let grads = alexnet::ops::backward(&loss).unwrap();
+        let candle_grads = loss.backward().unwrap();
         let params = model.parameters();
         assert_eq!(params.len(), 16);
         for p in params {
             let grad = p.gather(|v| grads.get(v).cloned()).unwrap().expect("every parameter has a gradient");
             assert_matches_summary(&format!("{name} d/d {}", p.key), &grad, &f, &format!("grad/{}", p.key), 1e-4);
+            let candle_grad = p.gather(|v| candle_grads.get(v).cloned()).unwrap().unwrap();
+            let diff = (&grad - &candle_grad).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{name} d/d {}: ops::backward against loss.backward()", p.key);
         }
     }
 }

@@ -27,6 +27,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
+use super::backward::hand_over;
 use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
 use super::transpose::transpose;
 use rayon::prelude::*;
@@ -508,7 +509,7 @@ impl CustomOp3 for Conv2d {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -516,7 +517,7 @@ impl CustomOp3 for Conv2d {
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(*self, w.dims4()?.0, w.dims4()?.2))?;
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(*self, x.dims4()?))?) } else { None };
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, hand_over(w, dw), hand_over(b, db)))
     }
 }
 

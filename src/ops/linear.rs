@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
+use super::backward::hand_over;
 use super::gemm::{incoming_grad, matmul, matmul_rows, matmul_wt, relu_if, relu_in_place};
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
@@ -80,7 +81,7 @@ impl CustomOp3 for Linear {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -88,7 +89,7 @@ impl CustomOp3 for Linear {
         let dw = dy.apply_op2_no_bwd(x, &WeightGrad)?;
         let db = dy.sum(0)?;
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad)?) } else { None };
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, hand_over(w, dw), hand_over(b, db)))
     }
 }
 

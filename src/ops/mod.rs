@@ -11,6 +11,8 @@
 //!   computes the input gradient), and [`conv2d_relu`] with the ReLU fused in.
 //! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
 //!   Candle each gradient once.
+//! * [`backward`]: `loss.backward()` with the gradients of those two ops' parameters put in
+//!   the store directly rather than added to zeros.
 //!
 //! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
 //! contiguous first, so callers never have to. On other devices (CUDA) LRN and max-pooling run
@@ -59,6 +61,7 @@ pub(crate) unsafe fn relu_lanes(v: std::arch::x86_64::__m512) -> std::arch::x86_
 }
 
 mod adaptive_pool;
+mod backward;
 mod conv;
 mod gemm;
 mod linear;
@@ -68,6 +71,7 @@ mod max_pool;
 mod transpose;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
+pub use backward::backward;
 pub use conv::{conv2d, conv2d_relu};
 pub use linear::{linear, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
