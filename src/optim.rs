@@ -10,7 +10,9 @@
 //! (Caffe's `decay_mult: 0` on biases; PyTorch decays everything it is given).
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::ops::{contiguous_f32, contiguous_f32_mut};
@@ -55,7 +57,7 @@ impl Sgd {
     /// One update with learning rate `lr`. A parameter without a gradient is left alone.
     ///
     /// Both rules compute the new velocity from (v, w, g), then add `d v` to the weights
-    /// (d = 1 for the paper's rule, -lr for PyTorch's). On the CPU each is one in-place pass
+    /// (d = 1 for the paper's rule, -lr for PyTorch's). On the CPU that is one in-place pass
     /// over the parameter (the same f32 operations in the same order as the formulas above),
     /// elsewhere tensor ops.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
@@ -66,8 +68,7 @@ impl Sgd {
             let wd = if slot.is_bias && !c.decay_biases { 0.0 } else { c.weight_decay };
             let update = Update::new(c.rule, c.momentum, wd, lr);
             if w.device().is_cpu() && w.is_contiguous() && slot.velocity.is_contiguous() {
-                slot.velocity.inplace_op3(w, &g.contiguous()?, &update)?;
-                w.inplace_op2(&slot.velocity, &ApplyVelocity(update.d))?;
+                w.inplace_op1(&Step { update, velocity: &slot.velocity, grad: &g.contiguous()? })?;
                 continue;
             }
             let v = update.velocity(&slot.velocity, w, g)?;
@@ -109,64 +110,77 @@ impl Update {
     }
 }
 
-/// In place on the velocity, given (w, g): the same f32 arithmetic as [`Update::velocity`].
-impl InplaceOp3 for Update {
+/// One pass over (v, w, g) that writes the new velocity and the new weights as it goes: two
+/// passes, one for each tensor written, moved 7 times the parameter's size through memory and
+/// this moves 5 (for torchvision's 244 MB of weights, 1.7 against 1.2 GB a step; measured
+/// 60 -> 52 ms, at about this machine's memory bandwidth). Candle's in-place ops
+/// write one tensor each, so this one holds the weights and runs [`VelocityStep`] on the
+/// velocity from inside, handing it the weights to write.
+struct Step<'a> {
+    update: Update,
+    velocity: &'a Tensor,
+    grad: &'a Tensor,
+}
+
+impl InplaceOp1 for Step<'_> {
     fn name(&self) -> &'static str {
-        "sgd-velocity"
+        "sgd-step"
     }
 
-    fn cpu_fwd(
-        &self,
-        vs: &mut CpuStorage,
-        vl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<()> {
+    fn cpu_fwd(&self, ws: &mut CpuStorage, wl: &Layout) -> Result<()> {
+        let weights = RefCell::new(contiguous_f32_mut("sgd", ws, wl)?);
+        self.velocity.inplace_op2(self.grad, &VelocityStep { update: self.update, weights })
+    }
+}
+
+/// In place on the velocity, given g and the weights: the same f32 arithmetic as
+/// [`Update::velocity`], then `w + v * d`.
+struct VelocityStep<'a> {
+    update: Update,
+    weights: RefCell<&'a mut [f32]>,
+}
+
+impl InplaceOp2 for VelocityStep<'_> {
+    fn name(&self) -> &'static str {
+        "sgd-velocity-step"
+    }
+
+    fn cpu_fwd(&self, vs: &mut CpuStorage, vl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<()> {
         let v = contiguous_f32_mut("sgd", vs, vl)?;
-        let (w, g) = (contiguous_f32("sgd", ws, wl)?, contiguous_f32("sgd", gs, gl)?);
-        let m = self.momentum as f32;
-        match self.rule {
+        let g = contiguous_f32("sgd", gs, gl)?;
+        let mut w = self.weights.borrow_mut();
+        if v.len() != w.len() || g.len() != w.len() {
+            candle_core::bail!(
+                "sgd: weights, velocity and gradient differ in size ({}, {}, {})",
+                w.len(),
+                v.len(),
+                g.len()
+            )
+        }
+        let Update { rule, momentum, wd, lr, d } = self.update;
+        let (m, d) = (momentum as f32, d as f32); // v * 1.0 is exactly v: the paper's rule stays w + v
+        match rule {
             UpdateRule::Paper => {
-                let (wdl, lr) = ((self.wd * self.lr) as f32, self.lr as f32);
-                zip3(v, w, g, |v, w, g| (v * m - w * wdl) - g * lr);
+                let (wdl, lr) = ((wd * lr) as f32, lr as f32);
+                step(v, &mut w, g, d, |v, w, g| (v * m - w * wdl) - g * lr);
             }
             UpdateRule::Pytorch => {
-                let wd = self.wd as f32;
-                zip3(v, w, g, |v, w, g| v * m + (g + w * wd));
+                let wd = wd as f32;
+                step(v, &mut w, g, d, |v, w, g| v * m + (g + w * wd));
             }
         }
         Ok(())
     }
 }
 
-/// `w <- w + d v` in place on the weights, given v.
-struct ApplyVelocity(f64);
-
-impl InplaceOp2 for ApplyVelocity {
-    fn name(&self) -> &'static str {
-        "sgd-apply"
-    }
-
-    fn cpu_fwd(&self, ws: &mut CpuStorage, wl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<()> {
-        let w = contiguous_f32_mut("sgd", ws, wl)?;
-        let v = contiguous_f32("sgd", vs, vl)?;
-        let d = self.0 as f32; // v * 1.0 is exactly v, so the paper's rule stays w + v
-        w.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(w, v)| w.iter_mut().zip(v).for_each(|(w, v)| *w += v * d));
-        Ok(())
-    }
-}
-
 const CHUNK: usize = 1 << 16;
 
-/// `v[i] = f(v[i], w[i], g[i])` over the cores.
-fn zip3(v: &mut [f32], w: &[f32], g: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) {
-    v.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(v, (w, g))| {
-        for ((v, &w), &g) in v.iter_mut().zip(w).zip(g) {
-            *v = f(*v, w, g);
+/// `v[i] = f(v[i], w[i], g[i])`, then `w[i] += v[i] * d`, over the cores.
+fn step(v: &mut [f32], w: &mut [f32], g: &[f32], d: f32, f: impl Fn(f32, f32, f32) -> f32 + Sync) {
+    v.par_chunks_mut(CHUNK).zip(w.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(v, (w, g))| {
+        for ((v, w), &g) in v.iter_mut().zip(w).zip(g) {
+            *v = f(*v, *w, g);
+            *w += *v * d;
         }
     });
 }
