@@ -7,10 +7,9 @@
 //! tensor ops.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 
 use super::backward::hand_over;
-use super::gemm::{incoming_grad, matmul, matmul_rows, matmul_wt, relu_if, relu_in_place};
+use super::gemm::{incoming_grad, matmul_rows, matmul_wt, outer_products, relu_if, relu_in_place};
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -34,10 +33,6 @@ impl Linear {
         }
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, self)
     }
-}
-
-fn all_cores() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads())
 }
 
 /// `(N, K)` and `O` of a linear layer's input and weight, or an error naming both shapes.
@@ -105,9 +100,7 @@ impl candle_core::CustomOp2 for WeightGrad {
         let (&[n, o], &[_, k]) = (gl.dims(), xl.dims()) else { candle_core::bail!("linear weight grad: shapes") };
         let dy = super::contiguous_f32("linear weight grad", gs, gl)?;
         let x = super::contiguous_f32("linear weight grad", xs, xl)?;
-        let mut dw = vec![0f32; o * k];
-        matmul(o, k, n, &mut dw, false, (dy, 1, o as isize), (x, k as isize, 1), all_cores());
-        Ok((CpuStorage::F32(dw), Shape::from((o, k))))
+        Ok((CpuStorage::F32(outer_products(o, k, n, dy, x)), Shape::from((o, k))))
     }
 }
 
