@@ -113,7 +113,7 @@ impl Update {
 /// One pass over (v, w, g) that writes the new velocity and the new weights as it goes: two
 /// passes, one for each tensor written, moved 7 times the parameter's size through memory and
 /// this moves 5 (for torchvision's 244 MB of weights, 1.7 against 1.2 GB a step; measured
-/// 60 -> 52 ms, at about this machine's memory bandwidth). Candle's in-place ops
+/// 59-71 -> 51-62 ms, near this machine's memory bandwidth). Candle's in-place ops
 /// write one tensor each, so this one holds the weights and runs [`VelocityStep`] on the
 /// velocity from inside, handing it the weights to write.
 struct Step<'a> {
