@@ -3,7 +3,7 @@
 //! Candle's backward adds every gradient an op returns into a fresh tensor of zeros
 //! (`GradStore::or_insert`, then `add`), even when it is the only one that tensor gets: for
 //! AlexNet's 61 M weights that is a zero fill and an add of 244 MB a step, on top of the kernels
-//! that made the gradients (about a tenth of a training step on the CPU). Under [`backward`] the
+//! that made the gradients (about a tenth of the backward pass on the CPU). Under [`backward`] the
 //! conv and linear ops hold back the gradients of their weights and biases ([`hand_over`]), and
 //! [`backward`] puts them in the store itself. A plain `loss.backward()` still gets every
 //! gradient the usual way: the ops hold nothing back outside [`backward`].

@@ -166,6 +166,8 @@ mod outer_form {
         }
     }
 
+    /// [`super::outer_products`]: blocks of rows of `c` to each task, written block by block
+    /// along the rows, never read.
     pub(super) fn outer_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
         if m == 0 || n == 0 {
             return Vec::new();
@@ -489,12 +491,10 @@ mod tests {
         assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{at}: {got} vs {want}");
     }
 
-    /// The broadcast form against plain f64 sums, at sizes that leave every remainder (rows
-    /// past the register block, columns past the 16 lanes and the column block, k past the k
-    /// block).
+    /// The outer products against plain f64 sums: rows past the register block and a task's
+    /// share, columns past the 16 lanes and the column block, batches past 64, empty shapes.
     #[test]
     fn outer_products_match_plain_sums() {
-        // rows past a block of 4 and a task, columns past a block of 96, batches past 64
         for (m, n, k) in
             [(1, 5, 7), (37, 100, 32), (5, 97, 65), (70, 16, 1), (130, 200, 3), (4, 0, 3), (0, 4, 5), (2, 3, 0)]
         {
@@ -510,6 +510,9 @@ mod tests {
         }
     }
 
+    /// The broadcast form against plain f64 sums, at sizes that leave every remainder (rows
+    /// past the register block, columns past the 16 lanes and the column block, k past the k
+    /// block).
     #[test]
     fn matmul_rows_matches_plain_sums() {
         for (m, n, k) in
