@@ -142,14 +142,7 @@ mod outer_form {
                             let (c, c_ld) = (&mut uninit[r * width + c0..], width);
                             // SAFETY: AVX-512F is present (checked by the caller); the block's
                             // reads and writes stay inside `a`, `b` and `part` (asserted in `run`).
-                            unsafe {
-                                match m - r {
-                                    1 => block.run::<1>(c, c_ld, k0 > 0),
-                                    2 => block.run::<2>(c, c_ld, k0 > 0),
-                                    3 => block.run::<3>(c, c_ld, k0 > 0),
-                                    _ => block.run::<ROWS>(c, c_ld, k0 > 0),
-                                }
-                            }
+                            unsafe { block.run_rows(m - r, c, c_ld, k0 > 0) }
                         }
                     }
                 }
@@ -185,14 +178,7 @@ mod outer_form {
                     let c = &mut part[r * n + c0..];
                     // SAFETY: AVX-512F is present (checked by the caller); the block's reads and
                     // writes stay inside `at`, `b` and `part` (asserted in `run`).
-                    unsafe {
-                        match rows - r {
-                            1 => block.run::<1>(c, n, false),
-                            2 => block.run::<2>(c, n, false),
-                            3 => block.run::<3>(c, n, false),
-                            _ => block.run::<ROWS>(c, n, false),
-                        }
-                    }
+                    unsafe { block.run_rows(rows - r, c, n, false) }
                 }
             }
         });
@@ -213,6 +199,18 @@ mod outer_form {
     }
 
     impl Block<'_> {
+        /// [`Block::run`] on the first `min(rows, ROWS)` rows: the register block, or the rows
+        /// left at the end of `a`.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run_rows(&self, rows: usize, c: &mut [MaybeUninit<f32>], c_ld: usize, accumulate: bool) {
+            match rows {
+                1 => self.run::<1>(c, c_ld, accumulate),
+                2 => self.run::<2>(c, c_ld, accumulate),
+                3 => self.run::<3>(c, c_ld, accumulate),
+                _ => self.run::<ROWS>(c, c_ld, accumulate),
+            }
+        }
+
         /// `c[r, ..cols] (+)= Σ_j a[r, j] b[j, ..cols]` for `r < R` (rows of `c` `c_ld` apart),
         /// adding to `c` if `accumulate` (else `c` may be uninitialised: it is only written).
         #[inline]

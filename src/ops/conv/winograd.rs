@@ -208,7 +208,8 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     relu: bool,
 ) -> Vec<f32> {
     let (c, o) = (g.c, g.o);
-    let tiles = g.oh.div_ceil(M) * g.ow.div_ceil(M);
+    let tiling = Tiling::input::<M, A>(g);
+    let tiles = tiling.tiles();
     let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and M
     let group = images_per_gemm(g.n, tiles).min((GROUP_BYTES / per_image).max(1));
     // too few groups of images for the cores (small batches): each group's GEMMs (one per ξ)
@@ -218,7 +219,6 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     let mut y = vec![0f32; g.n * o * ohw];
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let ld = images.len() / chw * tiles; // the group's tiles side by side
-        let tiling = Tiling::input::<M, A>(g);
         with_scratch(A * A * (c + o) * ld + tiling.work(), |scratch| {
             let (v, rest) = scratch.split_at_mut(A * A * c * ld);
             let (m, work) = rest.split_at_mut(A * A * o * ld);
@@ -267,11 +267,11 @@ fn weight_grad_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: 
     dy: &[f32],
 ) -> Vec<f32> {
     let (c, o) = (g.c, g.o);
-    let tiles = g.oh.div_ceil(M) * g.ow.div_ceil(M);
+    let (input, output_grad) = (Tiling::input::<M, A>(g), Tiling::output_grad::<M>(g));
+    let tiles = input.tiles();
     let (chw, ohw) = (c * g.h * g.w, g.ohw());
     let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and dY's transform
     let group = (GROUP_BYTES / per_image).clamp(1, CHUNK);
-    let (input, output_grad) = (Tiling::input::<M, A>(g), Tiling::output_grad::<M>(g));
     // S[ξ, o, c]; with fewer chunks than cores, each chunk's GEMMs are spread over the cores
     let sums = sum_over_chunks(g.n, A * A * o * c, |images, spread, sums| {
         for first in images.clone().step_by(group) {
@@ -498,6 +498,11 @@ impl Tiling {
     fn output_grad<const M: usize>(g: &Geometry) -> Tiling {
         let (tiles_y, tiles_x) = (g.oh.div_ceil(M), g.ow.div_ceil(M));
         Tiling { channels: g.o, h: g.oh, w: g.ow, pad: 0, step: M, size: M, tiles_y, tiles_x }
+    }
+
+    /// Patches (tiles) an image has.
+    fn tiles(&self) -> usize {
+        self.tiles_y * self.tiles_x
     }
 
     /// Width of a padded plane, every patch inside.
