@@ -1,27 +1,30 @@
-//! Direct convolution with AVX-512, for the strided layer (conv1): no patch matrix and no
-//! transposition. Output pixels, 16 to a vector, accumulate `w[o, ci, ky, kx] · x[ci, oy*s +
-//! ky, ox*s + kx]` over the kernel, the inputs loaded as whole vectors from the
-//! [`Geometry::split`] image (where columns one stride apart are consecutive) and each weight
-//! broadcast, for [`R`] output channels at once; the bias and ReLU are applied as the sums
-//! leave the registers, straight into the NCHW output.
+//! Direct convolution with AVX-512, for the strided layer (conv1): no patch matrix. A register
+//! block holds `V` vectors of 16 output channels at `P` output pixels; each step of the kernel
+//! loads the `V` weight vectors of one `(ci, ky, kx)` and broadcasts the `P` pixels' input
+//! values against them, from the zero-padded image. The sums, with the bias and ReLU, are
+//! stored channels-last for a chunk of pixels, then transposed into the NCHW planes.
 //!
-//! Measured against the pixel-major GEMM (torchvision conv1 alone, alternated runs): batch 1
-//! 1.7-2.4 -> 1.1-1.8 ms, batch 64 73-83 -> 64-75 ms. For stride 1 it was no faster than the
-//! GEMM at 27x27 and twice as slow as Winograd at 13x13 (a 13-pixel row wastes 3 of 16 lanes),
-//! so those layers stay where they were.
+//! Each output is summed in `(ci, ky, kx)` order from zero and the bias added last, whatever
+//! the block's shape: the same bits as the first direct kernel (below) gave.
+//!
+//! Against the pixel-major GEMM, the first direct kernel (pixels in the vectors, weights
+//! broadcast) took torchvision's conv1 at batch 1 from 1.7-2.4 to 1.1-1.8 ms and at batch 64
+//! from 73-83 to 64-75 ms. This one, channels in the vectors (its loads never cross a cache
+//! line), takes it a further 5-10% (conv1 alone, fastest of alternated runs: batch 1 0.72 ->
+//! 0.67 ms, batch 16 10.0-10.3 -> 9.0-9.6 ms; paper's 48 channels at batch 32 16.2-20.2 ->
+//! 13.4-17.9 ms), with the same sums. For stride 1 the direct form was no faster than the GEMM
+//! at 27x27 and twice as slow as Winograd at 13x13, so those layers stay where they were.
 
 use std::arch::x86_64::*;
 
+use super::super::relu_lanes;
 use super::super::transpose::transpose;
-use super::super::{first_lanes, relu_lanes};
 use super::{for_each_chunk, with_scratch, Geometry};
 
-/// Output channels (broadcast weights) and pixel vectors a register block holds: 24
-/// accumulators, 6 input vectors and a broadcast use 31 of the 32 registers. Of the shapes
-/// that fit, fewer broadcasts were faster (conv1: 4 x 6 and 6 x 4 against 12 x 2 at half the
-/// speed).
-const R: usize = 4;
-const C: usize = 6;
+const LANES: usize = 16;
+/// Pixels staged channels-last before they are transposed into the planes: a multiple of
+/// every block's pixel count (16, 12, 8).
+const CHUNK: usize = 240;
 
 /// Whether the direct form takes this convolution: a stride above 1, and AVX-512.
 pub(super) fn applies(g: &Geometry) -> bool {
@@ -30,36 +33,41 @@ pub(super) fn applies(g: &Geometry) -> bool {
 
 /// `relu?(conv(x, w) + b)` for a batch, NCHW in and out.
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
-    let weights = pack_weights(g, w);
-    // kernel column kx reads phase kx % s at index kx / s (no division in the kernel's loop)
-    let from: Vec<usize> = (0..g.k).map(|kx| (kx % g.stride) * g.phase_len() + kx / g.stride).collect();
+    let o_padded = g.o.next_multiple_of(LANES);
+    let weights = pack_weights(g, w, o_padded);
+    let mut bias = b.to_vec();
+    bias.resize(o_padded, 0.0);
+    // the stride-1 split is the plain zero-padded image, [c, h + 2p, w + 2p]
+    let padded = Geometry { stride: 1, ..*g };
+    let (row_len, plane_len) = (g.w + 2 * g.pad, (g.h + 2 * g.pad) * (g.w + 2 * g.pad));
+    // where each output pixel's window starts in a padded plane; the pixels past the last
+    // (a last block's unused places) repeat it, so that they read inside the image
+    let mut windows: Vec<usize> =
+        (0..g.ohw()).map(|p| (p / g.ow) * g.stride * row_len + (p % g.ow) * g.stride).collect();
+    windows.resize(g.ohw().next_multiple_of(CHUNK), windows.last().copied().unwrap_or(0));
+    let kernel = Kernel { c: g.c, k: g.k, row_len, plane_len, o_padded, relu };
+    // images over the cores; a batch too small for that shares each image's channel vectors out
+    let spread = g.n < rayon::current_num_threads();
+    let vectors = o_padded / LANES;
+    let share = if spread { vectors.div_ceil(rayon::current_num_threads()) } else { vectors } * LANES;
     let mut y = vec![0f32; g.n * g.o * g.ohw()];
-    // the output pixels in vectors of 16: (row, first column, lanes inside the row)
-    let vectors: Vec<(usize, usize, u16)> =
-        (0..g.oh).flat_map(|oy| (0..g.ow).step_by(16).map(move |ox| (oy, ox, first_lanes(g.ow - ox)))).collect();
-    // the unmasked loads of a row's last vector read up to 15 values past the image (stale
-    // values, into lanes that are never stored): the furthest read, checked once here
-    let split_len = g.split_len() + 16;
-    let (padded_rows, pl) = (g.h + 2 * g.pad, g.phase_len());
-    let furthest = (g.c.saturating_sub(1) * padded_rows + (g.oh - 1) * g.stride + g.k - 1) * g.stride * pl;
-    assert!(g.n == 0 || furthest + vectors.last().map_or(0, |v| v.1) + from.iter().max().unwrap() + 15 < split_len);
-    // images over the cores; a batch too small for that spreads each image's channel blocks
-    let spread_blocks = g.n < rayon::current_num_threads();
-    for_each_chunk(&mut y, g.o * g.ohw(), !spread_blocks, |i, y| {
-        with_scratch(split_len, |split| {
-            g.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], &mut split[..g.split_len()]);
-            for_each_chunk(y, R * g.ohw(), spread_blocks, |ob, planes| {
-                let w = &weights[ob * g.ckk() * R..][..g.ckk() * R];
-                let bias = &b[ob * R..(ob * R + R).min(g.o)];
-                for chunk in vectors.chunks(C) {
-                    let at = std::array::from_fn(|v| match chunk.get(v) {
-                        Some(&vector) => vector,
-                        None => (chunk[0].0, chunk[0].1, 0), // stores nothing; reads a valid row
-                    });
-                    // SAFETY: AVX-512F is present (`applies`); the reads stay in `split` (asserted
-                    // above) and `w` (checked in `run`), the masked writes in `planes`, one per
-                    // channel of `bias`.
-                    unsafe { Block { g, split, from: &from, w, bias, relu, at }.run(planes) }
+    for_each_chunk(&mut y, g.o * g.ohw(), !spread, |i, y| {
+        with_scratch(padded.split_len(), |image| {
+            padded.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], image);
+            let image = &*image;
+            for_each_chunk(y, share * g.ohw(), spread, |part, mut planes| {
+                let mut stage = vec![0f32; CHUNK * 3 * LANES];
+                let mut first = part * share;
+                for vectors in block_vectors((planes.len() / g.ohw()).div_ceil(LANES)) {
+                    let channels = (vectors * LANES).min(planes.len() / g.ohw());
+                    let (block, rest) = std::mem::take(&mut planes).split_at_mut(channels * g.ohw());
+                    for (chunk, windows) in windows.chunks(CHUNK).enumerate() {
+                        let pixels = CHUNK.min(g.ohw() - chunk * CHUNK);
+                        // SAFETY: AVX-512F is present (`applies`); `run` checks its reads.
+                        unsafe { kernel.run(vectors, image, windows, &weights, &bias, first, &mut stage) };
+                        transpose(pixels, channels, &stage, vectors * LANES, &mut block[chunk * CHUNK..], g.ohw());
+                    }
+                    (planes, first) = (rest, first + channels);
                 }
             });
         })
@@ -67,64 +75,118 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     y
 }
 
-/// `packed[block, (ci, ky, kx), r] = w[block * R + r, ci, ky, kx]`, 0 past the last channel:
-/// the `R` weights one step of the kernel broadcasts lie side by side.
-fn pack_weights(g: &Geometry, w: &[f32]) -> Vec<f32> {
-    let ckk = g.ckk();
-    let mut packed = vec![0f32; g.o.div_ceil(R) * ckk * R];
-    for (filters, dst) in w.chunks(R * ckk).zip(packed.chunks_mut(R * ckk)) {
-        transpose(filters.len() / ckk, ckk, filters, ckk, dst, R);
-    }
+/// The channel vectors of each register block, for `vectors` of them: pairs (2 x 12 pixels;
+/// the weights, 46 KB for conv1, stay in L1), and an odd one joins the last pair, as 3 x 8
+/// (conv1 of 96 channels at batch 16: 14.4-14.8 ms, against 15.2-15.8 as 4 + 4 + 2 vectors; of
+/// 48 at batch 32: 13.8-14.7, against 16.5-17.7 as 2 + 1).
+fn block_vectors(vectors: usize) -> impl Iterator<Item = usize> {
+    let pairs = vectors / 2;
+    (0..pairs.max(1)).map(move |i| if i + 1 == pairs.max(1) { vectors - 2 * i } else { 2 })
+}
+
+/// `packed[(ci, ky, kx), oc] = w[oc, ci, ky, kx]`, 0 past the last channel: the weights one
+/// step of the kernel loads lie side by side, a vector to 16 channels.
+fn pack_weights(g: &Geometry, w: &[f32], o_padded: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; g.ckk() * o_padded];
+    transpose(g.o, g.ckk(), w, g.ckk(), &mut packed, o_padded);
     packed
 }
 
-/// One register block: the output channels of `bias` at the pixel vectors `at`.
-struct Block<'a> {
-    g: &'a Geometry,
-    split: &'a [f32],
-    /// Where kernel column kx reads in a padded row of the split image.
-    from: &'a [usize],
-    w: &'a [f32],
-    bias: &'a [f32],
+/// The sizes a register block works with.
+struct Kernel {
+    c: usize,
+    k: usize,
+    /// Values per row and per channel plane of the padded image.
+    row_len: usize,
+    plane_len: usize,
+    /// Channels per row of the packed weights and the bias.
+    o_padded: usize,
     relu: bool,
-    at: [(usize, usize, u16); C],
 }
 
-impl Block<'_> {
+impl Kernel {
+    /// `stage[p, v * 16 + lane]` for the `vectors` channel vectors from `first` at the pixels
+    /// whose windows start at `windows` (a chunk), with the bias and ReLU.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, planes: &mut [f32]) {
-        let g = self.g;
-        let (k, s, pl, ohw) = (g.k, g.stride, g.phase_len(), g.ohw());
-        let padded_rows = g.h + 2 * g.pad;
-        assert!(self.w.len() == g.ckk() * R && planes.len() >= self.bias.len() * ohw);
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        let mut w = self.w.as_ptr();
-        for ci in 0..g.c {
-            for ky in 0..k {
-                // padded row oy*s + ky of channel ci; output column ox starts at index ox
-                let rows: [*const f32; C] = std::array::from_fn(|v| {
-                    let (oy, ox, _) = self.at[v];
-                    self.split.as_ptr().add((ci * padded_rows + oy * s + ky) * s * pl + ox)
-                });
-                for &from in self.from {
-                    let xv: [__m512; C] = std::array::from_fn(|v| _mm512_loadu_ps(rows[v].add(from)));
-                    for (i, acc_row) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*w.add(i));
-                        for (a, &xc) in acc_row.iter_mut().zip(&xv) {
-                            *a = _mm512_fmadd_ps(wv, xc, *a);
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        vectors: usize,
+        image: &[f32],
+        windows: &[usize],
+        weights: &[f32],
+        bias: &[f32],
+        first: usize,
+        stage: &mut [f32],
+    ) {
+        let furthest =
+            windows.iter().max().map_or(0, |&w| w + (self.c - 1) * self.plane_len + (self.k - 1) * (self.row_len + 1));
+        assert!(
+            (1..=3).contains(&vectors)
+                && windows.len() == CHUNK
+                && furthest < image.len()
+                && first + vectors * LANES <= self.o_padded
+        );
+        assert!(weights.len() == self.c * self.k * self.k * self.o_padded && stage.len() >= CHUNK * vectors * LANES);
+        let (weights, bias) = (&weights[first..], &bias[first..]);
+        match vectors {
+            1 => self.blocks::<1, 16>(image, windows, weights, bias, stage),
+            2 => self.blocks::<2, 12>(image, windows, weights, bias, stage),
+            _ => self.blocks::<3, 8>(image, windows, weights, bias, stage),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn blocks<const V: usize, const P: usize>(
+        &self,
+        image: &[f32],
+        windows: &[usize],
+        weights: &[f32],
+        bias: &[f32],
+        stage: &mut [f32],
+    ) {
+        for (block, windows) in windows.chunks_exact(P).enumerate() {
+            let at: [*const f32; P] = std::array::from_fn(|p| image.as_ptr().add(windows[p]));
+            let out = stage.as_mut_ptr().add(block * P * V * LANES);
+            self.block::<V, P>(at, weights.as_ptr(), bias.as_ptr(), out);
+        }
+    }
+
+    /// One register block: `V` channel vectors at the `P` pixels whose windows start at `at`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const V: usize, const P: usize>(
+        &self,
+        at: [*const f32; P],
+        mut w: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; P];
+        for ci in 0..self.c {
+            for ky in 0..self.k {
+                let row = ci * self.plane_len + ky * self.row_len;
+                let rows: [*const f32; P] = std::array::from_fn(|p| at[p].add(row));
+                for kx in 0..self.k {
+                    let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(w.add(v * LANES)));
+                    for (acc_p, &x) in acc.iter_mut().zip(&rows) {
+                        let xv = _mm512_set1_ps(*x.add(kx));
+                        for (a, &wv) in acc_p.iter_mut().zip(&wv) {
+                            *a = _mm512_fmadd_ps(wv, xv, *a);
                         }
                     }
-                    w = w.add(R);
+                    w = w.add(self.o_padded);
                 }
             }
         }
-        for (i, (acc_row, &bias)) in acc.iter().zip(self.bias).enumerate() {
-            for (&a, &(oy, ox, mask)) in acc_row.iter().zip(&self.at) {
-                let mut value = _mm512_add_ps(a, _mm512_set1_ps(bias));
+        for (p, acc_p) in acc.iter().enumerate() {
+            for (v, &a) in acc_p.iter().enumerate() {
+                let mut value = _mm512_add_ps(a, _mm512_loadu_ps(bias.add(v * LANES)));
                 if self.relu {
                     value = relu_lanes(value);
                 }
-                _mm512_mask_storeu_ps(planes.as_mut_ptr().add(i * ohw + oy * g.ow + ox), mask, value);
+                _mm512_storeu_ps(out.add((p * V + v) * LANES), value);
             }
         }
     }
