@@ -176,8 +176,19 @@ impl InplaceOp2 for VelocityStep<'_> {
 const CHUNK: usize = 1 << 16;
 
 /// `v[i] = f(v[i], w[i], g[i])`, then `w[i] += v[i] * d`, over the cores.
-fn velocity_then_weights(v: &mut [f32], w: &mut [f32], g: &[f32], d: f32, f: impl Fn(f32, f32, f32) -> f32 + Sync) {
+fn velocity_then_weights(
+    v: &mut [f32],
+    w: &mut [f32],
+    g: &[f32],
+    d: f32,
+    f: impl Fn(f32, f32, f32) -> f32 + Sync + Copy,
+) {
     v.par_chunks_mut(CHUNK).zip(w.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(v, (w, g))| {
+        // a copy of the rule's constants here, where no store to v or w can change them: read
+        // through the shared closure they were loaded again for every value, and the loop ran
+        // one value at a time (torchvision's parameters, medians of 5 alternated runs: 44 ->
+        // 34 ms a step)
+        let f = f;
         for ((v, w), &g) in v.iter_mut().zip(w).zip(g) {
             *v = f(*v, *w, g);
             *w += *v * d;
