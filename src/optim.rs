@@ -188,9 +188,9 @@ fn velocity_then_weights(
         // through the shared closure they were loaded again for every value, and the loop ran
         // one value at a time (torchvision's parameters, medians of 5 alternated runs: 44 ->
         // 34 ms a step)
-        let f = f;
+        let rule = f;
         for ((v, w), &g) in v.iter_mut().zip(w).zip(g) {
-            *v = f(*v, *w, g);
+            *v = rule(*v, *w, g);
             *w += *v * d;
         }
     });

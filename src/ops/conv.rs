@@ -9,10 +9,11 @@
 //!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 and 5x5
 //!   stride-1 layers (conv2-5) by Winograd's F(2x2, 3x3) and F(2x2, 5x5) once the batch gives
 //!   every core enough tiles ([`winograd`]);
-//! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches, or for the 3x3
+//! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches; for the 3x3
 //!   and 5x5 stride-1 layers, where the forward takes Winograd, by Winograd's algorithm read
-//!   the other way round ([`winograd::weight_grad`]); either way summed over fixed chunks of the
-//!   batch in a fixed order, so the result does not depend on how many threads ran it;
+//!   the other way round ([`winograd::weight_grad`]); for strided layers directly
+//!   ([`direct::weight_grad`]); any way summed over fixed chunks of the batch in a fixed order,
+//!   so the result does not depend on how many threads ran it;
 //! * input gradient: `dX = col2im(Wᵀ · dY)`, or for the 3x3 and 5x5 stride-1 layers, where the
 //!   batch allows, Winograd's forward of `dY` with the filters turned half a turn; skipped entirely
 //!   when the input needs no gradient (the image), which Candle's own conv backward always
@@ -569,7 +570,13 @@ impl candle_core::CustomOp2 for WeightGrad {
         let g = Geometry::new(&self.0, xl, &wl)?;
         let x = super::contiguous_f32("conv2d weight grad", xs, xl)?;
         let dy = super::contiguous_f32("conv2d weight grad", gs, gl)?;
-        let dw = if winograd::applies(&g) { winograd::weight_grad(&g, x, dy) } else { weight_grad_gemm(&g, x, dy) };
+        let dw = if winograd::applies(&g) {
+            winograd::weight_grad(&g, x, dy)
+        } else if cfg!(target_arch = "x86_64") && direct::applies(&g) {
+            direct::weight_grad(&g, x, dy)
+        } else {
+            weight_grad_gemm(&g, x, dy)
+        };
         Ok((CpuStorage::F32(dw), Shape::from((o, c, k, k))))
     }
 }
@@ -727,6 +734,28 @@ mod tests {
             let kept = winograd::forward(&g, &x, &wt, &b, true, true);
             let fresh = winograd::forward(&g, &x, &wt, &b, true, false);
             assert_eq!(kept, fresh, "step {step}");
+        }
+    }
+
+    /// The direct weight gradient of strided layers against `Σ dY · P(X)`: one, two and three
+    /// channel vectors (blocks of 16, 12 and 8 taps, the last partly unused), channel counts
+    /// off the 16 lanes, one chunk of images spread over the cores and several chunks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn strided_weight_gradients_agree() {
+        for (n, c, h, w, o, k, stride, pad) in [
+            (2, 3, 35, 31, 7, 11, 4, 2),
+            (9, 3, 35, 31, 48, 11, 4, 2),
+            (3, 8, 21, 41, 40, 3, 2, 1),
+            (1, 3, 27, 27, 64, 11, 4, 2),
+        ] {
+            let g = geometry(n, c, h, w, o, k, stride, pad);
+            if !direct::applies(&g) {
+                return; // no AVX-512
+            }
+            let (x, dy) = (values(n * c * h * w, 6), values(n * o * g.ohw(), 4));
+            let worst = relative_difference(&direct::weight_grad(&g, &x, &dy), &weight_grad_gemm(&g, &x, &dy));
+            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, stride {stride}: differs by {worst:e}");
         }
     }
 
