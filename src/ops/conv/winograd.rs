@@ -211,7 +211,7 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     let tiling = Tiling::input::<M, A>(g);
     let tiles = tiling.tiles();
     let per_image = A * A * tiles * (c + o) * std::mem::size_of::<f32>(); // of V and M
-    let group = images_per_gemm(g.n, tiles).min((GROUP_BYTES / per_image).max(1));
+    let group = images_per_gemm(g.n, tiles, (GROUP_BYTES / per_image).max(1));
     // too few groups of images for the cores (small batches): each group's GEMMs (one per ξ)
     // and its output channels are spread over the cores instead
     let spread = !matches!(parallelism(g.n.div_ceil(group)), Parallelism::None);
