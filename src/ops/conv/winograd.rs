@@ -2,9 +2,9 @@
 //! 2016): each MxM block of outputs comes from an AxA patch of input (`A = M + R - 1` for an
 //! RxR kernel) with `A²` multiplies per channel pair instead of `M²R²`:
 //!
-//! * weights: `U = G g Gᵀ` for each kernel `g`, `A²` values `U[ξ, o, c]`;
+//! * weights: `U = G g Gᵀ` for each kernel `g`, `A²` values `U[ξ, c, o]`;
 //! * input: `V = Bᵀ d B` for each patch `d` (patches every M pixels), `V[ξ, tile, c]`;
-//! * `A²` GEMMs, one per position ξ: `M[ξ] = U[ξ] · V[ξ]`, `[O, C] · [C, tiles]`;
+//! * `A²` GEMMs, one per position ξ: `M[ξ] = V[ξ] · U[ξ]`, `[tiles, C] · [C, O]`;
 //! * output: `Y = Aᵀ M A`, the MxM block, plus bias (and the ReLU).
 //!
 //! Two algorithms, one code: F(2x2, 3x3) for conv3-5 (13x13 maps, 2.25 times fewer
@@ -228,13 +228,21 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
             let v = &*v;
             for_each_chunk(m, o * ld, spread, |xi, m_xi| {
                 let (u_xi, v_xi) = (&u[xi * o * c..][..o * c], &v[xi * c * ld..][..c * ld]);
-                matmul(o, ld, c, m_xi, false, (u_xi, c as isize, 1), (v_xi, 1, c as isize), Parallelism::None);
+                // M[ξ][tile, o] = V[ξ][tile, c] · U[ξ][c, o]: the `gemm` crate then runs its
+                // register blocks down the channels, whose counts are multiples of 64, and
+                // reads V as it lies. The other way round, down the tiles, a group's 196 tiles
+                // left a block of 4 rows that cost what 37 rows do, and V was packed for every
+                // GEMM. Medians of 5 alternated runs, in three sets: conv4's forward at batch
+                // 16 15.8-19.0 -> 11.5-15.9 ms; conv2's 18.4-23.0 -> 17.2-22.0 ms (its output
+                // transform, 192 channels, gives back most of the gain); conv2's input gradient
+                // at batch 32 51.5-54.5 -> 40.5-41.9 ms
+                matmul(ld, o, c, m_xi, false, (v_xi, c as isize, 1), (u_xi, o as isize, 1), Parallelism::None);
             });
             let m = &*m;
             for (i, y_image) in out.chunks_mut(o * ohw).enumerate() {
                 for_each_plane_share(y_image, ohw, spread, |first, y_part| {
                     let bias = &b[first..][..y_part.len() / ohw];
-                    transform_output::<F, M, R, A>(g, &m[first * ld..], ld, i * tiles, bias, relu, y_part);
+                    transform_output::<F, M, R, A>(g, &m[first..], ld, i * tiles, bias, relu, y_part);
                 });
             }
         })
@@ -326,7 +334,7 @@ fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: us
     dw
 }
 
-/// `U[ξ, o, c] = (G g Gᵀ)[ξ]` for each kernel `g`, from the weights turned tap-major so that
+/// `U[ξ, c, o] = (G g Gᵀ)[ξ]` for each kernel `g`, from the weights turned tap-major so that
 /// the kernels lie side by side (16 at a time with AVX-512); a row of ξ (the `A` positions
 /// `(i, ·)`, which share `(G g)[i]`) to a task.
 fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
@@ -335,8 +343,10 @@ fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const 
     c: usize,
 ) -> Vec<f32> {
     let pairs = o * c;
-    let mut taps = vec![0f32; R * R * pairs]; // taps[(r, s), pair]
-    transpose(pairs, R * R, w, R * R, &mut taps, pairs);
+    let mut taps = vec![0f32; R * R * pairs]; // taps[(r, s), (ci, oc)] = w[oc, ci, r, s]
+    for ci in 0..c {
+        transpose(o, R * R, &w[ci * R * R..], c * R * R, &mut taps[ci * o..], pairs);
+    }
     #[cfg(target_arch = "x86_64")]
     let avx512 = std::arch::is_x86_feature_detected!("avx512f");
     let mut u = vec![0f32; A * A * pairs];
@@ -564,9 +574,9 @@ impl Tiling {
     }
 }
 
-/// One image's output from `M`: each tile's MxM block `Aᵀ m A` plus the bias (and the ReLU),
-/// cropped to the output's size, for the output channels of `b` (`m` and `y` start at the
-/// first of them).
+/// One image's output from `M` (`[ξ, tile, o]`, the image's tiles from `first` on): each
+/// tile's MxM block `Aᵀ m A` plus the bias (and the ReLU), cropped to the output's size, for
+/// the output channels of `b` (`m` and `y` start at the first of them).
 fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     g: &Geometry,
     m: &[f32],
@@ -585,7 +595,7 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
     let plane = g.o * ld; // between the positions ξ in `m`
     for (oc, (y_plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
         for tile in 0..g.oh.div_ceil(M) * tiles_x {
-            let at = oc * ld + first + tile;
+            let at = (first + tile) * g.o + oc;
             let block = transform_tile::<f32, OutputT<F, M, R, A>, M, A>(|xi| m[xi * plane + at]);
             let (oy, ox) = (M * (tile / tiles_x), M * (tile % tiles_x));
             for (r, row) in block.iter().enumerate().take(g.oh - oy) {
@@ -688,8 +698,9 @@ mod avx512 {
         super::transform_patch::<Vector, K, ROWS, COLS>(d, store);
     }
 
-    /// [`super::transform_output`] with 16 tiles to a vector (an image's tiles lie side by side
-    /// in each row of `M`), each output of a tile scattered to its place in the plane.
+    /// [`super::transform_output`] with 16 output channels to a vector (they lie side by side
+    /// in each row of `M`), each output of a tile scattered to its place in the 16 planes.
+    /// (Staged channels-last and transposed into the planes instead, it took as long.)
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
         g: &Geometry,
@@ -700,47 +711,33 @@ mod avx512 {
         relu: bool,
         y: &mut [f32],
     ) {
-        let tiles_x = g.ow.div_ceil(M);
+        let (tiles_x, ohw) = (g.ow.div_ceil(M), g.ohw());
         let tiles = g.oh.div_ceil(M) * tiles_x;
         let plane = g.o * ld; // between the positions ξ in `m`
-        assert!(m.len() >= (A * A - 1) * plane + (b.len() - 1) * ld + first + tiles);
-        assert!(y.len() == b.len() * g.ohw());
-        // for each vector of tiles and output (r, s) of a tile: where it goes, and whether it is
-        // inside the map (the last tiles' last rows and columns may not be)
-        let places: Vec<[[(__m512i, __mmask16); M]; M]> = (0..tiles)
-            .step_by(16)
-            .map(|t0| {
-                std::array::from_fn(|r| {
-                    std::array::from_fn(|s| {
-                        let mut index = [0i32; 16];
-                        let mut inside = 0u16;
-                        for (lane, slot) in index.iter_mut().enumerate().take(tiles - t0) {
-                            let t = t0 + lane;
-                            let (oy, ox) = (M * (t / tiles_x) + r, M * (t % tiles_x) + s);
-                            if oy < g.oh && ox < g.ow {
-                                *slot = (oy * g.ow + ox) as i32;
-                                inside |= 1 << lane;
-                            }
-                        }
-                        (_mm512_loadu_si512(index.as_ptr().cast()), inside)
-                    })
-                })
-            })
-            .collect();
-        for (oc, (y_plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
-            let bias = _mm512_set1_ps(bias);
-            for (j, places) in places.iter().enumerate() {
-                let at = oc * ld + first + 16 * j;
-                let lanes = first_lanes(tiles - 16 * j);
+        assert!(b.len() <= g.o && m.len() >= (A * A - 1) * plane + (first + tiles - 1) * g.o + b.len());
+        assert!(y.len() == b.len() * ohw && y.len() < 1 << 31);
+        // lane l of a vector goes to plane l
+        let planes = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(ohw as i32),
+        );
+        for tile in 0..tiles {
+            let (oy, ox) = (M * (tile / tiles_x), M * (tile % tiles_x));
+            for c0 in (0..b.len()).step_by(16) {
+                let lanes = first_lanes(b.len() - c0);
+                let bias = _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(c0));
+                let at = (first + tile) * g.o + c0;
                 let m = |xi: usize| Vector(_mm512_maskz_loadu_ps(lanes, m.as_ptr().add(xi * plane + at)));
                 let block = transform_tile::<Vector, OutputT<F, M, R, A>, M, A>(m);
-                for (row, places) in block.iter().zip(places) {
-                    for (value, &(index, inside)) in row.iter().zip(places) {
+                for (r, row) in block.iter().enumerate().take(g.oh - oy) {
+                    for (s, value) in row.iter().enumerate().take(g.ow - ox) {
                         let mut value = _mm512_add_ps(value.0, bias);
                         if relu {
                             value = relu_lanes(value);
                         }
-                        _mm512_mask_i32scatter_ps::<4>(y_plane.as_mut_ptr().cast(), inside, index, value);
+                        let pixel = _mm512_set1_epi32(((oy + r) * g.ow + ox + s) as i32);
+                        let index = _mm512_add_epi32(planes, pixel);
+                        _mm512_mask_i32scatter_ps::<4>(y.as_mut_ptr().add(c0 * ohw).cast(), lanes, index, value);
                     }
                 }
             }
