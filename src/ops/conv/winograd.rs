@@ -114,7 +114,7 @@ impl Minimal<2, 5, 6> for F2x5 {
 }
 
 /// Whether [`forward`] computes this convolution: 3x3 or 5x5, stride 1, and GEMMs of at
-/// least [`GEMM_TILES`] columns with enough of them for the cores: a 27x27 map (196 tiles)
+/// least [`GEMM_TILES`] tiles with enough of them for the cores: a 27x27 map (196 tiles)
 /// fills one, its GEMMs then spread over the cores; 13x13 maps (49 tiles) need four images a
 /// core.
 pub(super) fn applies(g: &Geometry) -> bool {
@@ -123,7 +123,8 @@ pub(super) fn applies(g: &Geometry) -> bool {
     matches!(g.k, 3 | 5) && g.stride == 1 && enough
 }
 
-/// With fewer tiles a GEMM has too few columns to run at speed. Measured on 2 cores:
+/// With fewer tiles a GEMM is too small to run at speed. Measured on 2 cores (with the products
+/// the other way round, `U · V`):
 /// torchvision's conv3-5 at batch 1 3.3 / 4.2 / 2.5 ms against im2col's 1.7 / 2.6 / 1.6, at
 /// batch 4 about level (5.3 / 7.2 / 4.6 against 5.0 / 6.8 / 4.5), ahead from batch 8; its
 /// conv2 at batch 1 3.2 against 3.5-3.7 ms.
