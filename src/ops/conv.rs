@@ -685,22 +685,39 @@ mod tests {
         got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
     }
 
+    /// The convolutions the paths are compared on, `(n, c, h, w, o, k, stride, pad)`: 3x3 and 5x5
+    /// at stride 1 with padding 1, 0 and 2 and partial Winograd tiles, strided 11x11 and 3x3;
+    /// one, two and three vectors of output channels (the direct form's blocks) and counts off
+    /// the 16 lanes; single images, batches that fill a chunk of images spread over the cores
+    /// and batches of several chunks.
+    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize, usize); 19] = [
+        (3, 5, 13, 13, 16, 3, 1, 1),
+        (4, 6, 10, 9, 17, 3, 1, 0),
+        (5, 4, 9, 9, 20, 5, 1, 2),
+        (2, 20, 9, 11, 8, 3, 1, 1),
+        (2, 48, 14, 13, 24, 5, 1, 2),
+        (3, 17, 8, 10, 5, 5, 1, 0),
+        (3, 20, 9, 11, 8, 3, 1, 1),
+        (2, 5, 10, 9, 17, 3, 1, 0),
+        (1, 16, 13, 13, 16, 3, 1, 1),
+        (11, 16, 13, 13, 16, 3, 1, 1),
+        (2, 24, 14, 13, 48, 5, 1, 2),
+        (1, 6, 9, 8, 5, 5, 1, 0),
+        (9, 6, 9, 8, 5, 5, 1, 0),
+        (2, 3, 35, 31, 7, 11, 4, 2),
+        (1, 3, 35, 31, 7, 11, 4, 2),
+        (9, 3, 35, 31, 48, 11, 4, 2),
+        (3, 8, 21, 41, 10, 3, 2, 1),
+        (3, 8, 21, 41, 40, 3, 2, 1),
+        (1, 3, 27, 27, 64, 11, 4, 2),
+    ];
+
     /// Every forward path (pixel-major at every grouping, spread over the cores or not;
     /// channel-major; Winograd; direct) gives the same numbers; the PyTorch fixtures pin one of
     /// them per shape (tests/ops.rs, tests/model.rs).
     #[test]
     fn forward_paths_agree() {
-        for (n, c, h, w, o, k, stride, pad) in [
-            (3, 5, 13, 13, 16, 3, 1, 1),
-            (4, 6, 10, 9, 17, 3, 1, 0),
-            (2, 3, 35, 31, 7, 11, 4, 2),
-            (5, 4, 9, 9, 20, 5, 1, 2),
-            (1, 3, 35, 31, 7, 11, 4, 2),
-            (3, 8, 21, 41, 10, 3, 2, 1),
-            (2, 20, 9, 11, 8, 3, 1, 1),
-            (2, 48, 14, 13, 24, 5, 1, 2),
-            (3, 17, 8, 10, 5, 5, 1, 0),
-        ] {
+        for (n, c, h, w, o, k, stride, pad) in SHAPES {
             let g = geometry(n, c, h, w, o, k, stride, pad);
             let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
             for relu in [false, true] {
@@ -744,52 +761,29 @@ mod tests {
         }
     }
 
-    /// The direct weight gradient of strided layers against `Σ dY · P(X)`: one, two and three
-    /// channel vectors (blocks of 16, 12 and 8 taps, the last partly unused), channel counts
-    /// off the 16 lanes, one chunk of images spread over the cores and several chunks.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn strided_weight_gradients_agree() {
-        for (n, c, h, w, o, k, stride, pad) in [
-            (2, 3, 35, 31, 7, 11, 4, 2),
-            (9, 3, 35, 31, 48, 11, 4, 2),
-            (3, 8, 21, 41, 40, 3, 2, 1),
-            (1, 3, 27, 27, 64, 11, 4, 2),
-        ] {
-            let g = geometry(n, c, h, w, o, k, stride, pad);
-            if !direct::applies(&g) {
-                return; // no AVX-512
-            }
-            let (x, dy) = (values(n * c * h * w, 6), values(n * o * g.ohw(), 4));
-            let worst = relative_difference(&direct::weight_grad(&g, &x, &dy), &weight_grad_gemm(&g, &x, &dy));
-            assert!(worst < 4e-6, "{n}x{c}x{h}x{w}, {o} {k}x{k} filters, stride {stride}: differs by {worst:e}");
-        }
-    }
-
-    /// Both gradients by Winograd against the GEMM paths: the input gradient (a stride-1
-    /// layer's `dX` as a convolution of `dY`) against `col2im(Wᵀ · dY)`, the weight gradient
-    /// against `Σ dY · P(X)`; padding 1, 0 and 2, partial tiles, channel counts off the 16
-    /// lanes, single images, one chunk of images spread over the cores and several chunks.
+    /// The gradients' fast paths against the GEMM forms: for stride 1, both by Winograd (the
+    /// input gradient, `dX` as a convolution of `dY`, against `col2im(Wᵀ · dY)`, the weight
+    /// gradient against `Σ dY · P(X)`); for strides above 1, the direct weight gradient (blocks
+    /// of 16, 12 and 8 taps, the last partly unused) against `Σ dY · P(X)`.
     #[test]
     fn gradient_paths_agree() {
-        for (n, c, h, w, o, k, pad) in [
-            (3, 20, 9, 11, 8, 3, 1),
-            (2, 5, 10, 9, 17, 3, 0),
-            (1, 16, 13, 13, 16, 3, 1),
-            (11, 16, 13, 13, 16, 3, 1),
-            (2, 24, 14, 13, 48, 5, 2),
-            (1, 6, 9, 8, 5, 5, 0),
-            (9, 6, 9, 8, 5, 5, 0),
-        ] {
-            let g = geometry(n, c, h, w, o, k, 1, pad);
+        for (n, c, h, w, o, k, stride, pad) in SHAPES {
+            let g = geometry(n, c, h, w, o, k, stride, pad);
             let (x, dy, wt) = (values(n * c * h * w, 6), values(n * o * g.ohw(), 4), values(o * c * k * k, 5));
-            let paths = [
-                ("input", input_grad_col2im(&g, &dy, &wt), input_grad_winograd(&g, &g.transposed().unwrap(), &dy, &wt)),
-                ("weight", weight_grad_gemm(&g, &x, &dy), winograd::weight_grad(&g, &x, &dy)),
-            ];
+            let mut paths = vec![];
+            if stride == 1 {
+                let t = g.transposed().unwrap();
+                paths.push(("input", input_grad_col2im(&g, &dy, &wt), input_grad_winograd(&g, &t, &dy, &wt)));
+                paths.push(("weight", weight_grad_gemm(&g, &x, &dy), winograd::weight_grad(&g, &x, &dy)));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if direct::applies(&g) {
+                paths.push(("direct weight", weight_grad_gemm(&g, &x, &dy), direct::weight_grad(&g, &x, &dy)));
+            }
             for (what, want, got) in paths {
                 let worst = relative_difference(&got, &want);
-                assert!(worst < 4e-6, "{what}: {n}x{c}x{h}x{w}, {o} {k}x{k} filters, pad {pad}: differs by {worst:e}");
+                let shape = format!("{n}x{c}x{h}x{w}, {o} {k}x{k} filters, stride {stride}, pad {pad}");
+                assert!(worst < 4e-6, "{what}: {shape}: differs by {worst:e}");
             }
         }
     }
