@@ -577,14 +577,13 @@ impl candle_core::CustomOp2 for WeightGrad {
         let g = Geometry::new(&self.0, xl, &wl)?;
         let x = super::contiguous_f32("conv2d weight grad", xs, xl)?;
         let dy = super::contiguous_f32("conv2d weight grad", gs, gl)?;
-        let dw = if winograd::applies(&g) {
-            winograd::weight_grad(&g, x, dy)
-        } else if cfg!(target_arch = "x86_64") && direct::applies(&g) {
-            direct::weight_grad(&g, x, dy)
-        } else {
-            weight_grad_gemm(&g, x, dy)
-        };
-        Ok((CpuStorage::F32(dw), Shape::from((o, c, k, k))))
+        let shape = Shape::from((o, c, k, k));
+        #[cfg(target_arch = "x86_64")]
+        if direct::applies(&g) {
+            return Ok((CpuStorage::F32(direct::weight_grad(&g, x, dy)), shape));
+        }
+        let dw = if winograd::applies(&g) { winograd::weight_grad(&g, x, dy) } else { weight_grad_gemm(&g, x, dy) };
+        Ok((CpuStorage::F32(dw), shape))
     }
 }
 
@@ -685,12 +684,14 @@ mod tests {
         got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
     }
 
-    /// The convolutions the paths are compared on, `(n, c, h, w, o, k, stride, pad)`: 3x3 and 5x5
-    /// at stride 1 with padding 1, 0 and 2 and partial Winograd tiles, strided 11x11 and 3x3;
-    /// one, two and three vectors of output channels (the direct form's blocks) and counts off
-    /// the 16 lanes; single images, batches that fill a chunk of images spread over the cores
-    /// and batches of several chunks.
-    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize, usize); 19] = [
+    /// A convolution's `(n, c, h, w, o, k, stride, pad)`.
+    type Sizes = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// The convolutions the paths are compared on: 3x3 and 5x5 at stride 1 with padding 1, 0
+    /// and 2 and partial Winograd tiles, strided 11x11 and 3x3; one, two and three vectors of
+    /// output channels (the direct form's blocks) and counts off the 16 lanes; single images,
+    /// batches that fill a chunk of images spread over the cores and batches of several chunks.
+    const SHAPES: [Sizes; 19] = [
         (3, 5, 13, 13, 16, 3, 1, 1),
         (4, 6, 10, 9, 17, 3, 1, 0),
         (5, 4, 9, 9, 20, 5, 1, 2),

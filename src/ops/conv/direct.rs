@@ -24,11 +24,10 @@ use super::{for_each_chunk, sum_over_chunks, with_scratch, Geometry};
 use rayon::prelude::*;
 
 const LANES: usize = 16;
-/// Pixels staged channels-last before they are transposed into the planes: a multiple of
-/// every block's pixel count (16, 12, 8).
-const CHUNK: usize = 240;
-/// A multiple of every block's pixel or tap count (16, 12, 8).
-const WINDOWS: usize = 48;
+/// The least common multiple of the register blocks' pixel and tap counts (16, 12, 8).
+const BLOCK_LCM: usize = 48;
+/// Pixels staged channels-last before they are transposed into the planes.
+const CHUNK: usize = 5 * BLOCK_LCM;
 
 /// Whether the direct form takes this convolution: a stride above 1, and AVX-512.
 pub(super) fn applies(g: &Geometry) -> bool {
@@ -93,7 +92,7 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let padded = Geometry { stride: 1, ..*g }; // its split: the plain zero-padded image
     let (row_len, plane_len) = (g.w + 2 * g.pad, (g.h + 2 * g.pad) * (g.w + 2 * g.pad));
     // each tap's place relative to a window's start; a last block's unused taps repeat the last
-    let taps_len = ckk.next_multiple_of(WINDOWS);
+    let taps_len = ckk.next_multiple_of(BLOCK_LCM);
     let taps: Vec<usize> = (0..taps_len)
         .map(|e| e.min(ckk - 1))
         .map(|e| (e / (g.k * g.k)) * plane_len + (e % (g.k * g.k) / g.k) * row_len + e % g.k)
@@ -256,7 +255,7 @@ impl Kernel {
 /// The sizes [`weight_grad`]'s register blocks work with.
 struct TapKernel<'a> {
     /// Where each tap's input lies from a window's start in a padded image, padded to a
-    /// multiple of [`WINDOWS`].
+    /// multiple of [`BLOCK_LCM`].
     taps: &'a [usize],
     ckk: usize,
     oh: usize,
@@ -277,7 +276,7 @@ impl TapKernel<'_> {
         assert!(
             (1..=3).contains(&vectors) && furthest < image.len() && sums.len() == vectors * self.taps.len() * LANES
         );
-        assert!(self.taps.len().is_multiple_of(WINDOWS) && dy_t.len() >= self.oh * self.ow * self.o_padded);
+        assert!(self.taps.len().is_multiple_of(BLOCK_LCM) && dy_t.len() >= self.oh * self.ow * self.o_padded);
         assert!((first + vectors) * LANES <= self.o_padded);
         let dy_t = &dy_t[first * LANES..];
         match vectors {
