@@ -176,7 +176,7 @@ static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
 const KEPT_LAYERS: usize = 16;
 
 fn kept_kernels(g: &Geometry, w: &[f32], compute: impl FnOnce() -> Arc<Vec<f32>>) -> Arc<Vec<f32>> {
-    let same = |kept: &[f32]| kept.len() == w.len() && kept.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+    let same = |kept: &[f32]| kept.len() == w.len() && bitwise_equal(kept, w);
     let (at, shape) = (w.as_ptr() as usize, (g.o, g.c, g.k));
     {
         let kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
@@ -192,6 +192,15 @@ fn kept_kernels(g: &Geometry, w: &[f32], compute: impl FnOnce() -> Arc<Vec<f32>>
     }
     kept.push(Kept { at, shape, weights: w.to_vec(), u: u.clone() });
     u
+}
+
+/// Whether `a` and `b` (of one length) hold the same bits, 64 values at a time without a
+/// branch inside, so that it vectorises (value by value with an early exit it took 15% of
+/// conv4's forward by Winograd at batch 1; conv2's forward at batch 1, medians of 7 alternated
+/// runs, 1.67 -> 1.59 ms).
+fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(true, |same, (x, y)| same & (x.to_bits() == y.to_bits()));
+    a.chunks(64).zip(b.chunks(64)).all(|(a, b)| same(a, b))
 }
 
 /// Bytes of `V` and `M` one group of images may take: the GEMMs then find them in cache.
