@@ -34,15 +34,20 @@ pub(super) fn applies(g: &Geometry) -> bool {
     g.stride > 1 && std::arch::is_x86_feature_detected!("avx512f")
 }
 
+/// The plain zero-padded image both kernels read, `[c, h + 2p, w + 2p]`: the split of the
+/// layer at stride 1 (no phases). With its row and plane lengths.
+fn padded_image(g: &Geometry) -> (Geometry, usize, usize) {
+    let row_len = g.w + 2 * g.pad;
+    (Geometry { stride: 1, ..*g }, row_len, (g.h + 2 * g.pad) * row_len)
+}
+
 /// `relu?(conv(x, w) + b)` for a batch, NCHW in and out.
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
     let o_padded = g.o.next_multiple_of(LANES);
     let weights = pack_weights(g, w, o_padded);
     let mut bias = b.to_vec();
     bias.resize(o_padded, 0.0);
-    // the stride-1 split is the plain zero-padded image, [c, h + 2p, w + 2p]
-    let padded = Geometry { stride: 1, ..*g };
-    let (row_len, plane_len) = (g.w + 2 * g.pad, (g.h + 2 * g.pad) * (g.w + 2 * g.pad));
+    let (padded, row_len, plane_len) = padded_image(g);
     // where each output pixel's window starts in a padded plane; the pixels past the last
     // (a last block's unused places) repeat it, so that they read inside the image
     let mut windows: Vec<usize> =
@@ -89,8 +94,7 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
     let vectors = g.o.div_ceil(LANES);
     let o_padded = vectors * LANES;
-    let padded = Geometry { stride: 1, ..*g }; // its split: the plain zero-padded image
-    let (row_len, plane_len) = (g.w + 2 * g.pad, (g.h + 2 * g.pad) * (g.w + 2 * g.pad));
+    let (padded, row_len, plane_len) = padded_image(g);
     // each tap's place relative to a window's start; a last block's unused taps repeat the last
     let taps_len = ckk.next_multiple_of(BLOCK_LCM);
     let taps: Vec<usize> = (0..taps_len)
@@ -101,28 +105,29 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let blocks: Vec<usize> = block_vectors(vectors).collect();
     // sums[vector, tap, lane]
     let sums = sum_over_chunks(g.n, vectors * taps_len * LANES, |images, spread, sums| {
+        // each vector block's sums: (first vector, vectors, sums), spread over the cores when
+        // the chunks are too few
+        let mut parts = Vec::with_capacity(blocks.len());
+        let (mut rest, mut first) = (sums, 0);
+        for &v in &blocks {
+            let (part, after) = std::mem::take(&mut rest).split_at_mut(v * taps_len * LANES);
+            parts.push((first, v, part));
+            (rest, first) = (after, first + v);
+        }
         with_scratch(padded.split_len() + ohw * o_padded, |scratch| {
             let (image, dy_t) = scratch.split_at_mut(padded.split_len());
             for i in images {
                 padded.split(&x[i * chw..][..chw], image);
                 transpose(g.o, ohw, &dy[i * g.o * ohw..][..g.o * ohw], ohw, dy_t, o_padded);
                 let (image, dy_t) = (&*image, &*dy_t);
-                // the vector blocks' sums, spread over the cores when the chunks are too few
-                let mut parts = Vec::with_capacity(blocks.len());
-                let (mut rest, mut first) = (&mut *sums, 0);
-                for &v in &blocks {
-                    let (part, after) = std::mem::take(&mut rest).split_at_mut(v * taps_len * LANES);
-                    parts.push((first, v, part));
-                    (rest, first) = (after, first + v);
-                }
-                let work = |(first, v, part): (usize, usize, &mut [f32])| {
+                let work = |(first, v, part): &mut (usize, usize, &mut [f32])| {
                     // SAFETY: AVX-512F is present (`applies`); `run` checks its reads.
-                    unsafe { kernel.run(v, image, dy_t, first, part) }
+                    unsafe { kernel.run(*v, image, dy_t, *first, part) }
                 };
                 if spread {
-                    parts.into_par_iter().for_each(work);
+                    parts.par_iter_mut().for_each(work);
                 } else {
-                    parts.into_iter().for_each(work);
+                    parts.iter_mut().for_each(work);
                 }
             }
         })

@@ -127,7 +127,8 @@ pub(super) fn applies(g: &Geometry) -> bool {
 /// the other way round, `U · V`):
 /// torchvision's conv3-5 at batch 1 3.3 / 4.2 / 2.5 ms against im2col's 1.7 / 2.6 / 1.6, at
 /// batch 4 about level (5.3 / 7.2 / 4.6 against 5.0 / 6.8 / 4.5), ahead from batch 8; its
-/// conv2 at batch 1 3.2 against 3.5-3.7 ms.
+/// conv2 at batch 1 3.2 against 3.5-3.7 ms. Checked again after the change to `V · U`: 49 tiles
+/// (Winograd from batch 1) was mixed (paper at batch 4 faster, torchvision at 1 and 4 slower).
 const GEMM_TILES: usize = 196;
 
 /// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a `g` that
