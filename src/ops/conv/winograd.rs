@@ -531,16 +531,24 @@ impl Tiling {
         self.step * self.tiles_x + self.size - self.step
     }
 
-    /// Scratch values [`Tiling::transform`] needs: a block of channels' padded planes.
+    /// Values per pixel of [`Tiling::transform`]'s padded image: the channels, rounded up to
+    /// whole vectors.
+    fn pixel_len(&self) -> usize {
+        self.channels.next_multiple_of(LANES)
+    }
+
+    /// Scratch values [`Tiling::transform`] needs: the padded image, channels-last.
     fn work(&self) -> usize {
-        (self.step * self.tiles_y + self.size - self.step) * self.padded_width() * LANES
+        (self.step * self.tiles_y + self.size - self.step) * self.padded_width() * self.pixel_len()
     }
 
     /// `out[ξ, first + tile, c] = (K d Kᵀ)[ξ]` for every patch `d` of one image's planes
     /// (patch `(ty, tx)` starting at pixel `(step ty - pad, step tx - pad)`, zero outside),
-    /// positions ξ `ld * channels` apart. `LANES` channels at a time, interleaved in `work`
-    /// (zero-padded), so that with AVX-512 every operation works on a vector of channels and
-    /// every store is contiguous.
+    /// positions ξ `ld * channels` apart. The image goes channels-last into `work` (zero-padded),
+    /// so that with AVX-512 every operation works on a vector of 16 channels; a tile's channels
+    /// are then transformed one vector after the other, so that each position's values are
+    /// written in one unbroken stream. (A vector of channels at a time over all tiles, each
+    /// line of `out` was written in 16-value parts far apart in time, and read for each part.)
     #[allow(clippy::too_many_arguments)]
     fn transform<K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
         &self,
@@ -551,32 +559,34 @@ impl Tiling {
         work: &mut [f32],
     ) {
         assert_eq!(self.size, COLS);
-        let pw = self.padded_width();
+        let (pw, cp) = (self.padded_width(), self.pixel_len());
         let plane = self.h * self.w;
         let stride = ld * self.channels; // between the positions ξ in `out`
+        let work = &mut work[..self.work()];
+        work.fill(0.0);
+        for y in 0..self.h {
+            let row = &planes[y * self.w..];
+            transpose(self.channels, self.w, row, plane, &mut work[((y + self.pad) * pw + self.pad) * cp..], cp);
+        }
+        let work = &*work;
         #[cfg(target_arch = "x86_64")]
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-        for c0 in (0..self.channels).step_by(LANES) {
-            let lanes = LANES.min(self.channels - c0);
-            work.fill(0.0);
-            for y in 0..self.h {
-                let row = &planes[c0 * plane + y * self.w..];
-                transpose(lanes, self.w, row, plane, &mut work[((y + self.pad) * pw + self.pad) * LANES..], LANES);
-            }
-            for ty in 0..self.tiles_y {
-                for tx in 0..self.tiles_x {
-                    let at = self.step * (ty * pw + tx);
-                    let patch = &work[at * LANES..][..((COLS - 1) * pw + COLS) * LANES];
-                    let tile = first + ty * self.tiles_x + tx;
+        for ty in 0..self.tiles_y {
+            for tx in 0..self.tiles_x {
+                let at = self.step * (ty * pw + tx);
+                let tile = first + ty * self.tiles_x + tx;
+                for c0 in (0..self.channels).step_by(LANES) {
+                    let lanes = LANES.min(self.channels - c0);
+                    let patch = &work[at * cp + c0..][..((COLS - 1) * pw + COLS - 1) * cp + LANES];
                     let out = &mut out[tile * self.channels + c0..][..(ROWS * ROWS - 1) * stride + lanes];
                     #[cfg(target_arch = "x86_64")]
                     if avx512 && lanes == LANES {
                         // SAFETY: AVX-512F is present.
-                        unsafe { avx512::transform_patch::<K, ROWS, COLS>(patch, pw, out, stride) };
+                        unsafe { avx512::transform_patch::<K, ROWS, COLS>(patch, pw * cp, cp, out, stride) };
                         continue;
                     }
                     for l in 0..lanes {
-                        let d = |r: usize, s: usize| patch[(r * pw + s) * LANES + l];
+                        let d = |r: usize, s: usize| patch[r * pw * cp + s * cp + l];
                         transform_patch::<f32, K, ROWS, COLS>(d, |xi, value| out[xi * stride + l] = value);
                     }
                 }
@@ -694,17 +704,18 @@ mod avx512 {
         }
     }
 
-    /// [`super::transform_patch`] of one patch of 16 channels: `d(r, s)` at `patch[(r * pw + s)
-    /// * 16..]`, value ξ stored at `out[ξ * stride..]`.
+    /// [`super::transform_patch`] of one patch of 16 channels: `d(r, s)` at `patch[r * row +
+    /// s * pixel..]`, value ξ stored at `out[ξ * stride..]`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn transform_patch<K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
         patch: &[f32],
-        pw: usize,
+        row: usize,
+        pixel: usize,
         out: &mut [f32],
         stride: usize,
     ) {
-        assert!(patch.len() >= ((COLS - 1) * pw + COLS) * 16 && out.len() >= (ROWS * ROWS - 1) * stride + 16);
-        let d = |r: usize, s: usize| Vector(_mm512_loadu_ps(patch.as_ptr().add((r * pw + s) * 16)));
+        assert!(patch.len() >= (COLS - 1) * (row + pixel) + 16 && out.len() >= (ROWS * ROWS - 1) * stride + 16);
+        let d = |r: usize, s: usize| Vector(_mm512_loadu_ps(patch.as_ptr().add(r * row + s * pixel)));
         let store = |xi: usize, value: Vector| _mm512_storeu_ps(out.as_mut_ptr().add(xi * stride), value.0);
         super::transform_patch::<Vector, K, ROWS, COLS>(d, store);
     }
