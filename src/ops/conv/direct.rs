@@ -101,7 +101,7 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .map(|e| e.min(ckk - 1))
         .map(|e| (e / (g.k * g.k)) * plane_len + (e % (g.k * g.k) / g.k) * row_len + e % g.k)
         .collect();
-    let kernel = TapKernel { taps: &taps, ckk, oh: g.oh, ow: g.ow, stride: g.stride, row_len, o_padded };
+    let kernel = TapKernel { taps: &taps, ckk, oh: g.oh, ow: g.ow, stride: g.stride, row_len };
     let blocks: Vec<usize> = block_vectors(vectors).collect();
     // sums[vector, tap, lane]
     let sums = sum_over_chunks(g.n, vectors * taps_len * LANES, |images, spread, sums| {
@@ -118,11 +118,19 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
             let (image, dy_t) = scratch.split_at_mut(padded.split_len());
             for i in images {
                 padded.split(&x[i * chw..][..chw], image);
-                transpose(g.o, ohw, &dy[i * g.o * ohw..][..g.o * ohw], ohw, dy_t, o_padded);
+                // each block's channels turned channels-last on their own, `[pixel, v * 16]`, so
+                // that its pass reads one unbroken stream
+                let dy_i = &dy[i * g.o * ohw..][..g.o * ohw];
+                for &(first, v, _) in &parts {
+                    let channels = (v * LANES).min(g.o - first * LANES);
+                    let block = &mut dy_t[first * LANES * ohw..][..v * LANES * ohw];
+                    transpose(channels, ohw, &dy_i[first * LANES * ohw..], ohw, block, v * LANES);
+                }
                 let (image, dy_t) = (&*image, &*dy_t);
                 let work = |(first, v, part): &mut (usize, usize, &mut [f32])| {
+                    let block = &dy_t[*first * LANES * ohw..][..*v * LANES * ohw];
                     // SAFETY: AVX-512F is present (`applies`); `run` checks its reads.
-                    unsafe { kernel.run(*v, image, dy_t, *first, part) }
+                    unsafe { kernel.run(*v, image, block, part) }
                 };
                 if spread {
                     parts.par_iter_mut().for_each(work);
@@ -267,23 +275,19 @@ struct TapKernel<'a> {
     ow: usize,
     stride: usize,
     row_len: usize,
-    /// Channels per pixel of the channels-last output gradient.
-    o_padded: usize,
 }
 
 impl TapKernel<'_> {
-    /// Adds to `sums[v, tap, lane]` (the `vectors` channel vectors from vector `first`) one
-    /// image's products, `dy_t` its output gradient channels-last.
+    /// Adds to `sums[v, tap, lane]` (`vectors` channel vectors) one image's products, `dy_t`
+    /// the output gradient of those channels, channels-last.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, vectors: usize, image: &[f32], dy_t: &[f32], first: usize, sums: &mut [f32]) {
+    unsafe fn run(&self, vectors: usize, image: &[f32], dy_t: &[f32], sums: &mut [f32]) {
         let furthest =
             self.taps.iter().max().map_or(0, |&t| t + ((self.oh - 1) * self.row_len + self.ow - 1) * self.stride);
         assert!(
             (1..=3).contains(&vectors) && furthest < image.len() && sums.len() == vectors * self.taps.len() * LANES
         );
-        assert!(self.taps.len().is_multiple_of(BLOCK_LCM) && dy_t.len() >= self.oh * self.ow * self.o_padded);
-        assert!((first + vectors) * LANES <= self.o_padded);
-        let dy_t = &dy_t[first * LANES..];
+        assert!(self.taps.len().is_multiple_of(BLOCK_LCM) && dy_t.len() == self.oh * self.ow * vectors * LANES);
         match vectors {
             1 => self.blocks::<1, 16>(image, dy_t, sums),
             2 => self.blocks::<2, 12>(image, dy_t, sums),
@@ -311,7 +315,7 @@ impl TapKernel<'_> {
                             *a = _mm512_fmadd_ps(g, xv, *a);
                         }
                     }
-                    (dy, window) = (dy.add(self.o_padded), window + self.stride);
+                    (dy, window) = (dy.add(V * LANES), window + self.stride);
                 }
             }
             for (j, acc_j) in acc.iter().enumerate() {
