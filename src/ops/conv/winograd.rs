@@ -227,7 +227,7 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     // and its output channels are spread over the cores instead
     let spread = !matches!(parallelism(g.n.div_ceil(group)), Parallelism::None);
     let (chw, ohw) = (c * g.h * g.w, g.ohw());
-    let mut y = vec![0f32; g.n * o * ohw];
+    let mut y = super::super::zeros(g.n * o * ohw);
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let ld = images.len() / chw * tiles; // the group's tiles side by side
         with_scratch(A * A * (c + o) * ld + tiling.work(), |scratch| {
@@ -563,7 +563,18 @@ impl Tiling {
         let plane = self.h * self.w;
         let stride = ld * self.channels; // between the positions ξ in `out`
         let work = &mut work[..self.work()];
-        work.fill(0.0);
+        if cp == self.channels {
+            // the transposes below write every value inside the padding
+            let (top, bottom) = (self.pad * pw * cp, (self.pad + self.h) * pw * cp);
+            work[..top].fill(0.0);
+            work[bottom..].fill(0.0);
+            for row in work[top..bottom].chunks_mut(pw * cp) {
+                row[..self.pad * cp].fill(0.0);
+                row[(self.pad + self.w) * cp..].fill(0.0);
+            }
+        } else {
+            work.fill(0.0); // and the lanes past the last channel
+        }
         for y in 0..self.h {
             let row = &planes[y * self.w..];
             transpose(self.channels, self.w, row, plane, &mut work[((y + self.pad) * pw + self.pad) * cp..], cp);
