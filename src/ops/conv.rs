@@ -326,7 +326,7 @@ fn forward_pixel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool
     let w = g.channels_last_weights(w);
     let par = parallelism(g.n.div_ceil(group));
     let spread = !matches!(par, Parallelism::None);
-    let mut y = vec![0f32; g.n * o * ohw];
+    let mut y = super::zeros(g.n * o * ohw);
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let m = images.len() / chw * ohw;
         with_scratch(g.padded_len() + m * ckk + m * o, |scratch| {
@@ -351,7 +351,7 @@ fn forward_pixel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool
 fn forward_channel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
     let (ckk, ohw, chw, o) = (g.ckk(), g.ohw(), g.c * g.h * g.w, g.o);
     let spread = !matches!(parallelism(g.n), Parallelism::None);
-    let mut y = vec![0f32; g.n * o * ohw];
+    let mut y = super::zeros(g.n * o * ohw);
     y.par_chunks_mut(o * ohw).zip(x.par_chunks(chw)).for_each(|(out, image)| {
         with_scratch(g.split_len() + ckk * ohw, |scratch| {
             let (split, cols) = scratch.split_at_mut(g.split_len());
@@ -431,12 +431,13 @@ fn sum_over_chunks(n: usize, len: usize, f: impl Fn(std::ops::Range<usize>, bool
     let partials: Vec<Vec<f32>> = chunks
         .par_iter()
         .map(|&chunk| {
-            let mut partial = vec![0f32; len];
+            let mut partial = super::zeros(len);
             f(chunk * CHUNK..((chunk + 1) * CHUNK).min(n), spread, &mut partial);
             partial
         })
         .collect();
-    let mut sum = vec![0f32; len];
+    let mut partials = partials.into_iter();
+    let mut sum = partials.next().unwrap_or_else(|| vec![0f32; len]); // no images: zero
     for partial in partials {
         sum.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
     }
@@ -633,7 +634,7 @@ impl candle_core::CustomOp2 for InputGrad {
 fn input_grad_col2im(g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (ckk, ohw, o) = (g.ckk(), g.ohw(), g.o);
     let par = parallelism(g.n);
-    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+    let mut dx = super::zeros(g.n * g.c * g.h * g.w);
     dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each(|(dxi, dyi)| {
         with_scratch(g.split_len() + ckk * ohw, |scratch| {
             let (split, cols) = scratch.split_at_mut(g.split_len());

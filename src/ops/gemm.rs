@@ -439,12 +439,16 @@ impl candle_core::CustomOp2 for ReluGrad {
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ys: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
         let dy = super::contiguous_f32("relu grad", gs, gl)?;
         let y = super::contiguous_f32("relu grad", ys, yl)?;
-        let mut out = vec![0f32; dy.len()];
-        out.par_chunks_mut(4096).zip(dy.par_chunks(4096).zip(y.par_chunks(4096))).for_each(|(o, (g, y))| {
+        // written once, never zeroed first
+        let mut out = Vec::with_capacity(dy.len());
+        let chunks = out.spare_capacity_mut()[..dy.len()].par_chunks_mut(4096);
+        chunks.zip(dy.par_chunks(4096).zip(y.par_chunks(4096))).for_each(|(o, (g, y))| {
             for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                *o = if y > 0.0 { g } else { 0.0 };
+                o.write(if y > 0.0 { g } else { 0.0 });
             }
         });
+        // SAFETY: the chunks above wrote every value
+        unsafe { out.set_len(dy.len()) };
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }

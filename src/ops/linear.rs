@@ -116,7 +116,7 @@ impl candle_core::CustomOp2 for InputGrad {
         let (&[n, o], &[_, k]) = (gl.dims(), wl.dims()) else { candle_core::bail!("linear input grad: shapes") };
         let dy = super::contiguous_f32("linear input grad", gs, gl)?;
         let w = super::contiguous_f32("linear input grad", ws, wl)?;
-        let mut dx = vec![0f32; n * k];
+        let mut dx = super::zeros(n * k);
         matmul_rows(n, k, o, dy, w, &mut dx);
         Ok((CpuStorage::F32(dx), Shape::from((n, k))))
     }

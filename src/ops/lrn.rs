@@ -209,7 +209,7 @@ impl CustomOp1 for Lrn {
         let (n, c, h, w) = super::nchw("lrn", layout)?;
         let x = super::contiguous_f32("lrn", storage, layout)?;
         let plane = h * w;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::zeros(x.len());
         // One task per (image, channel) plane: enough work for every core at any batch size.
         y.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
             || vec![0f32; plane],
@@ -248,8 +248,8 @@ impl CustomOp2 for LrnBackward {
         let (below, above) = p.reach();
         let coeff = 2.0 * p.beta * p.alpha / p.size as f32;
         // Pass 1, per plane: s^-beta and t_i = g_i x_i s_i^(-beta-1).
-        let mut pow = vec![0f32; x.len()];
-        let mut t = vec![0f32; x.len()];
+        let mut pow = super::zeros(x.len());
+        let mut t = super::zeros(x.len());
         pow.par_chunks_mut(plane).zip(t.par_chunks_mut(plane)).enumerate().take(n * c).for_each_init(
             || vec![0f32; plane],
             |scale, (i, (pow, t))| {
@@ -259,7 +259,7 @@ impl CustomOp2 for LrnBackward {
             },
         );
         // Pass 2, per plane: channel j is in the window of channels i in [j - above, j + below].
-        let mut grad = vec![0f32; x.len()];
+        let mut grad = super::zeros(x.len());
         grad.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
             || vec![0f32; plane],
             |acc, (i, out)| {

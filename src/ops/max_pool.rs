@@ -274,7 +274,7 @@ impl CustomOp1 for MaxPool2d {
         let (n, c, h, w) = super::nchw("max-pool2d", layout)?;
         let x = super::contiguous_f32("max-pool2d", storage, layout)?;
         let (oh, ow) = self.out_size(h, w);
-        let mut y = vec![0f32; n * c * oh * ow];
+        let mut y = super::zeros(n * c * oh * ow);
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .for_each_init(|| self.columns(w), |columns, (out, plane)| self.pool_plane(plane, w, columns, out));
@@ -300,7 +300,7 @@ impl CustomOp2 for MaxPool2dBackward {
         let x = super::contiguous_f32("max-pool2d-backward", xs, xl)?;
         let g = super::contiguous_f32("max-pool2d-backward", gs, gl)?;
         let (oh, ow) = pool.out_size(h, w);
-        let mut grad = vec![0f32; x.len()];
+        let mut grad = super::zeros(x.len());
         grad.par_chunks_mut(h * w).zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow))).for_each_init(
             || vec![0u32; ow],
             |at, (out, (plane, gplane))| {

@@ -99,6 +99,17 @@ pub(crate) fn contiguous_f32_mut<'a>(op: &str, storage: &'a mut CpuStorage, layo
     }
 }
 
+/// `vec![0f32; len]` zeroed by all the cores: the ops' fresh outputs and gradients run to
+/// megabytes, and `vec!` zeroes them on one core while the others wait.
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: every value was just written
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// `(N, C, H, W)` of a rank-4 layout, or an error naming the op.
 fn nchw(op: &str, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
     match layout.dims() {

@@ -58,7 +58,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     let spread = g.n < rayon::current_num_threads();
     let vectors = o_padded / LANES;
     let share = if spread { vectors.div_ceil(rayon::current_num_threads()) } else { vectors } * LANES;
-    let mut y = vec![0f32; g.n * g.o * g.ohw()];
+    let mut y = super::super::zeros(g.n * g.o * g.ohw());
     for_each_chunk(&mut y, g.o * g.ohw(), !spread, |i, y| {
         with_scratch(padded.split_len(), |image| {
             padded.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], image);
