@@ -82,9 +82,29 @@ impl CustomOp3 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = incoming_grad(dy, y, self.relu)?;
         let dw = dy.apply_op2_no_bwd(x, &WeightGrad)?;
-        let db = dy.sum(0)?;
+        // Candle's sum over the rows took 0.6 ms for fc6's 32 x 4096 gradient
+        let db = if dy.device().is_cpu() { dy.apply_op1_no_bwd(&ColumnSums)? } else { dy.sum(0)? };
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad)?) } else { None };
         Ok((dx, hand_over(w, dw), hand_over(b, db)))
+    }
+}
+
+/// `db[o] = Σ_n dy[n, o]`, the rows added in order.
+struct ColumnSums;
+
+impl candle_core::CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "linear-bias-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[_, o] = gl.dims() else { candle_core::bail!("linear bias grad: expected [N, O], got {:?}", gl.dims()) };
+        let dy = super::contiguous_f32("linear bias grad", gs, gl)?;
+        let mut db = vec![0f32; o];
+        for row in dy.chunks(o.max(1)) {
+            db.iter_mut().zip(row).for_each(|(sum, &v)| *sum += v);
+        }
+        Ok((CpuStorage::F32(db), Shape::from(o)))
     }
 }
 
