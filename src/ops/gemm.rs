@@ -133,16 +133,27 @@ mod outer_form {
                 let (first, width) = (t * width, width.min(n - t * width));
                 let mut part = Vec::with_capacity(m * width);
                 let uninit = &mut part.spare_capacity_mut()[..m * width];
+                let mut copy = vec![0f32; K_BLOCK * COLUMNS];
                 for k0 in (0..k).step_by(K_BLOCK) {
                     let ks = K_BLOCK.min(k - k0);
                     for c0 in (0..width).step_by(COLUMNS) {
                         let cols = COLUMNS.min(width - c0);
                         for r in (0..m).step_by(ROWS) {
-                            let block = Block { a: &a[r * k + k0..], k, b: &b[k0 * n + first + c0..], n, ks, cols };
-                            let (c, c_ld) = (&mut uninit[r * width + c0..], width);
+                            // the first rows read the block of b where it lies and copy it side
+                            // by side; the others read the copy: b's rows lie a multiple of
+                            // 4 KiB apart (fc6-8), all in the same L1 sets, and evicted each
+                            // other before the next rows came
+                            let (a, c, c_ld) = (&a[r * k + k0..], &mut uninit[r * width + c0..], width);
                             // SAFETY: AVX-512F is present (checked by the caller); the block's
-                            // reads and writes stay inside `a`, `b` and `part` (asserted in `run`).
-                            unsafe { block.run_rows(m - r, c, c_ld, k0 > 0) }
+                            // reads and writes stay inside `a`, `b`, `copy` and `part` (asserted
+                            // in `run`).
+                            if r == 0 {
+                                let block = Block { a, k, b: &b[k0 * n + first + c0..], n, ks, cols };
+                                unsafe { block.run_rows(m - r, c, c_ld, k0 > 0, Some(&mut copy)) }
+                            } else {
+                                let block = Block { a, k, b: &copy, n: COLUMNS, ks, cols };
+                                unsafe { block.run_rows(m - r, c, c_ld, k0 > 0, None) }
+                            }
                         }
                     }
                 }
@@ -167,18 +178,27 @@ mod outer_form {
         }
         let mut at = vec![0f32; m * k]; // the blocks take `a`'s columns as rows
         super::super::transpose::transpose(k, m, a, m, &mut at, k);
+        // `b`'s blocks of columns each copied side by side, `[block][j][COLUMNS]`: where it
+        // lies, its rows are a multiple of 4 KiB apart (fc6-8), all in the same L1 sets
+        let mut panels = vec![0f32; n.div_ceil(COLUMNS) * k * COLUMNS];
+        for (c0, panel) in (0..n).step_by(COLUMNS).zip(panels.chunks_mut(k * COLUMNS)) {
+            let cols = COLUMNS.min(n - c0);
+            for (dst, src) in panel.chunks_mut(COLUMNS).zip(b.chunks(n)) {
+                dst[..cols].copy_from_slice(&src[c0..c0 + cols]);
+            }
+        }
         let rows_per_task = m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(ROWS);
         let mut c = Vec::with_capacity(m * n);
         c.spare_capacity_mut()[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, part)| {
             let rows = part.len() / n;
             for r in (0..rows).step_by(ROWS) {
                 let a = &at[(t * rows_per_task + r) * k..];
-                for c0 in (0..n).step_by(COLUMNS) {
-                    let block = Block { a, k, b: &b[c0..], n, ks: k, cols: COLUMNS.min(n - c0) };
+                for (c0, b) in (0..n).step_by(COLUMNS).zip(panels.chunks(k * COLUMNS)) {
+                    let block = Block { a, k, b, n: COLUMNS, ks: k, cols: COLUMNS.min(n - c0) };
                     let c = &mut part[r * n + c0..];
                     // SAFETY: AVX-512F is present (checked by the caller); the block's reads and
-                    // writes stay inside `at`, `b` and `part` (asserted in `run`).
-                    unsafe { block.run_rows(rows - r, c, n, false) }
+                    // writes stay inside `at`, `panels` and `part` (asserted in `run`).
+                    unsafe { block.run_rows(rows - r, c, n, false, None) }
                 }
             }
         });
@@ -202,12 +222,19 @@ mod outer_form {
         /// [`Block::run`] on the first `min(rows, ROWS)` rows: the register block, or the rows
         /// left at the end of `a`.
         #[target_feature(enable = "avx512f")]
-        unsafe fn run_rows(&self, rows: usize, c: &mut [MaybeUninit<f32>], c_ld: usize, accumulate: bool) {
+        unsafe fn run_rows(
+            &self,
+            rows: usize,
+            c: &mut [MaybeUninit<f32>],
+            c_ld: usize,
+            accumulate: bool,
+            copy_to: Option<&mut [f32]>,
+        ) {
             match rows {
-                1 => self.run::<1>(c, c_ld, accumulate),
-                2 => self.run::<2>(c, c_ld, accumulate),
-                3 => self.run::<3>(c, c_ld, accumulate),
-                _ => self.run::<ROWS>(c, c_ld, accumulate),
+                1 => self.run::<1>(c, c_ld, accumulate, copy_to),
+                2 => self.run::<2>(c, c_ld, accumulate, copy_to),
+                3 => self.run::<3>(c, c_ld, accumulate, copy_to),
+                _ => self.run::<ROWS>(c, c_ld, accumulate, copy_to),
             }
         }
 
@@ -215,9 +242,16 @@ mod outer_form {
         /// adding to `c` if `accumulate` (else `c` may be uninitialised: it is only written).
         #[inline]
         #[target_feature(enable = "avx512f")]
-        unsafe fn run<const R: usize>(&self, c: &mut [MaybeUninit<f32>], c_ld: usize, accumulate: bool) {
+        unsafe fn run<const R: usize>(
+            &self,
+            c: &mut [MaybeUninit<f32>],
+            c_ld: usize,
+            accumulate: bool,
+            mut copy_to: Option<&mut [f32]>,
+        ) {
             assert!(self.a.len() >= (R - 1) * self.k + self.ks && self.b.len() >= (self.ks - 1) * self.n + self.cols);
             assert!(c.len() >= (R - 1) * c_ld + self.cols);
+            assert!(copy_to.as_ref().is_none_or(|copy| copy.len() >= self.ks * COLUMNS));
             let masks: [__mmask16; VECTORS] =
                 std::array::from_fn(|v| crate::ops::first_lanes(self.cols.saturating_sub(16 * v)));
             let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
@@ -236,6 +270,11 @@ mod outer_form {
                     }
                 }
                 let bv: [__m512; VECTORS] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], b_row.add(16 * v)));
+                if let Some(copy) = copy_to.as_deref_mut() {
+                    for (v, &bv) in bv.iter().enumerate() {
+                        _mm512_storeu_ps(copy.as_mut_ptr().add(j * COLUMNS + 16 * v), bv);
+                    }
+                }
                 for (r, acc_row) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*self.a.get_unchecked(r * self.k + j));
                     for (a, &bv) in acc_row.iter_mut().zip(&bv) {
@@ -482,6 +521,7 @@ pub(crate) fn incoming_grad(dy: &Tensor, y: &Tensor, relu: bool) -> Result<Tenso
 
 #[cfg(test)]
 mod tests {
+
     /// `len` values in [-0.5, 0.5) from a pattern (`step` and `modulus` make each operand's own).
     fn pattern(len: usize, step: usize, modulus: usize) -> Vec<f32> {
         (0..len).map(|i| ((i * step) % modulus) as f32 / modulus as f32 - 0.5).collect()
