@@ -158,6 +158,7 @@ pub struct AlexNet {
     net: Net,
 }
 
+#[allow(clippy::large_enum_variant)] // one per model: boxing the largest would buy nothing
 enum Net {
     Towers(TwoTowers),
     Single(Torchvision),

@@ -38,6 +38,10 @@ pub struct Stats {
 
 pub const STATS_FILE: &str = "alexnet-stats.safetensors";
 
+/// Pixel sums (`[3, side, side]`), sums of the RGB values and of their products, and the pixel
+/// count: of one image, or added over many.
+type ImageMoments = (Vec<f64>, [f64; 3], [[f64; 3]; 3], usize);
+
 impl Stats {
     /// Mean image and RGB covariance eigen-decomposition over `samples` (in parallel).
     pub fn compute(samples: &[Sample], side: u32, progress: &indicatif::ProgressBar) -> anyhow::Result<Self> {
@@ -45,7 +49,7 @@ impl Stats {
         // per image: sum of pixels (as [3, side, side]) and RGB first and second moments
         let partial = samples
             .par_iter()
-            .map(|s| -> anyhow::Result<(Vec<f64>, [f64; 3], [[f64; 3]; 3], usize)> {
+            .map(|s| -> anyhow::Result<ImageMoments> {
                 let img = base_image(&s.path, side)?;
                 let mut sum = vec![0f64; 3 * n_px];
                 let (mut m1, mut m2) = ([0f64; 3], [[0f64; 3]; 3]);
@@ -144,16 +148,14 @@ pub fn symmetric_eigen(mut a: [[f64; 3]; 3]) -> ([f64; 3], [[f64; 3]; 3]) {
             let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
             let t = if theta == 0.0 { 1.0 } else { t };
             let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
-            for k in 0..3 {
-                let (akp, akq) = (a[k][p], a[k][q]);
-                a[k][p] = c * akp - s * akq;
-                a[k][q] = s * akp + c * akq;
+            for row in a.iter_mut() {
+                let (akp, akq) = (row[p], row[q]);
+                row[p] = c * akp - s * akq;
+                row[q] = s * akp + c * akq;
             }
-            for k in 0..3 {
-                let (apk, aqk) = (a[p][k], a[q][k]);
-                a[p][k] = c * apk - s * aqk;
-                a[q][k] = s * apk + c * aqk;
-            }
+            let (ap, aq) = (a[p], a[q]);
+            a[p] = std::array::from_fn(|k| c * ap[k] - s * aq[k]);
+            a[q] = std::array::from_fn(|k| s * ap[k] + c * aq[k]);
             for row in v.iter_mut() {
                 let (vp, vq) = (row[p], row[q]);
                 row[p] = c * vp - s * vq;
