@@ -29,7 +29,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 use super::backward::hand_over;
-use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place};
+use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place, BiasGrad};
 use super::transpose::transpose;
 use rayon::prelude::*;
 
@@ -528,39 +528,6 @@ impl CustomOp3 for Conv2d {
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(*self, x.dims4()?))?) } else { None };
         Ok((dx, hand_over(w, dw), hand_over(b, db)))
     }
-}
-
-/// `db[o] = Σ_n Σ_pixels dY[n, o]`: one task per channel, images summed in order.
-struct BiasGrad;
-
-impl candle_core::CustomOp1 for BiasGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-bias-grad"
-    }
-
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, o, h, w) = super::nchw("conv2d bias grad", gl)?;
-        let dy = super::contiguous_f32("conv2d bias grad", gs, gl)?;
-        let plane = h * w;
-        let db = (0..o)
-            .into_par_iter()
-            .map(|c| (0..n).map(|i| lane_sum(&dy[(i * o + c) * plane..][..plane])).sum())
-            .collect();
-        Ok((CpuStorage::F32(db), Shape::from(o)))
-    }
-}
-
-/// `Σ values` as 16 running sums, one per lane, then added: the compiler vectorises it (a single
-/// running sum is a chain of dependent adds, conv1's bias gradient at batch 32 alone 6 M of
-/// them), and the order is fixed whatever the machine.
-fn lane_sum(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = values.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        lanes.iter_mut().zip(chunk).for_each(|(sum, &v)| *sum += v);
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `dW = Σ_n dY[n] ⋆ X[n]`, args (x, dy); carries (op, O, k).

@@ -63,19 +63,17 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
         with_scratch(padded.split_len(), |image| {
             padded.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], image);
             let image = &*image;
-            for_each_chunk(y, share * g.ohw(), spread, |part, mut planes| {
+            for_each_chunk(y, share * g.ohw(), spread, |part, planes| {
                 let mut stage = vec![0f32; CHUNK * 3 * LANES];
-                let mut first = part * share;
-                for vectors in block_vectors((planes.len() / g.ohw()).div_ceil(LANES)) {
-                    let channels = (vectors * LANES).min(planes.len() / g.ohw());
-                    let (block, rest) = std::mem::take(&mut planes).split_at_mut(channels * g.ohw());
+                let vectors = (planes.len() / g.ohw()).div_ceil(LANES);
+                for (v0, vectors, block) in vector_blocks(planes, vectors, |v| v * LANES * g.ohw()) {
+                    let (first, channels) = (part * share + v0 * LANES, block.len() / g.ohw());
                     for (chunk, windows) in windows.chunks(CHUNK).enumerate() {
                         let pixels = CHUNK.min(g.ohw() - chunk * CHUNK);
                         // SAFETY: AVX-512F is present (`applies`); `run` checks its reads.
                         unsafe { kernel.run(vectors, image, windows, &weights, &bias, first, &mut stage) };
                         transpose(pixels, channels, &stage, vectors * LANES, &mut block[chunk * CHUNK..], g.ohw());
                     }
-                    (planes, first) = (rest, first + channels);
                 }
             });
         })
@@ -102,18 +100,10 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .map(|e| (e / (g.k * g.k)) * plane_len + (e % (g.k * g.k) / g.k) * row_len + e % g.k)
         .collect();
     let kernel = TapKernel { taps: &taps, ckk, oh: g.oh, ow: g.ow, stride: g.stride, row_len };
-    let blocks: Vec<usize> = block_vectors(vectors).collect();
     // sums[vector, tap, lane]
     let sums = sum_over_chunks(g.n, vectors * taps_len * LANES, |images, spread, sums| {
-        // each vector block's sums: (first vector, vectors, sums), spread over the cores when
-        // the chunks are too few
-        let mut parts = Vec::with_capacity(blocks.len());
-        let (mut rest, mut first) = (sums, 0);
-        for &v in &blocks {
-            let (part, after) = std::mem::take(&mut rest).split_at_mut(v * taps_len * LANES);
-            parts.push((first, v, part));
-            (rest, first) = (after, first + v);
-        }
+        // each vector block's sums, spread over the cores when the chunks are too few
+        let mut parts = vector_blocks(sums, vectors, |v| v * taps_len * LANES);
         with_scratch(padded.split_len() + ohw * o_padded, |scratch| {
             let (image, dy_t) = scratch.split_at_mut(padded.split_len());
             for i in images {
@@ -155,6 +145,20 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
 fn block_vectors(vectors: usize) -> impl Iterator<Item = usize> {
     let pairs = vectors / 2;
     (0..pairs.max(1)).map(move |i| if i + 1 == pairs.max(1) { vectors - 2 * i } else { 2 })
+}
+
+/// `data` cut into the blocks of [`block_vectors`] for `vectors` channel vectors, `len(v)` values
+/// for a block of `v` (the last no longer than what is left): `(first vector, v, block)`.
+fn vector_blocks(data: &mut [f32], vectors: usize, len: impl Fn(usize) -> usize) -> Vec<(usize, usize, &mut [f32])> {
+    let (mut rest, mut first) = (data, 0);
+    let mut blocks = Vec::new();
+    for v in block_vectors(vectors) {
+        let size = len(v).min(rest.len());
+        let (block, after) = std::mem::take(&mut rest).split_at_mut(size);
+        blocks.push((first, v, block));
+        (rest, first) = (after, first + v);
+    }
+    blocks
 }
 
 /// `packed[(ci, ky, kx), oc] = w[oc, ci, ky, kx]`, 0 past the last channel: the weights one
