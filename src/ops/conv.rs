@@ -1,14 +1,14 @@
 //! 2-D convolution with bias as one op, on the CPU as im2col + packed GEMM (the `gemm` crate
 //! Candle itself uses), with a backward written the same way:
 //!
-//! * forward: strided layers (conv1) directly, without patches ([`direct`], AVX-512); the
-//!   others as the patches of a group of images one under the other, each patch channels-last
+//! * forward: the 3x3 and 5x5 stride-1 layers (conv2-5) by Winograd's F(2x2, 3x3) and
+//!   F(2x2, 5x5) once the batch gives every core enough tiles ([`winograd`]); with AVX-512, the
+//!   rest (conv1, and 13x13 maps at batch 1-7) directly, without patches ([`direct`]); without
+//!   it, as the patches of a group of images one under the other, each patch channels-last
 //!   so that it is `k` contiguous runs ([`Geometry::patches`]), times the weights in the same
 //!   order: `P · Wᵀ`, `[pixels, o]`, transposed into the NCHW output with the bias and ReLU
 //!   ([`forward_pixel_major`]); 13x13 maps at batch 1-3, too few pixels for that orientation,
-//!   as `W · cols(X)` an image at a time ([`forward_channel_major`]); the 3x3 and 5x5
-//!   stride-1 layers (conv2-5) by Winograd's F(2x2, 3x3) and F(2x2, 5x5) once the batch gives
-//!   every core enough tiles ([`winograd`]);
+//!   as `W · cols(X)` an image at a time ([`forward_channel_major`]);
 //! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches; for the 3x3
 //!   and 5x5 stride-1 layers, where the forward takes Winograd, by Winograd's algorithm read
 //!   the other way round ([`winograd::weight_grad`]); for strided layers directly
@@ -499,7 +499,7 @@ impl CustomOp3 for Conv2d {
         let b = super::contiguous_f32("conv2d", bs, bl)?;
         let shape = Shape::from((g.n, g.o, g.oh, g.ow));
         #[cfg(target_arch = "x86_64")]
-        if direct::applies(&g) {
+        if direct::takes_forward(&g) {
             return Ok((CpuStorage::F32(direct::forward(&g, x, w, b, self.relu)), shape));
         }
         if winograd::applies(&g) {
@@ -700,7 +700,7 @@ mod tests {
                     got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu, false)));
                 }
                 #[cfg(target_arch = "x86_64")]
-                if direct::applies(&g) {
+                if std::arch::is_x86_feature_detected!("avx512f") {
                     got.push(("direct".into(), direct::forward(&g, &x, &wt, &b, relu)));
                 }
                 for (path, y) in got {

@@ -1,20 +1,29 @@
-//! Direct convolution with AVX-512, for the strided layer (conv1): no patch matrix. A register
-//! block holds `V` vectors of 16 output channels at `P` output pixels; each step of the kernel
-//! loads the `V` weight vectors of one `(ci, ky, kx)` and broadcasts the `P` pixels' input
-//! values against them, from the zero-padded image. The sums, with the bias and ReLU, are
-//! stored channels-last for a chunk of pixels, then transposed into the NCHW planes. The
-//! weight gradient ([`weight_grad`]) is the same loop turned round: taps in place of pixels.
+//! Direct convolution with AVX-512, no patch matrix: the strided layer (conv1), and the
+//! stride-1 layers Winograd leaves (13x13 maps at batch 1-7). A register block holds `V`
+//! vectors of 16 output channels at `P` output pixels side by side in a row; each step of the
+//! kernel loads the `V` weight vectors of one `(ci, ky, kx)` and broadcasts the `P` pixels'
+//! input values against them, from the [`Geometry::split`] image, where those values lie side
+//! by side too (one address and constant offsets: no pointer per pixel). A row is cut into
+//! pieces of at most [`PIECE`] pixels, as even as can be. The sums, with the bias and ReLU, are
+//! stored channels-last for a few rows, then transposed into the NCHW planes. The weight
+//! gradient ([`weight_grad`]) is the same loop turned round: taps in place of pixels.
 //!
 //! Each output is summed in `(ci, ky, kx)` order from zero and the bias added last, whatever
 //! the block's shape: the same bits as the first direct kernel (below) gave.
 //!
 //! Against the pixel-major GEMM, the first direct kernel (pixels in the vectors, weights
 //! broadcast) took torchvision's conv1 at batch 1 from 1.7-2.4 to 1.1-1.8 ms and at batch 64
-//! from 73-83 to 64-75 ms. This one, channels in the vectors (its loads never cross a cache
-//! line), takes it a further 5-10% (conv1 alone, fastest of alternated runs: batch 1 0.72 ->
-//! 0.67 ms, batch 16 10.0-10.3 -> 9.0-9.6 ms; paper's 48 channels at batch 32 16.2-20.2 ->
-//! 13.4-17.9 ms), with the same sums. For stride 1 the direct form was no faster than the GEMM
-//! at 27x27 and twice as slow as Winograd at 13x13, so those layers stay where they were.
+//! from 73-83 to 64-75 ms. Channels in the vectors (loads that never cross a cache line) took
+//! it a further 5-10% (conv1 alone, fastest of alternated runs: batch 1 0.72 -> 0.67 ms, batch
+//! 16 10.0-10.3 -> 9.0-9.6 ms; paper's 48 channels at batch 32 16.2-20.2 -> 13.4-17.9 ms),
+//! with the same sums. Blocks along rows read the image from one address, where a block of
+//! pixels anywhere in the map needed a pointer per pixel, recomputed for every kernel row: for
+//! 3x3 kernels that overhead kept the direct form behind the GEMM (conv4 at batch 1: 1.5-1.8
+//! against 1.3-1.4 ms); along rows, with each block's weights packed side by side and the
+//! input channels taken a run at a time (their weights stay in L1), torchvision's conv3-5 at
+//! batch 1 take 1.40 / 2.06 / 1.24 -> 1.39 / 1.84 / 1.21 ms (medians of 6 alternated runs on a
+//! loaded machine), and its forward at batch 1 52.0 -> 56.0 images/s (8 alternated runs).
+//! conv1 stays level (same bits).
 
 use std::arch::x86_64::*;
 
@@ -24,55 +33,69 @@ use super::{for_each_chunk, sum_over_chunks, with_scratch, Geometry};
 use rayon::prelude::*;
 
 const LANES: usize = 16;
-/// The least common multiple of the register blocks' pixel and tap counts (16, 12, 8).
+/// The least common multiple of the weight gradient's register blocks' tap counts (16, 12, 8).
 const BLOCK_LCM: usize = 48;
 /// Pixels staged channels-last before they are transposed into the planes.
 const CHUNK: usize = 5 * BLOCK_LCM;
 
-/// Whether the direct form takes this convolution: a stride above 1, and AVX-512.
+/// Whether the direct weight gradient takes this convolution: a stride above 1, and AVX-512.
 pub(super) fn applies(g: &Geometry) -> bool {
     g.stride > 1 && std::arch::is_x86_feature_detected!("avx512f")
 }
 
-/// The plain zero-padded image both kernels read, `[c, h + 2p, w + 2p]`: the split of the
-/// layer at stride 1 (no phases). With its row and plane lengths.
+/// Whether the direct forward takes this convolution: a stride above 1, or too few tiles for
+/// Winograd (13x13 maps at batch 1-7), and AVX-512.
+pub(super) fn takes_forward(g: &Geometry) -> bool {
+    (g.stride > 1 || !super::winograd::applies(g)) && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// The plain zero-padded image the weight gradient reads, `[c, h + 2p, w + 2p]`: the split of
+/// the layer at stride 1 (no phases). With its row and plane lengths.
 fn padded_image(g: &Geometry) -> (Geometry, usize, usize) {
     let row_len = g.w + 2 * g.pad;
     (Geometry { stride: 1, ..*g }, row_len, (g.h + 2 * g.pad) * row_len)
 }
 
-/// `relu?(conv(x, w) + b)` for a batch, NCHW in and out.
+/// `relu?(conv(x, w) + b)` for a batch, NCHW in and out, from the [`Geometry::split`] image
+/// (for stride 1 the zero-padded image).
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
-    let o_padded = g.o.next_multiple_of(LANES);
-    let weights = pack_weights(g, w, o_padded);
-    let mut bias = b.to_vec();
-    bias.resize(o_padded, 0.0);
-    let (padded, row_len, plane_len) = padded_image(g);
-    // where each output pixel's window starts in a padded plane; the pixels past the last
-    // (a last block's unused places) repeat it, so that they read inside the image
-    let mut windows: Vec<usize> =
-        (0..g.ohw()).map(|p| (p / g.ow) * g.stride * row_len + (p % g.ow) * g.stride).collect();
-    windows.resize(g.ohw().next_multiple_of(CHUNK), windows.last().copied().unwrap_or(0));
-    let kernel = Kernel { c: g.c, k: g.k, row_len, plane_len, o_padded, relu };
-    // images over the cores; a batch too small for that shares each image's channel vectors out
+    let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
+    let vectors = g.o.div_ceil(LANES);
+    // images over the cores, the weights packed once for all of them; a batch too small for
+    // that shares each image's channel vectors out, and each core packs a block of weights just
+    // before it runs it (its one read of them), so that the block stays in L2 while it runs
     let spread = g.n < rayon::current_num_threads();
-    let vectors = o_padded / LANES;
-    let share = if spread { vectors.div_ceil(rayon::current_num_threads()) } else { vectors } * LANES;
-    let mut y = super::super::zeros(g.n * g.o * g.ohw());
-    for_each_chunk(&mut y, g.o * g.ohw(), !spread, |i, y| {
-        with_scratch(padded.split_len(), |image| {
-            padded.split(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], image);
+    let share = if spread { vectors.div_ceil(rayon::current_num_threads()) } else { vectors };
+    let packed = if spread { Vec::new() } else { pack_weights(g, w) };
+    let mut bias = b.to_vec();
+    bias.resize(vectors * LANES, 0.0);
+    let kernel = Kernel::new(g, relu);
+    let rows = (CHUNK / g.ow).clamp(1, g.oh); // output rows staged at a time
+    let mut y = super::super::zeros(g.n * g.o * ohw);
+    for_each_chunk(&mut y, g.o * ohw, !spread, |i, y| {
+        with_scratch(g.split_len(), |image| {
+            g.split(&x[i * chw..][..chw], image);
             let image = &*image;
-            for_each_chunk(y, share * g.ohw(), spread, |part, planes| {
-                let mut stage = vec![0f32; CHUNK * 3 * LANES];
-                let vectors = (planes.len() / g.ohw()).div_ceil(LANES);
-                for (v0, vectors, block) in vector_blocks(planes, vectors, |v| v * LANES * g.ohw()) {
-                    let (first, channels) = (part * share + v0 * LANES, block.len() / g.ohw());
-                    for (chunk, windows) in windows.chunks(CHUNK).enumerate() {
-                        let pixels = CHUNK.min(g.ohw() - chunk * CHUNK);
-                        // SAFETY: AVX-512F is present (`applies`); `run` checks its reads.
-                        unsafe { kernel.run(vectors, image, windows, &weights, &bias, first, &mut stage) };
-                        transpose(pixels, channels, &stage, vectors * LANES, &mut block[chunk * CHUNK..], g.ohw());
+            for_each_chunk(y, share * LANES * ohw, spread, |part, planes| {
+                let (mut stage, mut own) = (vec![0f32; rows * g.ow * 3 * LANES], Vec::new());
+                let vectors = (planes.len() / ohw).div_ceil(LANES);
+                for (v0, vectors, block) in vector_blocks(planes, vectors, |v| v * LANES * ohw) {
+                    let first = part * share + v0;
+                    let weights = if spread {
+                        own.clear();
+                        own.resize(vectors * LANES * ckk, 0.0);
+                        pack_block(g, w, first, vectors, &mut own);
+                        &own
+                    } else {
+                        &packed[first * LANES * ckk..][..vectors * LANES * ckk]
+                    };
+                    let (bias, channels) = (&bias[first * LANES..][..vectors * LANES], block.len() / ohw);
+                    for oy in (0..g.oh).step_by(rows) {
+                        let oys = oy..(oy + rows).min(g.oh);
+                        let pixels = oys.len() * g.ow;
+                        // SAFETY: AVX-512F is present (`takes_forward`); `run` checks its reads.
+                        unsafe { kernel.run(vectors, image, oys, weights, bias, &mut stage) };
+                        transpose(pixels, channels, &stage, vectors * LANES, &mut block[oy * g.ow..], ohw);
                     }
                 }
             });
@@ -138,10 +161,10 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     dw
 }
 
-/// The channel vectors of each register block, for `vectors` of them: pairs (2 x 12 pixels;
-/// the weights, 46 KB for conv1, stay in L1), and an odd one joins the last pair, as 3 x 8
-/// (conv1 of 96 channels at batch 16: 14.4-14.8 ms, against 15.2-15.8 as 4 + 4 + 2 vectors; of
-/// 48 at batch 32: 13.8-14.7, against 16.5-17.7 as 2 + 1).
+/// The channel vectors of each register block, for `vectors` of them: pairs, and an odd one
+/// joins the last pair (measured with the first kernels, 2 x 12 and 3 x 8 pixels: conv1 of 96
+/// channels at batch 16: 14.4-14.8 ms, against 15.2-15.8 as 4 + 4 + 2 vectors; of 48 at batch
+/// 32: 13.8-14.7, against 16.5-17.7 as 2 + 1).
 fn block_vectors(vectors: usize) -> impl Iterator<Item = usize> {
     let pairs = vectors / 2;
     (0..pairs.max(1)).map(move |i| if i + 1 == pairs.max(1) { vectors - 2 * i } else { 2 })
@@ -161,113 +184,176 @@ fn vector_blocks(data: &mut [f32], vectors: usize, len: impl Fn(usize) -> usize)
     blocks
 }
 
-/// `packed[(ci, ky, kx), oc] = w[oc, ci, ky, kx]`, 0 past the last channel: the weights one
-/// step of the kernel loads lie side by side, a vector to 16 channels.
-fn pack_weights(g: &Geometry, w: &[f32], o_padded: usize) -> Vec<f32> {
-    let mut packed = vec![0f32; g.ckk() * o_padded];
-    transpose(g.o, g.ckk(), w, g.ckk(), &mut packed, o_padded);
+/// The weights as the register blocks of [`forward`] read them, for all its blocks (the
+/// channel vectors cut by [`block_vectors`]): the block of `v` vectors from vector `first` at
+/// `first * 16 * ckk`, as [`pack_block`] packs it.
+fn pack_weights(g: &Geometry, w: &[f32]) -> Vec<f32> {
+    let ckk = g.ckk();
+    let mut packed = vec![0f32; g.o.div_ceil(LANES) * LANES * ckk];
+    let blocks = vector_blocks(&mut packed, g.o.div_ceil(LANES), |v| v * LANES * ckk);
+    blocks.into_par_iter().for_each(|(first, v, block)| pack_block(g, w, first, v, block));
     packed
 }
 
-/// The sizes a register block works with.
+/// Into the zeroed `block`, the weights of the block of `v` channel vectors from vector `first`,
+/// `[(ci, ky, kx), v * 16]` (0 past the last channel), so that the block's steps read one
+/// unbroken stream.
+fn pack_block(g: &Geometry, w: &[f32], first: usize, v: usize, block: &mut [f32]) {
+    let channels = (v * LANES).min(g.o - first * LANES);
+    transpose(channels, g.ckk(), &w[first * LANES * g.ckk()..], g.ckk(), block, v * LANES);
+}
+
+/// What [`forward`]'s register blocks need to know of a layer.
 struct Kernel {
     c: usize,
-    k: usize,
-    /// Values per row and per channel plane of the padded image.
-    row_len: usize,
-    plane_len: usize,
-    /// Channels per row of the packed weights and the bias.
-    o_padded: usize,
+    /// Where each tap `(ci, ky, kx)`'s input lies from a window's start in the split image: a
+    /// block's pixels, side by side in an output row, then read side by side too.
+    taps: Vec<usize>,
+    /// Values of the split image per output row.
+    row_step: usize,
+    ow: usize,
     relu: bool,
 }
 
+/// The widest piece of a row a register block of `V` channel vectors takes: `V x P`
+/// accumulators, `V` weight vectors and one broadcast in the 32 registers.
+const PIECE: [usize; 3] = [16, 14, 9];
+
 impl Kernel {
-    /// `stage[p, v * 16 + lane]` for the `vectors` channel vectors from `first` at the pixels
-    /// whose windows start at `windows` (a chunk), with the bias and ReLU.
+    fn new(g: &Geometry, relu: bool) -> Self {
+        let (s, pl) = (g.stride, g.phase_len());
+        let (row, plane) = (s * pl, (g.h + 2 * g.pad) * s * pl);
+        // padded column `ox * s + kx` is phase `kx % s`, index `ox + kx / s` (`Geometry::split`)
+        let taps = (0..g.ckk())
+            .map(|t| (t / (g.k * g.k), t % (g.k * g.k) / g.k, t % g.k))
+            .map(|(ci, ky, kx)| ci * plane + ky * row + (kx % s) * pl + kx / s)
+            .collect();
+        Kernel { c: g.c, taps, row_step: s * row, ow: g.ow, relu }
+    }
+
+    /// `stage[p, v * 16 + lane]` for a block of `vectors` channel vectors (`weights` and `bias`
+    /// its own, [`pack_weights`]) at the pixels of the output rows `oys`, with the bias and ReLU.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         &self,
         vectors: usize,
         image: &[f32],
-        windows: &[usize],
+        oys: std::ops::Range<usize>,
         weights: &[f32],
         bias: &[f32],
-        first: usize,
         stage: &mut [f32],
     ) {
-        let furthest =
-            windows.iter().max().map_or(0, |&w| w + (self.c - 1) * self.plane_len + (self.k - 1) * (self.row_len + 1));
+        let furthest = (oys.end.max(1) - 1) * self.row_step + self.ow - 1 + self.taps.iter().max().unwrap_or(&0);
+        assert!((1..=3).contains(&vectors) && furthest < image.len() && bias.len() == vectors * LANES);
         assert!(
-            (1..=3).contains(&vectors)
-                && windows.len() == CHUNK
-                && furthest < image.len()
-                && first + vectors * LANES <= self.o_padded
+            weights.len() == self.taps.len() * vectors * LANES && stage.len() >= oys.len() * self.ow * vectors * LANES
         );
-        assert!(weights.len() == self.c * self.k * self.k * self.o_padded && stage.len() >= CHUNK * vectors * LANES);
-        let (weights, bias) = (&weights[first..], &bias[first..]);
-        match vectors {
-            1 => self.blocks::<1, 16>(image, windows, weights, bias, stage),
-            2 => self.blocks::<2, 12>(image, windows, weights, bias, stage),
-            _ => self.blocks::<3, 8>(image, windows, weights, bias, stage),
+        // each output row in pieces as even as can be, of two widths at most
+        let pieces = self.ow.div_ceil(PIECE[vectors - 1]);
+        let (wide, narrow) = (self.ow.div_ceil(pieces), self.ow / pieces);
+        let wide_count = self.ow - narrow * pieces;
+        let starts: Vec<usize> = (0..pieces).map(|i| i * narrow + i.min(wide_count)).collect();
+        let (wide_starts, narrow_starts) = starts.split_at(wide_count);
+        macro_rules! dispatch {
+            ($width:expr, $starts:expr, $v:literal, [$($p:literal)*]) => {
+                match $width {
+                    $($p => self.pieces::<$v, $p>(image, oys.clone(), $starts, weights, bias, stage),)*
+                    _ => unreachable!("pieces are at most PIECE wide"),
+                }
+            };
+        }
+        for (width, starts) in [(wide, wide_starts), (narrow, narrow_starts)] {
+            if starts.is_empty() {
+                continue;
+            }
+            match vectors {
+                1 => dispatch!(width, starts, 1, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16]),
+                2 => dispatch!(width, starts, 2, [1 2 3 4 5 6 7 8 9 10 11 12 13 14]),
+                _ => dispatch!(width, starts, 3, [1 2 3 4 5 6 7 8 9]),
+            }
         }
     }
 
+    /// The pieces of width `P` that start at the columns `starts` of each row of `oys`, for a
+    /// run of input channels at a time ([`WEIGHTS_IN_L1`]), each piece's sums kept in `stage`
+    /// from one run to the next: the same additions in the same order as one pass over all
+    /// the channels.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn blocks<const V: usize, const P: usize>(
+    unsafe fn pieces<const V: usize, const P: usize>(
         &self,
         image: &[f32],
-        windows: &[usize],
+        oys: std::ops::Range<usize>,
+        starts: &[usize],
         weights: &[f32],
         bias: &[f32],
         stage: &mut [f32],
     ) {
-        for (block, windows) in windows.chunks_exact(P).enumerate() {
-            let at: [*const f32; P] = std::array::from_fn(|p| image.as_ptr().add(windows[p]));
-            let out = stage.as_mut_ptr().add(block * P * V * LANES);
-            self.block::<V, P>(at, weights.as_ptr(), bias.as_ptr(), out);
-        }
-    }
-
-    /// One register block: `V` channel vectors at the `P` pixels whose windows start at `at`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<const V: usize, const P: usize>(
-        &self,
-        at: [*const f32; P],
-        mut w: *const f32,
-        bias: *const f32,
-        out: *mut f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); V]; P];
-        for ci in 0..self.c {
-            for ky in 0..self.k {
-                let row = ci * self.plane_len + ky * self.row_len;
-                let rows: [*const f32; P] = std::array::from_fn(|p| at[p].add(row));
-                for kx in 0..self.k {
-                    let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(w.add(v * LANES)));
-                    for (acc_p, &x) in acc.iter_mut().zip(&rows) {
-                        let xv = _mm512_set1_ps(*x.add(kx));
-                        for (a, &wv) in acc_p.iter_mut().zip(&wv) {
-                            *a = _mm512_fmadd_ps(wv, xv, *a);
-                        }
-                    }
-                    w = w.add(self.o_padded);
+        let taps_per_channel = self.taps.len() / self.c;
+        let run = (WEIGHTS_IN_L1 / (taps_per_channel * V * LANES * 4)).max(1) * taps_per_channel;
+        for (r, taps) in self.taps.chunks(run).enumerate() {
+            let (first, last) = (r == 0, (r + 1) * run >= self.taps.len());
+            let w = weights.as_ptr().add(r * run * V * LANES);
+            for (row, oy) in oys.clone().enumerate() {
+                for &ox in starts {
+                    let at = image.as_ptr().add(oy * self.row_step + ox);
+                    let out = stage.as_mut_ptr().add((row * self.ow + ox) * V * LANES);
+                    self.block::<V, P>(at, taps, w, bias.as_ptr(), out, first, last);
                 }
             }
         }
+    }
+
+    /// One register block: `V` channel vectors at the `P` pixels side by side whose first
+    /// window starts at `at`, over `taps`: from zero if `first`, else from the sums in `out`;
+    /// if `last`, with the bias and ReLU.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const V: usize, const P: usize>(
+        &self,
+        at: *const f32,
+        taps: &[usize],
+        mut w: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        first: bool,
+        last: bool,
+    ) {
+        let out_at = |p: usize, v: usize| out.add((p * V + v) * LANES);
+        let mut acc = [[_mm512_setzero_ps(); V]; P];
+        if !first {
+            acc = std::array::from_fn(|p| std::array::from_fn(|v| _mm512_loadu_ps(out_at(p, v))));
+        }
+        for &tap in taps {
+            let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(w.add(v * LANES)));
+            let x = at.add(tap);
+            for (p, acc_p) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(p));
+                for (a, &wv) in acc_p.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(wv, xv, *a);
+                }
+            }
+            w = w.add(V * LANES);
+        }
         for (p, acc_p) in acc.iter().enumerate() {
             for (v, &a) in acc_p.iter().enumerate() {
-                let mut value = _mm512_add_ps(a, _mm512_loadu_ps(bias.add(v * LANES)));
-                if self.relu {
-                    value = relu_lanes(value);
+                let mut value = a;
+                if last {
+                    value = _mm512_add_ps(value, _mm512_loadu_ps(bias.add(v * LANES)));
+                    if self.relu {
+                        value = relu_lanes(value);
+                    }
                 }
-                _mm512_storeu_ps(out.add((p * V + v) * LANES), value);
+                _mm512_storeu_ps(out_at(p, v), value);
             }
         }
     }
 }
+
+/// Bytes of weights a run of input channels reads: they stay in L1 while every piece of the
+/// staged rows reuses them.
+const WEIGHTS_IN_L1: usize = 24 << 10;
 
 /// The sizes [`weight_grad`]'s register blocks work with.
 struct TapKernel<'a> {
