@@ -3,8 +3,9 @@
 //! the net rarely waits and memory stays bounded whatever the data set's size.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rayon::prelude::*;
 
@@ -18,7 +19,7 @@ pub struct Batch<T> {
 }
 
 /// Starts preparing `samples` with `prepare(position, sample)` in batches of `batch_size`.
-pub fn spawn<T, F>(samples: Vec<Sample>, batch_size: usize, prefetch: usize, prepare: F) -> Receiver<Batch<T>>
+pub fn spawn<T, F>(samples: Vec<Sample>, batch_size: usize, prefetch: usize, prepare: F) -> Batches<T>
 where
     T: Send + 'static,
     F: Fn(usize, &Sample) -> anyhow::Result<T> + Send + Sync + 'static,
@@ -42,5 +43,35 @@ where
             }
         }
     });
-    rx
+    Batches(rx)
+}
+
+/// The prepared batches, in order. A thread of rayon's pool (the binary's main thread is one)
+/// waiting for the next batch runs the pool's pending jobs meanwhile, the batches' own preparing
+/// among them: blocked, it would leave that work to the pool's other threads alone.
+pub struct Batches<T>(Receiver<Batch<T>>);
+
+impl<T> Iterator for Batches<T> {
+    type Item = Batch<T>;
+
+    fn next(&mut self) -> Option<Batch<T>> {
+        if rayon::current_thread_index().is_none() {
+            return self.0.recv().ok();
+        }
+        loop {
+            match self.0.try_recv() {
+                Ok(batch) => return Some(batch),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                // nothing to run: wait a little for the batch instead
+                match self.0.recv_timeout(Duration::from_micros(200)) {
+                    Ok(batch) => return Some(batch),
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            }
+        }
+    }
 }
