@@ -350,7 +350,7 @@ mod lane_form {
     #[target_feature(enable = "avx512f")]
     unsafe fn rows_times_xt(rows: &[f32], xt: &[f32], width: usize, k: usize, part: &mut [f32]) {
         let m = rows.len() / k;
-        assert!(xt.len() == k * width && part.len() == m * width && width.is_multiple_of(LANES));
+        assert!(xt.len() == k * width && part.len() == m * width && width.is_multiple_of(LANES) && width <= 2 * LANES);
         let mut r = 0;
         macro_rules! blocks {
             ($v:literal, $($rows:literal)*) => {{$(
