@@ -498,12 +498,12 @@ impl CustomOp3 for Conv2d {
         let w = super::contiguous_f32("conv2d", ws, wl)?;
         let b = super::contiguous_f32("conv2d", bs, bl)?;
         let shape = Shape::from((g.n, g.o, g.oh, g.ow));
-        #[cfg(target_arch = "x86_64")]
-        if direct::takes_forward(&g) {
-            return Ok((CpuStorage::F32(direct::forward(&g, x, w, b, self.relu)), shape));
-        }
         if winograd::applies(&g) {
             return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu, true)), shape));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if direct::available() {
+            return Ok((CpuStorage::F32(direct::forward(&g, x, w, b, self.relu)), shape));
         }
         let group = images_per_gemm(g.n, g.ohw(), usize::MAX);
         let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
@@ -700,7 +700,7 @@ mod tests {
                     got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu, false)));
                 }
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if direct::available() {
                     got.push(("direct".into(), direct::forward(&g, &x, &wt, &b, relu)));
                 }
                 for (path, y) in got {

@@ -297,6 +297,39 @@ mod outer_form {
     }
 }
 
+/// `y[i, row] += part[row, i]` for the first `images` of each part row's `width` values: the `o`
+/// rows of `w` (`k` values each) cut into tasks of `rows_per_task` spread over the cores, each
+/// computing its rows' `part` (zeroed) with `product(rows, part)`, then added into `y` in order.
+/// The fc forward's two forms ([`dot_form`], [`lane_form`]) differ only in `product`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn add_by_row_tasks(
+    w: &[f32],
+    o: usize,
+    k: usize,
+    rows_per_task: usize,
+    width: usize,
+    images: usize,
+    y: &mut [f32],
+    product: impl Fn(&[f32], &mut [f32]) + Sync,
+) {
+    let parts: Vec<Vec<f32>> = w[..o * k]
+        .par_chunks(rows_per_task * k)
+        .map(|rows| {
+            let mut part = vec![0f32; rows.len() / k * width];
+            product(rows, &mut part);
+            part
+        })
+        .collect();
+    for (t, part) in parts.iter().enumerate() {
+        for (r, row) in part.chunks(width).enumerate() {
+            for (i, &v) in row[..images].iter().enumerate() {
+                y[i * o + t * rows_per_task + r] += v;
+            }
+        }
+    }
+}
+
 /// `y += x · wᵀ` with the images side by side in the vectors, from 32 images on: each value of
 /// `w` broadcast and multiplied into 16 images at once, `w` read as it lies, once per group of
 /// images, and no sums across lanes. The dot form ([`dot_form`]) loads a vector of `w` for every
@@ -306,7 +339,6 @@ mod outer_form {
 /// broadcast, the dot form stays.
 #[cfg(target_arch = "x86_64")]
 mod lane_form {
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     const LANES: usize = 16;
@@ -327,22 +359,10 @@ mod lane_form {
             // xᵀ[kk, image], the lanes past the last image 0
             let mut xt = vec![0f32; k * width];
             crate::ops::transpose::transpose(images, k, &x[g0 * k..], k, &mut xt, width);
-            let parts: Vec<Vec<f32>> = w[..o * k]
-                .par_chunks(ROWS_PER_TASK * k)
-                .map(|rows| {
-                    let mut part = vec![0f32; rows.len() / k * width];
-                    // SAFETY: AVX-512F is present (checked by the caller); sizes asserted inside.
-                    unsafe { rows_times_xt(rows, &xt, width, k, &mut part) };
-                    part
-                })
-                .collect();
-            for (t, part) in parts.iter().enumerate() {
-                for (r, row) in part.chunks(width).enumerate() {
-                    for (i, &v) in row[..images].iter().enumerate() {
-                        y[(g0 + i) * o + t * ROWS_PER_TASK + r] += v;
-                    }
-                }
-            }
+            super::add_by_row_tasks(w, o, k, ROWS_PER_TASK, width, images, &mut y[g0 * o..], |rows, part| {
+                // SAFETY: AVX-512F is present (checked by the caller); sizes asserted inside.
+                unsafe { rows_times_xt(rows, &xt, width, k, part) }
+            });
         }
     }
 
@@ -397,7 +417,6 @@ mod lane_form {
 
 #[cfg(target_arch = "x86_64")]
 mod dot_form {
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     /// Rows of `w` per task: enough tasks for every core at fc8's 1000 rows, few enough that
@@ -423,25 +442,11 @@ mod dot_form {
             dst[..k].copy_from_slice(src);
         }
         let x = &skewed[offset..];
-        // each task computes yᵀ for its rows of w; written into y afterwards
-        let parts: Vec<Vec<f32>> = w[..o * k]
-            .par_chunks(ROWS_PER_TASK * k)
-            .map(|rows| {
-                let mut part = vec![0f32; rows.len() / k * n];
-                // SAFETY: AVX-512F is present (checked by the caller); the blocks index within
-                // `rows`, `x` and `part` (sizes asserted by the caller).
-                unsafe { rows_times_x(rows, x, x_ld, n, k, &mut part) };
-                part
-            })
-            .collect();
-        for (t, part) in parts.iter().enumerate() {
-            let first = t * ROWS_PER_TASK;
-            for (r, row) in part.chunks(n).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    y[i * o + first + r] += v;
-                }
-            }
-        }
+        super::add_by_row_tasks(w, o, k, ROWS_PER_TASK, n, n, y, |rows, part| {
+            // SAFETY: AVX-512F is present (checked by the caller); the blocks index within
+            // `rows`, `x` and `part` (sizes asserted by the caller).
+            unsafe { rows_times_x(rows, x, x_ld, n, k, part) }
+        });
     }
 
     /// `part[r, i] = Σ_k rows[r, k] · x[i, k]`, in register blocks of rows by images.

@@ -35,18 +35,19 @@ use rayon::prelude::*;
 const LANES: usize = 16;
 /// The least common multiple of the weight gradient's register blocks' tap counts (16, 12, 8).
 const BLOCK_LCM: usize = 48;
-/// Pixels staged channels-last before they are transposed into the planes.
-const CHUNK: usize = 5 * BLOCK_LCM;
+/// Pixels (whole output rows, at least one) the forward stages channels-last before they are
+/// transposed into the planes.
+const STAGED_PIXELS: usize = 240;
+
+/// Whether the kernels can run here (AVX-512): the forward then takes every convolution that
+/// Winograd does not (conv1, and 13x13 maps at batch 1-7).
+pub(super) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
 
 /// Whether the direct weight gradient takes this convolution: a stride above 1, and AVX-512.
 pub(super) fn applies(g: &Geometry) -> bool {
-    g.stride > 1 && std::arch::is_x86_feature_detected!("avx512f")
-}
-
-/// Whether the direct forward takes this convolution: a stride above 1, or too few tiles for
-/// Winograd (13x13 maps at batch 1-7), and AVX-512.
-pub(super) fn takes_forward(g: &Geometry) -> bool {
-    (g.stride > 1 || !super::winograd::applies(g)) && std::arch::is_x86_feature_detected!("avx512f")
+    g.stride > 1 && available()
 }
 
 /// The plain zero-padded image the weight gradient reads, `[c, h + 2p, w + 2p]`: the split of
@@ -70,7 +71,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     let mut bias = b.to_vec();
     bias.resize(vectors * LANES, 0.0);
     let kernel = Kernel::new(g, relu);
-    let rows = (CHUNK / g.ow).clamp(1, g.oh); // output rows staged at a time
+    let rows = (STAGED_PIXELS / g.ow).clamp(1, g.oh); // output rows staged at a time
     let mut y = super::super::zeros(g.n * g.o * ohw);
     for_each_chunk(&mut y, g.o * ohw, !spread, |i, y| {
         with_scratch(g.split_len(), |image| {
@@ -93,7 +94,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
                     for oy in (0..g.oh).step_by(rows) {
                         let oys = oy..(oy + rows).min(g.oh);
                         let pixels = oys.len() * g.ow;
-                        // SAFETY: AVX-512F is present (`takes_forward`); `run` checks its reads.
+                        // SAFETY: AVX-512F is present (`available`); `run` checks its reads.
                         unsafe { kernel.run(vectors, image, oys, weights, bias, &mut stage) };
                         transpose(pixels, channels, &stage, vectors * LANES, &mut block[oy * g.ow..], ohw);
                     }
