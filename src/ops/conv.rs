@@ -179,36 +179,36 @@ impl Geometry {
     /// q+2s, ...` for phase `q`): `split[ci, r, q, j] = x[ci, r - p, q + s*j - p]`, 0 outside.
     /// Every row of `cols` is then a set of contiguous copies: output column `ox` of kernel
     /// column `kx` reads padded column `ox*s + kx`, which is phase `kx % s`, index `ox + kx/s`.
-    fn split(&self, x: &[f32], split: &mut [f32]) {
+    /// The rows are spread over the cores when `spread`.
+    fn split(&self, x: &[f32], split: &mut [f32], spread: bool) {
         let (s, p, pl) = (self.stride, self.pad, self.phase_len());
-        let padded_row = s * pl;
-        for (ci, channel) in split.chunks_mut((self.h + 2 * p) * padded_row).enumerate() {
-            for (r, row) in channel.chunks_mut(padded_row).enumerate() {
-                if r < p || r >= p + self.h {
-                    row.fill(0.0);
-                    continue;
-                }
-                let src = &x[(ci * self.h + r - p) * self.w..][..self.w];
-                if s == 1 {
-                    row[..p].fill(0.0);
-                    row[p..p + self.w].copy_from_slice(src);
-                    row[p + self.w..].fill(0.0);
-                    continue;
-                }
-                for (q, phase) in row.chunks_mut(pl).enumerate() {
-                    // phase q's values j in [first, end) are inside the image (q + s*j - p < w),
-                    // the rest padding: no test per value (conv1's split was 9% of its time)
-                    let first = p.saturating_sub(q).div_ceil(s);
-                    let end = (self.w + p).saturating_sub(q).div_ceil(s).min(pl);
-                    phase[..first].fill(0.0);
-                    phase[end.max(first)..].fill(0.0);
-                    if first < end {
-                        let columns = src[q + s * first - p..].iter().step_by(s);
-                        phase[first..end].iter_mut().zip(columns).for_each(|(v, &x)| *v = x);
-                    }
+        let padded_rows = self.h + 2 * p;
+        for_each_chunk(split, s * pl, spread, |at, row| {
+            let (ci, r) = (at / padded_rows, at % padded_rows);
+            if r < p || r >= p + self.h {
+                row.fill(0.0);
+                return;
+            }
+            let src = &x[(ci * self.h + r - p) * self.w..][..self.w];
+            if s == 1 {
+                row[..p].fill(0.0);
+                row[p..p + self.w].copy_from_slice(src);
+                row[p + self.w..].fill(0.0);
+                return;
+            }
+            for (q, phase) in row.chunks_mut(pl).enumerate() {
+                // phase q's values j in [first, end) are inside the image (q + s*j - p < w),
+                // the rest padding: no test per value (conv1's split was 9% of its time)
+                let first = p.saturating_sub(q).div_ceil(s);
+                let end = (self.w + p).saturating_sub(q).div_ceil(s).min(pl);
+                phase[..first].fill(0.0);
+                phase[end.max(first)..].fill(0.0);
+                if first < end {
+                    let columns = src[q + s * first - p..].iter().step_by(s);
+                    phase[first..end].iter_mut().zip(columns).for_each(|(v, &x)| *v = x);
                 }
             }
-        }
+        });
     }
 
     /// `cols[(ci, ky, kx), (oy, ox)] = x[ci, oy*s + ky - p, ox*s + kx - p]` (0 outside), from
@@ -236,7 +236,7 @@ impl Geometry {
         let one = Geometry { c: 1, ..*self };
         let rows = self.k * self.k * self.ohw(); // a channel's rows of `cols`
         let work = |((plane, split), cols): ((&[f32], &mut [f32]), &mut [f32])| {
-            one.split(plane, split);
+            one.split(plane, split, false);
             one.im2col(split, cols);
         };
         let planes = self.h * self.w;

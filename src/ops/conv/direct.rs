@@ -26,6 +26,7 @@
 //! conv1 stays level (same bits).
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::super::relu_lanes;
 use super::super::transpose::transpose;
@@ -63,47 +64,86 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
     let vectors = g.o.div_ceil(LANES);
     // images over the cores, the weights packed once for all of them; a batch too small for
-    // that shares each image's channel vectors out, and each core packs a block of weights just
-    // before it runs it (its one read of them), so that the block stays in L2 while it runs
+    // that cuts each image into tasks (below), and each task packs its block of weights just
+    // before it runs it (its one read of them), so that they stay in L2 meanwhile
     let spread = g.n < rayon::current_num_threads();
-    let share = if spread { vectors.div_ceil(rayon::current_num_threads()) } else { vectors };
     let packed = if spread { Vec::new() } else { pack_weights(g, w) };
     let mut bias = b.to_vec();
     bias.resize(vectors * LANES, 0.0);
     let kernel = Kernel::new(g, relu);
     let rows = (STAGED_PIXELS / g.ow).clamp(1, g.oh); // output rows staged at a time
+    let stage_len = rows * g.ow * 3 * LANES;
+    // the sums of `v` channel vectors from `first` at the output rows `oys`, a stage of rows
+    // at a time, each handed to `write(rows, stage)` as `stage[pixel, v * 16 + lane]`
+    let stages = |image: &[f32],
+                  weights: &[f32],
+                  (first, v): (usize, usize),
+                  oys: Range<usize>,
+                  stage: &mut [f32],
+                  write: &mut dyn FnMut(Range<usize>, &[f32])| {
+        for oy in oys.clone().step_by(rows) {
+            let stage_rows = oy..(oy + rows).min(oys.end);
+            let stage = &mut stage[..stage_rows.len() * g.ow * v * LANES];
+            // SAFETY: AVX-512F is present (`available`); `run` checks its reads.
+            unsafe { kernel.run(v, image, stage_rows.clone(), weights, &bias[first * LANES..][..v * LANES], stage) };
+            write(stage_rows, stage);
+        }
+    };
     let mut y = super::super::zeros(g.n * g.o * ohw);
     for_each_chunk(&mut y, g.o * ohw, !spread, |i, y| {
         with_scratch(g.split_len(), |image| {
-            g.split(&x[i * chw..][..chw], image);
+            g.split(&x[i * chw..][..chw], image, spread);
             let image = &*image;
-            for_each_chunk(y, share * LANES * ohw, spread, |part, planes| {
-                let (mut stage, mut own) = (vec![0f32; rows * g.ow * 3 * LANES], Vec::new());
-                let vectors = (planes.len() / ohw).div_ceil(LANES);
-                for (v0, vectors, block) in vector_blocks(planes, vectors, |v| v * LANES * ohw) {
-                    let first = part * share + v0;
-                    let weights = if spread {
-                        own.clear();
-                        own.resize(vectors * LANES * ckk, 0.0);
-                        pack_block(g, w, first, vectors, &mut own);
-                        &own
-                    } else {
-                        &packed[first * LANES * ckk..][..vectors * LANES * ckk]
-                    };
-                    let (bias, channels) = (&bias[first * LANES..][..vectors * LANES], block.len() / ohw);
-                    for oy in (0..g.oh).step_by(rows) {
-                        let oys = oy..(oy + rows).min(g.oh);
-                        let pixels = oys.len() * g.ow;
-                        // SAFETY: AVX-512F is present (`available`); `run` checks its reads.
-                        unsafe { kernel.run(vectors, image, oys, weights, bias, &mut stage) };
-                        transpose(pixels, channels, &stage, vectors * LANES, &mut block[oy * g.ow..], ohw);
-                    }
+            let blocks = vector_blocks(y, vectors, |v| v * LANES * ohw);
+            if !spread {
+                let mut stage = vec![0f32; stage_len];
+                for (first, v, planes) in blocks {
+                    let weights = &packed[first * LANES * ckk..][..v * LANES * ckk];
+                    let channels = planes.len() / ohw;
+                    stages(image, weights, (first, v), 0..g.oh, &mut stage, &mut |oys, stage| {
+                        transpose(oys.len() * g.ow, channels, stage, v * LANES, &mut planes[oys.start * g.ow..], ohw)
+                    });
                 }
+                return;
+            }
+            // Tasks of a block and a band of its rows, several for each core: the cores of this
+            // machine run at unequal speeds (other tenants' work), and the one that finishes
+            // first takes the other's tasks, where a half for each core waited on the slower.
+            let band_rows = g.oh.div_ceil((TASKS_PER_CORE * rayon::current_num_threads()).div_ceil(blocks.len()));
+            let bands = g.oh.div_ceil(band_rows);
+            let tasks: Vec<_> = blocks
+                .into_iter()
+                .flat_map(|(first, v, planes)| {
+                    // each channel's plane cut into its bands: `by_band[band][channel]`
+                    let mut by_band: Vec<Vec<&mut [f32]>> = (0..bands).map(|_| Vec::new()).collect();
+                    for plane in planes.chunks_mut(ohw) {
+                        plane.chunks_mut(band_rows * g.ow).zip(&mut by_band).for_each(|(piece, band)| band.push(piece));
+                    }
+                    let band_at = move |band: usize| band * band_rows..((band + 1) * band_rows).min(g.oh);
+                    by_band.into_iter().enumerate().map(move |(band, planes)| (first, v, band_at(band), planes))
+                })
+                .collect();
+            let scratch = || (vec![0f32; stage_len], Vec::new(), vec![0f32; stage_len]);
+            tasks.into_par_iter().for_each_init(scratch, |(stage, weights, turned), (first, v, band, mut planes)| {
+                weights.clear();
+                weights.resize(v * LANES * ckk, 0.0);
+                pack_block(g, w, first, v, weights);
+                stages(image, weights, (first, v), band.clone(), stage, &mut |oys, stage| {
+                    // turned channels-first here, then copied into each channel's band
+                    let pixels = oys.len() * g.ow;
+                    transpose(pixels, planes.len(), stage, v * LANES, turned, pixels);
+                    for (plane, channel) in planes.iter_mut().zip(turned.chunks(pixels)) {
+                        plane[(oys.start - band.start) * g.ow..][..pixels].copy_from_slice(channel);
+                    }
+                });
             });
         })
     });
     y
 }
+
+/// Tasks per core a batch-1 forward is cut into (blocks of channel vectors, bands of rows).
+const TASKS_PER_CORE: usize = 4;
 
 /// `dW[o, ci, ky, kx] = Σ_n Σ_pixels dY[n, o, pixel] · x[n, ci, window(pixel) + (ky, kx)]` for
 /// a batch, in [`sum_over_chunks`]' fixed order: a register block holds `V` vectors of 16
@@ -131,7 +171,7 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         with_scratch(padded.split_len() + ohw * o_padded, |scratch| {
             let (image, dy_t) = scratch.split_at_mut(padded.split_len());
             for i in images {
-                padded.split(&x[i * chw..][..chw], image);
+                padded.split(&x[i * chw..][..chw], image, spread);
                 // each block's channels turned channels-last on their own, `[pixel, v * 16]`, so
                 // that its pass reads one unbroken stream
                 let dy_i = &dy[i * g.o * ohw..][..g.o * ohw];
@@ -239,7 +279,7 @@ impl Kernel {
         &self,
         vectors: usize,
         image: &[f32],
-        oys: std::ops::Range<usize>,
+        oys: Range<usize>,
         weights: &[f32],
         bias: &[f32],
         stage: &mut [f32],
@@ -284,7 +324,7 @@ impl Kernel {
     unsafe fn pieces<const V: usize, const P: usize>(
         &self,
         image: &[f32],
-        oys: std::ops::Range<usize>,
+        oys: Range<usize>,
         starts: &[usize],
         weights: &[f32],
         bias: &[f32],
