@@ -401,6 +401,8 @@ super::wide_fn! {
 
 /// `f(first, planes)` for the planes of `y` (`plane` values each, output channels) all at
 /// once, or a share of them for each core when `spread`; `first` is the share's first plane.
+/// (Winograd's output transform, whose tasks read `M` a column of channels each, ran slower
+/// in shares of a quarter: conv2 at batch 1 2.08 -> 2.27 ms; cf. `direct::TASKS_PER_CORE`.)
 fn for_each_plane_share(y: &mut [f32], plane: usize, spread: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
     let planes = y.len() / plane.max(1);
     let share = if spread { planes.div_ceil(rayon::current_num_threads()) } else { planes }.max(1);

@@ -40,6 +40,13 @@ const BLOCK_LCM: usize = 48;
 /// transposed into the planes.
 const STAGED_PIXELS: usize = 240;
 
+/// Tasks per core that the forward cuts an image into (a batch too small to give every core
+/// images of its own): the two cores of this machine run at unequal speeds when other tenants'
+/// work shares one, and the faster then takes the slower's tasks. With a share for each core
+/// the layer waited on the slower: torchvision's conv3-5 at batch 1, medians of 100 passes
+/// alternated in one process, 1.50 / 1.94 / 1.27 -> 1.38 / 1.67 / 1.14 ms.
+const TASKS_PER_CORE: usize = 4;
+
 /// Whether the kernels can run here (AVX-512): the forward then takes every convolution that
 /// Winograd does not (conv1, and 13x13 maps at batch 1-7).
 pub(super) fn available() -> bool {
@@ -106,9 +113,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
                 }
                 return;
             }
-            // Tasks of a block and a band of its rows, several for each core: the cores of this
-            // machine run at unequal speeds (other tenants' work), and the one that finishes
-            // first takes the other's tasks, where a half for each core waited on the slower.
+            // tasks of a block and a band of its rows, `TASKS_PER_CORE` for each core
             let band_rows = g.oh.div_ceil((TASKS_PER_CORE * rayon::current_num_threads()).div_ceil(blocks.len()));
             let bands = g.oh.div_ceil(band_rows);
             let tasks: Vec<_> = blocks
@@ -141,9 +146,6 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     });
     y
 }
-
-/// Tasks per core a batch-1 forward is cut into (blocks of channel vectors, bands of rows).
-const TASKS_PER_CORE: usize = 4;
 
 /// `dW[o, ci, ky, kx] = Σ_n Σ_pixels dY[n, o, pixel] · x[n, ci, window(pixel) + (ky, kx)]` for
 /// a batch, in [`sum_over_chunks`]' fixed order: a register block holds `V` vectors of 16
