@@ -5,8 +5,10 @@
 //! input values against them, from the [`Geometry::split`] image, where those values lie side
 //! by side too (one address and constant offsets: no pointer per pixel). A row is cut into
 //! pieces of at most [`PIECE`] pixels, as even as can be. The sums, with the bias and ReLU, are
-//! stored channels-last for a few rows, then transposed into the NCHW planes. The weight
-//! gradient ([`weight_grad`]) is the same loop turned round: taps in place of pixels.
+//! stored channels-last for a few rows, then transposed into the NCHW planes. The images go
+//! over the cores; a single image is cut into tasks of a block of channels and a band of rows
+//! ([`TASKS_PER_CORE`]). The weight gradient ([`weight_grad`]) is the same loop turned round:
+//! taps in place of pixels.
 //!
 //! Each output is summed in `(ci, ky, kx)` order from zero and the bias added last, whatever
 //! the block's shape: the same bits as the first direct kernel (below) gave.

@@ -201,11 +201,11 @@ fn kept_kernels(g: &Geometry, w: &[f32], compute: impl FnOnce() -> Arc<Vec<f32>>
     u
 }
 
-/// Whether `a` and `b` (of one length) hold the same bits, on all cores (in the network both
-/// come from memory: conv2's compare at batch 1 took 0.21 ms on one core, 0.13-0.15 on two,
-/// and its forward 2.17 -> 2.08 ms, medians of 80 passes alternated in one process), 64 values at a time
-/// without a branch inside, so that it vectorises (value by value with an early exit it took
-/// 15% of conv4's forward by Winograd at batch 1; conv2's forward at batch 1, medians of 7
+/// Whether `a` and `b` (of one length) hold the same bits: on all cores (in the network both
+/// come from memory: conv2's compare at batch 1 took 0.21 ms on one core, 0.13-0.15 on two, and
+/// its forward 2.17 -> 2.08 ms, medians of 80 passes alternated in one process), 64 values at a
+/// time without a branch inside, so that it vectorises (value by value with an early exit it
+/// took 15% of conv4's forward by Winograd at batch 1; conv2's forward at batch 1, medians of 7
 /// alternated runs, 1.67 -> 1.59 ms).
 fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(true, |same, (x, y)| same & (x.to_bits() == y.to_bits()));
