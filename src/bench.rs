@@ -1,6 +1,6 @@
 //! `alexnet bench`: forward (or training-step) throughput in images/s and peak memory,
 //! median of repeated runs after warm-up, on reference-pattern weights; `--layers` adds each
-//! layer's time. Peers are compared by `scripts/bench_peers.py`.
+//! layer's time (of the forward pass, also within a training step). Peers are compared by `scripts/bench_peers.py`.
 
 use std::time::Instant;
 
@@ -32,11 +32,12 @@ pub struct BenchArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Time a training step (forward, backward, SGD with momentum) instead of a forward pass.
-    #[arg(long, conflicts_with = "layers")]
+    #[arg(long)]
     train: bool,
     /// Also time each layer of the forward pass (median per layer; two-tower layers are both
     /// towers together; LRN and pooling, otherwise one op, run as two so that each is timed),
-    /// to see where the time goes.
+    /// to see where the time goes. With `--train`, the layers of the step's forward pass (in
+    /// training mode: dropout, and right after the last step's update).
     #[arg(long)]
     layers: bool,
     /// Also write the results as JSON to this file.
@@ -83,19 +84,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let mut layer_runs: Vec<Vec<(&'static str, u64, f64)>> = Vec::new(); // name, macs, seconds
             for i in 0..args.warmup + args.runs {
                 let start = Instant::now();
-                if args.layers {
-                    let (_, steps) = model.forward_traced(&x, Mode::Eval)?;
+                let mode = if args.train { Mode::Train { seed: i as u64 } } else { Mode::Eval };
+                let logits = if args.layers {
+                    let (logits, steps) = model.forward_traced(&x, mode)?;
                     if i >= args.warmup {
                         // the times only: keeping every run's activations would grow the heap
                         layer_runs.push(steps.iter().map(|s| (s.name, s.macs, s.seconds)).collect());
                     }
-                } else if args.train {
-                    let logits = model.forward(&x, Mode::Train { seed: i as u64 })?;
+                    logits
+                } else {
+                    model.forward(&x, mode)?
+                };
+                if args.train {
                     let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
                     sgd.step(&crate::ops::backward(&loss)?, 1e-6)?;
-                } else {
-                    drop(model.forward(&x, Mode::Eval)?);
                 }
+                drop(logits);
                 for tower in &placement.towers {
                     tower.synchronize()?;
                 }

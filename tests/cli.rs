@@ -131,6 +131,33 @@ fn bench_layers_reports_every_layer() {
     assert!(results[0]["images_per_s"].as_f64().unwrap() > 0.0);
 }
 
+/// `bench --train --layers` times the layers of a training step's forward pass and reports the
+/// whole step.
+#[test]
+fn bench_layers_of_a_training_step() {
+    let json = workdir().join("bench-train.json");
+    let out = alexnet(&[
+        "bench",
+        "--preset",
+        "fig1-relu",
+        "--batch-sizes",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--train",
+        "--layers",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(results[0]["mode"], "train");
+    assert_eq!(results[0]["layers"].as_array().unwrap().len(), 7);
+    assert!(results[0]["images_per_s"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn bad_weights_are_clear_errors() {
     let infer = |preset: &str, weights: &str| {
