@@ -104,26 +104,21 @@ fn classify_prints_top5_as_json() {
     assert!(p > 0.0 && p <= 1.0 + 1e-6);
 }
 
+/// `bench` on the small Figure 1 net at batch 2, one run, no warm-up, with `flags`: its JSON.
+fn bench_fig1(flags: &[&str], json_name: &str) -> serde_json::Value {
+    let json = workdir().join(json_name);
+    let mut args = vec!["bench", "--preset", "fig1-relu", "--batch-sizes", "2", "--runs", "1", "--warmup", "0"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--json", json.to_str().unwrap()]);
+    let out = alexnet(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
 /// `bench --layers` reports every layer of the pass, in order, with a time and the images/s.
 #[test]
 fn bench_layers_reports_every_layer() {
-    let json = workdir().join("bench.json");
-    let out = alexnet(&[
-        "bench",
-        "--preset",
-        "fig1-relu",
-        "--batch-sizes",
-        "2",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--layers",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = bench_fig1(&["--layers"], "bench.json");
     let layers: Vec<&str> =
         results[0]["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_str().unwrap()).collect();
     assert_eq!(layers, ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc"]);
@@ -135,24 +130,7 @@ fn bench_layers_reports_every_layer() {
 /// whole step.
 #[test]
 fn bench_layers_of_a_training_step() {
-    let json = workdir().join("bench-train.json");
-    let out = alexnet(&[
-        "bench",
-        "--preset",
-        "fig1-relu",
-        "--batch-sizes",
-        "2",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--train",
-        "--layers",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = bench_fig1(&["--train", "--layers"], "bench-train.json");
     assert_eq!(results[0]["mode"], "train");
     assert_eq!(results[0]["layers"].as_array().unwrap().len(), 7);
     assert!(results[0]["images_per_s"].as_f64().unwrap() > 0.0);
