@@ -1,6 +1,7 @@
 //! `alexnet bench`: forward (or training-step) throughput in images/s and peak memory,
 //! median of repeated runs after warm-up, on reference-pattern weights; `--layers` adds each
-//! layer's time (of the forward pass, also within a training step). Peers are compared by `scripts/bench_peers.py`.
+//! layer's time (of the forward pass, also within a training step). Peers are compared by
+//! `scripts/bench_peers.py`.
 
 use std::time::Instant;
 

@@ -82,20 +82,28 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
     let kernel = Kernel::new(g, relu);
     let rows = (STAGED_PIXELS / g.ow).clamp(1, g.oh); // output rows staged at a time
     let stage_len = rows * g.ow * 3 * LANES;
-    // the sums of `v` channel vectors from `first` at the output rows `oys`, a stage of rows
-    // at a time, each handed to `write(rows, stage)` as `stage[pixel, v * 16 + lane]`
-    let stages = |image: &[f32],
-                  weights: &[f32],
-                  (first, v): (usize, usize),
-                  oys: Range<usize>,
-                  stage: &mut [f32],
-                  write: &mut dyn FnMut(Range<usize>, &[f32])| {
+    // a task's sums, a stage of rows at a time (`stage[pixel, v * 16 + lane]`), into its planes
+    let run = |image: &[f32], weights: &[f32], task: Task, stage: &mut [f32], turned: &mut [f32]| {
+        let Task { first, v, rows: oys, mut planes } = task;
         for oy in oys.clone().step_by(rows) {
             let stage_rows = oy..(oy + rows).min(oys.end);
-            let stage = &mut stage[..stage_rows.len() * g.ow * v * LANES];
+            let pixels = stage_rows.len() * g.ow;
+            let stage = &mut stage[..pixels * v * LANES];
+            let bias = &bias[first * LANES..][..v * LANES];
             // SAFETY: AVX-512F is present (`available`); `run` checks its reads.
-            unsafe { kernel.run(v, image, stage_rows.clone(), weights, &bias[first * LANES..][..v * LANES], stage) };
-            write(stage_rows, stage);
+            unsafe { kernel.run(v, image, stage_rows, weights, bias, stage) };
+            match &mut planes {
+                Planes::Whole(planes) => {
+                    transpose(pixels, planes.len() / ohw, stage, v * LANES, &mut planes[oy * g.ow..], ohw)
+                }
+                Planes::Band(planes) => {
+                    // turned channels-first here, then copied into each channel's band
+                    transpose(pixels, planes.len(), stage, v * LANES, turned, pixels);
+                    for (plane, channel) in planes.iter_mut().zip(turned.chunks(pixels)) {
+                        plane[(oy - oys.start) * g.ow..][..pixels].copy_from_slice(channel);
+                    }
+                }
+            }
         }
     };
     let mut y = super::super::zeros(g.n * g.o * ohw);
@@ -108,10 +116,8 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
                 let mut stage = vec![0f32; stage_len];
                 for (first, v, planes) in blocks {
                     let weights = &packed[first * LANES * ckk..][..v * LANES * ckk];
-                    let channels = planes.len() / ohw;
-                    stages(image, weights, (first, v), 0..g.oh, &mut stage, &mut |oys, stage| {
-                        transpose(oys.len() * g.ow, channels, stage, v * LANES, &mut planes[oys.start * g.ow..], ohw)
-                    });
+                    let task = Task { first, v, rows: 0..g.oh, planes: Planes::Whole(planes) };
+                    run(image, weights, task, &mut stage, &mut []);
                 }
                 return;
             }
@@ -122,35 +128,50 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
             let band_rows = g.oh.div_ceil((TASKS_PER_CORE * rayon::current_num_threads()).div_ceil(blocks.len()));
             let band_rows = band_rows.max(rows);
             let bands = g.oh.div_ceil(band_rows);
-            let tasks: Vec<_> = blocks
+            let tasks: Vec<Task> = blocks
                 .into_iter()
                 .flat_map(|(first, v, planes)| {
+                    if bands == 1 {
+                        return vec![Task { first, v, rows: 0..g.oh, planes: Planes::Whole(planes) }];
+                    }
                     // each channel's plane cut into its bands: `by_band[band][channel]`
                     let mut by_band: Vec<Vec<&mut [f32]>> = (0..bands).map(|_| Vec::new()).collect();
                     for plane in planes.chunks_mut(ohw) {
                         plane.chunks_mut(band_rows * g.ow).zip(&mut by_band).for_each(|(piece, band)| band.push(piece));
                     }
-                    let band_at = move |band: usize| band * band_rows..((band + 1) * band_rows).min(g.oh);
-                    by_band.into_iter().enumerate().map(move |(band, planes)| (first, v, band_at(band), planes))
+                    let band_at = |band: usize| band * band_rows..((band + 1) * band_rows).min(g.oh);
+                    let tasks = by_band.into_iter().enumerate();
+                    tasks
+                        .map(|(band, planes)| Task { first, v, rows: band_at(band), planes: Planes::Band(planes) })
+                        .collect()
                 })
                 .collect();
-            let scratch = || (vec![0f32; stage_len], Vec::new(), vec![0f32; stage_len]);
-            tasks.into_par_iter().for_each_init(scratch, |(stage, weights, turned), (first, v, band, mut planes)| {
+            let scratch = || (vec![0f32; stage_len], vec![0f32; stage_len], Vec::new());
+            tasks.into_par_iter().for_each_init(scratch, |(stage, turned, weights), task| {
                 weights.clear();
-                weights.resize(v * LANES * ckk, 0.0);
-                pack_block(g, w, first, v, weights);
-                stages(image, weights, (first, v), band.clone(), stage, &mut |oys, stage| {
-                    // turned channels-first here, then copied into each channel's band
-                    let pixels = oys.len() * g.ow;
-                    transpose(pixels, planes.len(), stage, v * LANES, turned, pixels);
-                    for (plane, channel) in planes.iter_mut().zip(turned.chunks(pixels)) {
-                        plane[(oys.start - band.start) * g.ow..][..pixels].copy_from_slice(channel);
-                    }
-                });
+                weights.resize(task.v * LANES * ckk, 0.0);
+                pack_block(g, w, task.first, task.v, weights);
+                run(image, weights, task, stage, turned);
             });
         })
     });
     y
+}
+
+/// A piece of the forward's work: the block of `v` channel vectors from vector `first`, at the
+/// output rows `rows`, its sums going to `planes`.
+struct Task<'a> {
+    first: usize,
+    v: usize,
+    rows: Range<usize>,
+    planes: Planes<'a>,
+}
+
+/// Where a [`Task`]'s sums go: its channels' planes whole (one slice, `[channel, pixel]`), or
+/// the band of rows of each (a slice each: a band is not one slice of the output).
+enum Planes<'a> {
+    Whole(&'a mut [f32]),
+    Band(Vec<&'a mut [f32]>),
 }
 
 /// `dW[o, ci, ky, kx] = Σ_n Σ_pixels dY[n, o, pixel] · x[n, ci, window(pixel) + (ky, kx)]` for
