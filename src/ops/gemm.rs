@@ -313,14 +313,9 @@ fn add_by_row_tasks(
     y: &mut [f32],
     product: impl Fn(&[f32], &mut [f32]) + Sync,
 ) {
-    let parts: Vec<Vec<f32>> = w[..o * k]
-        .par_chunks(rows_per_task * k)
-        .map(|rows| {
-            let mut part = vec![0f32; rows.len() / k * width];
-            product(rows, &mut part);
-            part
-        })
-        .collect();
+    let rows = w[..o * k].chunks(rows_per_task * k);
+    let mut parts: Vec<Vec<f32>> = rows.clone().map(|rows| vec![0f32; rows.len() / k * width]).collect();
+    super::par_tasks(parts.iter_mut().zip(rows), || (), |_, (part, rows)| product(rows, part));
     for (t, part) in parts.iter().enumerate() {
         for (r, row) in part.chunks(width).enumerate() {
             for (i, &v) in row[..images].iter().enumerate() {
