@@ -72,7 +72,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     println!("{:<12} {:>6} {:>12} {:>10} {:>14}", "preset", "batch", "median ms", "images/s", "peak RSS MiB");
     for &preset in &args.preset {
-        let model = AlexNet::new(preset, &mut Params::Init(Init::Reference { seed: 0 }), &placement)?;
+        let mut model = AlexNet::new(preset, &mut Params::Init(Init::Reference { seed: 0 }), &placement)?;
+        if !args.train {
+            model.freeze(); // as for inference (`classify`, `eval`)
+        }
         let side = preset.input_size();
         for &batch in &args.batch_sizes {
             let x = Tensor::rand(-1f32, 1f32, (batch, 3, side, side), &device)?.to_dtype(DType::F32)?;

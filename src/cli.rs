@@ -448,11 +448,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model, frozen for inference (what every command that loads one does with it).
     fn load(&self) -> anyhow::Result<AlexNet> {
         let placement = self.device.placement(self.lrn_scope)?;
         let file = WeightFile::open(&fetch::resolve(&self.weights)?)?;
         let preset = resolve_preset(self.preset, &file)?;
-        AlexNet::new(preset, &mut Params::File(file), &placement)
+        let mut model = AlexNet::new(preset, &mut Params::File(file), &placement)?;
+        model.freeze();
+        Ok(model)
     }
 }
 

@@ -132,3 +132,25 @@ fn dropout_is_on_only_in_training() {
     let train = model.forward(&x, Mode::Train { seed: 1 }).unwrap();
     assert_ne!(flat(&eval[0]), flat(&train));
 }
+
+/// A frozen model ([`alexnet::AlexNet::freeze`]) gives the same bits as one that is not, on its
+/// first pass (the weights made ready) and after (kept): at batch 1 (the direct convolution in
+/// tasks), 2 and 8 (Winograd for the 13x13 maps too).
+#[test]
+fn a_frozen_model_gives_the_same_bits() {
+    for (preset, name) in PRESETS {
+        let placement = Placement::on(&Device::Cpu);
+        let (model, mut frozen) = (reference_model(preset, &placement), reference_model(preset, &placement));
+        frozen.freeze();
+        let x = reference_input(preset);
+        let one = x.narrow(0, 0, 1).unwrap();
+        let eight = Tensor::cat(&vec![one.clone(); 8], 0).unwrap();
+        for (batch, x) in [(1, &one), (x.dim(0).unwrap(), &x), (8, &eight)] {
+            let want = flat(&model.forward(x, Mode::Eval).unwrap());
+            for pass in ["first", "second"] {
+                let got = flat(&frozen.forward(x, Mode::Eval).unwrap());
+                assert!(got == want, "{name}, batch {batch}, {pass} frozen pass");
+            }
+        }
+    }
+}

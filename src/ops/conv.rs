@@ -25,6 +25,8 @@
 //! patches of each image by row (the columns by channel) and its GEMM instead.
 //! Other devices use Candle's `conv2d`.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
@@ -47,6 +49,32 @@ pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: u
     Conv2d { stride, padding, relu: true }.apply(x, w, b)
 }
 
+/// [`conv2d`], or [`conv2d_relu`] if `relu`, with `w` made ready for the kernels once and kept in
+/// `prepared` (see [`Prepared`]): for weights that no longer change.
+pub fn conv2d_prepared(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    padding: usize,
+    relu: bool,
+    prepared: &Arc<Prepared>,
+) -> Result<Tensor> {
+    Conv2d { stride, padding, relu }.apply_prepared(x, w, b, Some(prepared.clone()))
+}
+
+/// A layer's weights as the forward's kernels read them, made on a form's first use and kept:
+/// packed in register blocks for the direct form, transformed for Winograd. Without it the
+/// direct form packs the weights on every call, and Winograd compares them with those its kept
+/// transform came from; with it neither looks at the weights again, so they must not change
+/// (a model frozen for inference, [`crate::AlexNet::freeze`]).
+#[derive(Debug, Default)]
+pub struct Prepared {
+    #[cfg(target_arch = "x86_64")]
+    direct: OnceLock<Vec<f32>>,
+    winograd: OnceLock<Arc<Vec<f32>>>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Conv2d {
     stride: usize,
@@ -56,11 +84,15 @@ struct Conv2d {
 
 impl Conv2d {
     fn apply(self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.apply_prepared(x, w, b, None)
+    }
+
+    fn apply_prepared(self, x: &Tensor, w: &Tensor, b: &Tensor, prepared: Option<Arc<Prepared>>) -> Result<Tensor> {
         if !x.device().is_cpu() {
             let y = x.conv2d(w, self.padding, self.stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
             return relu_if(y, self.relu);
         }
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, self)
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Forward { conv: self, prepared })
     }
 }
 
@@ -500,7 +532,13 @@ fn parallelism(images: usize) -> Parallelism {
     }
 }
 
-impl CustomOp3 for Conv2d {
+/// The forward op: the convolution, and where its weights' prepared copies are kept, if anywhere.
+struct Forward {
+    conv: Conv2d,
+    prepared: Option<Arc<Prepared>>,
+}
+
+impl CustomOp3 for Forward {
     fn name(&self) -> &'static str {
         "conv2d-gemm"
     }
@@ -514,23 +552,29 @@ impl CustomOp3 for Conv2d {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(self, xl, wl)?;
+        let (conv, prepared) = (&self.conv, self.prepared.as_deref());
+        let g = Geometry::new(conv, xl, wl)?;
         let x = super::contiguous_f32("conv2d", xs, xl)?;
         let w = super::contiguous_f32("conv2d", ws, wl)?;
         let b = super::contiguous_f32("conv2d", bs, bl)?;
         let shape = Shape::from((g.n, g.o, g.oh, g.ow));
         if winograd::applies(&g) {
-            return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, self.relu, true)), shape));
+            let kernels = match prepared {
+                Some(p) => winograd::Kernels::Prepared(&p.winograd),
+                None => winograd::Kernels::Kept,
+            };
+            return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, conv.relu, kernels)), shape));
         }
         #[cfg(target_arch = "x86_64")]
         if direct::available() {
-            return Ok((CpuStorage::F32(direct::forward(&g, x, w, b, self.relu)), shape));
+            let packed = prepared.map(|p| p.direct.get_or_init(|| direct::pack_weights(&g, w)).as_slice());
+            return Ok((CpuStorage::F32(direct::forward(&g, x, w, packed, b, conv.relu)), shape));
         }
         let group = images_per_gemm(g.n, g.ohw(), usize::MAX);
         let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
-            forward_pixel_major(&g, x, w, b, self.relu, group)
+            forward_pixel_major(&g, x, w, b, conv.relu, group)
         } else {
-            forward_channel_major(&g, x, w, b, self.relu)
+            forward_channel_major(&g, x, w, b, conv.relu)
         };
         Ok((CpuStorage::F32(y), shape))
     }
@@ -543,10 +587,11 @@ impl CustomOp3 for Conv2d {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = incoming_grad(dy, y, self.relu)?;
+        let conv = self.conv;
+        let dy = incoming_grad(dy, y, conv.relu)?;
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
-        let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(*self, w.dims4()?.0, w.dims4()?.2))?;
-        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(*self, x.dims4()?))?) } else { None };
+        let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(conv, w.dims4()?.0, w.dims4()?.2))?;
+        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(conv, x.dims4()?))?) } else { None };
         Ok((dx, hand_over(w, dw), hand_over(b, db)))
     }
 }
@@ -647,7 +692,7 @@ fn input_grad_winograd(g: &Geometry, t: &Geometry, dy: &[f32], w: &[f32]) -> Vec
             dst.iter_mut().zip(filter.iter().rev()).for_each(|(d, &v)| *d = v);
         }
     }
-    winograd::forward(t, dy, &turned, &vec![0f32; g.c], false, false)
+    winograd::forward(t, dy, &turned, &vec![0f32; g.c], false, winograd::Kernels::Fresh)
 }
 
 #[cfg(test)]
@@ -718,16 +763,43 @@ mod tests {
                     })
                     .collect();
                 if matches!(k, 3 | 5) && stride == 1 {
-                    got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu, false)));
+                    got.push(("winograd".into(), winograd::forward(&g, &x, &wt, &b, relu, winograd::Kernels::Fresh)));
                 }
                 #[cfg(target_arch = "x86_64")]
                 if direct::available() {
-                    got.push(("direct".into(), direct::forward(&g, &x, &wt, &b, relu)));
+                    got.push(("direct".into(), direct::forward(&g, &x, &wt, None, &b, relu)));
                 }
                 for (path, y) in got {
                     let worst = relative_difference(&y, &want);
                     assert!(worst < 4e-6, "{path}, {n}x{c}x{h}x{w} * {o}x{k}x{k}, relu {relu}: differs by {worst:e}");
                 }
+            }
+        }
+    }
+
+    /// Weights made ready once ([`Prepared`]) give the same bits as weights packed or
+    /// transformed on every call, for every path that takes them.
+    #[test]
+    fn prepared_weights_give_the_same_bits() {
+        for (n, c, h, w, o, k, stride, pad) in SHAPES {
+            let g = geometry(n, c, h, w, o, k, stride, pad);
+            let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
+            if winograd::applies(&g) {
+                let (fresh, once) =
+                    (winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh), OnceLock::new());
+                for pass in ["first", "second"] {
+                    let prepared = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Prepared(&once));
+                    assert!(prepared == fresh, "winograd, {n}x{c}x{h}x{w} * {o}x{k}x{k}, {pass} pass");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if direct::available() {
+                let packed = direct::pack_weights(&g, &wt);
+                let prepared = direct::forward(&g, &x, &wt, Some(&packed), &b, true);
+                assert!(
+                    prepared == direct::forward(&g, &x, &wt, None, &b, true),
+                    "direct, {n}x{c}x{h}x{w} * {o}x{k}x{k}"
+                );
             }
         }
     }
@@ -745,8 +817,8 @@ mod tests {
                 wt[17] += 0.5;
             }
             wt[17] = f32::from_bits(wt[17].to_bits() ^ flip);
-            let kept = winograd::forward(&g, &x, &wt, &b, true, true);
-            let fresh = winograd::forward(&g, &x, &wt, &b, true, false);
+            let kept = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Kept);
+            let fresh = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh);
             assert_eq!(kept, fresh, "step {step}");
         }
     }

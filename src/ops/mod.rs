@@ -72,7 +72,7 @@ mod transpose;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use backward::backward;
-pub use conv::{conv2d, conv2d_relu};
+pub use conv::{conv2d, conv2d_prepared, conv2d_relu, Prepared};
 pub use linear::{linear, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use lrn_pool::lrn_max_pool2d;

@@ -68,15 +68,23 @@ fn padded_image(g: &Geometry) -> (Geometry, usize, usize) {
 }
 
 /// `relu?(conv(x, w) + b)` for a batch, NCHW in and out, from the [`Geometry::split`] image
-/// (for stride 1 the zero-padded image).
-pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
+/// (for stride 1 the zero-padded image), with the weights `w` as [`pack_weights`] packs them
+/// if `packed` has them.
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], packed: Option<&[f32]>, b: &[f32], relu: bool) -> Vec<f32> {
     let (ckk, ohw, chw) = (g.ckk(), g.ohw(), g.c * g.h * g.w);
     let vectors = g.o.div_ceil(LANES);
     // images over the cores, the weights packed once for all of them; a batch too small for
-    // that cuts each image into tasks (below), and each task packs its block of weights just
-    // before it runs it (its one read of them), so that they stay in L2 meanwhile
+    // that cuts each image into tasks (below), and unless the weights come packed each task
+    // packs its block just before it runs it (its one read of them), so that they stay in L2
     let spread = g.n < rayon::current_num_threads();
-    let packed = if spread { Vec::new() } else { pack_weights(g, w) };
+    let packed_here;
+    let packed = match packed {
+        None if !spread => {
+            packed_here = pack_weights(g, w);
+            Some(packed_here.as_slice())
+        }
+        packed => packed,
+    };
     let mut bias = b.to_vec();
     bias.resize(vectors * LANES, 0.0);
     let kernel = Kernel::new(g, relu);
@@ -114,6 +122,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
             let blocks = vector_blocks(y, vectors, |v| v * LANES * ohw);
             if !spread {
                 let mut stage = vec![0f32; stage_len];
+                let packed = packed.expect("packed above for batches that fill the cores");
                 for (first, v, planes) in blocks {
                     let weights = &packed[first * LANES * ckk..][..v * LANES * ckk];
                     let task = Task { first, v, rows: 0..g.oh, planes: Planes::Whole(planes) };
@@ -148,6 +157,10 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool)
                 .collect();
             let scratch = || (vec![0f32; stage_len], vec![0f32; stage_len], Vec::new());
             let pack_and_run = |(stage, turned, weights): &mut (Vec<f32>, Vec<f32>, Vec<f32>), task: Task| {
+                if let Some(packed) = packed {
+                    let weights = &packed[task.first * LANES * ckk..][..task.v * LANES * ckk];
+                    return run(image, weights, task, stage, turned);
+                }
                 weights.clear();
                 weights.resize(task.v * LANES * ckk, 0.0);
                 pack_block(g, w, task.first, task.v, weights);
@@ -258,7 +271,7 @@ fn vector_blocks(data: &mut [f32], vectors: usize, len: impl Fn(usize) -> usize)
 /// The weights as the register blocks of [`forward`] read them, for all its blocks (the
 /// channel vectors cut by [`block_vectors`]): the block of `v` vectors from vector `first` at
 /// `first * 16 * ckk`, as [`pack_block`] packs it.
-fn pack_weights(g: &Geometry, w: &[f32]) -> Vec<f32> {
+pub(super) fn pack_weights(g: &Geometry, w: &[f32]) -> Vec<f32> {
     let ckk = g.ckk();
     let mut packed = vec![0f32; g.o.div_ceil(LANES) * LANES * ckk];
     let blocks = vector_blocks(&mut packed, g.o.div_ceil(LANES), |v| v * LANES * ckk);

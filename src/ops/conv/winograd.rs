@@ -16,7 +16,7 @@
 //! input gradient (conv.rs), and [`weight_grad`] runs the same algorithm the other way round.
 
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rayon::prelude::*;
 
@@ -131,29 +131,37 @@ pub(super) fn applies(g: &Geometry) -> bool {
 /// (Winograd from batch 1) was mixed (paper at batch 4 faster, torchvision at 1 and 4 slower).
 const GEMM_TILES: usize = 196;
 
+/// Where the forward's `U` comes from.
+pub(super) enum Kernels<'a> {
+    /// Computed from the weights: the input gradient's turned filters, new every time.
+    Fresh,
+    /// Kept for the next call with the same weights ([`kept_kernels`]): a layer's own weights.
+    Kept,
+    /// Made once and kept there: weights that no longer change ([`super::Prepared`]).
+    Prepared(&'a OnceLock<Arc<Vec<f32>>>),
+}
+
 /// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a `g` that
-/// [`applies`]. With `keep`, the weights' transform `U` is kept for the next call with the same
-/// weights ([`kept_kernels`]): a layer's own weights, not the input gradient's turned filters,
-/// which are new every time.
-pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool, keep: bool) -> Vec<f32> {
+/// [`applies`], with `U` from `kernels`.
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool, kernels: Kernels) -> Vec<f32> {
     match g.k {
-        3 => forward_by::<F2x3, 2, 3, 4>(g, x, &kernels::<F2x3, 2, 3, 4>(g, w, keep), b, relu),
-        5 => forward_by::<F2x5, 2, 5, 6>(g, x, &kernels::<F2x5, 2, 5, 6>(g, w, keep), b, relu),
+        3 => forward_by::<F2x3, 2, 3, 4>(g, x, &transformed::<F2x3, 2, 3, 4>(g, w, kernels), b, relu),
+        5 => forward_by::<F2x5, 2, 5, 6>(g, x, &transformed::<F2x5, 2, 5, 6>(g, w, kernels), b, relu),
         k => unreachable!("no Winograd algorithm for {k}x{k} kernels: `applies` rules them out"),
     }
 }
 
-/// `U` for the weights `w`: kept from an earlier call if `keep`, else computed.
-fn kernels<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+/// `U` for the weights `w`, from where `kernels` says.
+fn transformed<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
     g: &Geometry,
     w: &[f32],
-    keep: bool,
+    kernels: Kernels,
 ) -> Arc<Vec<f32>> {
     let compute = || Arc::new(transform_weights::<F, M, R, A>(w, g.o, g.c));
-    if keep {
-        kept_kernels(g, w, compute)
-    } else {
-        compute()
+    match kernels {
+        Kernels::Fresh => compute(),
+        Kernels::Kept => kept_kernels(g, w, compute),
+        Kernels::Prepared(once) => once.get_or_init(compute).clone(),
     }
 }
 
