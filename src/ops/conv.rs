@@ -19,6 +19,9 @@
 //!   when the input needs no gradient (the image), which Candle's own conv backward always
 //!   computes, without GEMM.
 //!
+//! [`conv2d_prepared`] takes weights that no longer change (a model frozen for inference) and
+//! makes them ready for the forward's kernels once ([`Prepared`]) instead of on every call.
+//!
 //! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
 //! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
 //! gradient). Images are spread over the cores; a batch too small for that spreads the
