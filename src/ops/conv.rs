@@ -491,6 +491,21 @@ fn for_each_chunk(data: &mut [f32], len: usize, spread: bool, f: impl Fn(usize, 
     }
 }
 
+/// Each of `parts` cut into pieces of `len` values, regrouped by piece: `result[j]` holds every
+/// part's piece `j` (of `count`). A task over the same rows of many planes (or of many positions
+/// ξ) then owns its slices, though together they are not one slice.
+fn pieces_by_index<'a>(
+    parts: impl Iterator<Item = &'a mut [f32]>,
+    len: usize,
+    count: usize,
+) -> Vec<Vec<&'a mut [f32]>> {
+    let mut by_index: Vec<Vec<&mut [f32]>> = (0..count).map(|_| Vec::new()).collect();
+    for part in parts {
+        part.chunks_mut(len).zip(&mut by_index).for_each(|(piece, group)| group.push(piece));
+    }
+    by_index
+}
+
 /// `row[q * pl + j] = src[4 (j - js.start) + q]` for the four phases `q` and `j` in `js` (a
 /// multiple of 16 long): each 64 values of `src` deinterleaved in registers, 16 of each phase.
 #[cfg(target_arch = "x86_64")]

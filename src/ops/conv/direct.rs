@@ -32,7 +32,7 @@ use std::ops::Range;
 
 use super::super::transpose::transpose;
 use super::super::{par_tasks, relu_lanes};
-use super::{for_each_chunk, sum_over_chunks, with_scratch, Geometry};
+use super::{for_each_chunk, pieces_by_index, sum_over_chunks, with_scratch, Geometry};
 use rayon::prelude::*;
 
 const LANES: usize = 16;
@@ -120,22 +120,14 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], packed: Option<&[f32]>
             g.split(&x[i * chw..][..chw], image, spread);
             let image = &*image;
             let blocks = vector_blocks(y, vectors, |v| v * LANES * ohw);
-            if !spread {
-                let mut stage = vec![0f32; stage_len];
-                let packed = packed.expect("packed above for batches that fill the cores");
-                for (first, v, planes) in blocks {
-                    let weights = &packed[first * LANES * ckk..][..v * LANES * ckk];
-                    let task = Task { first, v, rows: 0..g.oh, planes: Planes::Whole(planes) };
-                    run(image, weights, task, &mut stage, &mut []);
-                }
-                return;
-            }
-            // tasks of a block and a band of its rows, `TASKS_PER_CORE` for each core; a band no
-            // narrower than a stage of rows (13x13 maps: whole blocks), where each band packs its
-            // block's weights again (the paper's conv3-5 at batch 1, 4 alternated runs: 2.08 /
-            // 1.50 / 1.06 -> 1.90 / 1.42 / 1.01 ms)
-            let band_rows = g.oh.div_ceil((TASKS_PER_CORE * rayon::current_num_threads()).div_ceil(blocks.len()));
-            let band_rows = band_rows.max(rows);
+            // a batch that fills the cores: one task a block, on this core. Else tasks of a block
+            // and a band of its rows, `TASKS_PER_CORE` for each core; a band no narrower than a
+            // stage of rows (13x13 maps: whole blocks), where each band packs its block's weights
+            // again (the paper's conv3-5 at batch 1, 4 alternated runs: 2.08 / 1.50 / 1.06 ->
+            // 1.90 / 1.42 / 1.01 ms)
+            let wanted =
+                if spread { (TASKS_PER_CORE * rayon::current_num_threads()).div_ceil(blocks.len()) } else { 1 };
+            let band_rows = g.oh.div_ceil(wanted).max(rows);
             let bands = g.oh.div_ceil(band_rows);
             let tasks: Vec<Task> = blocks
                 .into_iter()
@@ -143,12 +135,8 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], packed: Option<&[f32]>
                     if bands == 1 {
                         return vec![Task { first, v, rows: 0..g.oh, planes: Planes::Whole(planes) }];
                     }
-                    // each channel's plane cut into its bands: `by_band[band][channel]`
-                    let mut by_band: Vec<Vec<&mut [f32]>> = (0..bands).map(|_| Vec::new()).collect();
-                    for plane in planes.chunks_mut(ohw) {
-                        plane.chunks_mut(band_rows * g.ow).zip(&mut by_band).for_each(|(piece, band)| band.push(piece));
-                    }
                     let band_at = |band: usize| band * band_rows..((band + 1) * band_rows).min(g.oh);
+                    let by_band = pieces_by_index(planes.chunks_mut(ohw), band_rows * g.ow, bands);
                     let tasks = by_band.into_iter().enumerate();
                     tasks
                         .map(|(band, planes)| Task { first, v, rows: band_at(band), planes: Planes::Band(planes) })
@@ -166,7 +154,12 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], packed: Option<&[f32]>
                 pack_block(g, w, task.first, task.v, weights);
                 run(image, weights, task, stage, turned);
             };
-            par_tasks(tasks, scratch, pack_and_run);
+            if spread {
+                par_tasks(tasks, scratch, pack_and_run);
+            } else {
+                let mut scratch = scratch();
+                tasks.into_iter().for_each(|task| pack_and_run(&mut scratch, task));
+            }
         })
     });
     y

@@ -23,7 +23,8 @@ use rayon::prelude::*;
 use gemm::Parallelism;
 
 use super::{
-    for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, sum_over_chunks, with_scratch, Geometry, CHUNK,
+    for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, pieces_by_index, sum_over_chunks, with_scratch,
+    Geometry, CHUNK,
 };
 use crate::ops::gemm::matmul;
 use crate::ops::transpose::transpose;
@@ -605,12 +606,10 @@ impl Tiling {
         });
         let work = &*work;
         // each position ξ's part of `out` cut into the image's rows of tiles: `rows[ty][ξ]`
-        let row_len = self.tiles_x * self.channels;
-        let mut rows: Vec<Vec<&mut [f32]>> = (0..self.tiles_y).map(|_| Vec::with_capacity(ROWS * ROWS)).collect();
-        for position in out.chunks_mut(ld * self.channels).take(ROWS * ROWS) {
-            let image = &mut position[first * self.channels..][..self.tiles() * self.channels];
-            image.chunks_mut(row_len).zip(&mut rows).for_each(|(part, row)| row.push(part));
-        }
+        let (row_len, image_len) = (self.tiles_x * self.channels, self.tiles() * self.channels);
+        let positions = out.chunks_mut(ld * self.channels).take(ROWS * ROWS);
+        let rows =
+            pieces_by_index(positions.map(|p| &mut p[first * self.channels..][..image_len]), row_len, self.tiles_y);
         #[cfg(target_arch = "x86_64")]
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let row_of_tiles = |ty: usize, out: &mut [&mut [f32]]| {
