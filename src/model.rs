@@ -26,8 +26,8 @@ use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
 use serde::Serialize;
 
 use crate::ops::{
-    adaptive_avg_pool2d, conv2d, conv2d_prepared, conv2d_relu, linear, linear_relu, lrn, lrn_max_pool2d, max_pool2d,
-    Lrn, Prepared,
+    adaptive_avg_pool2d, conv2d, conv2d_prepared, conv2d_relu, linear, linear_prepared, linear_relu, lrn,
+    lrn_max_pool2d, max_pool2d, Lrn, Prepared,
 };
 use crate::weights::Params;
 
@@ -224,21 +224,23 @@ impl AlexNet {
     /// Freezes the weights for inference: each convolution's weights are made ready for the
     /// kernels once, on first use, and kept (as ONNX Runtime does when it loads a model), where
     /// otherwise every pass packs them again or checks them against a kept copy (torchvision
-    /// at batch 1: 0.55-0.7 ms a pass less, of 17-19). The forward then no longer reads the
+    /// at batch 1: 0.55-0.7 ms a pass less, of 17-19); at batch 1-2 the fully-connected layers
+    /// read a copy of their weights in strips of rows ([`crate::ops::linear_prepared`]; 231 MB
+    /// more memory for torchvision, its pass at batch 1 2-4% faster). The forward then no longer reads the
     /// weights themselves: change them afterwards (an optimiser step, `Var::set` on a part
     /// from [`AlexNet::parameters`]) and it does not see the change. For models that only infer.
     pub fn freeze(&mut self) {
-        let prepared = || Some(Arc::new(Prepared::default()));
-        let convs: Vec<&mut Conv> = match &mut self.net {
-            Net::Towers(net) => {
-                net.conv1_prepared = prepared();
-                net.towers.iter_mut().flat_map(Tower::convs_mut).collect()
+        let layers: Vec<&mut Option<Arc<Prepared>>> = match &mut self.net {
+            Net::Towers(net) => std::iter::once(&mut net.conv1_prepared)
+                .chain(net.towers.iter_mut().flat_map(Tower::prepared_mut))
+                .collect(),
+            Net::Single(net) => net.0.prepared_mut().into_iter().collect(),
+            Net::Small(net) => {
+                vec![&mut net.conv1.prepared, &mut net.conv2.prepared, &mut net.conv3.prepared, &mut net.fc.prepared]
             }
-            Net::Single(net) => net.0.convs_mut().into_iter().collect(),
-            Net::Small(net) => vec![&mut net.conv1, &mut net.conv2, &mut net.conv3],
         };
-        for conv in convs {
-            conv.prepared = prepared();
+        for prepared in layers {
+            *prepared = Some(Arc::new(Prepared::default()));
         }
     }
 
@@ -336,16 +338,27 @@ impl Conv {
 struct Linear {
     weight: Var,
     bias: Var,
+    /// The weights made ready for the kernels, once frozen ([`AlexNet::freeze`]).
+    prepared: Option<Arc<Prepared>>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
-        linear(x, &self.weight, &self.bias)
+        self.apply(x, false)
     }
 
     /// `relu(linear(x))` in one pass.
     fn forward_relu(&self, x: &Tensor) -> CandleResult<Tensor> {
-        linear_relu(x, &self.weight, &self.bias)
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, relu: bool) -> CandleResult<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        match &self.prepared {
+            Some(prepared) => linear_prepared(x, w, b, relu, prepared),
+            None if relu => linear_relu(x, w, b),
+            None => linear(x, w, b),
+        }
     }
 }
 
@@ -410,7 +423,7 @@ fn linear_layer(
     devices: &[Device],
 ) -> anyhow::Result<Vec<Linear>> {
     let parts = split_layer(params, prefix, &shape, devices)?;
-    Ok(parts.into_iter().map(|(weight, bias)| Linear { weight, bias }).collect())
+    Ok(parts.into_iter().map(|(weight, bias)| Linear { weight, bias, prepared: None }).collect())
 }
 
 /// Inverted dropout with p = 0.5 (outputs doubled while training, untouched at test time,
@@ -724,8 +737,18 @@ impl Tower {
         [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5, &self.fc6, &self.fc7, &self.fc8]
     }
 
-    fn convs_mut(&mut self) -> [&mut Conv; 5] {
-        [&mut self.conv1, &mut self.conv2, &mut self.conv3, &mut self.conv4, &mut self.conv5]
+    /// Where each layer keeps its weights made ready for the kernels.
+    fn prepared_mut(&mut self) -> [&mut Option<Arc<Prepared>>; 8] {
+        [
+            &mut self.conv1.prepared,
+            &mut self.conv2.prepared,
+            &mut self.conv3.prepared,
+            &mut self.conv4.prepared,
+            &mut self.conv5.prepared,
+            &mut self.fc6.prepared,
+            &mut self.fc7.prepared,
+            &mut self.fc8.prepared,
+        ]
     }
 }
 

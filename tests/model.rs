@@ -133,11 +133,14 @@ fn dropout_is_on_only_in_training() {
     assert_ne!(flat(&eval[0]), flat(&train));
 }
 
-/// A frozen model ([`alexnet::AlexNet::freeze`]) gives the same bits as one that is not, on its
-/// first pass (the weights made ready) and after (kept): at batch 1 (the direct convolution in
-/// tasks), 2 and 8 (Winograd for the 13x13 maps too).
+/// A frozen model ([`alexnet::AlexNet::freeze`]) gives the same numbers as one that is not, on
+/// its first pass (the weights made ready) and after (kept): at batch 1 (the direct convolution
+/// in tasks), 2 and 8 (Winograd for the 13x13 maps too). The same bits at batch 8; at 1 and 2,
+/// where the fully-connected layers read their weights in strips and sum each output in order
+/// of k rather than in 16 lanes, within a few units of rounding (the convolutions' bits are the
+/// same; their prepared paths are compared bit for bit in the crate's own tests).
 #[test]
-fn a_frozen_model_gives_the_same_bits() {
+fn a_frozen_model_gives_the_same_numbers() {
     for (preset, name) in PRESETS {
         let placement = Placement::on(&Device::Cpu);
         let (model, mut frozen) = (reference_model(preset, &placement), reference_model(preset, &placement));
@@ -147,9 +150,16 @@ fn a_frozen_model_gives_the_same_bits() {
         let eight = Tensor::cat(&vec![one.clone(); 8], 0).unwrap();
         for (batch, x) in [(1, &one), (x.dim(0).unwrap(), &x), (8, &eight)] {
             let want = flat(&model.forward(x, Mode::Eval).unwrap());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut first = None;
             for pass in ["first", "second"] {
                 let got = flat(&frozen.forward(x, Mode::Eval).unwrap());
-                assert!(got == want, "{name}, batch {batch}, {pass} frozen pass");
+                if batch > 2 {
+                    assert!(got == want, "{name}, batch {batch}, {pass} frozen pass");
+                }
+                let off = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                assert!(off <= 1e-5 * scale, "{name}, batch {batch}, {pass} frozen pass: {off} off (scale {scale})");
+                assert!(first.get_or_insert_with(|| got.clone()) == &got, "{name}, batch {batch}: passes differ");
             }
         }
     }

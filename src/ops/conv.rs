@@ -29,7 +29,7 @@
 //! Other devices use Candle's `conv2d`.
 
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -37,6 +37,7 @@ use gemm::Parallelism;
 use super::backward::hand_over;
 use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place, BiasGrad};
 use super::transpose::transpose;
+use super::Prepared;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -65,18 +66,6 @@ pub fn conv2d_prepared(
     prepared: &Arc<Prepared>,
 ) -> Result<Tensor> {
     Conv2d { stride, padding, relu }.apply_prepared(x, w, b, Some(prepared.clone()))
-}
-
-/// A layer's weights as the forward's kernels read them, made on a form's first use and kept:
-/// packed in register blocks for the direct form, transformed for Winograd. Without it the
-/// direct form packs the weights on every call, and Winograd compares them with those its kept
-/// transform came from; with it neither looks at the weights again, so they must not change
-/// (a model frozen for inference, [`crate::AlexNet::freeze`]).
-#[derive(Debug, Default)]
-pub struct Prepared {
-    #[cfg(target_arch = "x86_64")]
-    direct: OnceLock<Vec<f32>>,
-    winograd: OnceLock<Arc<Vec<f32>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -849,7 +838,7 @@ mod tests {
             let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
             if winograd::applies(&g) {
                 let (fresh, once) =
-                    (winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh), OnceLock::new());
+                    (winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh), std::sync::OnceLock::new());
                 for pass in ["first", "second"] {
                     let prepared = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Prepared(&once));
                     assert!(prepared == fresh, "winograd, {n}x{c}x{h}x{w} * {o}x{k}x{k}, {pass} pass");

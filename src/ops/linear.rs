@@ -4,26 +4,40 @@
 //! accumulates the weight's gradient twice (once through `t()`) as zeros + add: for fc6's 38 M
 //! weights that is most of the layer's backward time. Here the backward hands Candle `dx`,
 //! `dw` and `db` directly, each from one GEMM (or one pass for `db`). Other devices use the
-//! tensor ops.
+//! tensor ops. [`linear_prepared`], for weights that no longer change, reads a copy of them
+//! packed in strips of rows at batch 1-2.
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::backward::hand_over;
 use super::gemm::{incoming_grad, matmul_rows, matmul_wt, outer_products, relu_if, relu_in_place, BiasGrad};
+use super::Prepared;
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Linear { relu: false }.apply(x, w, b)
+    Linear { relu: false, prepared: None }.apply(x, w, b)
 }
 
 /// `relu(x · wᵀ + b)`, in one pass.
 pub fn linear_relu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Linear { relu: true }.apply(x, w, b)
+    Linear { relu: true, prepared: None }.apply(x, w, b)
 }
 
-#[derive(Debug, Clone, Copy)]
+/// [`linear`], or [`linear_relu`] if `relu`, for weights that no longer change: at batch 1-2,
+/// with AVX-512, `w` is read in strips of 16 rows (packed on the first such call and kept in
+/// `prepared`), which this CPU's memory streams faster than `w` as stored. Each output is then
+/// summed in order of k (not in 16 lanes), so its last bits may differ from [`linear`]'s.
+pub fn linear_prepared(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, prepared: &Arc<Prepared>) -> Result<Tensor> {
+    Linear { relu, prepared: Some(prepared.clone()) }.apply(x, w, b)
+}
+
+#[derive(Debug, Clone)]
 struct Linear {
     relu: bool,
+    /// Where the weights' strips are kept, if anywhere.
+    prepared: Option<Arc<Prepared>>,
 }
 
 impl Linear {
@@ -65,7 +79,14 @@ impl CustomOp3 for Linear {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        matmul_wt(n, o, k, x, w, &mut y);
+        match &self.prepared {
+            #[cfg(target_arch = "x86_64")]
+            Some(prepared) if super::gemm::strips_apply(n) => {
+                let strips = prepared.strips.get_or_init(|| super::gemm::pack_strips(w, o, k));
+                super::gemm::matmul_wt_strips(n, o, k, x, strips, &mut y);
+            }
+            _ => matmul_wt(n, o, k, x, w, &mut y),
+        }
         if self.relu {
             relu_in_place(&mut y);
         }

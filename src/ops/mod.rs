@@ -72,13 +72,31 @@ mod transpose;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use backward::backward;
-pub use conv::{conv2d, conv2d_prepared, conv2d_relu, Prepared};
-pub use linear::{linear, linear_relu};
+pub use conv::{conv2d, conv2d_prepared, conv2d_relu};
+pub use linear::{linear, linear_prepared, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use lrn_pool::lrn_max_pool2d;
 pub use max_pool::{max_pool2d, max_pool2d_tensor_ops};
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{CpuStorage, Layout, Result};
+
+/// A layer's weights as the forward's kernels read them, made on a form's first use and kept:
+/// for a convolution packed in register blocks for the direct form or transformed for
+/// Winograd, for a fully-connected layer in strips of rows for batches of 1-2
+/// ([`linear_prepared`]). Without it the direct form packs the weights on every call, Winograd
+/// compares them with those its kept transform came from, and the fully-connected layer reads
+/// them as stored; with it none looks at the weights again, so they must not change (a model
+/// frozen for inference, [`crate::AlexNet::freeze`]).
+#[derive(Debug, Default)]
+pub struct Prepared {
+    #[cfg(target_arch = "x86_64")]
+    direct: OnceLock<Vec<f32>>,
+    winograd: OnceLock<Arc<Vec<f32>>>,
+    #[cfg(target_arch = "x86_64")]
+    strips: OnceLock<Vec<f32>>,
+}
 
 /// The contiguous f32 data of a CPU tensor, or an error naming the op that needed it.
 pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -107,6 +125,36 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
     // SAFETY: every value was just written
     unsafe { v.set_len(len) };
+    v
+}
+
+/// `vec![0f32; len]` in 2 MB pages where the kernel gives them (Linux's transparent huge
+/// pages: asked for before the pages are first touched, and those the allocator hands back
+/// already touched merged after), else as [`zeros`]: for weights streamed from memory on every
+/// pass, where 4 KB pages cost a TLB miss every 1024 values.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn zeros_in_huge_pages(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v = Vec::with_capacity(len);
+    // whole 2 MB pages inside the allocation; advice only, refused harmlessly where huge pages
+    // are off
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let advise = |v: &Vec<f32>, advice| {
+        const HUGE: usize = 2 << 20;
+        let (start, end) = (v.as_ptr() as usize, v.as_ptr() as usize + len * 4);
+        let (first, last) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if last > first {
+            // SAFETY: advice on pages of this allocation, which stays where it is
+            unsafe { libc::madvise(first as *mut libc::c_void, last - first, advice) };
+        }
+    };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    advise(&v, libc::MADV_HUGEPAGE);
+    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: every value was just written
+    unsafe { v.set_len(len) };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    advise(&v, libc::MADV_COLLAPSE);
     v
 }
 
