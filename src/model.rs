@@ -225,8 +225,9 @@ impl AlexNet {
     /// kernels once, on first use, and kept (as ONNX Runtime does when it loads a model), where
     /// otherwise every pass packs them again or checks them against a kept copy (torchvision
     /// at batch 1: 0.55-0.7 ms a pass less, of 17-19); at batch 1-2 the fully-connected layers
-    /// read a copy of their weights in strips of rows ([`crate::ops::linear_prepared`]; 231 MB
-    /// more memory for torchvision, its pass at batch 1 2-4% faster). The forward then no longer reads the
+    /// read a copy of their weights in strips of rows ([`crate::ops::linear_prepared`]:
+    /// torchvision's pass at batch 1 2-3% faster, for 231 MB more memory and 25-35 ms more in
+    /// its first pass). The forward then no longer reads the
     /// weights themselves: change them afterwards (an optimiser step, `Var::set` on a part
     /// from [`AlexNet::parameters`]) and it does not see the change. For models that only infer.
     pub fn freeze(&mut self) {

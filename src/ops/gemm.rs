@@ -84,7 +84,7 @@ pub(crate) fn strips_apply(n: usize) -> bool {
 pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const LANES: usize = strip_form::LANES;
-    let mut strips = super::zeros_in_huge_pages(o.div_ceil(LANES) * k * LANES);
+    let mut strips = vec![0f32; o.div_ceil(LANES) * k * LANES];
     if k == 0 {
         return strips;
     }
@@ -99,10 +99,11 @@ pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
 /// time (4 streams), where the dot form, `w` as stored, reads 8 rows side by side (8 streams)
 /// and sums each row's lanes at its end. This CPU's memory (AMD EPYC, Zen 4) serves fewer
 /// streams faster: fc6-8 alone at batch 1, alternated in one process, 5.43 -> 4.01 and 7.08 ->
-/// 6.58 ms (two minutes of different load); torchvision's whole pass 12.89 -> 12.65 and 13.06 ->
-/// 12.65 ms, and with the strips in 2 MB pages 3.6-4.2% faster (2.4-3.4% without; three
-/// alternated runs each). Each output is `x[i, 0] w[r, 0] +
-/// x[i, 1] w[r, 1] + ...` summed in order of k with fused multiply-adds.
+/// 6.58 ms (two minutes of different load); torchvision's whole pass 2.4-3.4% faster (three
+/// runs: 13.27 -> 12.82, 12.95 -> 12.62, 13.34 -> 13.01 ms). (In 2 MB pages, asked of Linux with
+/// `madvise`, 3.6-4.2%; dropped: the first pass then stalled up to 0.5 s while the kernel
+/// compacted memory for them.) Each output is `x[i, 0] w[r, 0] + x[i, 1] w[r, 1] + ...` summed in
+/// order of k with fused multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn matmul_wt_strips(n: usize, o: usize, k: usize, x: &[f32], strips: &[f32], y: &mut [f32]) {
     assert!(strips_apply(n) && x.len() >= n * k && strips.len() == o.div_ceil(16) * k * 16 && y.len() >= n * o);

@@ -128,36 +128,6 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     v
 }
 
-/// `vec![0f32; len]` in 2 MB pages where the kernel gives them (Linux's transparent huge
-/// pages: asked for before the pages are first touched, and those the allocator hands back
-/// already touched merged after), else as [`zeros`]: for weights streamed from memory on every
-/// pass, where 4 KB pages cost a TLB miss every 1024 values.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn zeros_in_huge_pages(len: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut v = Vec::with_capacity(len);
-    // whole 2 MB pages inside the allocation; advice only, refused harmlessly where huge pages
-    // are off
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    let advise = |v: &Vec<f32>, advice| {
-        const HUGE: usize = 2 << 20;
-        let (start, end) = (v.as_ptr() as usize, v.as_ptr() as usize + len * 4);
-        let (first, last) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if last > first {
-            // SAFETY: advice on pages of this allocation, which stays where it is
-            unsafe { libc::madvise(first as *mut libc::c_void, last - first, advice) };
-        }
-    };
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    advise(&v, libc::MADV_HUGEPAGE);
-    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
-    // SAFETY: every value was just written
-    unsafe { v.set_len(len) };
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    advise(&v, libc::MADV_COLLAPSE);
-    v
-}
-
 /// Runs `f` on every task on all the cores, each core taking the next task as it finishes one
 /// (so a core slowed by other tenants takes fewer), with scratch from `init` made once per
 /// core. The calling thread spins, rather than sleeps, while the others finish their last
