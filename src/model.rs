@@ -224,9 +224,9 @@ impl AlexNet {
     /// Freezes the weights for inference: each convolution's weights are made ready for the
     /// kernels once, on first use, and kept (as ONNX Runtime does when it loads a model), where
     /// otherwise every pass packs them again or checks them against a kept copy (torchvision
-    /// at batch 1: 0.55-0.7 ms a pass less, of 17-19); at batch 1-2 the fully-connected layers
-    /// read a copy of their weights in strips of rows ([`crate::ops::linear_prepared`]:
-    /// torchvision's pass at batch 1 2-3% faster, for 231 MB more memory and 25-35 ms more in
+    /// at batch 1: 0.55-0.7 ms a pass less, of 17-19); the fully-connected layers read a copy
+    /// of their weights in strips of rows ([`crate::ops::linear_prepared`]: torchvision's pass
+    /// 5-10% faster at batch 1-31, level from 32, for 231 MB more memory and 25-35 ms more in
     /// its first pass). The forward then no longer reads the
     /// weights themselves: change them afterwards (an optimiser step, `Var::set` on a part
     /// from [`AlexNet::parameters`]) and it does not see the change. For models that only infer.

@@ -134,11 +134,11 @@ fn dropout_is_on_only_in_training() {
 }
 
 /// A frozen model ([`alexnet::AlexNet::freeze`]) gives the same numbers as one that is not, on
-/// its first pass (the weights made ready) and after (kept): at batch 1 (the direct convolution
-/// in tasks), 2 and 8 (Winograd for the 13x13 maps too). The same bits at batch 8; at 1 and 2,
-/// where the fully-connected layers read their weights in strips and sum each output in order
-/// of k rather than in 16 lanes, within a few units of rounding (the convolutions' bits are the
-/// same; their prepared paths are compared bit for bit in the crate's own tests).
+/// its first pass (the weights made ready) and after (kept), the same bits on both: at batch 1
+/// (the direct convolution in tasks), 2 and 8 (Winograd for the 13x13 maps too). Within a few
+/// units of rounding of the unfrozen model's, whose fully-connected layers sum each output in
+/// another order (the convolutions' prepared paths give the same bits, as the crate's own tests
+/// check).
 #[test]
 fn a_frozen_model_gives_the_same_numbers() {
     for (preset, name) in PRESETS {
@@ -154,9 +154,6 @@ fn a_frozen_model_gives_the_same_numbers() {
             let mut first = None;
             for pass in ["first", "second"] {
                 let got = flat(&frozen.forward(x, Mode::Eval).unwrap());
-                if batch > 2 {
-                    assert!(got == want, "{name}, batch {batch}, {pass} frozen pass");
-                }
                 let off = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
                 assert!(off <= 1e-5 * scale, "{name}, batch {batch}, {pass} frozen pass: {off} off (scale {scale})");
                 assert!(first.get_or_insert_with(|| got.clone()) == &got, "{name}, batch {batch}: passes differ");

@@ -68,23 +68,19 @@ pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &
     matmul(n, o, k, y, true, (x, k as isize, 1), (w, 1, k as isize), threads);
 }
 
-/// Whether [`matmul_wt_strips`] takes `n` images: 1 or 2, with AVX-512.
-pub(crate) fn strips_apply(n: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return (1..=strip_form::IMAGES).contains(&n);
-    }
-    let _ = n;
-    false
+/// Whether [`matmul_wt_strips`] can run here (AVX-512).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn strips_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
 }
 
 /// `w` `[o, k]` as [`matmul_wt_strips`] reads it: strips of 16 rows, each stored k-major
-/// (`strips[s, kk, lane] = w[16 s + lane, kk]`), the last strip's missing rows 0.
+/// (`strips[s, kk, lane] = w[16 s + lane, kk]`), rows past `o` 0 up to a whole task's strips.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const LANES: usize = strip_form::LANES;
-    let mut strips = vec![0f32; o.div_ceil(LANES) * k * LANES];
+    let mut strips = vec![0f32; strips_len(o, k)];
     if k == 0 {
         return strips;
     }
@@ -94,24 +90,39 @@ pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
     strips
 }
 
-/// [`matmul_wt`] for 1 or 2 images ([`strips_apply`]) from `w` packed by [`pack_strips`]. The
-/// rows of `w` in the lanes and `x` broadcast: each core streams through `w` in 4 strips at a
-/// time (4 streams), where the dot form, `w` as stored, reads 8 rows side by side (8 streams)
-/// and sums each row's lanes at its end. This CPU's memory (AMD EPYC, Zen 4) serves fewer
-/// streams faster: fc6-8 alone at batch 1, alternated in one process, 5.43 -> 4.01 and 7.08 ->
-/// 6.58 ms (two minutes of different load); torchvision's whole pass 2.4-3.4% faster (three
-/// runs: 13.27 -> 12.82, 12.95 -> 12.62, 13.34 -> 13.01 ms). (In 2 MB pages, asked of Linux with
-/// `madvise`, 3.6-4.2%; dropped: the first pass then stalled up to 0.5 s while the kernel
-/// compacted memory for them.) Each output is `x[i, 0] w[r, 0] + x[i, 1] w[r, 1] + ...` summed in
-/// order of k with fused multiply-adds.
+/// The length of [`pack_strips`]'s output.
+#[cfg(target_arch = "x86_64")]
+fn strips_len(o: usize, k: usize) -> usize {
+    o.next_multiple_of(strip_form::ROWS_PER_TASK) * k
+}
+
+/// [`matmul_wt`] from `w` packed by [`pack_strips`] ([`strips_available`]): the rows of `w`
+/// in the lanes and `x` broadcast, each task 4 strips (64 rows) in blocks of k, every block of
+/// 6 images passing a block of the strips while it stays in L2. Against `w` as stored (the dot
+/// form below 32 images, the lane form from 32), in a model frozen for inference (torchvision,
+/// alternated in one process):
+/// * batch 1: each core streams through `w` in 4 strips at a time (4 streams), where the dot
+///   form reads 8 rows side by side (8 streams) and sums each row's lanes at its end; this
+///   CPU's memory (AMD EPYC, Zen 4) serves fewer streams faster: 12.20 -> 11.62, 12.63 ->
+///   11.67, 12.32 -> 11.56 ms a pass (fc6-8 alone: 7.08 -> 6.58 and 5.43 -> 4.01 ms in two
+///   minutes of different load);
+/// * batch 4 / 8 / 16 / 24 / 31: 30.7 -> 27.6, 46.0 -> 41.6, 90.0 -> 83.6, 130.6 -> 122.6,
+///   157.4 -> 146.9 ms (the dot form waited on `w` between its register blocks);
+/// * batch 32 and 64 level (154.0 / 152.1 ms; 64: 318.0 / 301.7, 312.8 / 315.2, 305.2 / 307.5
+///   ms; the paper's net at 64: 348.8 / 347.0 ms). The paper's net at batch 1 / 16: 13.68 ->
+///   13.35, 99.1 -> 95.6 ms.
+///
+/// (In 2 MB pages, asked of Linux with `madvise`, batch 1 was another 1% faster; dropped: the
+/// first pass then stalled up to 0.5 s while the kernel compacted memory for them.) Each output
+/// is `x[i, 0] w[r, 0] + x[i, 1] w[r, 1] + ...` summed in order of k with fused multiply-adds.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn matmul_wt_strips(n: usize, o: usize, k: usize, x: &[f32], strips: &[f32], y: &mut [f32]) {
-    assert!(strips_apply(n) && x.len() >= n * k && strips.len() == o.div_ceil(16) * k * 16 && y.len() >= n * o);
-    if o == 0 || k == 0 {
+    assert!(strips_available() && x.len() >= n * k && strips.len() == strips_len(o, k) && y.len() >= n * o);
+    if n == 0 || o == 0 || k == 0 {
         return; // nothing to add
     }
     add_by_row_tasks(strips, o, k, strip_form::ROWS_PER_TASK, n, n, y, |strips, part| {
-        // SAFETY: AVX-512F is present (`strips_apply`); sizes asserted inside.
+        // SAFETY: AVX-512F is present (`strips_available`); sizes asserted inside.
         unsafe { strip_form::strips_times_x(strips, x, n, k, part) }
     });
 }
@@ -465,54 +476,72 @@ mod strip_form {
     use std::arch::x86_64::*;
 
     pub(super) const LANES: usize = 16;
-    /// Most images: beyond 2, each strip's vector of w would serve more images and the products,
-    /// not the stream through w, set the pace, as in the dot form.
-    pub(super) const IMAGES: usize = 2;
-    /// Strips side by side in a register block: 4 streams through w for each core, and as many
-    /// chains of fused multiply-adds (each waits on its last) as the FMA units can overlap.
-    /// (2, 6 or 8 strips: level to 8% slower.)
-    const STRIPS: usize = 4;
+    /// Strips a task takes side by side: 4 streams through w for each core, and at batch 1 as
+    /// many chains of fused multiply-adds (each waits on its last) as the FMA units can overlap.
+    /// (2, 6 or 8 strips at batch 1: level to 8% slower.) [`super::pack_strips`] pads the strips
+    /// to a multiple of this.
+    pub(super) const STRIPS: usize = 4;
     pub(super) const ROWS_PER_TASK: usize = STRIPS * LANES;
+    /// Images per register block: 4 x 6 accumulators, the broadcasts of x taken from memory.
+    const IMAGES: usize = 6;
+    /// Values of k per block: the task's strips' block (256 KB) stays in L2 while every block of
+    /// images passes it.
+    const K_BLOCK: usize = 1024;
 
-    /// `part[r, i] = Σ_k w[r, k] · x[i, k]` for the rows of a task's strips.
+    /// `part[r, i] = Σ_k w[r, k] · x[i, k]` for the rows of a task's strips, each sum in order of
+    /// k (a block of k goes on from the last block's sums).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn strips_times_x(strips: &[f32], x: &[f32], n: usize, k: usize, part: &mut [f32]) {
-        match (strips.len() / (k * LANES), n) {
-            (4, 1) => block::<4, 1>(strips, x, k, part),
-            (4, _) => block::<4, 2>(strips, x, k, part),
-            (3, 1) => block::<3, 1>(strips, x, k, part),
-            (3, _) => block::<3, 2>(strips, x, k, part),
-            (2, 1) => block::<2, 1>(strips, x, k, part),
-            (2, _) => block::<2, 2>(strips, x, k, part),
-            (_, 1) => block::<1, 1>(strips, x, k, part),
-            (_, _) => block::<1, 2>(strips, x, k, part),
+        assert!(strips.len() == STRIPS * k * LANES && x.len() >= n * k && part.len() == ROWS_PER_TASK * n);
+        let mut sums = vec![0f32; n * ROWS_PER_TASK]; // [image, row]
+        for k0 in (0..k).step_by(K_BLOCK) {
+            let ks = k0..(k0 + K_BLOCK).min(k);
+            // blocks as even as can be (16 images: 6 + 5 + 5)
+            let blocks = n.div_ceil(IMAGES);
+            let mut i = 0;
+            for b in 0..blocks {
+                let c = (n - i) / (blocks - b);
+                let sums = &mut sums[i * ROWS_PER_TASK..][..c * ROWS_PER_TASK];
+                let x = &x[i * k..];
+                match c {
+                    1 => block::<1>(strips, x, k, ks.clone(), sums),
+                    2 => block::<2>(strips, x, k, ks.clone(), sums),
+                    3 => block::<3>(strips, x, k, ks.clone(), sums),
+                    4 => block::<4>(strips, x, k, ks.clone(), sums),
+                    5 => block::<5>(strips, x, k, ks.clone(), sums),
+                    _ => block::<IMAGES>(strips, x, k, ks.clone(), sums),
+                }
+                i += c;
+            }
+        }
+        for (i, row_sums) in sums.chunks(ROWS_PER_TASK).enumerate() {
+            for (r, &v) in row_sums.iter().enumerate() {
+                part[r * n + i] = v;
+            }
         }
     }
 
-    /// `S` strips against `C` images: for each k, a vector of 16 rows of each strip times each
-    /// image's value broadcast, one accumulator per strip and image.
+    /// The strips against `C` images over the values `ks` of k: for each k, a vector of 16 rows
+    /// of each strip times each image's value broadcast, one accumulator per strip and image,
+    /// taken from `sums` (`[image, row]`) and put back.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const S: usize, const C: usize>(strips: &[f32], x: &[f32], k: usize, part: &mut [f32]) {
-        assert!(strips.len() == S * k * LANES && x.len() >= C * k && part.len() == S * LANES * C);
-        let w = strips.as_ptr();
-        let mut acc = [[_mm512_setzero_ps(); C]; S];
-        for kk in 0..k {
-            let xb: [__m512; C] = std::array::from_fn(|c| _mm512_set1_ps(*x.get_unchecked(c * k + kk)));
+    unsafe fn block<const C: usize>(strips: &[f32], x: &[f32], k: usize, ks: std::ops::Range<usize>, sums: &mut [f32]) {
+        assert!(ks.end <= k && x.len() >= (C - 1) * k + ks.end && sums.len() == C * ROWS_PER_TASK);
+        let (w, s_at) = (strips.as_ptr(), |s: usize, c: usize| (c * STRIPS + s) * LANES);
+        let mut acc: [[__m512; C]; STRIPS] =
+            std::array::from_fn(|s| std::array::from_fn(|c| _mm512_loadu_ps(sums.as_ptr().add(s_at(s, c)))));
+        for kk in ks {
             for (s, acc_s) in acc.iter_mut().enumerate() {
                 let wv = _mm512_loadu_ps(w.add((s * k + kk) * LANES));
-                for (a, &xc) in acc_s.iter_mut().zip(&xb) {
-                    *a = _mm512_fmadd_ps(wv, xc, *a);
+                for (c, a) in acc_s.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(wv, _mm512_set1_ps(*x.get_unchecked(c * k + kk)), *a);
                 }
             }
         }
-        let mut lanes = [0f32; LANES];
         for (s, acc_s) in acc.iter().enumerate() {
             for (c, &a) in acc_s.iter().enumerate() {
-                _mm512_storeu_ps(lanes.as_mut_ptr(), a);
-                for (lane, &v) in lanes.iter().enumerate() {
-                    part[(s * LANES + lane) * C + c] = v;
-                }
+                _mm512_storeu_ps(sums.as_mut_ptr().add(s_at(s, c)), a);
             }
         }
     }
@@ -846,14 +875,17 @@ mod tests {
     }
 
     /// The strips' product sums each output in order of k with fused multiply-adds: the bits
-    /// of that scalar loop, at sizes that leave a part strip, a task of fewer strips, odd k.
+    /// of that scalar loop, at sizes that leave a part strip, a task of fewer strips, k past
+    /// the k block, images past the register blocks.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn matmul_wt_strips_sums_in_order_of_k() {
-        if !super::strips_apply(1) {
+        if !super::strips_available() {
             return; // no AVX-512 here
         }
-        for (n, o, k) in [(1, 1, 7), (2, 37, 100), (1, 100, 1030), (2, 16, 16), (1, 64, 5), (2, 65, 3), (1, 4, 0)] {
+        let sizes =
+            [(1, 1, 7), (2, 37, 100), (1, 100, 1030), (2, 16, 16), (1, 64, 5), (2, 65, 3), (1, 4, 0), (0, 3, 5)];
+        for (n, o, k) in sizes.into_iter().chain([(7, 70, 2081), (16, 17, 1024), (13, 129, 30), (33, 5, 9)]) {
             let (x, w) = (pattern(n * k, 7919, 23), pattern(o * k, 104_729, 31));
             let mut y = vec![1f32; n * o];
             super::matmul_wt_strips(n, o, k, &x, &super::pack_strips(&w, o, k), &mut y);
