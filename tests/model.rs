@@ -1,5 +1,6 @@
-//! The whole net against PyTorch: logits, every intermediate activation and every parameter's
-//! gradient for all three presets at full size (fixtures from scripts/make_fixtures.py), and
+//! The whole net against PyTorch: logits (also of a model frozen for inference), every
+//! intermediate activation and every parameter's gradient for all three presets at full size
+//! (fixtures from scripts/make_fixtures.py), and
 //! the two-tower form against the grouped-convolution form.
 
 mod common;
@@ -28,6 +29,15 @@ fn logits_and_every_activation_match_pytorch() {
         }
         let expected: usize = f.keys().filter(|k| k.starts_with("act/") && k.ends_with("/stats")).count();
         assert_eq!(trace.len(), expected, "{name}: every PyTorch activation is checked");
+        // frozen for inference (packed weights, the fc layers' strips), the whole batch and its
+        // first image alone
+        let mut frozen = reference_model(preset, &Placement::on(&Device::Cpu));
+        frozen.freeze();
+        let x = reference_input(preset);
+        let want = get(&f, "logits");
+        assert_close(&format!("{name} logits, frozen"), &frozen.forward(&x, Mode::Eval).unwrap(), want, 1e-4);
+        let one = frozen.forward(&x.narrow(0, 0, 1).unwrap(), Mode::Eval).unwrap();
+        assert_close(&format!("{name} logits, frozen, one image"), &one, &want.narrow(0, 0, 1).unwrap(), 1e-4);
     }
 }
 
