@@ -51,7 +51,8 @@ pub(crate) fn matmul(
 /// of the whole forward pass). With AVX-512 the product is taken here, `w` read as stored:
 /// below 32 images as dot products along k, each block of `w` streamed once against every row
 /// of `x` ([`dot_form`]); from 32 on with the images side by side in the vectors ([`lane_form`]);
-/// elsewhere it goes to the `gemm` crate.
+/// elsewhere it goes to the `gemm` crate. Weights that no longer change are read packed in
+/// strips instead ([`matmul_wt_strips`]).
 pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     assert!(x.len() >= n * k && w.len() >= o * k && y.len() >= n * o);
     if n == 0 || o == 0 || k == 0 {

@@ -8,9 +8,10 @@
 //! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
 //! * [`conv2d`]: convolution + bias as im2col and packed GEMM (3x3 and 5x5 stride 1 by Winograd),
 //!   forward and backward (Candle's CPU convolution backward runs without GEMM and always
-//!   computes the input gradient), and [`conv2d_relu`] with the ReLU fused in.
+//!   computes the input gradient), [`conv2d_relu`] with the ReLU fused in, and
+//!   [`conv2d_prepared`] for weights that no longer change ([`Prepared`]).
 //! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
-//!   Candle each gradient once.
+//!   Candle each gradient once; [`linear_prepared`] for weights that no longer change.
 //! * [`backward`]: `loss.backward()` with the gradients of those two ops' parameters put in
 //!   the store directly rather than added to zeros.
 //!
