@@ -79,11 +79,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let side = preset.input_size();
         for &batch in &args.batch_sizes {
             let x = Tensor::rand(-1f32, 1f32, (batch, 3, side, side), &device)?.to_dtype(DType::F32)?;
-            let classes = preset.default_classes() as u32;
-            let labels = Tensor::from_vec((0..batch as u32).map(|i| i % classes).collect::<Vec<_>>(), batch, &device)?;
-            let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
-            let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false))).collect();
-            let mut sgd = Sgd::new(config, vars)?;
+            // a training step's labels and optimiser (its velocities: as much memory as the
+            // weights); a forward pass needs neither
+            let mut training = if args.train {
+                let classes = preset.default_classes() as u32;
+                let labels = (0..batch as u32).map(|i| i % classes).collect::<Vec<_>>();
+                let config =
+                    SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
+                let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false)));
+                Some((Tensor::from_vec(labels, batch, &device)?, Sgd::new(config, vars.collect())?))
+            } else {
+                None
+            };
             let mut times = Vec::with_capacity(args.runs);
             let mut layer_runs: Vec<Vec<(&'static str, u64, f64)>> = Vec::new(); // name, macs, seconds
             for i in 0..args.warmup + args.runs {
@@ -99,8 +106,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 } else {
                     model.forward(&x, mode)?
                 };
-                if args.train {
-                    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                if let Some((labels, sgd)) = &mut training {
+                    let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
                     sgd.step(&crate::ops::backward(&loss)?, 1e-6)?;
                 }
                 drop(logits);

@@ -470,14 +470,27 @@ fn for_each_plane_share(y: &mut [f32], plane: usize, spread: bool, f: impl Fn(us
     for_each_chunk(y, share * plane.max(1), spread, |part, planes| f(part * share, planes));
 }
 
-/// `f(i, chunk)` for each `len`-value chunk of `data` in turn, or spread over the cores when
-/// `spread` (a batch too small to give every core images of its own).
-fn for_each_chunk(data: &mut [f32], len: usize, spread: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+/// `f(scratch, task)` for each task in turn on this core with one `init()`, or spread over the
+/// cores when `spread` (a batch too small to give every core images of its own: [`par_tasks`]).
+///
+/// [`par_tasks`]: super::par_tasks
+fn for_each_task<T: Send, S>(
+    tasks: impl IntoIterator<Item = T>,
+    spread: bool,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, T) + Sync,
+) {
     if spread {
-        super::par_tasks(data.chunks_mut(len).enumerate(), || (), |_, (i, chunk)| f(i, chunk));
+        super::par_tasks(tasks, init, f);
     } else {
-        data.chunks_mut(len).enumerate().for_each(|(i, chunk)| f(i, chunk));
+        let mut scratch = init();
+        tasks.into_iter().for_each(|task| f(&mut scratch, task));
     }
+}
+
+/// `f(i, chunk)` for each `len`-value chunk of `data`, as [`for_each_task`] runs them.
+fn for_each_chunk(data: &mut [f32], len: usize, spread: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    for_each_task(data.chunks_mut(len).enumerate(), spread, || (), |_, (i, chunk)| f(i, chunk));
 }
 
 /// Each of `parts` cut into pieces of `len` values, regrouped by piece: `result[j]` holds every

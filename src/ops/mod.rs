@@ -85,10 +85,11 @@ use candle_core::{CpuStorage, Layout, Result};
 
 /// A layer's weights as the forward's kernels read them, made on a form's first use and kept:
 /// for a convolution packed in register blocks for the direct form or transformed for
-/// Winograd, for a fully-connected layer in strips of rows ([`linear_prepared`]). Without it the direct form packs the weights on every call, Winograd
-/// compares them with those its kept transform came from, and the fully-connected layer reads
-/// them as stored; with it none looks at the weights again, so they must not change (a model
-/// frozen for inference, [`crate::AlexNet::freeze`]).
+/// Winograd, for a fully-connected layer in strips of rows ([`linear_prepared`]). Without it
+/// the direct form packs the weights on every call, Winograd compares them with those its kept
+/// transform came from, and the fully-connected layer reads them as stored; with it none looks
+/// at the weights again, so they must not change (a model frozen for inference,
+/// [`crate::AlexNet::freeze`]).
 #[derive(Debug, Default)]
 pub struct Prepared {
     #[cfg(target_arch = "x86_64")]

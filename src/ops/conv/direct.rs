@@ -30,9 +30,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::super::relu_lanes;
 use super::super::transpose::transpose;
-use super::super::{par_tasks, relu_lanes};
-use super::{for_each_chunk, pieces_by_index, sum_over_chunks, with_scratch, Geometry};
+use super::{for_each_chunk, for_each_task, pieces_by_index, sum_over_chunks, with_scratch, Geometry};
 use rayon::prelude::*;
 
 const LANES: usize = 16;
@@ -154,12 +154,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], packed: Option<&[f32]>
                 pack_block(g, w, task.first, task.v, weights);
                 run(image, weights, task, stage, turned);
             };
-            if spread {
-                par_tasks(tasks, scratch, pack_and_run);
-            } else {
-                let mut scratch = scratch();
-                tasks.into_iter().for_each(|task| pack_and_run(&mut scratch, task));
-            }
+            for_each_task(tasks, spread, scratch, pack_and_run);
         })
     });
     y

@@ -23,8 +23,8 @@ use rayon::prelude::*;
 use gemm::Parallelism;
 
 use super::{
-    for_each_chunk, for_each_plane_share, images_per_gemm, parallelism, pieces_by_index, sum_over_chunks, with_scratch,
-    Geometry, CHUNK,
+    for_each_chunk, for_each_plane_share, for_each_task, images_per_gemm, parallelism, pieces_by_index,
+    sum_over_chunks, with_scratch, Geometry, CHUNK,
 };
 use crate::ops::gemm::matmul;
 use crate::ops::transpose::transpose;
@@ -634,11 +634,7 @@ impl Tiling {
                 }
             }
         };
-        if spread {
-            crate::ops::par_tasks(rows.into_iter().enumerate(), || (), |_, (ty, mut out)| row_of_tiles(ty, &mut out));
-        } else {
-            rows.into_iter().enumerate().for_each(|(ty, mut out)| row_of_tiles(ty, &mut out));
-        }
+        for_each_task(rows.into_iter().enumerate(), spread, || (), |_, (ty, mut out)| row_of_tiles(ty, &mut out));
     }
 }
 
