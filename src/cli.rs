@@ -1,6 +1,7 @@
 //! The `alexnet` command line.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
@@ -8,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::bench::{self, BenchArgs};
-use crate::classes::imagenet_classes;
+use crate::classes::Classes;
 use crate::data::augment::Stats;
 use crate::data::dataset::Dataset;
 use crate::data::transform::{Mean, Transform, TransformKind};
@@ -17,8 +18,8 @@ use crate::eval::{evaluate, top_k, EvalOptions};
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
-use crate::train::{base_side, train, Checkpoint, RunOptions, Schedule, TrainConfig};
-use crate::weights::{fetch, save_safetensors, sha256_file, Params, WeightFile};
+use crate::train::{base_side, train, Checkpoint, Outcome, RunOptions, Schedule, TrainConfig};
+use crate::weights::{fetch, save_safetensors, sha256_file, Identity, Params, WeightFile};
 
 #[derive(Parser)]
 #[command(
@@ -222,15 +223,15 @@ pub struct TrainArgs {
     /// Default for every flag below (default: paper, or fig1 for the fig1 presets).
     #[arg(long, value_enum)]
     recipe: Option<Recipe>,
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     epochs: Option<usize>,
     #[arg(long, value_parser = at_least_one)]
     batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = fraction, allow_hyphen_values = true)]
     momentum: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative, allow_hyphen_values = true)]
     weight_decay: Option<f64>,
     /// paper (lr inside the velocity) or pytorch.
     #[arg(long, value_enum)]
@@ -247,10 +248,10 @@ pub struct TrainArgs {
     /// Step: epochs between multiplications by --gamma.
     #[arg(long, value_parser = at_least_one)]
     step_epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     gamma: Option<f64>,
     /// Standard deviation of the PCA colour shift alpha (0 turns it off).
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative, allow_hyphen_values = true)]
     pca_std: Option<f64>,
     /// Turn off all augmentation (random crops, flips, PCA): centre crops only.
     #[arg(long)]
@@ -269,18 +270,19 @@ pub struct TrainArgs {
     #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// Stop once an epoch's training top-1 error falls below this fraction (e.g. 0.25).
-    #[arg(long)]
+    #[arg(long, value_parser = fraction, allow_hyphen_values = true)]
     target_train_error: Option<f64>,
     /// Initialisation of a fresh run (default: the preset's own).
     #[arg(long, value_enum)]
     init: Option<InitScheme>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from a checkpoint, exactly where it stopped (with --lr: at that learning rate,
-    /// as the paper divided it by hand).
+    /// Continue from a checkpoint, or a run's folder (its newest checkpoint), exactly where it
+    /// stopped, with the run's settings (with --lr: at that learning rate, as the paper divided
+    /// it by hand).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Also checkpoint every N steps (always: every epoch).
+    /// Also checkpoint every N steps (always: every epoch; a resumed run keeps its own).
     #[arg(long, value_parser = at_least_one)]
     save_every: Option<usize>,
     /// Keep the newest N checkpoints.
@@ -296,7 +298,9 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn run(&self) -> anyhow::Result<()> {
+    /// Trains; an interrupted run exits with 130 (as a shell reports Ctrl-C), so scripts can
+    /// tell it from a finished one.
+    fn run(&self) -> anyhow::Result<ExitCode> {
         let fig1 = matches!(self.preset, Preset::Fig1Relu | Preset::Fig1Tanh);
         let recipe = self.recipe.unwrap_or(if fig1 { Recipe::Fig1 } else { Recipe::Paper });
         let (batch, lr, wd, rule, decay_biases, schedule, step_epochs, augment) = match recipe {
@@ -306,7 +310,8 @@ impl TrainArgs {
             Recipe::Fig1 => (128, 0.01, 0.0, UpdateRule::Paper, false, Schedule::Constant, 30, false),
         };
         let augment = augment && !self.no_augment;
-        let resumed = self.resume.as_deref().map(Checkpoint::load).transpose()?;
+        let resume = self.resume.as_deref().map(Checkpoint::resolve).transpose()?;
+        let resumed = resume.as_deref().map(Checkpoint::load).transpose()?;
         let config = match &resumed {
             // a resumed run keeps its configuration; only paths and switches may change
             Some(c) => TrainConfig { epochs: self.epochs.unwrap_or(c.meta.config.epochs), ..c.meta.config.clone() },
@@ -348,17 +353,21 @@ impl TrainArgs {
             val: self.val.clone(),
             out: self.out.clone(),
             init: self.init.map_or(Init::default_for(self.preset, self.seed), |s| s.init(self.seed)),
-            resume: self.resume.clone(),
-            lr_override: self.resume.as_ref().and(self.lr),
-            save_every: self.save_every,
+            resume: resume.clone(),
+            lr_override: resume.as_ref().and(self.lr),
+            save_every: self.save_every.or(resumed.as_ref().and_then(|c| c.meta.save_every)),
             keep: self.keep,
             log_every: self.log_every.max(1),
             quiet: self.quiet,
             placement: self.device.placement(LrnScope::Layer)?,
         };
-        let path = train(config, opts)?;
-        eprintln!("final weights: {}", path.display());
-        Ok(())
+        match train(config, opts)? {
+            Outcome::Finished(path) => {
+                eprintln!("final weights: {}", path.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Outcome::Interrupted(_) => Ok(ExitCode::from(130)),
+        }
     }
 }
 
@@ -413,6 +422,34 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// For rates and factors (`--lr`, `--gamma`): NaN, infinities, 0 and negative values are
+/// refused, as they would train NaN or nothing at all.
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number above 0, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// For penalties and spreads (`--weight-decay`, `--pca-std`): finite and at least 0.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number of at least 0, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// For `--momentum` and error fractions: in [0, 1).
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("must be at least 0 and below 1, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn crops_parser(s: &str) -> Result<usize, String> {
     match s {
         "1" => Ok(1),
@@ -447,31 +484,40 @@ pub struct ModelArgs {
     pub lrn_scope: LrnScope,
 }
 
+/// A model ready to run: the net (frozen), what its outputs are called, the preprocessing its
+/// images need, and the file it came from.
+struct Loaded {
+    model: AlexNet,
+    classes: Classes,
+    transform: Transform,
+    path: PathBuf,
+}
+
 impl ModelArgs {
-    /// The model, frozen for inference (what every command that loads one does with it).
-    fn load(&self) -> anyhow::Result<AlexNet> {
+    /// The model, frozen for inference (what every command that loads one does with it), as
+    /// the file identifies it ([`WeightFile::identify`]).
+    fn load(&self) -> anyhow::Result<Loaded> {
         let placement = self.device.placement(self.lrn_scope)?;
-        let file = WeightFile::open(&fetch::resolve(&self.weights)?)?;
-        let preset = resolve_preset(self.preset, &file)?;
-        let mut model = AlexNet::new(preset, &mut Params::File(file), &placement)?;
+        let path = fetch::resolve(&self.weights)?;
+        let file = WeightFile::open(&path)?.model_weights();
+        let Identity { preset, classes, transform } = file.identify(self.preset)?;
+        let mut model = AlexNet::with_classes(preset, classes.len(), &mut Params::File(file), &placement)?;
         model.freeze();
-        Ok(model)
+        Ok(Loaded { model, classes, transform, path })
     }
 }
 
-/// `--preset` if given (checked against the file later), else the one the file's names imply.
-fn resolve_preset(preset: Option<Preset>, file: &WeightFile) -> anyhow::Result<Preset> {
-    match (preset, file.detect_preset()) {
-        (Some(p), _) | (None, Some(p)) => Ok(p),
-        (None, None) => bail!(
-            "cannot tell which preset {} is for (no torchvision or Caffe tensor names); pass --preset",
-            file.path.display()
-        ),
+/// Runs the command line; the exit code is 0, or 130 for a training run stopped by Ctrl-C.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let command = Cli::parse().command;
+    if let Command::Train(args) = command {
+        return args.run();
     }
+    run_command(command).map(|()| ExitCode::SUCCESS)
 }
 
-pub fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Summary { preset, input_size, json } => summary(preset, input_size, json),
         Command::Infer { model, input, input_key, output } => infer(&model, &input, &input_key, &output),
         Command::Classify { model, images, top, json } => classify(&model, &images, top, json),
@@ -493,47 +539,46 @@ pub fn run() -> anyhow::Result<()> {
             quiet,
             strict,
         } => {
-            let net = model.load()?;
-            let kind = transform.unwrap_or(TransformKind::for_preset(net.preset));
-            let mean = mean.as_deref().map(Mean::load).transpose()?;
-            let opts = EvalOptions {
-                data,
-                labels,
-                meta,
-                ten_crop: crops == 10,
-                batch_size,
-                limit,
-                transform: Transform::new(kind, net.preset.input_size(), mean),
-                quiet,
-                strict,
+            let loaded = model.load()?;
+            let preset = loaded.model.preset;
+            let transform = match (transform, mean) {
+                (None, None) => loaded.transform,
+                (kind, mean) => Transform::new(
+                    kind.unwrap_or(TransformKind::for_preset(preset)),
+                    preset.input_size(),
+                    mean.as_deref().map(Mean::load).transpose()?,
+                ),
             };
-            let sha = sha256_file(&fetch::resolve(&model.weights)?)?;
-            let report = evaluate(&net, &opts, &model.weights, sha)?;
+            let opts =
+                EvalOptions { data, labels, meta, ten_crop: crops == 10, batch_size, limit, transform, quiet, strict };
+            let sha = sha256_file(&loaded.path)?;
+            let report = evaluate(&loaded.model, &loaded.classes, &opts, &model.weights, sha)?;
             report.print();
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             if let Some(path) = predictions {
-                report.write_predictions(&path)?;
+                report.write_predictions(&path, &loaded.classes)?;
             }
             Ok(())
         }
         Command::Init { preset, scheme, seed, output } => {
             let init = scheme.map_or(Init::default_for(preset, seed), |s| s.init(seed));
             let model = AlexNet::new(preset, &mut Params::Init(init), &Placement::on(&Device::Cpu))?;
-            save_safetensors(&model.state_dict()?, &Default::default(), &output)?;
+            let metadata = [("preset".to_string(), preset.name().to_string())].into();
+            save_safetensors(&model.state_dict()?, &metadata, &output)?;
             eprintln!("wrote {} weights ({init:?}) to {}", preset.name(), output.display());
             Ok(())
         }
-        Command::Train(args) => args.run(),
+        Command::Train(_) => unreachable!("run() starts training runs"),
         Command::DataStats { data, preset } => {
             let (dataset, _) = Dataset::discover(&data)?;
             let side = base_side(preset);
             let stats = Stats::compute(
                 &dataset.samples,
                 side,
-                &crate::eval::progress_bar(dataset.samples.len() as u64, false),
+                &crate::eval::progress_bar(dataset.samples.len() as u64, "images", false),
             )?;
             let path = Stats::path_for(&data);
             stats.save(&path)?;
@@ -600,7 +645,7 @@ fn group(n: u64) -> String {
 }
 
 fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Result<()> {
-    let model = args.load()?;
+    let model = args.load()?.model;
     let tensors = candle_core::safetensors::load(input, &Device::Cpu)
         .with_context(|| format!("cannot read input {} as safetensors", input.display()))?;
     let Some(x) = tensors.get(key) else {
@@ -614,24 +659,23 @@ fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Re
 }
 
 #[derive(Serialize)]
-struct Prediction {
+struct Prediction<'a> {
     index: usize,
-    wnid: &'static str,
-    name: &'static str,
+    /// The class's ID: its WNID for ImageNet's classes, its folder's name for a model `train` wrote.
+    wnid: &'a str,
+    name: &'a str,
     probability: f32,
 }
 
 fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> anyhow::Result<()> {
-    let model = args.load()?;
-    let classes = imagenet_classes();
-    let x = Transform::for_preset(model.preset).batch(images, false)?.to_device(model.device())?;
+    let Loaded { model, classes, transform, .. } = args.load()?;
+    let x = transform.batch(images, false)?.to_device(model.device())?;
     let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
     for (path, p) in images.iter().zip(probs) {
         let preds: Vec<Prediction> = top_k(&p, top)
             .into_iter()
-            .take(top)
-            .map(|i| Prediction { index: i, wnid: classes[i].0, name: classes[i].1, probability: p[i] })
+            .map(|i| Prediction { index: i, wnid: classes.id(i), name: classes.name(i), probability: p[i] })
             .collect();
         if !json {
             println!("{}", path.display());
@@ -649,8 +693,8 @@ fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> any
 
 fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> anyhow::Result<()> {
     let path = fetch::resolve(input)?;
-    let file = WeightFile::open(&path)?;
-    let preset = resolve_preset(preset, &file)?;
+    let file = WeightFile::open(&path)?.model_weights();
+    let Identity { preset, classes, .. } = file.identify(preset)?;
     match (to, preset) {
         (Target::Torchvision, p) if p != Preset::Torchvision => bail!(
             "{} holds two-tower ({}) weights; torchvision's alexnet is a different network \
@@ -666,10 +710,15 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
         _ => {}
     }
     let format = file.format;
+    // what a model `train` wrote records of itself goes with it
+    let recorded: Vec<(String, String)> = ["classes", "input"]
+        .into_iter()
+        .filter_map(|k| file.metadata.get(k).map(|v| (k.to_string(), v.clone())))
+        .collect();
     // Building the model checks every key and shape before anything is written.
-    let model = AlexNet::new(preset, &mut Params::File(file), &Placement::on(&Device::Cpu))?;
+    let model = AlexNet::with_classes(preset, classes.len(), &mut Params::File(file), &Placement::on(&Device::Cpu))?;
     let tensors = model.state_dict()?;
-    let metadata = [
+    let mut metadata: std::collections::HashMap<String, String> = [
         ("format", "pt".to_string()), // what safetensors.torch writes
         ("preset", preset.name().to_string()),
         ("source", path.file_name().unwrap_or_default().to_string_lossy().into_owned()),
@@ -680,6 +729,7 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    metadata.extend(recorded);
     save_safetensors(&tensors, &metadata, output)?;
     eprintln!("wrote {} tensors ({} preset) to {}", tensors.len(), preset.name(), output.display());
     Ok(())
@@ -689,7 +739,13 @@ fn inspect(spec: &str, json: bool) -> anyhow::Result<()> {
     let path = fetch::resolve(spec)?;
     let file = WeightFile::open(&path)?;
     let sha256 = sha256_file(&path)?;
-    let preset = file.detect_preset().map(Preset::name);
+    // what the file is for: a preset and classes, or why that cannot be told
+    let identity = file.identify(None);
+    let (preset, classes) = match &identity {
+        Ok(id) => (Some(id.preset.name()), Some(id.classes.ids())),
+        Err(_) => (None, None),
+    };
+    let unknown = identity.as_ref().err().map(|e| format!("unknown ({e:#})"));
     let tensors: Vec<serde_json::Value> = file
         .tensors()
         .iter()
@@ -698,14 +754,21 @@ fn inspect(spec: &str, json: bool) -> anyhow::Result<()> {
     let params: usize = file.tensors().values().map(|t| t.elem_count()).sum();
     if json {
         let out = serde_json::json!({
-            "file": path, "format": file.format, "preset": preset, "tensors": tensors, "params": params, "sha256": sha256,
+            "file": path, "format": file.format, "preset": preset, "classes": classes,
+            "tensors": tensors, "params": params, "sha256": sha256,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!("file     {}", path.display());
     println!("format   {:?}", file.format);
-    println!("preset   {}", preset.unwrap_or("unknown (no torchvision or Caffe tensor names)"));
+    println!("preset   {}", preset.map_or_else(|| unknown.unwrap_or_default(), str::to_string));
+    if let Some(classes) = &classes {
+        let shown: Vec<&str> = classes.iter().take(10).copied().collect();
+        let more =
+            if classes.len() > shown.len() { format!(", ... ({} in all)", classes.len()) } else { String::new() };
+        println!("classes  {}{more}", shown.join(", "));
+    }
     println!("sha256   {sha256}");
     println!("params   {}", group(params as u64));
     for t in &tensors {

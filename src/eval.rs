@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::classes::imagenet_classes;
+use crate::classes::Classes;
 use crate::data::dataset::{Dataset, Layout};
 use crate::data::transform::Transform;
 use crate::data::{decode, loader};
@@ -63,11 +63,16 @@ pub struct Report {
     pub predictions: Vec<Prediction>,
 }
 
-/// Evaluates `model` on `opts.data`. `weights` and `sha256` only label the report.
-pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: String) -> anyhow::Result<Report> {
-    let classes = imagenet_classes();
-    let wnids: Vec<&str> = classes.iter().map(|(w, _)| *w).collect();
-    let mut dataset = Dataset::open(&opts.data, &wnids, opts.labels.as_deref(), opts.meta.as_deref())?;
+/// Evaluates `model`, whose outputs are `classes`, on `opts.data` (labelled by the classes'
+/// IDs). `weights` and `sha256` only label the report.
+pub fn evaluate(
+    model: &AlexNet,
+    classes: &Classes,
+    opts: &EvalOptions,
+    weights: &str,
+    sha256: String,
+) -> anyhow::Result<Report> {
+    let mut dataset = Dataset::open(&opts.data, &classes.ids(), opts.labels.as_deref(), opts.meta.as_deref())?;
     if let Some(limit) = opts.limit {
         dataset.samples.truncate(limit);
     }
@@ -82,7 +87,7 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
         Ok(crops.concat())
     });
 
-    let progress = progress_bar(samples.len() as u64, opts.quiet);
+    let progress = progress_bar(samples.len() as u64, "images", opts.quiet);
     let start = Instant::now();
     let mut hits = Hits::default();
     let mut skipped = Vec::new();
@@ -179,13 +184,13 @@ pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
-pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
+pub fn progress_bar(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
     if quiet {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  eta {eta}  {msg}")
-        .expect("valid template");
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}  {{msg}}");
+    let style = indicatif::ProgressStyle::with_template(&template).expect("valid template");
     bar.set_style(style);
     bar
 }
@@ -209,16 +214,15 @@ impl Report {
         }
     }
 
-    /// `path,label,top1,...,top5` with WNIDs.
-    pub fn write_predictions(&self, path: &Path) -> anyhow::Result<()> {
-        let classes = imagenet_classes();
+    /// `path,label,top1,...,top5` with the classes' IDs (WNIDs for ImageNet's).
+    pub fn write_predictions(&self, path: &Path, classes: &Classes) -> anyhow::Result<()> {
         let mut out = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
         );
         writeln!(out, "path,label,top1,top2,top3,top4,top5")?;
         for p in &self.predictions {
-            let top: Vec<&str> = p.top5.iter().map(|&i| classes[i].0).collect();
-            writeln!(out, "{},{},{}", p.path.display(), classes[p.label].0, top.join(","))?;
+            let top: Vec<&str> = p.top5.iter().map(|&i| classes.id(i)).collect();
+            writeln!(out, "{},{},{}", p.path.display(), classes.id(p.label), top.join(","))?;
         }
         Ok(())
     }

@@ -1,14 +1,27 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    die_quietly_on_a_closed_pipe();
     keep_freed_memory();
     join_the_pool();
     match alexnet::cli::run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `alexnet inspect --json FILE | head -1`: once the reader has gone, a write to stdout
+/// ends the process as it ends `cat` or `grep` (SIGPIPE, exit status 141 in a shell), where
+/// Rust's default (the signal ignored) makes `println!` panic. Sockets are unaffected: the
+/// standard library sends with `MSG_NOSIGNAL`.
+fn die_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

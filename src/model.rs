@@ -69,6 +69,15 @@ impl Preset {
         }
     }
 
+    /// The key of the last layer's weight, whose rows are the classes.
+    pub fn classifier_weight(self) -> &'static str {
+        match self {
+            Preset::Paper | Preset::Caffe | Preset::CifarTowers => "fc8.weight",
+            Preset::Torchvision => "classifier.6.weight",
+            Preset::Fig1Relu | Preset::Fig1Tanh => "fc.weight",
+        }
+    }
+
     /// The input side the preset was trained at.
     pub fn input_size(self) -> usize {
         match self {
@@ -505,6 +514,12 @@ pub const CIFAR_TOWERS: TowerGeometry = TowerGeometry {
 };
 
 impl TowerGeometry {
+    /// conv1's whole weight, `[out, 3, k, k]`: what tells the two-tower presets' files apart.
+    pub fn first_filter_shape(&self) -> [usize; 4] {
+        let (out, k, _, _) = self.convs[0];
+        [out, 3, k, k]
+    }
+
     /// Side of pool5's output.
     fn pool5_side(&self) -> usize {
         let pool = |x: usize| (x - 3) / 2 + 1;

@@ -22,7 +22,7 @@ use crate::eval::{predict, progress_bar, Hits};
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
-use crate::weights::{save_safetensors, Params, WeightFile};
+use crate::weights::{remove_stale_temporaries, save_safetensors, Params, WeightFile, MOMENTUM_PREFIX};
 
 /// How the learning rate changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -110,10 +110,27 @@ pub struct LogLine {
     pub epoch_train_top1_error: Option<f64>,
 }
 
-/// Trains and returns the path of the final weights.
-pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every epoch done (or the target error reached): the final weights.
+    Finished(PathBuf),
+    /// Stopped by Ctrl-C: the checkpoint saved at that step.
+    Interrupted(PathBuf),
+}
+
+/// Trains until the last epoch or Ctrl-C.
+pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcome> {
     // ---- data: the training images, their classes and statistics ------------------------
     let (mut dataset, classes) = Dataset::discover(&opts.data)?;
+    if classes.len() < 2 {
+        bail!(
+            "{} has {} class folder{}; a classifier needs at least 2 (DIR/<class>/<image>)",
+            opts.data.display(),
+            classes.len(),
+            if classes.len() == 1 { "" } else { "s" }
+        )
+    }
     if let Some(limit) = config.limit {
         dataset.samples = balanced_subset(dataset.samples, limit);
     }
@@ -141,13 +158,23 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         stats: Arc::new(stats),
     };
 
+    // What every file the run writes records, so it loads anywhere as the model it is.
+    let mut described = HashMap::new();
+    described.insert("preset".to_string(), config.preset.name().to_string());
+    described.insert("classes".to_string(), serde_json::to_string(&classes)?);
+    described.insert("input".to_string(), transform.inference().to_record()?);
+
     // ---- model and optimiser (fresh, or from a checkpoint) -------------------------------
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let stale = remove_stale_temporaries(&opts.out)?;
+    if stale > 0 && !opts.quiet {
+        eprintln!("removed {stale} temporary file(s) that an interrupted write left in {}", opts.out.display());
+    }
     let placement = &opts.placement;
     let device = &placement.towers[0];
     let checkpoint = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
     let mut params = match &checkpoint {
-        Some(c) => Params::File(WeightFile::open(&c.path)?.without_prefix("momentum/")),
+        Some(c) => Params::File(WeightFile::open(&c.path)?.model_weights()),
         None => Params::Init(opts.init),
     };
     let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, placement)?;
@@ -178,16 +205,18 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
     // A second Ctrl-C while saving still kills the process the usual way.
     let _ = ctrlc::set_handler(move || handler_stop.store(true, Ordering::SeqCst));
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(opts.out.join("log.jsonl"))?;
-    let save = |model: &AlexNet,
-                sgd: &Sgd,
-                epoch: usize,
-                step: usize,
-                sched: &ScheduleState|
-     -> anyhow::Result<PathBuf> {
-        let meta =
-            CheckpointMeta { config: config.clone(), classes: classes.clone(), epoch, step, schedule: sched.clone() };
-        Checkpoint::save(&opts.out, model, sgd, &meta, opts.keep)
-    };
+    let save =
+        |model: &AlexNet, sgd: &Sgd, epoch: usize, step: usize, sched: &ScheduleState| -> anyhow::Result<PathBuf> {
+            let meta = CheckpointMeta {
+                config: config.clone(),
+                classes: classes.clone(),
+                epoch,
+                step,
+                schedule: sched.clone(),
+                save_every: opts.save_every,
+            };
+            Checkpoint::save(&opts.out, model, sgd, &meta, &described, opts.keep)
+        };
 
     // ---- the epochs ------------------------------------------------------------------------
     while epoch < config.epochs {
@@ -201,7 +230,7 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         let batches = loader::spawn(todo, config.batch_size, 2, move |i, sample| {
             Ok((t.train(sample, seed, epoch, first + i)?, sample.label))
         });
-        let progress = progress_bar((steps_per_epoch - done) as u64, opts.quiet);
+        let progress = progress_bar((steps_per_epoch - done) as u64, "batches", opts.quiet);
         let (mut window_loss, mut window_n, mut window_top1, mut window_top5, mut window_images) =
             (0.0, 0usize, 0usize, 0usize, 0usize);
         let mut window_start = Instant::now();
@@ -221,10 +250,15 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
+                let kept = match Checkpoint::latest_in(&opts.out)? {
+                    Some(path) => format!("the last checkpoint, {}, is intact", path.display()),
+                    None => format!("no checkpoint had been written to {} yet", opts.out.display()),
+                };
                 bail!(
-                    "the loss became {loss_value} at step {step} (epoch {epoch}); stopping without saving. \
-                     The last good checkpoint in {} is intact; try a lower --lr",
-                    opts.out.display()
+                    "the loss became {loss_value} at step {} (epoch {}); stopping without saving: {kept}; \
+                     try a lower --lr",
+                    step + 1,
+                    epoch + 1
                 )
             }
             let grads = crate::ops::backward(&loss)?;
@@ -268,9 +302,9 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
                 eprintln!(
                     "interrupted at step {step}: saved {}; continue with --resume {}",
                     path.display(),
-                    path.display()
+                    opts.out.display()
                 );
-                return Ok(path);
+                return Ok(Outcome::Interrupted(path));
             }
         }
         progress.finish_and_clear();
@@ -314,11 +348,8 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<PathBuf> {
         }
     }
     let final_path = opts.out.join("final.safetensors");
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("preset".to_string(), config.preset.name().to_string());
-    meta.insert("classes".to_string(), serde_json::to_string(&classes)?);
-    save_safetensors(&model.state_dict()?, &meta, &final_path)?;
-    Ok(final_path)
+    save_safetensors(&model.state_dict()?, &described, &final_path)?;
+    Ok(Outcome::Finished(final_path))
 }
 
 impl ScheduleState {
@@ -378,7 +409,7 @@ fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool
             path.display()
         );
     }
-    Stats::compute(samples, base, &progress_bar(samples.len() as u64, quiet))?.save(&path)?;
+    Stats::compute(samples, base, &progress_bar(samples.len() as u64, "images", quiet))?.save(&path)?;
     // use what was stored (f32), so this run and any resumed one see the same numbers
     Stats::load(&path)
 }
@@ -467,39 +498,76 @@ pub struct CheckpointMeta {
     /// Completed steps.
     pub step: usize,
     pub schedule: ScheduleState,
+    /// `--save-every` of the run, which a resumed run keeps unless given again.
+    #[serde(default)]
+    pub save_every: Option<usize>,
 }
 
 /// A checkpoint: the weights in the preset's names, `momentum/<name>` for each momentum
-/// buffer, and the run's state as JSON metadata (`alexnet`). The data order, augmentation
-/// and dropout are all derived from (seed, epoch, step), so no generator state is needed.
+/// buffer, and the run's state as JSON metadata (`alexnet`) beside what every file of the run
+/// records (preset, classes, preprocessing). The data order, augmentation and dropout are all
+/// derived from (seed, epoch, step), so no generator state is needed.
 pub struct Checkpoint {
     pub path: PathBuf,
     pub meta: CheckpointMeta,
 }
 
 impl Checkpoint {
-    fn save(dir: &Path, model: &AlexNet, sgd: &Sgd, meta: &CheckpointMeta, keep: usize) -> anyhow::Result<PathBuf> {
+    fn save(
+        dir: &Path,
+        model: &AlexNet,
+        sgd: &Sgd,
+        meta: &CheckpointMeta,
+        described: &HashMap<String, String>,
+        keep: usize,
+    ) -> anyhow::Result<PathBuf> {
         let mut tensors = model.state_dict()?;
         let velocity: HashMap<_, _> = sgd.slots.iter().map(|s| (s.var.id(), s.velocity.clone())).collect();
         for p in model.parameters() {
             let v =
                 p.gather(|var| velocity.get(&var.id()).cloned())?.context("every parameter has a momentum buffer")?;
-            tensors.push((format!("momentum/{}", p.key), v));
+            tensors.push((format!("{MOMENTUM_PREFIX}{}", p.key), v));
         }
-        let mut metadata = std::collections::HashMap::new();
+        let mut metadata = described.clone();
         metadata.insert("alexnet".to_string(), serde_json::to_string(meta)?);
         let path = dir.join(format!("checkpoint-{:07}.safetensors", meta.step));
         save_safetensors(&tensors, &metadata, &path)?;
         // keep the newest `keep`
-        let mut old: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-")))
-            .collect();
-        old.sort();
+        let old = Self::all_in(dir)?;
         for p in old.iter().take(old.len().saturating_sub(keep.max(1))) {
             let _ = std::fs::remove_file(p);
         }
         Ok(path)
+    }
+
+    /// The checkpoints in a run's folder, oldest first (their names sort by step).
+    fn all_in(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("checkpoint-") && n.ends_with(".safetensors")
+                })
+            })
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
+    /// The newest checkpoint in a run's folder, if any.
+    pub fn latest_in(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+        Ok(Self::all_in(dir)?.pop())
+    }
+
+    /// `--resume`'s argument: a checkpoint, or a run's folder (its newest checkpoint).
+    pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
+        if !path.is_dir() {
+            return Ok(path.to_path_buf());
+        }
+        Self::latest_in(path)?
+            .with_context(|| format!("{} holds no checkpoint-*.safetensors to resume", path.display()))
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -516,7 +584,7 @@ impl Checkpoint {
         let tensors = candle_core::safetensors::load(&self.path, &Device::Cpu)?;
         let index: HashMap<_, _> = sgd.slots.iter().enumerate().map(|(i, s)| (s.var.id(), i)).collect();
         for p in model.parameters() {
-            let key = format!("momentum/{}", p.key);
+            let key = format!("{MOMENTUM_PREFIX}{}", p.key);
             let whole = tensors.get(&key).with_context(|| format!("{}: no `{key}`", self.path.display()))?;
             let mut row = 0;
             for var in &p.parts {

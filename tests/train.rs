@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use alexnet::data::augment::Stats;
 use alexnet::data::dataset::Sample;
@@ -84,16 +84,12 @@ fn the_paper_rule_follows_its_formula_when_the_learning_rate_changes() {
     assert_ne!(a, b);
 }
 
-fn shared(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
-}
-
 #[test]
 fn pca_statistics_match_numpy() {
     let f = fixture("train/stats.safetensors");
     let names = std::fs::read_to_string(fixture_path("train/stats_images.txt")).unwrap();
     let samples: Vec<Sample> =
-        names.lines().map(|n| Sample { path: shared(&format!("imagenet-sample/{n}")), label: 0 }).collect();
+        names.lines().map(|n| Sample { path: shared_data(&format!("imagenet-sample/{n}")), label: 0 }).collect();
     let stats = Stats::compute(&samples, 256, &indicatif::ProgressBar::hidden()).unwrap();
     let mean = Tensor::from_vec(stats.mean_image.clone(), (3, 256, 256), &Device::Cpu).unwrap();
     assert_matches_summary("mean image", &mean, &f, "mean_image", 1e-6);
@@ -110,20 +106,6 @@ fn pca_statistics_match_numpy() {
         assert!((dot.abs() - 1.0).abs() < 1e-9, "eigenvector {i} differs from numpy's (|dot| = {})", dot.abs());
     }
     eprintln!("eigenvalues {:?} (numpy {vals:?})", stats.eigvals);
-}
-
-/// 4 classes x 8 real photos, as an ImageFolder.
-fn tiny_imagefolder() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let mut images: Vec<PathBuf> =
-        std::fs::read_dir(shared("imagenet-sample")).unwrap().map(|e| e.unwrap().path()).collect();
-    images.sort();
-    for (i, path) in images.iter().take(32).enumerate() {
-        let class = dir.path().join(format!("class{}", i % 4));
-        std::fs::create_dir_all(&class).unwrap();
-        std::fs::copy(path, class.join(path.file_name().unwrap())).unwrap();
-    }
-    dir
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
@@ -159,7 +141,7 @@ fn final_weights(out: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn resuming_is_bit_identical_to_training_straight_through() {
-    let data = tiny_imagefolder();
+    let data = image_folder(4, 8);
     let runs = tempfile::tempdir().unwrap();
     let run = |name: &str, extra: &[&str]| {
         let out = runs.path().join(name);
@@ -190,17 +172,30 @@ fn resuming_is_bit_identical_to_training_straight_through() {
 
 #[test]
 fn a_diverging_loss_stops_with_a_message_and_keeps_the_last_checkpoint() {
-    let data = tiny_imagefolder();
+    let data = image_folder(4, 8);
     let out = tempfile::tempdir().unwrap();
-    let o = train(data.path(), out.path(), &["--epochs", "3", "--lr", "1e12", "--no-augment"]);
+    let o = train(data.path(), out.path(), &["--epochs", "3", "--lr", "1e12", "--no-augment", "--log-every", "1"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("the loss became") && err.contains("at step") && !err.contains("panicked"), "{err}");
+    assert!(err.contains("the loss became") && !err.contains("panicked"), "{err}");
+    // the step named is the one whose loss diverged: the one after the last step logged
+    let log = std::fs::read_to_string(out.path().join("log.jsonl")).unwrap_or_default();
+    let last_logged =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max();
+    let step = last_logged.unwrap_or(0) + 1;
+    assert!(err.contains(&format!("at step {step} ")), "the diverging step is {step}: {err}");
+    let mut checkpoints = Vec::new();
     for entry in std::fs::read_dir(out.path()).unwrap() {
         let path = entry.unwrap().path();
         if path.file_name().unwrap().to_string_lossy().starts_with("checkpoint-") {
             alexnet::train::Checkpoint::load(&path).expect("every checkpoint left behind is complete");
+            checkpoints.push(path);
         }
+    }
+    // it says which checkpoint is intact, or that there is none yet
+    match checkpoints.iter().max() {
+        Some(last) => assert!(err.contains(&last.display().to_string()), "{err}"),
+        None => assert!(err.contains("no checkpoint had been written"), "{err}"),
     }
 }
 
@@ -226,7 +221,7 @@ fn pca_colour_shift_is_sized_for_pixels_in_0_1() {
         stats: std::sync::Arc::new(stats),
     };
     let pca = TrainTransform { pca_std: 0.1, ..base.clone() };
-    let sample = Sample { path: shared("photos/chelsea.png"), label: 0 };
+    let sample = Sample { path: shared_data("photos/chelsea.png"), label: 0 };
     let largest = (0..20)
         .map(|pos| {
             let (a, b) = (base.train(&sample, 1, 0, pos).unwrap(), pca.train(&sample, 1, 0, pos).unwrap());

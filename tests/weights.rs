@@ -163,7 +163,7 @@ fn caffemodels_v1_and_v2_reproduce_the_reference_logits() {
     let expected = fixture("caffe.safetensors");
     for form in ["v1", "v2"] {
         let file = WeightFile::open(&caffe_dir().join(format!("{form}.caffemodel"))).unwrap();
-        assert_eq!(file.detect_preset(), Some(Preset::Caffe));
+        assert_eq!(file.identify(None).unwrap().preset, Preset::Caffe);
         let model = AlexNet::new(Preset::Caffe, &mut Params::File(file), &Placement::on(&Device::Cpu)).unwrap();
         let logits = model.forward(&reference_input(Preset::Caffe), Mode::Eval).unwrap();
         assert_close(&format!("caffemodel {form} logits"), &logits, get(&expected, "logits"), 1e-4);

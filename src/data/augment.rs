@@ -18,11 +18,11 @@ use rayon::prelude::*;
 
 use super::dataset::Sample;
 use super::decode;
-use super::transform::{centre_square, Chw};
+use super::transform::{centre_square, Chw, Mean, Transform, TransformKind};
 
 /// The image every crop is taken from (see [`centre_square`]).
 pub fn base_image(path: &Path, side: u32) -> anyhow::Result<RgbImage> {
-    Ok(centre_square(&decode(path)?, side))
+    centre_square(&decode(path)?, side).with_context(|| format!("image {}", path.display()))
 }
 
 /// What `alexnet data-stats` computes over the training images' base images (0..255 RGB).
@@ -187,6 +187,19 @@ pub struct TrainTransform {
 }
 
 impl TrainTransform {
+    /// The validation view's pipeline as an inference [`Transform`] (the same bits as
+    /// [`TrainTransform::val`]), which `train` records in the weights it writes.
+    pub fn inference(&self) -> Transform {
+        Transform {
+            kind: TransformKind::Paper,
+            base: self.base,
+            crop: self.crop,
+            mean: Mean::Image { side: self.base as usize, values: self.stats.mean_image.clone() },
+            scale: self.scale,
+            bgr: self.bgr,
+        }
+    }
+
     /// The training view of image `sample` at `position` of `epoch`'s order.
     pub fn train(&self, sample: &Sample, seed: u64, epoch: usize, position: usize) -> anyhow::Result<Chw> {
         let img = base_image(&sample.path, self.base)?;

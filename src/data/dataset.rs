@@ -36,7 +36,9 @@ pub struct Dataset {
     pub layout: Layout,
 }
 
-const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "ppm", "bmp", "webp"];
+/// What a data set's image files are named: every format PIL opens that a data set holds,
+/// so that one we do not decode (only JPEG and PNG are) is counted as skipped, never ignored.
+const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "ppm", "bmp", "webp", "gif", "tif", "tiff"];
 
 fn is_image(path: &Path) -> bool {
     path.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))

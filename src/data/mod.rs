@@ -13,12 +13,26 @@ use std::path::Path;
 use anyhow::Context;
 use image::RgbImage;
 
+/// The most pixels an image may have: where Pillow stops with a `DecompressionBombError`
+/// (twice its `MAX_IMAGE_PIXELS`), checked from the header before anything is decoded.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
 /// Decodes an image file to 8-bit RGB the way PIL's `Image.open(path).convert("RGB")` does:
 /// greyscale is replicated, alpha dropped, EXIF orientation ignored. The format is taken from
 /// the file's bytes, not its extension. JPEGs go through libjpeg-turbo's decoder (as in PIL:
 /// integer IDCT, fancy upsampling), so the pixels are PIL's, not merely close to them.
 pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()?
+        .into_dimensions()
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+        anyhow::bail!(
+            "image {} is {w}x{h}, more than the {MAX_IMAGE_PIXELS} pixels allowed (Pillow's limit)",
+            path.display()
+        )
+    }
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
         // PIL refuses these ("image file is truncated"); Rust's decoder would fill in grey.
         anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())

@@ -49,8 +49,9 @@ impl TransformKind {
 pub enum Mean {
     /// Per channel, RGB order.
     Pixel([f32; 3]),
-    /// `[3, 256, 256]`, RGB order (a Caffe `.binaryproto` is BGR and is reordered on load).
-    Image(Vec<f32>),
+    /// `[3, side, side]`, RGB order (a Caffe `.binaryproto` is BGR and is reordered on load),
+    /// `side` being the base image's (256; 32 for the CIFAR-10 nets).
+    Image { side: usize, values: Vec<f32> },
 }
 
 impl Mean {
@@ -73,13 +74,13 @@ impl Mean {
             let (b, rest) = rgb.split_at_mut(plane);
             rest[plane..].swap_with_slice(b); // swap the B and R planes
         }
-        Ok(Mean::Image(rgb))
+        Ok(Mean::Image { side: 256, values: rgb })
     }
 
     fn at(&self, c: usize, y: usize, x: usize) -> f32 {
         match self {
             Mean::Pixel(p) => p[c],
-            Mean::Image(m) => m[(c * 256 + y) * 256 + x],
+            Mean::Image { side, values } => values[(c * side + y) * side + x],
         }
     }
 }
@@ -88,28 +89,48 @@ impl Mean {
 #[derive(Debug, Clone)]
 pub struct Transform {
     pub kind: TransformKind,
+    /// The side the image is resized to before cropping: 256 for the ImageNet nets, 32 for
+    /// the CIFAR-10 ones.
+    pub base: u32,
     /// Side of the square crop fed to the net.
     pub crop: usize,
     pub mean: Mean,
+    /// caffe and paper: multiplies (pixel - mean); 1 keeps the 0..255 range.
+    pub scale: f32,
+    /// caffe and paper: channels in BGR order (always for caffe; for a `caffe` preset that
+    /// `train` trained with the paper's preprocessing).
+    pub bgr: bool,
 }
 
 /// A preprocessed image: `[3, side, side]` f32, channels in the order the net expects.
 pub type Chw = Vec<f32>;
 
 impl Transform {
+    /// `kind` at the ImageNet nets' base side (256) and with their 0..255 range.
     pub fn new(kind: TransformKind, crop: usize, mean: Option<Mean>) -> Self {
-        Transform { kind, crop, mean: mean.unwrap_or(Mean::Pixel(CAFFE_MEAN_RGB)) }
+        let mean = mean.unwrap_or(Mean::Pixel(CAFFE_MEAN_RGB));
+        Transform { kind, base: 256, crop, mean, scale: 1.0, bgr: kind == TransformKind::Caffe }
     }
 
-    /// The preset's own preprocessing with its input size.
+    /// The preset's own preprocessing with its input size. The CIFAR-10 nets have no
+    /// published pipeline: their files from `train` record the one they were trained with
+    /// ([`crate::weights::WeightFile::identify`]); without it, the paper's on 32x32 images,
+    /// Caffe's mean pixel and `train`'s default scale for them.
     pub fn for_preset(preset: Preset) -> Self {
-        Transform::new(TransformKind::for_preset(preset), preset.input_size(), None)
+        match preset {
+            Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => Transform {
+                base: 32,
+                scale: 1.0 / 57.6,
+                ..Transform::new(TransformKind::Paper, preset.input_size(), None)
+            },
+            _ => Transform::new(TransformKind::for_preset(preset), preset.input_size(), None),
+        }
     }
 
     /// The centre crop (`ten == false`) or the ten crops: four corners, centre, then the same
     /// five mirrored (torchvision's `TenCrop` order, also Caffe's `oversample`).
     pub fn apply(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>> {
-        let base = self.base(img);
+        let base = self.base(img)?;
         let (h, w, s) = (base.h, base.w, self.crop);
         if h < s || w < s {
             bail!("image is {w}x{h} after resizing, smaller than the {s}x{s} crop")
@@ -139,6 +160,58 @@ impl Transform {
         Ok(crops)
     }
 
+    /// The pipeline as JSON for a weight file's metadata (`input`), so that a model `train`
+    /// wrote runs with the preprocessing it was trained with wherever it is loaded.
+    pub fn to_record(&self) -> anyhow::Result<String> {
+        use base64::Engine;
+        let Mean::Image { side, values } = &self.mean else { bail!("only a mean image is recorded") };
+        if self.kind != TransformKind::Paper || *side != self.base as usize {
+            bail!("only the paper's pipeline with a mean image of its base side is recorded")
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let record = RecordedTransform {
+            base: self.base,
+            crop: self.crop,
+            scale: self.scale,
+            bgr: self.bgr,
+            mean_image: base64::engine::general_purpose::STANDARD.encode(bytes),
+        };
+        Ok(serde_json::to_string(&record)?)
+    }
+
+    /// The pipeline a weight file's metadata records (see [`Transform::to_record`]), checked
+    /// before anything is allocated from it.
+    pub fn from_record(json: &str) -> anyhow::Result<Self> {
+        use base64::Engine;
+        let r: RecordedTransform = serde_json::from_str(json).context("not a recorded preprocessing")?;
+        if !(1..=MAX_RECORDED_BASE).contains(&r.base) || r.crop == 0 || r.crop > r.base as usize {
+            bail!("a recorded base side of {} and crop of {} are not a pipeline we run", r.base, r.crop)
+        }
+        if !r.scale.is_finite() {
+            bail!("the recorded scale {} is not finite", r.scale)
+        }
+        let side = r.base as usize;
+        let want = 3 * side * side * 4;
+        if r.mean_image.len() > want.div_ceil(3) * 4 {
+            bail!("the recorded mean image is larger than 3x{side}x{side} values")
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&r.mean_image)
+            .context("the recorded mean image is not base64")?;
+        if bytes.len() != want {
+            bail!("the recorded mean image has {} bytes; 3x{side}x{side} f32 values are {want}", bytes.len())
+        }
+        let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        Ok(Transform {
+            kind: TransformKind::Paper,
+            base: r.base,
+            crop: r.crop,
+            mean: Mean::Image { side, values },
+            scale: r.scale,
+            bgr: r.bgr,
+        })
+    }
+
     /// Decodes and preprocesses `paths` into one `[N (x10), 3, crop, crop]` CPU batch.
     pub fn batch(&self, paths: &[std::path::PathBuf], ten: bool) -> anyhow::Result<candle_core::Tensor> {
         let mut pixels = Vec::new();
@@ -151,10 +224,10 @@ impl Transform {
     }
 
     /// The resized, normalised image before cropping.
-    fn base(&self, img: &RgbImage) -> Planes {
-        match self.kind {
+    fn base(&self, img: &RgbImage) -> anyhow::Result<Planes> {
+        Ok(match self.kind {
             TransformKind::Torchvision => {
-                let resized = pil_resize_shorter(img, 256);
+                let resized = pil_resize_shorter(img, self.base)?;
                 Planes::from_rgb(
                     &resized,
                     |c, _, _, v| (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c],
@@ -162,16 +235,31 @@ impl Transform {
                 )
             }
             TransformKind::Caffe => {
-                let squashed = cv_resize(img, 256, 256);
-                Planes::from_rgb(&squashed, |c, y, x, v| v as f32 - self.mean.at(c, y, x), true)
+                let squashed = cv_resize(img, self.base, self.base);
+                Planes::from_rgb(&squashed, |c, y, x, v| (v as f32 - self.mean.at(c, y, x)) * self.scale, self.bgr)
             }
             TransformKind::Paper => {
-                let square = centre_square(img, 256);
-                Planes::from_rgb(&square, |c, y, x, v| v as f32 - self.mean.at(c, y, x), false)
+                let square = centre_square(img, self.base)?;
+                Planes::from_rgb(&square, |c, y, x, v| (v as f32 - self.mean.at(c, y, x)) * self.scale, self.bgr)
             }
-        }
+        })
     }
 }
+
+/// What [`Transform::to_record`] writes: the paper's pipeline (the centre square of side
+/// `base`, minus the training set's mean image, times `scale`, the centre `crop`).
+#[derive(Serialize, serde::Deserialize)]
+struct RecordedTransform {
+    base: u32,
+    crop: usize,
+    scale: f32,
+    bgr: bool,
+    /// `[3, base, base]` f32 little-endian, base64.
+    mean_image: String,
+}
+
+/// The largest base side a recorded pipeline may ask for (the paper's is 256).
+const MAX_RECORDED_BASE: u32 = 1024;
 
 /// `round(twice / 2)` with Python's round-half-to-even (torchvision's crop offsets).
 fn round_half_even(twice: usize) -> usize {
@@ -224,26 +312,39 @@ impl Planes {
 /// The paper's base image: shorter side to `side`, then the central `side` x `side` square
 /// (torchvision's `Resize(side)` + `CenterCrop(side)`). Already square images of that size
 /// (CIFAR-10's 32x32) are returned as they are.
-pub fn centre_square(img: &RgbImage, side: u32) -> RgbImage {
+pub fn centre_square(img: &RgbImage, side: u32) -> anyhow::Result<RgbImage> {
     if img.dimensions() == (side, side) {
-        return img.clone();
+        return Ok(img.clone());
     }
-    let resized = pil_resize_shorter(img, side);
+    let resized = pil_resize_shorter(img, side)?;
     let (w, h) = resized.dimensions();
     let (x0, y0) = (round_half_even((w - side) as usize) as u32, round_half_even((h - side) as usize) as u32);
-    image::imageops::crop_imm(&resized, x0, y0, side, side).to_image()
+    Ok(image::imageops::crop_imm(&resized, x0, y0, side, side).to_image())
 }
 
+/// The most pixels a resize may make: Pillow's `MAX_IMAGE_PIXELS`. Only thin images reach it
+/// (60000x1 would become 15,360,000x256, 11.8 GB): ImageNet's largest photos resize to a
+/// few hundred thousand pixels.
+pub const MAX_RESIZED_PIXELS: u64 = 89_478_485;
+
 /// torchvision's `Resize(size)` on a PIL image: the shorter side becomes `size`, the longer
-/// `int(size * long / short)`.
-pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> RgbImage {
+/// `int(size * long / short)`; an error where that would exceed [`MAX_RESIZED_PIXELS`]
+/// (Pillow's resize intermediate is never larger than its input or output).
+pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> anyhow::Result<RgbImage> {
     let (w, h) = img.dimensions();
-    let (nw, nh) = if w <= h {
-        (size, (size as u64 * h as u64 / w as u64) as u32)
-    } else {
-        ((size as u64 * w as u64 / h as u64) as u32, size)
-    };
-    pil_resize(img, nw, nh)
+    let (short, long) = (w.min(h) as u64, w.max(h) as u64);
+    if short == 0 {
+        bail!("the image is empty ({w}x{h})")
+    }
+    let resized_long = size as u64 * long / short;
+    if resized_long * size as u64 > MAX_RESIZED_PIXELS || resized_long > u32::MAX as u64 {
+        bail!(
+            "the image is {w}x{h}: resizing its shorter side to {size} would make {resized_long}x{size} pixels, \
+             more than the {MAX_RESIZED_PIXELS} allowed (Pillow's MAX_IMAGE_PIXELS)"
+        )
+    }
+    let (nw, nh) = if w <= h { (size, resized_long as u32) } else { (resized_long as u32, size) };
+    Ok(pil_resize(img, nw, nh))
 }
 
 /// Pillow's `Image.resize((w, h), BILINEAR)` for 8-bit RGB, step for step (Resample.c):

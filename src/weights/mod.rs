@@ -21,10 +21,15 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
+use crate::classes::Classes;
+use crate::data::transform::Transform;
 use crate::init::Init;
 use serde::Serialize;
 
-use crate::model::Preset;
+use crate::model::{Preset, CIFAR_TOWERS};
+
+/// Where a training checkpoint keeps the optimiser's momentum buffers: `momentum/<key>`.
+pub const MOMENTUM_PREFIX: &str = "momentum/";
 
 /// The two naming schemes weight files come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +118,9 @@ pub struct WeightFile {
     pub format: Format,
     /// Each tensor's dtype as stored in the file.
     pub stored_dtypes: BTreeMap<String, DType>,
+    /// The safetensors header's string metadata (empty for other formats): what `train`,
+    /// `convert` and checkpoints record about the weights.
+    pub metadata: BTreeMap<String, String>,
     tensors: BTreeMap<String, Tensor>,
     used: BTreeSet<String>,
 }
@@ -127,11 +135,17 @@ impl WeightFile {
         let format = Format::detect(&bytes).with_context(|| {
             format!("{file} is not a weight file we can read (safetensors, PyTorch .pth, or Caffe .caffemodel)")
         })?;
+        let mut metadata = BTreeMap::new();
         let tensors: Vec<(String, Tensor)> = match format {
-            Format::Safetensors => candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-                .with_context(|| format!("{file}: invalid or truncated safetensors file"))?
-                .into_iter()
-                .collect(),
+            Format::Safetensors => {
+                let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+                    .with_context(|| format!("{file}: invalid or truncated safetensors file"))?;
+                metadata.extend(header.metadata().clone().unwrap_or_default());
+                candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+                    .with_context(|| format!("{file}: invalid or truncated safetensors file"))?
+                    .into_iter()
+                    .collect()
+            }
             Format::PyTorch => pth::load(path, &bytes)?,
             Format::Caffe => caffe::load(&bytes).with_context(|| format!("{file}: invalid or truncated caffemodel"))?,
         };
@@ -142,22 +156,117 @@ impl WeightFile {
             let tensor = if tensor.dtype().is_float() { tensor.to_dtype(DType::F32)? } else { tensor };
             converted.insert(key, tensor);
         }
-        Ok(WeightFile { path: path.to_path_buf(), format, stored_dtypes, tensors: converted, used: BTreeSet::new() })
+        Ok(WeightFile {
+            path: path.to_path_buf(),
+            format,
+            stored_dtypes,
+            metadata,
+            tensors: converted,
+            used: BTreeSet::new(),
+        })
     }
 
-    /// The preset these tensors are for, from their names: torchvision's names mean
-    /// `torchvision`; Caffe's mean `caffe` (the `paper` preset shares them).
-    pub fn detect_preset(&self) -> Option<Preset> {
+    /// What the file's metadata records: the preset and the class names, from a final model
+    /// or `convert`'s output (`preset`, `classes`) or a checkpoint's run state (`alexnet`).
+    pub fn recorded(&self) -> anyhow::Result<Recorded> {
+        let file = self.path.display();
+        let mut recorded = Recorded::default();
+        if let Some(run) = self.metadata.get("alexnet") {
+            #[derive(serde::Deserialize)]
+            struct Run {
+                config: RunPreset,
+                classes: Vec<String>,
+            }
+            #[derive(serde::Deserialize)]
+            struct RunPreset {
+                preset: Preset,
+            }
+            let run: Run = serde_json::from_str(run)
+                .with_context(|| format!("{file}: its `alexnet` metadata is not a training checkpoint's run state"))?;
+            recorded.preset = Some(run.config.preset);
+            recorded.classes = Some(run.classes);
+        }
+        if let Some(name) = self.metadata.get("preset") {
+            let preset = <Preset as clap::ValueEnum>::from_str(name, false).map_err(|_| {
+                anyhow::anyhow!("{file}: its metadata names preset `{}`, which is not one we know", name.escape_debug())
+            })?;
+            recorded.preset = Some(preset);
+        }
+        if let Some(classes) = self.metadata.get("classes") {
+            let names = serde_json::from_str(classes)
+                .with_context(|| format!("{file}: its `classes` metadata is not a JSON list of names"))?;
+            recorded.classes = Some(names);
+        }
+        if let Some(input) = self.metadata.get("input") {
+            let transform = Transform::from_record(input)
+                .with_context(|| format!("{file}: its `input` metadata (the preprocessing it was trained with)"))?;
+            recorded.transform = Some(transform);
+        }
+        Ok(recorded)
+    }
+
+    /// The preset these tensors are for, from their names and the first layer's shape:
+    /// torchvision's names mean `torchvision`; Caffe's mean `caffe` (the `paper` preset shares
+    /// them, so only metadata can tell the two apart) or `cifar-towers` (5x5 first filters);
+    /// `fc` without `fc8` is the Figure 1 net, whose ReLU and tanh forms have the same tensors
+    /// (None: only metadata or `--preset` can say which).
+    pub fn preset_from_names(&self) -> Option<Preset> {
         match Naming::detect(self.keys())? {
             Naming::Torchvision => Some(Preset::Torchvision),
-            Naming::Caffe => Some(Preset::Caffe),
+            Naming::Caffe if self.tensors.contains_key("fc.weight") => None,
+            Naming::Caffe => match self.tensors.get("conv1.weight").map(Tensor::dims) {
+                Some(dims) if dims == CIFAR_TOWERS.first_filter_shape() => Some(Preset::CifarTowers),
+                _ => Some(Preset::Caffe),
+            },
         }
     }
 
-    /// The same file without the tensors whose names start with `prefix` (a checkpoint's
-    /// `momentum/` buffers, when only its weights are wanted).
-    pub fn without_prefix(mut self, prefix: &str) -> Self {
-        self.tensors.retain(|k, _| !k.starts_with(prefix));
+    /// Which net these weights are for and how many classes it has: `--preset` (`flag`) where
+    /// given, else the preset the metadata records, else the one the tensor names imply; the
+    /// classes from the metadata's names, else the rows of the last layer's weight. The
+    /// weights' shapes are checked when the model is built from them.
+    pub fn identify(&self, flag: Option<Preset>) -> anyhow::Result<Identity> {
+        let recorded = self.recorded()?;
+        let preset = match (flag, recorded.preset, self.preset_from_names()) {
+            (Some(flag), Some(recorded), _) if flag != recorded => {
+                eprintln!(
+                    "note: {} records the {} preset; running it as {} (--preset)",
+                    self.path.display(),
+                    recorded.name(),
+                    flag.name()
+                );
+                flag
+            }
+            (Some(p), _, _) | (None, Some(p), _) | (None, None, Some(p)) => p,
+            (None, None, None) => bail!(
+                "cannot tell which preset {} is for (its metadata records none{}); pass --preset",
+                self.path.display(),
+                if self.tensors.contains_key("fc.weight") {
+                    ", and the Figure 1 net's tensors are the same with ReLU or tanh: fig1-relu or fig1-tanh"
+                } else {
+                    ", and it has no torchvision or Caffe tensor names"
+                }
+            ),
+        };
+        let outputs = self.tensors.get(preset.classifier_weight()).and_then(|w| w.dims().first().copied());
+        let classes = match (recorded.classes, outputs) {
+            (Some(names), Some(rows)) if names.len() != rows => bail!(
+                "{}: its metadata names {} classes, but `{}` has {rows} rows",
+                self.path.display(),
+                names.len(),
+                preset.classifier_weight()
+            ),
+            (Some(names), _) => Classes::folders(&names),
+            (None, Some(rows)) => Classes::unnamed(rows),
+            (None, None) => Classes::unnamed(preset.default_classes()),
+        };
+        let transform = recorded.transform.unwrap_or_else(|| Transform::for_preset(preset));
+        Ok(Identity { preset, classes, transform })
+    }
+
+    /// The model's weights alone: a checkpoint's momentum buffers ([`MOMENTUM_PREFIX`]) left out.
+    pub fn model_weights(mut self) -> Self {
+        self.tensors.retain(|k, _| !k.starts_with(MOMENTUM_PREFIX));
         self
     }
 
@@ -189,6 +298,25 @@ impl WeightFile {
         self.used.insert(key.to_string());
         Ok(tensor.clone())
     }
+}
+
+/// What a weight file's metadata records about the model it holds.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    pub preset: Option<Preset>,
+    /// The class names, in output order.
+    pub classes: Option<Vec<String>>,
+    /// The preprocessing it was trained with (files `train` wrote).
+    pub transform: Option<Transform>,
+}
+
+/// The net a weight file is for: its preset, its output classes and its preprocessing.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub preset: Preset,
+    pub classes: Classes,
+    /// The recorded preprocessing, else the preset's own.
+    pub transform: Transform,
 }
 
 /// Where a model's parameters come from.
@@ -264,23 +392,81 @@ fn file_preset_hint(prefix: &str) -> &'static str {
     }
 }
 
-/// Writes `tensors` (and string `metadata`) as safetensors to `path` through a temporary file in the same folder,
-/// renamed into place, so a crash never leaves a half-written file under the final name.
+/// Writes `tensors` (and string `metadata`) as safetensors to `path` through a temporary file in
+/// the same folder ([`temporary_path`]), synced and renamed into place, so a crash never leaves
+/// a half-written file under the final name. The file is created as any other (mode 0666 less
+/// the umask), and the tensors stream to it one by one: no second copy of them in memory.
 pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().context("output path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let metadata = (!metadata.is_empty()).then(|| metadata.clone());
-    let written = safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), metadata, &tmp);
-    if let Err(e) = written {
+    use safetensors::View;
+    use std::io::Write;
+    if path.file_name().is_none() {
+        bail!("output path {} has no file name", path.display())
+    }
+    // The header: each tensor's dtype, shape and byte range, in the order written.
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".to_string(), serde_json::to_value(metadata)?);
+    }
+    let mut offset = 0usize;
+    for (name, tensor) in tensors {
+        if name == "__metadata__" || header.contains_key(name) {
+            bail!("cannot write tensor `{name}` to {}: the name is taken", path.display())
+        }
+        let end = offset + tensor.data_len();
+        let entry =
+            serde_json::json!({ "dtype": View::dtype(tensor), "shape": tensor.dims(), "data_offsets": [offset, end] });
+        header.insert(name.clone(), entry);
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    header.resize(header.len().next_multiple_of(8), b' '); // the data starts 8-byte aligned
+    let tmp = temporary_path(path);
+    let write = || -> std::io::Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for (_, tensor) in tensors {
+            out.write_all(&tensor.data())?;
+        }
+        out.flush()?;
+        drop(out);
+        file.sync_all()
+    };
+    if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
         bail!("cannot write {}: {e}", tmp.display())
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+}
+
+/// Where [`save_safetensors`] writes `path` before renaming it: `.NAME.tmpPID` beside it.
+fn temporary_path(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    dir.join(format!(".{name}.tmp{}", std::process::id()))
+}
+
+/// Removes the temporary files that writers killed mid-write left in `dir` (see
+/// [`temporary_path`]; those of a process still running are kept) and returns how many.
+pub fn remove_stale_temporaries(dir: &Path) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = name.strip_prefix('.').and_then(|rest| rest.rsplit_once(".tmp")) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove the stale {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// The sha256 of a file, as lowercase hex.

@@ -148,3 +148,23 @@ pub fn expect_error_env(args: &[&str], env: &[(&str, &Path)]) -> String {
 pub fn reference_state(preset: Preset) -> Vec<(String, Tensor)> {
     reference_model(preset, &Placement::on(&Device::Cpu)).state_dict().unwrap()
 }
+
+/// A real photo from `../shared/data` (`imagenet-sample/...`, `photos/...`).
+pub fn shared_data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
+}
+
+/// An ImageFolder of `classes` x `per_class` real photos (ImageNet validation JPEGs), in
+/// folders `class0`, `class1`, ...
+pub fn image_folder(classes: usize, per_class: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut images: Vec<PathBuf> =
+        std::fs::read_dir(shared_data("imagenet-sample")).unwrap().map(|e| e.unwrap().path()).collect();
+    images.sort();
+    for (i, path) in images.iter().take(classes * per_class).enumerate() {
+        let class = dir.path().join(format!("class{}", i % classes));
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(path, class.join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}

@@ -1,0 +1,127 @@
+//! Images and pipes that used to end the process (issue 22, cases 7, 8 and 14): thin images
+//! whose resize would take gigabytes, headers that promise more pixels than Pillow opens,
+//! formats we do not decode, and a reader that goes away. Each is a clear error, or an image
+//! counted as skipped, never an abort or a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use alexnet::Preset;
+use common::*;
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The CRC-32 of a PNG chunk (its type and data).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A PNG whose header claims `w` x `h` RGB pixels and whose data is a few bytes: a
+/// decompression bomb's first bytes.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        let typed = [kind, data].concat();
+        png.extend((data.len() as u32).to_be_bytes());
+        png.extend(&typed);
+        png.extend(crc32(&typed).to_be_bytes());
+    };
+    // 8 bits, RGB, deflate, no filter, no interlace
+    chunk(b"IHDR", &[&w.to_be_bytes()[..], &h.to_be_bytes(), &[8, 2, 0, 0, 0]].concat());
+    chunk(b"IDAT", b"\x78\x9c\x03\x00\x00\x00\x00\x01"); // an empty zlib stream
+    chunk(b"IEND", b"");
+    png
+}
+
+/// A folder of the test's images: a good photo (class n01440764), a 60000x1 PNG, an
+/// 8000x1 PNG, a header claiming 30000x30000 pixels and a GIF; and torchvision-named
+/// reference weights.
+fn workdir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = shared_scratch_dir("hostile-inputs");
+        let class = dir.join("val/n01440764");
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(shared_data("imagenet-sample/n01440764_tench.JPEG"), class.join("good.JPEG")).unwrap();
+        image::RgbImage::new(60000, 1).save(class.join("thin-60000x1.png")).unwrap();
+        image::RgbImage::new(1, 8000).save(class.join("thin-1x8000.png")).unwrap();
+        std::fs::write(class.join("bomb.png"), png_header_only(30000, 30000)).unwrap();
+        std::fs::write(class.join("animated.gif"), b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
+        let state = reference_state(Preset::Torchvision);
+        alexnet::weights::save_safetensors(&state, &Default::default(), &dir.join("tv.safetensors")).unwrap();
+        dir
+    })
+}
+
+fn image(name: &str) -> String {
+    workdir().join("val/n01440764").join(name).to_string_lossy().into_owned()
+}
+
+fn weights() -> String {
+    workdir().join("tv.safetensors").to_string_lossy().into_owned()
+}
+
+#[test]
+fn thin_images_and_pixel_bombs_are_clear_errors_in_classify_and_preprocess() {
+    let output = workdir().join("x.safetensors");
+    for (name, says) in
+        [("thin-60000x1.png", "15360000x256"), ("thin-1x8000.png", "2048000x256"), ("bomb.png", "30000x30000")]
+    {
+        let err = expect_error(&["classify", "--weights", &weights(), &image(name)]);
+        assert!(err.contains(says) && err.contains("allowed"), "{name}: {err}");
+        for transform in ["torchvision", "paper"] {
+            let args = ["preprocess", "--transform", transform, &image(name), "--output", path_str(&output)];
+            let err = expect_error(&args);
+            assert!(err.contains(says) && err.contains("allowed"), "{name} ({transform}): {err}");
+        }
+    }
+}
+
+#[test]
+fn eval_counts_thin_images_bombs_and_gifs_as_skipped() {
+    let report = workdir().join("eval.json");
+    let data = workdir().join("val");
+    let args = ["eval", "--weights", &weights(), "--data", path_str(&data), "--quiet", "--json", path_str(&report)];
+    let out = alexnet(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["images"], 1);
+    let mut skipped: Vec<&str> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| Path::new(s["path"].as_str().unwrap()).file_name().unwrap().to_str().unwrap())
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped, ["animated.gif", "bomb.png", "thin-1x8000.png", "thin-60000x1.png"]);
+}
+
+/// `alexnet inspect --json FILE | head -1`: the reader gone, the process ends as `cat` would
+/// (SIGPIPE), without a panic.
+#[test]
+fn a_closed_pipe_ends_the_process_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["inspect", "--json", &weights()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader closes the pipe before anything is written
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}

@@ -1,0 +1,238 @@
+//! What `train` writes runs everywhere as the model it is (its preset, classes and
+//! preprocessing recorded in the file), and a run behaves as scripts expect: `--resume DIR`,
+//! Ctrl-C, stale temporary files, bad flags, the umask.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use alexnet::weights::save_safetensors;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `alexnet train --preset PRESET --data DATA --out OUT --quiet` with a small batch and `extra`.
+fn train(preset: &str, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--preset", preset, "--data", path_str(data), "--out", path_str(out)];
+    args.extend_from_slice(&["--batch-size", "4", "--seed", "3", "--quiet", "--no-augment"]);
+    args.extend_from_slice(extra);
+    alexnet(&args)
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn json_file(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The images of an ImageFolder, sorted.
+fn images_in(data: &Path) -> Vec<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir(data)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .flat_map(|class| std::fs::read_dir(class).unwrap().map(|e| e.unwrap().path()))
+        .collect();
+    images.sort();
+    images
+}
+
+/// Issue 22, case 1: a two-tower CIFAR net trained on two classes runs in classify, eval,
+/// infer, inspect and convert without `--preset` or a class count, with the preprocessing it
+/// was trained with (eval's accuracy is the run's own validation accuracy).
+#[test]
+fn a_cifar_model_with_its_own_classes_runs_in_every_command() {
+    let data = image_folder(2, 4);
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("run");
+    ok(train("cifar-towers", data.path(), &run, &["--epochs", "1", "--val", path_str(data.path())]), "train");
+    let weights = run.join("final.safetensors");
+    let checkpoint = run.join("checkpoint-0000002.safetensors");
+
+    // inspect: the preset and classes the file records
+    let info = json(&ok(alexnet(&["inspect", "--json", path_str(&weights)]), "inspect"));
+    assert_eq!(info["preset"], "cifar-towers");
+    assert_eq!(info["classes"], serde_json::json!(["class0", "class1"]));
+
+    // classify (the final weights and a checkpoint): the classes by their folder names
+    let images = images_in(data.path());
+    for file in [&weights, &checkpoint] {
+        let args = ["classify", "--weights", path_str(file), "--json", path_str(&images[0]), path_str(&images[5])];
+        let top = json(&ok(alexnet(&args), "classify"));
+        let names: Vec<&str> = top[0]["top"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(names.len(), 2, "two classes: {top}");
+        assert!(names.contains(&"class0") && names.contains(&"class1"), "{top}");
+    }
+
+    // eval: the images that validated the run, with the same result
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let report = runs.path().join("eval.json");
+    let eval = |file: &Path| {
+        let args = ["eval", "--weights", path_str(file), "--data", path_str(data.path()), "--quiet"];
+        ok(alexnet(&[&args[..], &["--json", path_str(&report)]].concat()), "eval");
+        json_file(&report)
+    };
+    let evaluated = eval(&weights);
+    assert_eq!(evaluated["images"], 8);
+    assert_eq!(evaluated["preset"], "cifar-towers");
+    assert_eq!(
+        evaluated["top1_error"].as_f64(),
+        last["val_top1_error"].as_f64(),
+        "eval against the run's own validation"
+    );
+
+    // convert keeps what the file records; the copy evaluates the same
+    let converted = runs.path().join("converted.safetensors");
+    ok(alexnet(&["convert", path_str(&weights), path_str(&converted)]), "convert");
+    let info = json(&ok(alexnet(&["inspect", "--json", path_str(&converted)]), "inspect converted"));
+    assert_eq!(
+        (&info["preset"], &info["classes"]),
+        (&serde_json::json!("cifar-towers"), &serde_json::json!(["class0", "class1"]))
+    );
+    assert_eq!(eval(&converted)["top1_error"], evaluated["top1_error"]);
+
+    // infer: two logits an image
+    let input = runs.path().join("input.safetensors");
+    let x = Tensor::zeros((3, 3, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    save_safetensors(&[("input".into(), x)], &Default::default(), &input).unwrap();
+    let logits = runs.path().join("logits.safetensors");
+    let args = ["infer", "--weights", path_str(&weights), "--input", path_str(&input), "--output", path_str(&logits)];
+    ok(alexnet(&args), "infer");
+    let out = candle_core::safetensors::load(&logits, &Device::Cpu).unwrap();
+    assert_eq!(out["logits"].dims(), [3, 2]);
+}
+
+/// Issue 22, case 2: weights `train --preset paper` wrote run as `paper` (the paper's LRN)
+/// without `--preset`, not as `caffe`, whose tensor names they share.
+#[test]
+fn weights_trained_as_paper_run_as_paper() {
+    let data = image_folder(2, 2); // one step
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("run");
+    ok(train("paper", data.path(), &run, &["--epochs", "1"]), "train");
+    let weights = run.join("final.safetensors");
+    assert_eq!(json(&ok(alexnet(&["inspect", "--json", path_str(&weights)]), "inspect"))["preset"], "paper");
+
+    let input = runs.path().join("input.safetensors");
+    let x = pattern("input", &[1, 3, 227, 227], 100.0);
+    save_safetensors(&[("input".into(), x)], &Default::default(), &input).unwrap();
+    let logits = |preset: &[&str]| {
+        let out = runs.path().join("logits.safetensors");
+        let args = ["infer", "--weights", path_str(&weights), "--input", path_str(&input), "--output", path_str(&out)];
+        ok(alexnet(&[&args[..], preset].concat()), "infer");
+        flat(&candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["logits"])
+    };
+    let (detected, paper, caffe) = (logits(&[]), logits(&["--preset", "paper"]), logits(&["--preset", "caffe"]));
+    assert_eq!(detected, paper, "without --preset the file runs as the preset it records");
+    assert_ne!(detected, caffe, "the caffe preset's LRN gives other logits");
+}
+
+/// Issue 22, case 13: `--resume DIR` continues from the run's newest checkpoint with the run's
+/// settings, `--save-every` among them; case 9: temporary files a killed writer left are removed.
+#[test]
+fn resuming_a_run_folder_takes_its_newest_checkpoint_and_settings() {
+    let data = image_folder(2, 4); // 2 steps an epoch
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("run");
+    ok(train("cifar-towers", data.path(), &run, &["--epochs", "1", "--save-every", "1"]), "first epoch");
+    // what a writer killed mid-write leaves: a temporary file of a process that has ended
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let stale = run.join(format!(".checkpoint-0000009.safetensors.tmp{dead_pid}"));
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+
+    ok(train("cifar-towers", data.path(), &run, &["--epochs", "2", "--resume", path_str(&run)]), "resume");
+    assert!(!stale.exists(), "the stale temporary file is removed when a run starts");
+    // the resumed run kept --save-every 1: a checkpoint after step 3, inside the second epoch
+    assert!(run.join("checkpoint-0000003.safetensors").exists(), "--save-every kept on resume");
+    assert!(run.join("final.safetensors").exists());
+
+    let empty = runs.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = train("cifar-towers", data.path(), &run, &["--resume", path_str(&empty)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds no checkpoint"), "{err}");
+}
+
+/// Issue 22, case 11: Ctrl-C saves a checkpoint and exits with 130, not 0, and writes no
+/// "final" weights.
+#[test]
+fn an_interrupted_run_saves_and_exits_130() {
+    let data = image_folder(2, 4);
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["train", "--preset", "fig1-relu", "--data", path_str(data.path()), "--out", path_str(&run)])
+        .args(["--batch-size", "4", "--epochs", "100000", "--save-every", "1", "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !run.join("checkpoint-0000001.safetensors").exists() {
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sends SIGINT to the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted at step") && !err.contains("final weights"), "{err}");
+    assert!(!run.join("final.safetensors").exists());
+}
+
+/// Issue 22, case 10: rates that would train NaN or nothing, no epochs, and a single class are
+/// refused before anything runs.
+#[test]
+fn bad_training_settings_are_refused() {
+    let data = image_folder(2, 1);
+    let out_dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [
+        ("--lr", "NaN"),
+        ("--lr", "-1"),
+        ("--lr", "0"),
+        ("--lr", "inf"),
+        ("--epochs", "0"),
+        ("--momentum", "1.5"),
+        ("--weight-decay", "-1e-4"),
+    ] {
+        let out = train("fig1-relu", data.path(), out_dir.path(), &[flag, value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(&format!("invalid value '{value}' for '{flag}")), "{flag} {value}: {err}");
+    }
+    let one_class = image_folder(1, 2);
+    let out = train("fig1-relu", one_class.path(), out_dir.path(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("a classifier needs at least 2") && !err.contains("panicked"), "{err}");
+}
+
+/// Issue 22, case 12: files are created with the umask's mode, as any program creates them.
+#[test]
+fn files_are_written_with_the_umask_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for (umask, mode) in [("022", 0o644), ("027", 0o640)] {
+        let file = dir.path().join(format!("init-{umask}.safetensors"));
+        let script = format!("umask {umask}; exec \"$0\" init --preset fig1-relu \"$1\"");
+        let out =
+            Command::new("sh").args(["-c", &script, env!("CARGO_BIN_EXE_alexnet"), path_str(&file)]).output().unwrap();
+        ok(out, "init");
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, mode, "umask {umask}");
+    }
+}
