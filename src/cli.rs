@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, value_enum)]
         preset: Option<Preset>,
     },
-    /// Show a weight file: format, detected preset, every tensor, parameter count, sha256.
+    /// Show a weight file: format, preset and classes it is for, every tensor, parameter count, sha256.
     Inspect {
         /// The weights to read (anything --weights takes).
         file: String,
@@ -468,8 +468,8 @@ enum Target {
 /// The flags every command that runs the net shares.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Which AlexNet: paper, caffe or torchvision (default: detected from the weights'
-    /// tensor names; Caffe's names mean caffe).
+    /// Which AlexNet (default: the preset the weights' metadata records, else the one their
+    /// tensor names imply; Caffe's names mean caffe).
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
     /// Weights: a safetensors, PyTorch .pth or Caffe .caffemodel file (format detected from its
