@@ -510,6 +510,7 @@ impl ModelArgs {
 /// Runs the command line; the exit code is 0, or 130 for a training run stopped by Ctrl-C.
 pub fn run() -> anyhow::Result<ExitCode> {
     let command = Cli::parse().command;
+    crate::ops::Isa::from_env()?; // a level the CPU lacks is an error, not a warning
     if let Command::Train(args) = command {
         return args.run();
     }

@@ -171,3 +171,9 @@ fn a_frozen_model_gives_the_same_numbers() {
         }
     }
 }
+
+/// The tests above again at every instruction-set level this CPU has below its best.
+#[test]
+fn the_model_passes_at_every_isa_level() {
+    alexnet::ops::rerun_tests_below_the_best_level("the_model_passes_at_every_isa_level");
+}

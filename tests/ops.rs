@@ -141,3 +141,9 @@ fn adaptive_avg_pool_shrinking_and_growing() {
         check_op(name, &x, |x| adaptive_avg_pool2d(x, (6, 6)));
     }
 }
+
+/// The tests above again at every instruction-set level this CPU has below its best.
+#[test]
+fn ops_pass_at_every_isa_level() {
+    alexnet::ops::rerun_tests_below_the_best_level("ops_pass_at_every_isa_level");
+}

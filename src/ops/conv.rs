@@ -243,7 +243,7 @@ impl Geometry {
         // value, conv1's split took 130 us an image, a fifth of the time beside its kernel
         let mut together = 0..0;
         #[cfg(target_arch = "x86_64")]
-        if s == 4 && std::arch::is_x86_feature_detected!("avx512f") {
+        if s == 4 && crate::ops::Isa::avx512() {
             let (from, to) = (p.div_ceil(4), ((self.w + p) / 4).min(pl));
             together = from..from + to.saturating_sub(from) / 16 * 16;
             // SAFETY: AVX-512F is present; the reads lie inside `src` and the writes inside

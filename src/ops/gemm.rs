@@ -59,7 +59,7 @@ pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &
         return; // nothing to add
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::ops::Isa::avx512() {
         if n >= lane_form::GROUP {
             return lane_form::matmul_wt(n, o, k, x, w, y);
         }
@@ -72,7 +72,7 @@ pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &
 /// Whether [`matmul_wt_strips`] can run here (AVX-512).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn strips_available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    crate::ops::Isa::avx512()
 }
 
 /// `w` `[o, k]` as [`matmul_wt_strips`] reads it: strips of 16 rows, each stored k-major
@@ -137,7 +137,7 @@ pub(crate) fn matmul_wt_strips(n: usize, o: usize, k: usize, x: &[f32], strips: 
 pub(crate) fn matmul_rows(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
     assert!(a.len() >= m * k && b.len() >= k * n);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::ops::Isa::avx512() {
         return outer_form::matmul_rows(m, n, k, a, b);
     }
     let mut c = vec![0f32; m * n];
@@ -155,7 +155,7 @@ pub(crate) fn matmul_rows(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) ->
 pub(crate) fn outer_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
     assert!(a.len() >= k * m && b.len() >= k * n);
     #[cfg(target_arch = "x86_64")]
-    if k > 0 && std::arch::is_x86_feature_detected!("avx512f") {
+    if k > 0 && crate::ops::Isa::avx512() {
         return outer_form::outer_products(m, n, k, a, b);
     }
     let mut c = vec![0f32; m * n];

@@ -98,7 +98,7 @@ wide_fn! {
     /// Channel `ch` of one image (`img`, its planes one after another) normalised into `out`.
     pub(super) fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if p.beta == 0.75 && std::arch::is_x86_feature_detected!("avx512f") {
+        if p.beta == 0.75 && crate::ops::Isa::avx512() {
             // SAFETY: AVX-512F is present.
             return unsafe { avx512::normalise(p, img, ch, out) };
         }
@@ -116,7 +116,7 @@ wide_fn! {
     /// `g x s^(-beta-1)` into `t`.
     fn backward_factors(p: &Lrn, img: &[f32], ch: usize, g: &[f32], scale: &mut [f32], pow: &mut [f32], t: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if p.beta == 0.75 && std::arch::is_x86_feature_detected!("avx512f") {
+        if p.beta == 0.75 && crate::ops::Isa::avx512() {
             // SAFETY: AVX-512F is present.
             return unsafe { avx512::backward_factors(p, img, ch, g, pow, t) };
         }

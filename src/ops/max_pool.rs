@@ -71,7 +71,7 @@ impl MaxPool2d {
         for (oy, out_row) in out.chunks_mut(ow).enumerate() {
             let rows = &plane[oy * self.stride * w..][..self.kernel * w];
             #[cfg(target_arch = "x86_64")]
-            if (self.kernel, self.stride) == (3, 2) && std::arch::is_x86_feature_detected!("avx512f") {
+            if (self.kernel, self.stride) == (3, 2) && crate::ops::Isa::avx512() {
                 assert!(2 * out_row.len() < w);
                 // SAFETY: AVX-512F is present; the windows lie inside `rows` (asserted), the
                 // loads past them are masked off.
@@ -124,7 +124,7 @@ impl MaxPool2d {
     /// [`MaxPool2d::argmax`] for every window of output row `oy` into `at`.
     fn row_argmax(&self, plane: &[f32], w: usize, oy: usize, at: &mut [u32]) {
         #[cfg(target_arch = "x86_64")]
-        if (self.kernel, self.stride) == (3, 2) && std::arch::is_x86_feature_detected!("avx512f") {
+        if (self.kernel, self.stride) == (3, 2) && crate::ops::Isa::avx512() {
             assert!((2 * oy + 3) * w <= plane.len() && 2 * at.len() < w && plane.len() < 1 << 31);
             // SAFETY: AVX-512F is present; the windows lie inside `plane` (asserted), the
             // loads past them are masked off.
@@ -153,7 +153,7 @@ fn column_maxima(rows: &[f32], columns: &mut [f32]) {
     let w = columns.len();
     assert!(rows.len() >= w);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::ops::Isa::avx512() {
         // SAFETY: AVX-512F is present; every row read lies inside `rows` (asserted).
         return unsafe { avx512::column_maxima(rows, columns) };
     }

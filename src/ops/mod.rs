@@ -12,6 +12,8 @@
 //!   [`conv2d_prepared`] for weights that no longer change ([`Prepared`]).
 //! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
 //!   Candle each gradient once; [`linear_prepared`] for weights that no longer change.
+//! * [`Isa`]: the CPU's instruction-set level, asked once; every kernel with a level-specific
+//!   form asks it.
 //! * [`backward`]: `loss.backward()` with the gradients of those two ops' parameters put in
 //!   the store directly rather than added to zeros.
 //!
@@ -20,10 +22,10 @@
 //! as compositions of Candle tensor ops (`*_tensor_ops`, tested against the same fixtures on
 //! the CPU) and the convolution as Candle's `conv2d`.
 
-/// Defines a function whose body is compiled twice, for baseline x86-64 (what the crate is
-/// built for) and for AVX-512, the second run where the CPU has it: for the elementwise
-/// kernels, whose loops the compiler then vectorises 16 lanes wide. Without FMA contraction or
-/// fast-math both give the same bits.
+/// Defines a function whose body is compiled three times, for baseline x86-64 (what the crate
+/// is built for), AVX2 + FMA and AVX-512, the one for [`Isa::current`] run: for the elementwise
+/// kernels, whose loops the compiler then vectorises 8 or 16 lanes wide. Without FMA
+/// contraction or fast-math all three give the same bits.
 macro_rules! wide_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
@@ -31,13 +33,22 @@ macro_rules! wide_fn {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::ops::Isa::avx512() {
                 #[target_feature(enable = "avx512f")]
                 unsafe fn avx512($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                // SAFETY: the CPU has AVX-512F (checked just above).
+                // SAFETY: the CPU has AVX-512F (the level is AVX-512).
                 return unsafe { avx512($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::ops::Isa::avx2() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 and FMA (the level is at least AVX2).
+                return unsafe { avx2($($arg),*) };
             }
             body($($arg),*)
         }
@@ -65,6 +76,7 @@ mod adaptive_pool;
 mod backward;
 mod conv;
 mod gemm;
+mod isa;
 mod linear;
 mod lrn;
 mod lrn_pool;
@@ -74,6 +86,7 @@ mod transpose;
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use backward::backward;
 pub use conv::{conv2d, conv2d_prepared, conv2d_relu};
+pub use isa::{rerun_tests_below_the_best_level, Isa, ISA_VARIABLE};
 pub use linear::{linear, linear_prepared, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use lrn_pool::lrn_max_pool2d;

@@ -14,7 +14,7 @@ pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], src_ld: usize, ds
     // interleave faster value by value (conv1 alone at batch 64, `perf`: 24% of its time in
     // such blocks, 8% in the plain loop)
     #[cfg(target_arch = "x86_64")]
-    if rows >= 8 && std::arch::is_x86_feature_detected!("avx512f") {
+    if rows >= 8 && crate::ops::Isa::avx512() {
         for i in (0..rows).step_by(16) {
             for j in (0..cols).step_by(16) {
                 let (height, width) = (16.min(rows - i), 16.min(cols - j));

@@ -52,7 +52,7 @@ const TASKS_PER_CORE: usize = 4;
 /// Whether the kernels can run here (AVX-512): the forward then takes every convolution that
 /// Winograd does not (conv1, and 13x13 maps at batch 1-7).
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    crate::ops::Isa::avx512()
 }
 
 /// Whether the direct weight gradient takes this convolution: a stride above 1, and AVX-512.

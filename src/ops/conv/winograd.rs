@@ -346,7 +346,7 @@ fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: us
     let mut taps = vec![0f32; R * R * pairs]; // taps[(r, s), pair]
     let mut first = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::ops::Isa::avx512() {
         first = pairs / LANES * LANES;
         // SAFETY: AVX-512F is present.
         unsafe { avx512::kernel_grads::<F, M, R, A>(sums, &mut taps, first) };
@@ -382,7 +382,7 @@ fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const 
         transpose(o, R * R, &w[ci * R * R..], c * R * R, block, o);
     });
     #[cfg(target_arch = "x86_64")]
-    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    let avx512 = crate::ops::Isa::avx512();
     let mut u = super::super::zeros(A * A * pairs);
     u.par_chunks_mut(A * pairs).enumerate().for_each(|(i, u_row)| {
         let mut first = 0;
@@ -611,7 +611,7 @@ impl Tiling {
         let rows =
             pieces_by_index(positions.map(|p| &mut p[first * self.channels..][..image_len]), row_len, self.tiles_y);
         #[cfg(target_arch = "x86_64")]
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let avx512 = crate::ops::Isa::avx512();
         let row_of_tiles = |ty: usize, out: &mut [&mut [f32]]| {
             assert!(out.len() == ROWS * ROWS && out.iter().all(|part| part.len() == row_len));
             for tx in 0..self.tiles_x {
@@ -651,7 +651,7 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
     y: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::ops::Isa::avx512() {
         // SAFETY: AVX-512F is present.
         return unsafe { avx512::transform_output::<F, M, R, A>(g, m, ld, first, b, relu, y) };
     }
