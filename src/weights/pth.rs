@@ -35,6 +35,8 @@ use candle_core::{DType, Device, Tensor};
 const MAX_OBJECTS: usize = 1 << 21;
 /// The most elements one pickle's tuples, lists and dicts may hold, all together.
 const MAX_ELEMENTS: usize = 1 << 22;
+/// The most dims a tensor may have (more than PyTorch's kernels take).
+const MAX_DIMS: usize = 64;
 /// How many levels of `state_dict` / `model` keys are followed to the dict of tensors.
 const MAX_STATE_DICT_NESTING: usize = 8;
 /// How many bytes a file's tensors may materialise beyond what its storages hold.
@@ -667,6 +669,9 @@ impl<'a> Unpickler<'a> {
             dims.ok_or_else(|| anyhow!("malformed tensor {what}: not a tuple of sizes"))
         };
         let (size, stride) = (dims(size, "size")?, dims(stride, "stride")?);
+        if size.len() > MAX_DIMS {
+            bail!("malformed tensor: {} dims, more than {MAX_DIMS}", size.len())
+        }
         if size.len() != stride.len() {
             bail!("malformed tensor: size {size:?} and stride {stride:?} differ in length")
         }
