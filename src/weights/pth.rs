@@ -56,7 +56,7 @@ pub fn load(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<(String, Tensor)>> 
     let mut bytes_left = storages.values().fold(MAX_REPEATED_BYTES, |sum, data| sum.saturating_add(data.len()));
     let mut tensors = Vec::new();
     for &(key, value) in entries {
-        if let (Object::Str(key), Object::Tensor(t)) = (pickle.get(key), pickle.get(value)) {
+        if let (Object::Str(key), Object::Tensor(t)) = (pickle.objects.get(key), pickle.objects.get(value)) {
             let tensor = t
                 .materialise(&storages, &mut bytes_left)
                 .with_context(|| format!("{file}: tensor `{}`", printable(key)))?;
@@ -127,17 +127,17 @@ fn read_legacy(bytes: &[u8]) -> anyhow::Result<(Pickle, Storages)> {
         Ok(pickle)
     };
     let magic = next("magic number")?;
-    if !matches!(magic.get(magic.root), Object::Int(0x1950a86a20f9469cfc6c_i128)) {
+    if !matches!(magic.root(), Object::Int(0x1950a86a20f9469cfc6c_i128)) {
         bail!("not a PyTorch file (no torch.save magic number)")
     }
     next("protocol version")?;
     next("system info")?;
     let object = next("object")?;
     let keys = next("storage keys")?;
-    let Object::List(key_handles) = keys.get(keys.root) else { bail!("malformed storage key list") };
+    let Object::List(key_handles) = keys.root() else { bail!("malformed storage key list") };
     let mut storages = Storages::new();
     for &key in key_handles {
-        let Object::Str(key) = keys.get(key) else { bail!("malformed storage key") };
+        let Object::Str(key) = keys.objects.get(key) else { bail!("malformed storage key") };
         let shown = printable(key);
         let dtype = object.storage_dtypes.get(key).ok_or_else(|| anyhow!("storage `{shown}` is not referenced"))?;
         let header_end = pos.checked_add(8).filter(|&end| end <= bytes.len());
@@ -177,19 +177,26 @@ enum Object {
     Tensor(Box<TensorRef>),
 }
 
-/// The objects one pickle built, and the one it returned.
-struct Pickle {
-    objects: Vec<Object>,
-    root: Handle,
-    /// The storages its tensors view, and their element types.
-    storage_dtypes: HashMap<String, DType>,
-    /// How many bytes of the input the pickle took (up to and including STOP).
-    len: usize,
-}
+/// The arena one pickle's objects live in.
+#[derive(Default)]
+struct Objects(Vec<Object>);
 
-impl Pickle {
+impl Objects {
     fn get(&self, handle: Handle) -> &Object {
-        &self.objects[handle.0 as usize]
+        &self.0[handle.0 as usize]
+    }
+
+    fn get_mut(&mut self, handle: Handle) -> &mut Object {
+        &mut self.0[handle.0 as usize]
+    }
+
+    /// Adds an object, within the budget of [`MAX_OBJECTS`].
+    fn add(&mut self, object: Object) -> anyhow::Result<Handle> {
+        if self.0.len() >= MAX_OBJECTS {
+            bail!("refusing to load: the pickle builds more than {MAX_OBJECTS} objects, far more than a state_dict")
+        }
+        self.0.push(object);
+        Ok(Handle(self.0.len() as u32 - 1))
     }
 
     fn dict(&self, handle: Handle) -> Option<&[(Handle, Handle)]> {
@@ -199,16 +206,50 @@ impl Pickle {
         }
     }
 
+    /// An object in a few words, for error messages: a string or int's value, else its kind.
+    fn describe(&self, handle: Handle) -> String {
+        match self.get(handle) {
+            Object::Str(s) => format!("'{}'", printable(s)),
+            Object::Int(n) => n.to_string(),
+            Object::None => "None".into(),
+            Object::Scalar => "a bool or float".into(),
+            Object::Tuple(items) => format!("a tuple of {}", items.len()),
+            Object::List(items) => format!("a list of {}", items.len()),
+            Object::Dict(items) => format!("a dict of {}", items.len()),
+            Object::Global(g) => format!("{g:?}"),
+            Object::Storage { .. } => "a storage".into(),
+            Object::Tensor(_) => "a tensor".into(),
+        }
+    }
+}
+
+/// The objects one pickle built, and the one it returned.
+struct Pickle {
+    objects: Objects,
+    root: Handle,
+    /// The storages its tensors view, and their element types.
+    storage_dtypes: HashMap<String, DType>,
+    /// How many bytes of the input the pickle took (up to and including STOP).
+    len: usize,
+}
+
+impl Pickle {
+    /// The object the pickle returned.
+    fn root(&self) -> &Object {
+        self.objects.get(self.root)
+    }
+
     /// The dict of tensors: the returned dict, or the dict under its `state_dict` (else
     /// `model`) key, followed down at most [`MAX_STATE_DICT_NESTING`] levels.
     fn state_dict(&self) -> anyhow::Result<&[(Handle, Handle)]> {
-        let mut items = self.dict(self.root).ok_or_else(|| {
+        let mut items = self.objects.dict(self.root).ok_or_else(|| {
             anyhow!("the pickle holds no state_dict (a dict of tensors, possibly under `state_dict` or `model`)")
         })?;
         for _ in 0..MAX_STATE_DICT_NESTING {
             let nested = ["state_dict", "model"].into_iter().find_map(|name| {
-                let (_, value) = items.iter().find(|(k, _)| matches!(self.get(*k), Object::Str(s) if s == name))?;
-                self.dict(*value)
+                let (_, value) =
+                    items.iter().find(|(k, _)| matches!(self.objects.get(*k), Object::Str(s) if s == name))?;
+                self.objects.dict(*value)
             });
             match nested {
                 Some(dict) => items = dict,
@@ -288,7 +329,8 @@ impl TensorRef {
         *bytes_left = bytes_left.checked_sub(len).ok_or_else(|| {
             anyhow!(
                 "size {size:?} with stride {stride:?} makes {len} bytes, past the file's limit (its storages' \
-                 bytes plus {MAX_REPEATED_BYTES} for views that repeat elements, such as `expand()` makes)"
+                 bytes plus {} GiB for views that repeat elements, such as `expand()` makes)",
+                MAX_REPEATED_BYTES >> 30
             )
         })?;
         let data = self.gather(raw, numel, elem);
@@ -331,7 +373,7 @@ impl TensorRef {
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
-    objects: Vec<Object>,
+    objects: Objects,
     /// The elements all containers hold so far, for the budget.
     elements: usize,
     stack: Vec<Handle>,
@@ -346,7 +388,7 @@ impl<'a> Unpickler<'a> {
         Unpickler {
             data,
             pos: 0,
-            objects: Vec::new(),
+            objects: Objects::default(),
             elements: 0,
             stack: Vec::new(),
             marks: Vec::new(),
@@ -384,21 +426,8 @@ impl<'a> Unpickler<'a> {
         Ok(Object::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
     }
 
-    fn get(&self, handle: Handle) -> &Object {
-        &self.objects[handle.0 as usize]
-    }
-
-    /// Adds an object to the arena, within the budget.
-    fn alloc(&mut self, object: Object) -> anyhow::Result<Handle> {
-        if self.objects.len() >= MAX_OBJECTS {
-            bail!("refusing to load: the pickle builds more than {MAX_OBJECTS} objects, far more than a state_dict")
-        }
-        self.objects.push(object);
-        Ok(Handle(self.objects.len() as u32 - 1))
-    }
-
     fn push_new(&mut self, object: Object) -> anyhow::Result<()> {
-        let handle = self.alloc(object)?;
+        let handle = self.objects.add(object)?;
         self.stack.push(handle);
         Ok(())
     }
@@ -438,7 +467,7 @@ impl<'a> Unpickler<'a> {
     /// The container on top of the stack, for APPEND(S) and SETITEM(S).
     fn top_object(&mut self) -> anyhow::Result<&mut Object> {
         let handle = self.top()?;
-        Ok(&mut self.objects[handle.0 as usize])
+        Ok(self.objects.get_mut(handle))
     }
 
     fn memo_put(&mut self, index: u32) -> anyhow::Result<()> {
@@ -568,7 +597,8 @@ impl<'a> Unpickler<'a> {
                 0x93 => {
                     let name = self.pop()?; // STACK_GLOBAL
                     let module = self.pop()?;
-                    let (Object::Str(module), Object::Str(name)) = (self.get(module), self.get(name)) else {
+                    let (Object::Str(module), Object::Str(name)) = (self.objects.get(module), self.objects.get(name))
+                    else {
                         bail!("malformed pickle: STACK_GLOBAL at byte {at}")
                     };
                     let global = Global::resolve(module, name)?;
@@ -593,30 +623,14 @@ impl<'a> Unpickler<'a> {
         }
     }
 
-    /// An object in a few words, for error messages: a string or int's value, else its kind.
-    fn describe(&self, handle: Handle) -> String {
-        match self.get(handle) {
-            Object::Str(s) => format!("'{}'", printable(s)),
-            Object::Int(n) => n.to_string(),
-            Object::None => "None".into(),
-            Object::Scalar => "a bool or float".into(),
-            Object::Tuple(items) => format!("a tuple of {}", items.len()),
-            Object::List(items) => format!("a list of {}", items.len()),
-            Object::Dict(items) => format!("a dict of {}", items.len()),
-            Object::Global(g) => format!("{g:?}"),
-            Object::Storage { .. } => "a storage".into(),
-            Object::Tensor(_) => "a tensor".into(),
-        }
-    }
-
     /// `('storage', StorageType, key, location, numel[, view_metadata])`.
     fn persistent_load(&mut self, pid: Handle) -> anyhow::Result<Object> {
-        let Object::Tuple(items) = self.get(pid) else {
-            bail!("malformed persistent id: {} instead of a tuple", self.describe(pid))
+        let Object::Tuple(items) = self.objects.get(pid) else {
+            bail!("malformed persistent id: {} instead of a tuple", self.objects.describe(pid))
         };
         if let [tag, storage_type, key, ..] = items[..] {
             if let (Object::Str(tag), Object::Global(Global::StorageType(dtype)), Object::Str(key)) =
-                (self.get(tag), self.get(storage_type), self.get(key))
+                (self.objects.get(tag), self.objects.get(storage_type), self.objects.get(key))
             {
                 if tag == "storage" {
                     let (key, dtype) = (key.clone(), *dtype);
@@ -625,43 +639,45 @@ impl<'a> Unpickler<'a> {
                 }
             }
         }
-        let shown: Vec<String> = items.iter().take(6).map(|&item| self.describe(item)).collect();
+        let shown: Vec<String> = items.iter().take(6).map(|&item| self.objects.describe(item)).collect();
         bail!("unsupported persistent id ({}{})", shown.join(", "), if items.len() > 6 { ", ..." } else { "" })
     }
 
     /// Calls one of the allowed globals; `_rebuild_parameter` returns its tensor itself.
     fn reduce(&mut self, callable: Handle, args: Handle) -> anyhow::Result<Handle> {
-        let Object::Tuple(args) = self.get(args) else { bail!("malformed pickle: REDUCE without an argument tuple") };
-        let &Object::Global(global) = self.get(callable) else {
-            bail!("malformed pickle: REDUCE on {}, not a callable", self.describe(callable))
+        let Object::Tuple(args) = self.objects.get(args) else {
+            bail!("malformed pickle: REDUCE without an argument tuple")
+        };
+        let &Object::Global(global) = self.objects.get(callable) else {
+            bail!("malformed pickle: REDUCE on {}, not a callable", self.objects.describe(callable))
         };
         let object = match (global, &args[..]) {
             (Global::OrderedDict, []) => Object::Dict(Vec::new()),
             (Global::RebuildTensor, &[storage, offset, size, stride, ..]) => {
                 Object::Tensor(Box::new(self.tensor_ref(storage, offset, size, stride)?))
             }
-            (Global::RebuildParameter, &[tensor, ..]) if matches!(self.get(tensor), Object::Tensor(_)) => {
+            (Global::RebuildParameter, &[tensor, ..]) if matches!(self.objects.get(tensor), Object::Tensor(_)) => {
                 return Ok(tensor)
             }
             (g, _) => bail!("unsupported call of {g:?} in the pickle"),
         };
-        self.alloc(object)
+        self.objects.add(object)
     }
 
     /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)`'s tensor.
     fn tensor_ref(&self, storage: Handle, offset: Handle, size: Handle, stride: Handle) -> anyhow::Result<TensorRef> {
-        let Object::Storage { key, dtype } = self.get(storage) else {
-            bail!("malformed tensor: its storage is {}", self.describe(storage))
+        let Object::Storage { key, dtype } = self.objects.get(storage) else {
+            bail!("malformed tensor: its storage is {}", self.objects.describe(storage))
         };
-        let offset = match self.get(offset) {
+        let offset = match self.objects.get(offset) {
             &Object::Int(n) => usize::try_from(n).map_err(|_| anyhow!("malformed tensor: storage offset {n}"))?,
-            _ => bail!("malformed tensor: its storage offset is {}", self.describe(offset)),
+            _ => bail!("malformed tensor: its storage offset is {}", self.objects.describe(offset)),
         };
         let dims = |handle: Handle, what: &str| -> anyhow::Result<Vec<usize>> {
-            let Object::Tuple(items) = self.get(handle) else {
-                bail!("malformed tensor: its {what} is {}", self.describe(handle))
+            let Object::Tuple(items) = self.objects.get(handle) else {
+                bail!("malformed tensor: its {what} is {}", self.objects.describe(handle))
             };
-            let dim = |&item: &Handle| match self.get(item) {
+            let dim = |&item: &Handle| match self.objects.get(item) {
                 &Object::Int(n) => usize::try_from(n).ok(),
                 _ => None,
             };
