@@ -266,6 +266,23 @@ fn a_dict_or_list_that_contains_itself_is_an_error_not_a_hang() {
     }
 }
 
+#[test]
+fn pickles_past_the_object_or_element_budget_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // [None] * 3,000,000, each None its own object; then one list BINGET 5,000,000 times
+    let mut objects = b"\x80\x02(".to_vec();
+    objects.extend(vec![b'N'; 3_000_000]);
+    objects.extend(b"l.");
+    let mut elements = b"\x80\x02]q\x00(".to_vec();
+    (0..5_000_000).for_each(|_| elements.extend(b"h\x00"));
+    elements.extend(b"l.");
+    for (name, pickle, says) in [("objects.pth", objects, "objects"), ("elements.pth", elements, "elements")] {
+        let (result, _) = open(dir.path(), name, &legacy_pth(&pickle, &[]));
+        let err = error(result);
+        assert!(err.contains("refusing to load") && err.contains("more than") && err.contains(says), "{err}");
+    }
+}
+
 // ---- the mutation fuzzer ------------------------------------------------------------------
 
 fn interop(name: &str) -> PathBuf {
