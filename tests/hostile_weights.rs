@@ -347,15 +347,18 @@ fn mutant(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
     bytes
 }
 
+/// How a mutant becomes a weight file.
+type AsFile<'a> = &'a dyn Fn(Vec<u8>) -> Vec<u8>;
+
 #[test]
 fn a_mutation_fuzzer_finds_no_panics() {
     let mutants: usize = std::env::var("ALEXNET_FUZZ_MUTANTS").map_or(3000, |n| n.parse().expect("a count"));
     let read = |name: &str| std::fs::read(interop(name)).unwrap();
     let state = read("state.pth");
     let state_pickle = data_pkl(&state);
-    // (what is mutated, the seed, how a mutant becomes a file)
     let strided = legacy_pth(&tensor_dict("t", "0", 1, &[3, 2, 2], &[1, 4, 0]), &[("0", &[0.5; 12])]);
-    let seeds: [(&str, Vec<u8>, &dyn Fn(Vec<u8>) -> Vec<u8>); 7] = [
+    // (what is mutated, the seed, how a mutant becomes a file)
+    let seeds: [(&str, Vec<u8>, AsFile); 7] = [
         ("state.pth", state.clone(), &|m| m),
         ("state.pth's data.pkl", state_pickle, &|m| zip_with_pickle(&state, &m)),
         ("legacy.pth", read("legacy.pth"), &|m| m),
