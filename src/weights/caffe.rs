@@ -6,9 +6,18 @@
 //! legacy num/channels/height/width fields 1-4; its values as float `data` (5, packed or not)
 //! or `double_data` (8). Each conv/fc layer `L` becomes `L.weight` and `L.bias`; legacy fc
 //! blobs stored as `(1, 1, out, in)` and biases as `(1, 1, 1, out)` are squeezed.
+//!
+//! Nothing a file claims is allocated before it is checked: values are read from bytes the
+//! file holds, a blob's dims multiply with checked arithmetic and must match its values, and
+//! names from the file appear in errors only through [`printable`].
 
 use anyhow::{anyhow, bail, Context};
 use candle_core::{Device, Tensor};
+
+use super::pth::{element_count, printable};
+
+/// The most dims a blob may have (Caffe's `kMaxBlobAxes`).
+const MAX_BLOB_DIMS: usize = 32;
 
 /// The named tensors of a caffemodel.
 pub fn load(bytes: &[u8]) -> anyhow::Result<Vec<(String, Tensor)>> {
@@ -25,11 +34,11 @@ pub fn load(bytes: &[u8]) -> anyhow::Result<Vec<(String, Tensor)>> {
             continue;
         }
         if blobs.len() > 2 {
-            bail!("layer `{name}` has {} blobs; a conv or fc layer has a weight and a bias", blobs.len())
+            bail!("layer `{}` has {} blobs; a conv or fc layer has a weight and a bias", printable(&name), blobs.len())
         }
         for (blob, suffix) in blobs.into_iter().zip(["weight", "bias"]) {
             let key = format!("{name}.{suffix}");
-            let tensor = blob.into_tensor(suffix == "bias").with_context(|| format!("blob `{key}`"))?;
+            let tensor = blob.into_tensor(suffix == "bias").with_context(|| format!("blob `{}`", printable(&key)))?;
             tensors.push((key, tensor));
         }
     }
@@ -95,13 +104,17 @@ impl Blob {
     }
 
     fn into_tensor(self, is_bias: bool) -> anyhow::Result<Tensor> {
-        let shape: Vec<usize> = match (self.shape, self.legacy.map(|d| d.unwrap_or(1) as usize)) {
+        let [num, channels, height, width] = self.legacy.map(|d| dim(d.unwrap_or(1)));
+        let shape: Vec<usize> = match (self.shape, [num?, channels?, height?, width?]) {
             (Some(dims), _) => dims,
             (None, [_, _, _, out]) if is_bias => vec![out], // legacy bias: (1, 1, 1, out)
             (None, [1, 1, out, inp]) => vec![out, inp],     // legacy fc weight: (1, 1, out, in)
             (None, nchw) => nchw.to_vec(),
         };
-        let numel: usize = shape.iter().product();
+        if shape.len() > MAX_BLOB_DIMS {
+            bail!("the blob has {} dims; Caffe allows at most {MAX_BLOB_DIMS}", shape.len())
+        }
+        let numel = element_count(&shape).ok_or_else(|| anyhow!("shape {shape:?} overflows: not a real blob"))?;
         if numel != self.data.len() {
             bail!("shape {shape:?} needs {numel} values but the blob holds {} (file truncated?)", self.data.len())
         }
@@ -113,17 +126,22 @@ fn read_shape(bytes: &[u8]) -> anyhow::Result<Vec<usize>> {
     let mut dims = Vec::new();
     for field in Fields::new(bytes) {
         match field? {
-            (1, Wire::Varint(v)) => dims.push(v as usize),
+            (1, Wire::Varint(v)) => dims.push(dim(v)?),
             (1, Wire::Bytes(packed)) => {
                 let mut pos = 0;
                 while pos < packed.len() {
-                    dims.push(varint(packed, &mut pos)? as usize);
+                    dims.push(dim(varint(packed, &mut pos)?)?);
                 }
             }
             _ => {}
         }
     }
     Ok(dims)
+}
+
+/// A blob dim as the file stores it (an int64), as a size.
+fn dim(v: u64) -> anyhow::Result<usize> {
+    usize::try_from(v).map_err(|_| anyhow!("blob dim {v} is too large"))
 }
 
 /// A protobuf field's payload.
