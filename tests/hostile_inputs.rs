@@ -1,7 +1,8 @@
 //! Images and pipes that used to end the process (issue 22, cases 7, 8 and 14): thin images
 //! whose resize would take gigabytes, headers that promise more pixels than Pillow opens,
 //! formats we do not decode, and a reader that goes away. Each is a clear error, or an image
-//! counted as skipped, never an abort or a panic.
+//! counted as skipped, never an abort or a panic. And a mutation fuzzer over the readers of
+//! images, mean images and the devkit's meta.mat (`ALEXNET_FUZZ_MUTANTS` mutants a seed file).
 
 mod common;
 
@@ -124,4 +125,86 @@ fn a_closed_pipe_ends_the_process_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
+
+/// A small image encoded as `format`: a gradient, so every block has detail to mutate.
+fn small_image(format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, ((x + y) * 3) as u8]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, format).unwrap();
+    bytes.into_inner()
+}
+
+/// `png` with each chunk's CRC recomputed (as far as its chunk lengths hold), so that a
+/// mutant reaches the decoder instead of failing its checksum.
+fn with_png_crcs(mut png: Vec<u8>) -> Vec<u8> {
+    let mut at = 8;
+    while at + 12 <= png.len() {
+        let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+        let Some(end) = (at + 8).checked_add(len).filter(|&end| end + 4 <= png.len()) else { break };
+        let crc = crc32(&png[at + 4..end]);
+        png[end..end + 4].copy_from_slice(&crc.to_be_bytes());
+        at = end + 4;
+    }
+    png
+}
+
+/// A float32 `.npy` holding `values`.
+fn npy(values: &[f32]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", values.len()).into_bytes();
+    header.resize(118, b' ');
+    header.push(b'\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header);
+    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// The readers of images and of the files beside them (a mean image as .npy or Caffe's
+/// .binaryproto, the devkit's meta.mat) take mutants of real files without a panic.
+#[test]
+fn a_mutation_fuzzer_finds_no_panics_in_images_means_and_devkit_files() {
+    use alexnet::data::transform::{Mean, Transform};
+    let transforms = [Transform::for_preset(Preset::Torchvision), Transform::for_preset(Preset::Paper)];
+    let images: [(&str, Vec<u8>, AsFile); 3] = [
+        ("a JPEG", small_image(image::ImageFormat::Jpeg), &|m| m),
+        ("a PNG", small_image(image::ImageFormat::Png), &|m| m),
+        ("a PNG, its checksums made right", small_image(image::ImageFormat::Png), &|m| with_png_crcs(m)),
+    ];
+    fuzz(&images, 1000, "image", |path| {
+        alexnet::data::decode(path).is_ok_and(|img| transforms.iter().all(|t| t.apply(&img, true).is_ok()))
+    });
+
+    // a mean image of 3 x 256 x 256 values: in a .npy, and as a BlobProto (fields 1-4: num,
+    // channels, height, width; 5: packed float data)
+    let values: Vec<f32> = (0..3 * 256 * 256).map(|i| (i % 251) as f32).collect();
+    let mut blob = vec![0x08, 1, 0x10, 3, 0x18, 0x80, 0x02, 0x20, 0x80, 0x02, 0x2a];
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut len = data.len() as u64;
+    while len >= 0x80 {
+        blob.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    blob.push(len as u8);
+    blob.extend(data);
+    let means: [(&str, Vec<u8>, AsFile); 2] =
+        [("a mean .npy", npy(&values), &|m| m), ("a mean .binaryproto", blob, &|m| m)];
+    fuzz(&means, 300, "mean", |path| Mean::load(path).is_ok());
+
+    // the devkit's meta.mat, read when a flat folder's ground truth holds devkit IDs
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ILSVRC2012_validation_ground_truth.txt"), "490\n").unwrap();
+    std::fs::copy(shared_data("imagenet-sample/n01440764_tench.JPEG"), dir.path().join("ILSVRC2012_val_00000001.JPEG"))
+        .unwrap();
+    let classes = alexnet::classes::Classes::imagenet();
+    let read_meta = |name: &str| std::fs::read(fixture_path("eval").join(name)).unwrap();
+    let metas: [(&str, Vec<u8>, AsFile); 2] = [
+        ("meta.mat", read_meta("meta.mat"), &|m| m),
+        ("meta.mat, compressed", read_meta("meta_compressed.mat"), &|m| m),
+    ];
+    let labels = dir.path().join("ILSVRC2012_validation_ground_truth.txt");
+    fuzz(&metas, 1000, "meta.mat", |path| {
+        alexnet::data::dataset::Dataset::open(dir.path(), &classes.ids(), Some(&labels), Some(path)).is_ok()
+    });
 }

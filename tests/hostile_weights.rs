@@ -3,14 +3,14 @@
 //! mutation fuzzer over real .pth, caffemodel and safetensors files finds no panics.
 //! `ALEXNET_FUZZ_MUTANTS` sets the fuzzer's mutants per seed file.
 
+mod common;
+
 use std::io::{Cursor, Read, Write};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alexnet::weights::WeightFile;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use common::{fuzz, AsFile};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
 
@@ -316,48 +316,12 @@ fn data_pkl(zip: &[u8]) -> Vec<u8> {
     pickle
 }
 
-/// `seed` with one to four random edits: bit flips, bytes set to boundary values, runs
-/// inserted or deleted, chunks copied elsewhere, truncation.
-fn mutant(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
-    let mut bytes = seed.to_vec();
-    for _ in 0..rng.random_range(1..=4) {
-        if bytes.is_empty() {
-            break;
-        }
-        let at = rng.random_range(0..bytes.len());
-        let run = rng.random_range(1..=16usize).min(bytes.len() - at);
-        match rng.random_range(0..6) {
-            0 => bytes[at] ^= 1 << rng.random_range(0..8),
-            1 => bytes[at] = [0x00, 0xff, 0x7f, 0x80][rng.random_range(0..4)],
-            2 => {
-                let inserted: Vec<u8> = (0..run).map(|_| rng.random()).collect();
-                bytes.splice(at..at, inserted);
-            }
-            3 => {
-                bytes.drain(at..at + run);
-            }
-            4 => {
-                let to = rng.random_range(0..bytes.len());
-                let chunk = bytes[at..at + run].to_vec();
-                bytes.splice(to..to, chunk);
-            }
-            _ => bytes.truncate(at),
-        }
-    }
-    bytes
-}
-
-/// How a mutant becomes a weight file.
-type AsFile<'a> = &'a dyn Fn(Vec<u8>) -> Vec<u8>;
-
 #[test]
 fn a_mutation_fuzzer_finds_no_panics() {
-    let mutants: usize = std::env::var("ALEXNET_FUZZ_MUTANTS").map_or(3000, |n| n.parse().expect("a count"));
     let read = |name: &str| std::fs::read(interop(name)).unwrap();
     let state = read("state.pth");
     let state_pickle = data_pkl(&state);
     let strided = legacy_pth(&tensor_dict("t", "0", 1, &[3, 2, 2], &[1, 4, 0]), &[("0", &[0.5; 12])]);
-    // (what is mutated, the seed, how a mutant becomes a file)
     let seeds: [(&str, Vec<u8>, AsFile); 7] = [
         ("state.pth", state.clone(), &|m| m),
         ("state.pth's data.pkl", state_pickle, &|m| zip_with_pickle(&state, &m)),
@@ -367,27 +331,5 @@ fn a_mutation_fuzzer_finds_no_panics() {
         ("mini_v2.caffemodel", read("mini_v2.caffemodel"), &|m| m),
         ("mini_expected.safetensors", read("mini_expected.safetensors"), &|m| m),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mutant");
-    let mut panics = Vec::new();
-    for (index, (what, seed, as_file)) in seeds.iter().enumerate() {
-        let mut rng = ChaCha8Rng::seed_from_u64(index as u64);
-        let (mut loaded, start) = (0, Instant::now());
-        for i in 0..mutants {
-            std::fs::write(&path, as_file(mutant(seed, &mut rng))).unwrap();
-            match catch_unwind(AssertUnwindSafe(|| WeightFile::open(&path))) {
-                Ok(result) => loaded += result.is_ok() as usize,
-                Err(_) => {
-                    let kept = dir.path().join(format!("panic-{index}-{i}"));
-                    std::fs::copy(&path, &kept).unwrap();
-                    panics.push(format!("{what} mutant {i}"));
-                }
-            }
-        }
-        eprintln!("{what}: {mutants} mutants, {loaded} loaded, in {:.1?}", start.elapsed());
-    }
-    if !panics.is_empty() {
-        let kept = dir.keep();
-        panic!("{} mutants panicked (kept in {}): {}", panics.len(), kept.display(), panics.join(", "));
-    }
+    fuzz(&seeds, 3000, "mutant", |path| WeightFile::open(path).is_ok());
 }

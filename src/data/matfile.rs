@@ -1,6 +1,10 @@
 //! Just enough of MATLAB's level-5 MAT-file format to read the ILSVRC2012 devkit's `meta.mat`:
 //! the struct array `synsets` with its `ILSVRC2012_ID` (number) and `WNID` (string) fields.
 //! Compressed (`miCOMPRESSED`, MATLAB's default since v7) and plain elements are both read.
+//!
+//! Bounded whatever the file holds: every slice is checked, a compressed element inflates to
+//! at most [`MAX_INFLATED`] bytes, structs nest at most [`MAX_NESTING`] deep, and a struct
+//! array has no more elements than its bytes can describe.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -19,14 +23,20 @@ pub fn ilsvrc_ids(bytes: &[u8]) -> anyhow::Result<HashMap<usize, String>> {
         let matrix = match kind {
             MI_COMPRESSED => {
                 let mut plain = Vec::new();
-                flate2::read::ZlibDecoder::new(data).read_to_end(&mut plain).context("corrupt compressed element")?;
+                flate2::read::ZlibDecoder::new(data)
+                    .take(MAX_INFLATED + 1)
+                    .read_to_end(&mut plain)
+                    .context("corrupt compressed element")?;
+                if plain.len() as u64 > MAX_INFLATED {
+                    bail!("a compressed element inflates to more than {MAX_INFLATED} bytes: not a devkit meta.mat")
+                }
                 let (kind, data, _) = element(&plain, 0)?;
                 if kind != MI_MATRIX {
                     continue;
                 }
-                Matrix::parse(data)?
+                Matrix::parse(data, 0)?
             }
-            MI_MATRIX => Matrix::parse(data)?,
+            MI_MATRIX => Matrix::parse(data, 0)?,
             _ => continue,
         };
         if matrix.name == "synsets" {
@@ -39,6 +49,11 @@ pub fn ilsvrc_ids(bytes: &[u8]) -> anyhow::Result<HashMap<usize, String>> {
 const MI_MATRIX: u32 = 14;
 const MI_COMPRESSED: u32 = 15;
 
+/// The most bytes a compressed element may inflate to (the devkit's `synsets` take 1.3 MB).
+const MAX_INFLATED: u64 = 64 << 20;
+/// How deep structs may hold structs (the devkit's go one level down).
+const MAX_NESTING: usize = 4;
+
 /// `(type, payload, offset of the next element)` of the element at `pos`.
 fn element(bytes: &[u8], pos: usize) -> anyhow::Result<(u32, &[u8], usize)> {
     let word = |at: usize| -> anyhow::Result<u32> {
@@ -49,7 +64,8 @@ fn element(bytes: &[u8], pos: usize) -> anyhow::Result<(u32, &[u8], usize)> {
     if first >> 16 != 0 {
         // small data element: type and size share the first word, data fits in the second
         let (kind, size) = (first & 0xffff, (first >> 16) as usize);
-        return Ok((kind, &bytes[pos + 4..pos + 4 + size.min(4)], pos + 8));
+        let data = bytes.get(pos + 4..pos + 4 + size.min(4)).ok_or_else(|| anyhow!("truncated MAT-file"))?;
+        return Ok((kind, data, pos + 8));
     }
     let size = word(pos + 4)? as usize;
     let data = bytes.get(pos + 8..pos + 8 + size).ok_or_else(|| anyhow!("truncated MAT-file"))?;
@@ -71,12 +87,18 @@ struct Matrix {
 }
 
 impl Matrix {
-    fn parse(data: &[u8]) -> anyhow::Result<Self> {
+    /// The matrix in `data`, `depth` structs down.
+    fn parse(data: &[u8], depth: usize) -> anyhow::Result<Self> {
+        if depth > MAX_NESTING {
+            bail!("structs nested more than {MAX_NESTING} deep: not a devkit meta.mat")
+        }
         let (_, flags, pos) = element(data, 0)?;
         let class = flags.first().copied().unwrap_or(0);
         let (_, dims, pos) = element(data, pos)?;
-        let count: usize =
-            dims.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")).max(0) as usize).product();
+        let count = dims
+            .chunks_exact(4)
+            .try_fold(1usize, |n, c| n.checked_mul(i32::from_le_bytes(c.try_into().expect("4")).max(0) as usize))
+            .ok_or_else(|| anyhow!("a matrix's dimensions overflow"))?;
         let (_, name, mut pos) = element(data, pos)?;
         let name = String::from_utf8_lossy(name).into_owned();
         let mut m = Matrix { name, elements: Vec::new(), value: Value::Other };
@@ -91,13 +113,24 @@ impl Matrix {
                     .chunks(len.max(1))
                     .map(|n| String::from_utf8_lossy(n).trim_end_matches('\0').to_string())
                     .collect();
+                // each field of each element takes at least 8 bytes
+                if names.is_empty() || count > data.len() / (8 * names.len()) {
+                    bail!(
+                        "a struct array of {count} elements and {} fields cannot fit in {} bytes",
+                        names.len(),
+                        data.len()
+                    )
+                }
                 for _ in 0..count {
                     let mut fields = HashMap::new();
                     for field in &names {
                         let (kind, sub, next) = element(data, pos)?;
                         pos = next;
-                        let v =
-                            if kind == MI_MATRIX && !sub.is_empty() { Matrix::parse(sub)?.value } else { Value::Other };
+                        let v = if kind == MI_MATRIX && !sub.is_empty() {
+                            Matrix::parse(sub, depth + 1)?.value
+                        } else {
+                            Value::Other
+                        };
                         fields.insert(field.clone(), v);
                     }
                     m.elements.push(fields);

@@ -514,7 +514,8 @@ pub fn cv_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 
 /// The float values of a little-endian `.npy` array (`<f4` or `<f8`).
 fn read_npy(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header_len = bytes.get(8..10).context("truncated header")?;
+    let header_len = u16::from_le_bytes([header_len[0], header_len[1]]) as usize;
     let header = std::str::from_utf8(bytes.get(10..10 + header_len).context("truncated header")?)?;
     let data = &bytes[10 + header_len..];
     if header.contains("'fortran_order': True") {
@@ -525,6 +526,6 @@ fn read_npy(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
     } else if header.contains("'<f8'") {
         Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32).collect())
     } else {
-        bail!("dtype must be <f4 or <f8 (header: {header})")
+        bail!("dtype must be <f4 or <f8 (header: {})", crate::weights::printable(header))
     }
 }

@@ -188,7 +188,7 @@ impl WeightFile {
         }
         if let Some(name) = self.metadata.get("preset") {
             let preset = <Preset as clap::ValueEnum>::from_str(name, false).map_err(|_| {
-                anyhow::anyhow!("{file}: its metadata names preset `{}`, which is not one we know", name.escape_debug())
+                anyhow::anyhow!("{file}: its metadata names preset `{}`, which is not one we know", printable(name))
             })?;
             recorded.preset = Some(preset);
         }
@@ -369,14 +369,15 @@ impl Params {
             .tensors
             .iter()
             .filter(|(k, _)| !file.used.contains(*k))
-            .map(|(k, t)| format!("`{k}` {:?}", t.dims()))
+            .map(|(k, t)| format!("`{}` {:?}", printable(k), t.dims()))
             .collect();
         if !extra.is_empty() {
+            let more = if extra.len() > 10 { format!(" and {} more", extra.len() - 10) } else { String::new() };
             bail!(
-                "{}: unexpected tensor(s) not used by the {} preset: {}",
+                "{}: unexpected tensor(s) not used by the {} preset: {}{more}",
                 file.path.display(),
                 preset.name(),
-                extra.join(", ")
+                extra[..extra.len().min(10)].join(", ")
             )
         }
         Ok(())
@@ -467,6 +468,29 @@ pub fn remove_stale_temporaries(dir: &Path) -> anyhow::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// The most characters of a file-derived string an error message shows.
+const MAX_PRINTED_CHARS: usize = 64;
+
+/// A string from the file as an error message may show it: control characters escaped (a
+/// corrupt file must not write escape sequences to the terminal), cut to
+/// [`MAX_PRINTED_CHARS`] characters. Every reader of untrusted files shows their strings through it.
+pub(crate) fn printable(s: &str) -> String {
+    let mut chars = s.escape_debug();
+    let mut shown: String = chars.by_ref().take(MAX_PRINTED_CHARS).collect();
+    if chars.next().is_some() {
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// The element count of a tensor of shape `dims`, or `None` if the product of its nonzero
+/// dims overflows: Candle multiplies all dims (zeros last) to make a contiguous tensor's
+/// strides, so a zero dim cannot excuse huge others.
+pub(crate) fn element_count(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))?;
+    Some(dims.iter().product())
 }
 
 /// The sha256 of a file, as lowercase hex.

@@ -31,6 +31,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device, Tensor};
 
+use super::{element_count, printable};
+
 /// The most objects one pickle may build; a state_dict takes about fifteen per tensor.
 const MAX_OBJECTS: usize = 1 << 21;
 /// The most elements one pickle's tuples, lists and dicts may hold, all together.
@@ -41,8 +43,6 @@ const MAX_DIMS: usize = 64;
 const MAX_STATE_DICT_NESTING: usize = 8;
 /// How many bytes a file's tensors may materialise beyond what its storages hold.
 const MAX_REPEATED_BYTES: usize = 1 << 30;
-/// The most characters of a file-derived string an error message shows.
-const MAX_PRINTED_CHARS: usize = 64;
 
 /// The tensors of a `.pth` state_dict (top level, or nested under `state_dict` or `model`).
 pub fn load(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<(String, Tensor)>> {
@@ -64,26 +64,6 @@ pub fn load(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<(String, Tensor)>> 
         }
     }
     Ok(tensors)
-}
-
-/// A string from the file as an error message may show it: control characters escaped (a
-/// corrupt file must not write escape sequences to the terminal), cut to
-/// [`MAX_PRINTED_CHARS`] characters. The Caffe reader uses it too.
-pub(super) fn printable(s: &str) -> String {
-    let mut chars = s.escape_debug();
-    let mut shown: String = chars.by_ref().take(MAX_PRINTED_CHARS).collect();
-    if chars.next().is_some() {
-        shown.push_str("...");
-    }
-    shown
-}
-
-/// The element count of a tensor of shape `dims`, or `None` if the product of its nonzero
-/// dims overflows: Candle multiplies all dims (zeros last) to make a contiguous tensor's
-/// strides, so a zero dim cannot excuse huge others. The Caffe reader uses it too.
-pub(super) fn element_count(dims: &[usize]) -> Option<usize> {
-    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))?;
-    Some(dims.iter().product())
 }
 
 /// Storage key -> raw little-endian bytes.

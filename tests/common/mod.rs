@@ -9,6 +9,7 @@ use alexnet::init::{reference_pattern, Init};
 use alexnet::weights::Params;
 use alexnet::{AlexNet, Placement, Preset};
 use candle_core::{Device, Tensor};
+use rand::Rng;
 
 /// The seed, batch and labels `scripts/make_fixtures.py` uses.
 pub const SEED: u64 = 2012;
@@ -167,4 +168,71 @@ pub fn image_folder(classes: usize, per_class: usize) -> tempfile::TempDir {
         std::fs::copy(path, class.join(path.file_name().unwrap())).unwrap();
     }
     dir
+}
+
+/// `seed` with one to four random edits: bit flips, bytes set to boundary values, runs
+/// inserted or deleted, chunks copied elsewhere, truncation.
+pub fn mutant(seed: &[u8], rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    for _ in 0..rng.random_range(1..=4) {
+        if bytes.is_empty() {
+            break;
+        }
+        let at = rng.random_range(0..bytes.len());
+        let run = rng.random_range(1..=16usize).min(bytes.len() - at);
+        match rng.random_range(0..6) {
+            0 => bytes[at] ^= 1 << rng.random_range(0..8),
+            1 => bytes[at] = [0x00, 0xff, 0x7f, 0x80][rng.random_range(0..4)],
+            2 => {
+                let inserted: Vec<u8> = (0..run).map(|_| rng.random()).collect();
+                bytes.splice(at..at, inserted);
+            }
+            3 => {
+                bytes.drain(at..at + run);
+            }
+            4 => {
+                let to = rng.random_range(0..bytes.len());
+                let chunk = bytes[at..at + run].to_vec();
+                bytes.splice(to..to, chunk);
+            }
+            _ => bytes.truncate(at),
+        }
+    }
+    bytes
+}
+
+/// How a mutant becomes the file a reader is given.
+pub type AsFile<'a> = &'a dyn Fn(Vec<u8>) -> Vec<u8>;
+
+/// Mutation fuzzing: `ALEXNET_FUZZ_MUTANTS` (else `default`) deterministic mutants of each
+/// seed, each written to a file named `file_name` and given to `read` (which says whether it
+/// accepted the file) inside `catch_unwind`. Panics naming the mutants that panicked, which are
+/// kept for reproduction.
+pub fn fuzz(seeds: &[(&str, Vec<u8>, AsFile)], default: usize, file_name: &str, read: impl Fn(&Path) -> bool) {
+    use rand::SeedableRng;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let mutants: usize = std::env::var("ALEXNET_FUZZ_MUTANTS").map_or(default, |n| n.parse().expect("a count"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name);
+    let mut panics = Vec::new();
+    for (index, (what, seed, as_file)) in seeds.iter().enumerate() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(index as u64);
+        let (mut accepted, start) = (0, std::time::Instant::now());
+        for i in 0..mutants {
+            std::fs::write(&path, as_file(mutant(seed, &mut rng))).unwrap();
+            match catch_unwind(AssertUnwindSafe(|| read(&path))) {
+                Ok(ok) => accepted += ok as usize,
+                Err(_) => {
+                    let kept = dir.path().join(format!("panic-{index}-{i}-{file_name}"));
+                    std::fs::copy(&path, &kept).unwrap();
+                    panics.push(format!("{what} mutant {i}"));
+                }
+            }
+        }
+        eprintln!("{what}: {mutants} mutants, {accepted} accepted, in {:.1?}", start.elapsed());
+    }
+    if !panics.is_empty() {
+        let kept = dir.keep();
+        panic!("{} mutants panicked (kept in {}): {}", panics.len(), kept.display(), panics.join(", "));
+    }
 }
