@@ -152,7 +152,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+        let json = serde_json::to_string_pretty(&results)?;
+        crate::weights::write_atomically(path, |out| std::io::Write::write_all(out, json.as_bytes()))?;
     }
     Ok(())
 }

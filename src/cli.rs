@@ -1,5 +1,6 @@
 //! The `alexnet` command line.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -19,7 +20,7 @@ use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
 use crate::train::{base_side, train, Checkpoint, Outcome, RunOptions, Schedule, TrainConfig};
-use crate::weights::{fetch, save_safetensors, sha256_file, Identity, Params, WeightFile};
+use crate::weights::{fetch, save_safetensors, sha256_file, write_atomically, Identity, Params, WeightFile};
 
 #[derive(Parser)]
 #[command(
@@ -556,8 +557,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let report = evaluate(&loaded.model, &loaded.classes, &opts, &model.weights, sha)?;
             report.print();
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                let json = serde_json::to_string_pretty(&report)?;
+                write_atomically(&path, |out| out.write_all(json.as_bytes()))?;
             }
             if let Some(path) = predictions {
                 report.write_predictions(&path, &loaded.classes)?;

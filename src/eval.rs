@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
@@ -216,14 +216,13 @@ impl Report {
 
     /// `path,label,top1,...,top5` with the classes' IDs (WNIDs for ImageNet's).
     pub fn write_predictions(&self, path: &Path, classes: &Classes) -> anyhow::Result<()> {
-        let mut out = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
-        );
-        writeln!(out, "path,label,top1,top2,top3,top4,top5")?;
-        for p in &self.predictions {
-            let top: Vec<&str> = p.top5.iter().map(|&i| classes.id(i)).collect();
-            writeln!(out, "{},{},{}", p.path.display(), classes.id(p.label), top.join(","))?;
-        }
-        Ok(())
+        crate::weights::write_atomically(path, |out| {
+            writeln!(out, "path,label,top1,top2,top3,top4,top5")?;
+            for p in &self.predictions {
+                let top: Vec<&str> = p.top5.iter().map(|&i| classes.id(i)).collect();
+                writeln!(out, "{},{},{}", p.path.display(), classes.id(p.label), top.join(","))?;
+            }
+            Ok(())
+        })
     }
 }

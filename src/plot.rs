@@ -63,7 +63,9 @@ pub fn plot(logs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     for (i, (title, log_y, series)) in panels.iter().enumerate() {
         draw_panel(&mut img, i as u32 * PANEL_H, title, *log_y, series);
     }
-    img.save(out).with_context(|| format!("cannot write {}", out.display()))
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).context("cannot encode the plot")?;
+    crate::weights::write_atomically(out, |file| std::io::Write::write_all(file, png.get_ref()))
 }
 
 fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[Series]) {

@@ -393,10 +393,8 @@ fn file_preset_hint(prefix: &str) -> &'static str {
     }
 }
 
-/// Writes `tensors` (and string `metadata`) as safetensors to `path` through a temporary file in
-/// the same folder ([`temporary_path`]), synced and renamed into place, so a crash never leaves
-/// a half-written file under the final name. The file is created as any other (mode 0666 less
-/// the umask), and the tensors stream to it one by one: no second copy of them in memory.
+/// Writes `tensors` (and string `metadata`) as safetensors to `path`, atomically
+/// ([`write_atomically`]); the tensors stream to it one by one, no second copy of them in memory.
 pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
@@ -404,9 +402,6 @@ pub fn save_safetensors(
 ) -> anyhow::Result<()> {
     use safetensors::View;
     use std::io::Write;
-    if path.file_name().is_none() {
-        bail!("output path {} has no file name", path.display())
-    }
     // The header: each tensor's dtype, shape and byte range, in the order written.
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
@@ -425,27 +420,44 @@ pub fn save_safetensors(
     }
     let mut header = serde_json::to_vec(&header)?;
     header.resize(header.len().next_multiple_of(8), b' '); // the data starts 8-byte aligned
-    let tmp = temporary_path(path);
-    let write = || -> std::io::Result<()> {
-        let file = std::fs::File::create(&tmp)?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+    write_atomically(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         for (_, tensor) in tensors {
             out.write_all(&tensor.data())?;
         }
+        Ok(())
+    })
+}
+
+/// Writes a file through a temporary file in the same folder ([`temporary_path`]), synced and
+/// renamed into place, so that a crash or a full disk never leaves a half-written file under
+/// the final name. The file is created as any other (mode 0666 less the umask).
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    if path.file_name().is_none() {
+        bail!("output path {} has no file name", path.display())
+    }
+    let tmp = temporary_path(path);
+    let written = || -> std::io::Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        write(&mut out)?;
         out.flush()?;
         drop(out);
         file.sync_all()
     };
-    if let Err(e) = write() {
+    if let Err(e) = written() {
         let _ = std::fs::remove_file(&tmp);
         bail!("cannot write {}: {e}", tmp.display())
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }
 
-/// Where [`save_safetensors`] writes `path` before renaming it: `.NAME.tmpPID` beside it.
+/// Where [`write_atomically`] writes `path` before renaming it: `.NAME.tmpPID` beside it.
 fn temporary_path(path: &Path) -> PathBuf {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
