@@ -19,7 +19,7 @@ use crate::eval::{evaluate, top_k, EvalOptions};
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
-use crate::train::{base_side, train, Checkpoint, Outcome, RunOptions, Schedule, TrainConfig};
+use crate::train::{base_side, train, Checkpoint, FineTune, Freeze, Outcome, RunOptions, Schedule, TrainConfig};
 use crate::weights::{fetch, save_safetensors, sha256_file, write_atomically, Identity, Params, WeightFile};
 
 #[derive(Parser)]
@@ -129,7 +129,8 @@ enum Command {
         /// 1 (centre crop) or 10 (corners, centre, mirrored; softmax averaged, as the paper).
         #[arg(long, default_value_t = 1, value_parser = crops_parser)]
         crops: usize,
-        #[arg(long, value_parser = at_least_one, default_value_t = 64)]
+        /// Images a batch.
+        #[arg(short = 'b', long, value_parser = at_least_one, default_value_t = 64)]
         batch_size: usize,
         /// Evaluate only the first N images.
         #[arg(long, value_parser = at_least_one)]
@@ -140,9 +141,14 @@ enum Command {
         /// Mean image for caffe/paper preprocessing (.binaryproto or .npy; default: mean pixel).
         #[arg(long)]
         mean: Option<PathBuf>,
-        /// Also write the report as JSON.
+        /// Also write the report as JSON (today's fields, and timm's: top1, top1_err, top5,
+        /// top5_err in percent, param_count in millions, img_size, crop_pct, interpolation).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also write timm's CSV (validate.py --results-file): model, top1, top1_err, top5,
+        /// top5_err, param_count, img_size, crop_pct, interpolation.
+        #[arg(long)]
+        results_file: Option<PathBuf>,
         /// Write each image's label and top-5 as CSV.
         #[arg(long)]
         predictions: Option<PathBuf>,
@@ -161,8 +167,10 @@ enum Command {
         /// defaults) or reference (the parity tests' pattern). Default: the preset's own.
         #[arg(long, value_enum)]
         scheme: Option<InitScheme>,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The safetensors file to write (it records the preset in its metadata).
         output: PathBuf,
     },
     /// Train on an ImageFolder (DIR/<class>/<image>) with the paper's recipe (or Caffe's,
@@ -171,6 +179,7 @@ enum Command {
     /// Compute the training set's mean image and RGB principal components (for mean
     /// subtraction and PCA colour augmentation); written next to the data.
     DataStats {
+        /// Training images: DIR/<class>/<image> (the result is written to DIR).
         #[arg(long)]
         data: PathBuf,
         /// The preset decides the image size (256x256 base images, or 32x32 for CIFAR nets).
@@ -206,12 +215,36 @@ pub enum Recipe {
     /// The paper's Figure 1: "no regularization of any kind": no weight decay, no dropout,
     /// no augmentation, constant lr.
     Fig1,
+    /// Fine-tuning pretrained weights (the default with --from): batch 64, lr 0.001 (a new
+    /// last layer 10x), PyTorch's momentum rule, weight decay 5e-4 (not on biases), x0.1
+    /// every 4 epochs, crops and flips, dropout, 10 epochs.
+    Finetune,
 }
 
 #[derive(Args)]
 pub struct TrainArgs {
+    /// Which AlexNet (default with --from: the pretrained weights'; with --resume: the run's).
     #[arg(long, value_enum)]
-    preset: Preset,
+    preset: Option<Preset>,
+    /// Fine-tune pretrained weights (anything --weights takes: a file, hf://..., torchvision):
+    /// the last layer is replaced by a new one when their classes are not the data's.
+    #[arg(long, value_name = "WEIGHTS")]
+    from: Option<String>,
+    /// Fine-tune the preset's published weights, as PyTorch's ImageNet example's flag:
+    /// torchvision's (`--from torchvision`); the other presets have none to fetch.
+    #[arg(long, conflicts_with = "from")]
+    pretrained: bool,
+    /// The number of classes the data must have (its class folders decide it; this checks).
+    #[arg(long, value_parser = at_least_one)]
+    classes: Option<usize>,
+    /// With --from: keep these layers as they are (not trained, no momentum): the
+    /// convolutions (features), or they and fc6, or they, fc6 and fc7.
+    #[arg(long, value_enum)]
+    freeze: Option<Freeze>,
+    /// With --from: multiplies the learning rate of a new last layer (default 10 with the
+    /// finetune recipe, else 1).
+    #[arg(long, value_parser = positive, allow_hyphen_values = true)]
+    head_lr_mult: Option<f64>,
     /// Training images: DIR/<class>/<image>, any number of classes.
     #[arg(long)]
     data: PathBuf,
@@ -221,18 +254,24 @@ pub struct TrainArgs {
     /// Where checkpoints, log.jsonl and final.safetensors go.
     #[arg(long, default_value = "runs/train")]
     out: PathBuf,
-    /// Default for every flag below (default: paper, or fig1 for the fig1 presets).
+    /// Default for every flag below (default: finetune with --from, fig1 for the fig1
+    /// presets, else paper).
     #[arg(long, value_enum)]
     recipe: Option<Recipe>,
+    /// Passes over the training set (default: 90; finetune 10).
     #[arg(long, value_parser = at_least_one)]
     epochs: Option<usize>,
-    #[arg(long, value_parser = at_least_one)]
+    /// Images a step (default: paper and fig1 128, caffe and torchvision 256, finetune 64).
+    #[arg(short = 'b', long, value_parser = at_least_one)]
     batch_size: Option<usize>,
+    /// Learning rate (default: 0.01; finetune 0.001).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     lr: Option<f64>,
+    /// SGD momentum (default 0.9).
     #[arg(long, value_parser = fraction, allow_hyphen_values = true)]
     momentum: Option<f64>,
-    #[arg(long, value_parser = non_negative, allow_hyphen_values = true)]
+    /// Weight decay (default: 5e-4; torchvision 1e-4; fig1 0).
+    #[arg(long, visible_alias = "wd", value_parser = non_negative, allow_hyphen_values = true)]
     weight_decay: Option<f64>,
     /// paper (lr inside the velocity) or pytorch.
     #[arg(long, value_enum)]
@@ -249,6 +288,7 @@ pub struct TrainArgs {
     /// Step: epochs between multiplications by --gamma.
     #[arg(long, value_parser = at_least_one)]
     step_epochs: Option<usize>,
+    /// Step: the factor the learning rate is multiplied by (default 0.1).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     gamma: Option<f64>,
     /// Standard deviation of the PCA colour shift alpha (0 turns it off).
@@ -276,6 +316,7 @@ pub struct TrainArgs {
     /// Initialisation of a fresh run (default: the preset's own).
     #[arg(long, value_enum)]
     init: Option<InitScheme>,
+    /// Seed of the initialisation, the data order, the augmentation and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue from a checkpoint, or a run's folder (its newest checkpoint), exactly where it
@@ -294,6 +335,7 @@ pub struct TrainArgs {
     log_every: usize,
     #[command(flatten)]
     device: DeviceArgs,
+    /// No progress bar or messages (errors still go to stderr).
     #[arg(long)]
     quiet: bool,
 }
@@ -302,23 +344,53 @@ impl TrainArgs {
     /// Trains; an interrupted run exits with 130 (as a shell reports Ctrl-C), so scripts can
     /// tell it from a finished one.
     fn run(&self) -> anyhow::Result<ExitCode> {
-        let fig1 = matches!(self.preset, Preset::Fig1Relu | Preset::Fig1Tanh);
-        let recipe = self.recipe.unwrap_or(if fig1 { Recipe::Fig1 } else { Recipe::Paper });
+        let resume = self.resume.as_deref().map(Checkpoint::resolve).transpose()?;
+        let resumed = resume.as_deref().map(Checkpoint::load).transpose()?;
+        if self.pretrained && self.preset.is_some_and(|p| p != Preset::Torchvision) {
+            bail!(
+                "--pretrained fetches torchvision's weights; the {} preset has none published",
+                self.preset.map_or("", Preset::name)
+            )
+        }
+        let from_spec = self.from.clone().or_else(|| self.pretrained.then(|| "torchvision".to_string()));
+        if from_spec.is_none() && (self.freeze.is_some() || self.head_lr_mult.is_some()) {
+            bail!("--freeze and --head-lr-mult are for fine-tuning: give the pretrained weights with --from")
+        }
+        // fine-tuning: the pretrained weights decide the preset (or --preset, checked)
+        let from = match (&resumed, &from_spec) {
+            (None, Some(spec)) => {
+                let path = fetch::resolve(spec)?;
+                let identity = WeightFile::open(&path)?.model_weights().identify(self.preset)?;
+                Some((spec.clone(), sha256_file(&path)?, identity.preset))
+            }
+            _ => None,
+        };
+        let preset = match (&resumed, &from, self.preset) {
+            (Some(c), _, _) => c.meta.config.preset,
+            (None, Some((_, _, preset)), _) => *preset,
+            (None, None, Some(preset)) => preset,
+            (None, None, None) => bail!("which net? pass --preset (or --from WEIGHTS to fine-tune, or --resume RUN)"),
+        };
+        let fig1 = matches!(preset, Preset::Fig1Relu | Preset::Fig1Tanh);
+        let recipe = self.recipe.unwrap_or(match () {
+            _ if from.is_some() => Recipe::Finetune,
+            _ if fig1 => Recipe::Fig1,
+            _ => Recipe::Paper,
+        });
         let (batch, lr, wd, rule, decay_biases, schedule, step_epochs, augment) = match recipe {
             Recipe::Paper => (128, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Plateau, 30, true),
             Recipe::Caffe => (256, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Step, 20, true),
             Recipe::Torchvision => (256, 0.01, 1e-4, UpdateRule::Pytorch, true, Schedule::Step, 30, true),
             Recipe::Fig1 => (128, 0.01, 0.0, UpdateRule::Paper, false, Schedule::Constant, 30, false),
+            Recipe::Finetune => (64, 0.001, 5e-4, UpdateRule::Pytorch, false, Schedule::Step, 4, true),
         };
         let augment = augment && !self.no_augment;
-        let resume = self.resume.as_deref().map(Checkpoint::resolve).transpose()?;
-        let resumed = resume.as_deref().map(Checkpoint::load).transpose()?;
         let config = match &resumed {
             // a resumed run keeps its configuration; only paths and switches may change
             Some(c) => TrainConfig { epochs: self.epochs.unwrap_or(c.meta.config.epochs), ..c.meta.config.clone() },
             None => TrainConfig {
-                preset: self.preset,
-                epochs: self.epochs.unwrap_or(90),
+                preset,
+                epochs: self.epochs.unwrap_or(if recipe == Recipe::Finetune { 10 } else { 90 }),
                 batch_size: self.batch_size.unwrap_or(batch),
                 lr: self.lr.unwrap_or(lr),
                 momentum: self.momentum.unwrap_or(0.9),
@@ -339,7 +411,7 @@ impl TrainArgs {
                 } else {
                     0.0
                 },
-                input_scale: self.input_scale.unwrap_or(if matches!(self.preset, Preset::Paper | Preset::Caffe) {
+                input_scale: self.input_scale.unwrap_or(if matches!(preset, Preset::Paper | Preset::Caffe) {
                     1.0
                 } else {
                     1.0 / 57.6
@@ -347,13 +419,21 @@ impl TrainArgs {
                 val_crops: self.val_crops,
                 limit: self.limit,
                 target_train_error: self.target_train_error,
+                finetune: from.map(|(from, from_sha256, _)| FineTune {
+                    from,
+                    from_sha256,
+                    freeze: self.freeze,
+                    head_lr_mult: self.head_lr_mult.unwrap_or(if recipe == Recipe::Finetune { 10.0 } else { 1.0 }),
+                    new_head: false, // decided when the run starts
+                }),
             },
         };
         let opts = RunOptions {
             data: self.data.clone(),
             val: self.val.clone(),
             out: self.out.clone(),
-            init: self.init.map_or(Init::default_for(self.preset, self.seed), |s| s.init(self.seed)),
+            init: self.init.map_or(Init::default_for(preset, self.seed), |s| s.init(self.seed)),
+            expected_classes: self.classes,
             resume: resume.clone(),
             lr_override: resume.as_ref().and(self.lr),
             save_every: self.save_every.or(resumed.as_ref().and_then(|c| c.meta.save_every)),
@@ -537,6 +617,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             transform,
             mean,
             json,
+            results_file,
             predictions,
             quiet,
             strict,
@@ -560,6 +641,9 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 let json = serde_json::to_string_pretty(&report)?;
                 write_atomically(&path, |out| out.write_all(json.as_bytes()))?;
             }
+            if let Some(path) = results_file {
+                report.write_timm_csv(&path)?;
+            }
             if let Some(path) = predictions {
                 report.write_predictions(&path, &loaded.classes)?;
             }
@@ -570,7 +654,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let model = AlexNet::new(preset, &mut Params::Init(init), &Placement::on(&Device::Cpu))?;
             let metadata = [("preset".to_string(), preset.name().to_string())].into();
             save_safetensors(&model.state_dict()?, &metadata, &output)?;
-            eprintln!("wrote {} weights ({init:?}) to {}", preset.name(), output.display());
+            eprintln!("wrote {} weights ({init}) to {}", preset.name(), output.display());
             Ok(())
         }
         Command::Train(_) => unreachable!("run() starts training runs"),

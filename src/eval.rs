@@ -41,6 +41,22 @@ pub struct Prediction {
     pub top5: Vec<usize>,
 }
 
+/// What timm's `validate.py` reports (and writes with `--results-file`): accuracies and
+/// errors in percent (rounded to 4 places), parameters in millions (2 places), the crop side,
+/// its fraction of the resized side, and the resize's interpolation.
+#[derive(Debug, Serialize)]
+pub struct TimmResults {
+    pub model: String,
+    pub top1: f64,
+    pub top1_err: f64,
+    pub top5: f64,
+    pub top5_err: f64,
+    pub param_count: f64,
+    pub img_size: usize,
+    pub crop_pct: f64,
+    pub interpolation: &'static str,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub preset: &'static str,
@@ -59,6 +75,9 @@ pub struct Report {
     pub skipped: Vec<Skipped>,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// The same results in timm's `validate.py` names and units.
+    #[serde(flatten)]
+    pub timm: TimmResults,
     #[serde(skip)]
     pub predictions: Vec<Prediction>,
 }
@@ -122,6 +141,19 @@ pub fn evaluate(
     }
     let seconds = start.elapsed().as_secs_f64();
     let acc = |c: usize| c as f64 / seen as f64;
+    let percent = |fraction: f64| (fraction * 100.0 * 1e4).round() / 1e4;
+    let params: usize = model.parameters().iter().flat_map(|p| &p.parts).map(|v| v.elem_count()).sum();
+    let timm = TimmResults {
+        model: model.preset.name().to_string(),
+        top1: percent(acc(top1)),
+        top1_err: percent(1.0 - acc(top1)),
+        top5: percent(acc(top5)),
+        top5_err: percent(1.0 - acc(top5)),
+        param_count: (params as f64 / 1e6 * 100.0).round() / 100.0,
+        img_size: opts.transform.crop,
+        crop_pct: opts.transform.crop as f64 / opts.transform.base as f64,
+        interpolation: "bilinear", // every pipeline's resize (PIL's, or OpenCV's for caffe)
+    };
     Ok(Report {
         preset: model.preset.name(),
         transform: format!("{:?}", opts.transform.kind).to_lowercase(),
@@ -139,6 +171,7 @@ pub fn evaluate(
         skipped,
         seconds,
         images_per_second: seen as f64 / seconds,
+        timm,
         predictions,
     })
 }
@@ -212,6 +245,19 @@ impl Report {
         for s in &self.skipped {
             println!("skipped     {}: {}", s.path.display(), s.reason);
         }
+    }
+
+    /// timm's `--results-file`: a header and one row, in its column order.
+    pub fn write_timm_csv(&self, path: &Path) -> anyhow::Result<()> {
+        let t = &self.timm;
+        crate::weights::write_atomically(path, |out| {
+            writeln!(out, "model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation")?;
+            writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{}",
+                t.model, t.top1, t.top1_err, t.top5, t.top5_err, t.param_count, t.img_size, t.crop_pct, t.interpolation
+            )
+        })
     }
 
     /// `path,label,top1,...,top5` with the classes' IDs (WNIDs for ImageNet's).

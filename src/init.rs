@@ -29,6 +29,19 @@ pub enum Init {
     Zeros,
 }
 
+impl std::fmt::Display for Init {
+    /// What `init` and `train` print: the scheme in words.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Init::Paper { seed } => write!(f, "the paper's initialisation, seed {seed}"),
+            Init::Caffe { seed } => write!(f, "Caffe's bvlc_alexnet initialisation, seed {seed}"),
+            Init::Torchvision { seed } => write!(f, "PyTorch's default initialisation, seed {seed}"),
+            Init::Reference { seed } => write!(f, "the parity tests' reference pattern, seed {seed}"),
+            Init::Zeros => write!(f, "zeros"),
+        }
+    }
+}
+
 impl Init {
     /// The preset's own initialisation: the paper's for `paper`, Caffe's solver's for `caffe`,
     /// PyTorch's defaults for `torchvision` and the CIFAR-10 nets.

@@ -395,7 +395,7 @@ impl Cost for Linear {
 }
 
 /// Loads layer `prefix` (weight of `shape`) and splits it along the output axis into
-/// `devices.len()` equal parts, one per tower, each on its tower's device.
+/// `devices.len()` parts (equal, but for an odd count), one per tower, each on its tower's device.
 fn split_layer(
     params: &mut Params,
     prefix: &str,
@@ -403,13 +403,16 @@ fn split_layer(
     devices: &[Device],
 ) -> anyhow::Result<Vec<(Var, Var)>> {
     let (weight, bias) = params.layer(prefix, shape)?;
-    let rows = shape[0] / devices.len();
     let mut parts = Vec::with_capacity(devices.len());
+    let mut first = 0;
     for (i, device) in devices.iter().enumerate() {
-        let w = weight.narrow(0, i * rows, rows)?.to_device(device)?.contiguous()?;
-        let b = bias.narrow(0, i * rows, rows)?.to_device(device)?.contiguous()?;
+        // an odd count (fc8 of 5 classes) gives the first tower the extra row
+        let rows = shape[0] / devices.len() + usize::from(i < shape[0] % devices.len());
+        let w = weight.narrow(0, first, rows)?.to_device(device)?.contiguous()?;
+        let b = bias.narrow(0, first, rows)?.to_device(device)?.contiguous()?;
         // `copy` gives each part its own storage, so the whole-layer tensor can be freed.
         parts.push((Var::from_tensor(&w.copy()?)?, Var::from_tensor(&b.copy()?)?));
+        first += rows;
     }
     Ok(parts)
 }

@@ -37,6 +37,9 @@ pub struct Slot {
     pub var: Var,
     pub velocity: Tensor,
     is_bias: bool,
+    /// Multiplies the learning rate for this parameter (1; a fine-tuning run's new head
+    /// learns faster, as in PyTorch's parameter groups).
+    pub lr_mult: f64,
 }
 
 pub struct Sgd {
@@ -49,12 +52,13 @@ impl Sgd {
     pub fn new(config: SgdConfig, vars: Vec<(Var, bool)>) -> Result<Self> {
         let slots = vars
             .into_iter()
-            .map(|(var, is_bias)| Ok(Slot { velocity: var.zeros_like()?, var, is_bias }))
+            .map(|(var, is_bias)| Ok(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0 }))
             .collect::<Result<_>>()?;
         Ok(Sgd { config, slots })
     }
 
-    /// One update with learning rate `lr`. A parameter without a gradient is left alone.
+    /// One update with learning rate `lr` (times each slot's `lr_mult`). A parameter without a
+    /// gradient is left alone.
     ///
     /// Both rules compute the new velocity from (v, w, g), then add `d v` to the weights
     /// (d = 1 for the paper's rule, -lr for PyTorch's). On the CPU that is one in-place pass
@@ -66,7 +70,7 @@ impl Sgd {
             let Some(g) = grads.get(&slot.var) else { continue };
             let w = slot.var.as_tensor();
             let wd = if slot.is_bias && !c.decay_biases { 0.0 } else { c.weight_decay };
-            let update = Update::new(c.rule, c.momentum, wd, lr);
+            let update = Update::new(c.rule, c.momentum, wd, lr * slot.lr_mult);
             if w.device().is_cpu() && w.is_contiguous() && slot.velocity.is_contiguous() {
                 w.inplace_op1(&Step { update, velocity: &slot.velocity, grad: &g.contiguous()? })?;
                 continue;

@@ -65,6 +65,48 @@ pub struct TrainConfig {
     /// Stop once an epoch's training top-1 error is below this (the paper's Figure 1 measure).
     #[serde(default)]
     pub target_train_error: Option<f64>,
+    /// Start from pretrained weights (fine-tuning), else from an initialisation.
+    #[serde(default)]
+    pub finetune: Option<FineTune>,
+}
+
+/// Where a fine-tuning run starts and what it trains.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FineTune {
+    /// The pretrained weights (anything `--weights` takes) and their sha256.
+    pub from: String,
+    pub from_sha256: String,
+    /// The layers kept as they are (not trained, no momentum).
+    pub freeze: Option<Freeze>,
+    /// Multiplies the learning rate of the last layer when it is new (PyTorch users' usual 10).
+    pub head_lr_mult: f64,
+    /// Whether the last layer was replaced (the pretrained net's classes are not the data's);
+    /// decided when the run starts.
+    #[serde(default)]
+    pub new_head: bool,
+}
+
+/// How much of a pretrained net a fine-tuning run keeps fixed: the convolutions (`features`,
+/// torchvision's name for them), or they and the fully-connected layers up to fc6 or fc7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Freeze {
+    Features,
+    Fc6,
+    Fc7,
+}
+
+impl Freeze {
+    /// Whether the layer of parameter `key` (either naming) is kept fixed.
+    pub fn covers(self, key: &str) -> bool {
+        let depth = |layer: &str| match layer {
+            l if l.starts_with("conv") => 0,
+            "fc6" => 1,
+            "fc7" => 2,
+            _ => 3, // the last layer, fc8 (fc in the Figure 1 net), always trains
+        };
+        depth(crate::weights::caffe_layer_name(key)) <= self as usize
+    }
 }
 
 /// Where the schedule stands; saved in every checkpoint.
@@ -82,6 +124,8 @@ pub struct RunOptions {
     pub val: Option<PathBuf>,
     pub out: PathBuf,
     pub init: Init,
+    /// `--classes`: the number of class folders the data must have.
+    pub expected_classes: Option<usize>,
     pub resume: Option<PathBuf>,
     /// On resume: continue with this learning rate (the paper's manual division by 10).
     pub lr_override: Option<f64>,
@@ -120,9 +164,12 @@ pub enum Outcome {
 }
 
 /// Trains until the last epoch or Ctrl-C.
-pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcome> {
+pub fn train(mut config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcome> {
     // ---- data: the training images, their classes and statistics ------------------------
     let (mut dataset, classes) = Dataset::discover(&opts.data)?;
+    if let Some(expected) = opts.expected_classes.filter(|&n| n != classes.len()) {
+        bail!("{} has {} class folders, not the {expected} of --classes", opts.data.display(), classes.len())
+    }
     if classes.len() < 2 {
         bail!(
             "{} has {} class folder{}; a classifier needs at least 2 (DIR/<class>/<image>)",
@@ -173,22 +220,65 @@ pub fn train(config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcome> {
     let placement = &opts.placement;
     let device = &placement.towers[0];
     let checkpoint = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
-    let mut params = match &checkpoint {
-        Some(c) => Params::File(WeightFile::open(&c.path)?.model_weights()),
-        None => Params::Init(opts.init),
+    let head = config.preset.classifier_weight().trim_end_matches(".weight");
+    let mut params = match (&checkpoint, &mut config.finetune) {
+        (Some(c), _) => Params::File(WeightFile::open(&c.path)?.model_weights()),
+        (None, Some(ft)) => {
+            let file = WeightFile::open(&crate::weights::fetch::resolve(&ft.from)?)?.model_weights();
+            let pretrained = file.identify(Some(config.preset))?;
+            // the last layer is kept only where it predicts the same classes
+            ft.new_head = pretrained.classes.ids() != classes.iter().map(String::as_str).collect::<Vec<_>>();
+            if !opts.quiet {
+                eprintln!(
+                    "fine-tuning {} ({} preset, {} classes): {}",
+                    ft.from,
+                    pretrained.preset.name(),
+                    pretrained.classes.len(),
+                    if ft.new_head {
+                        format!("its {head} replaced by a new one for the {} classes of the data", classes.len())
+                    } else {
+                        "its classes are the data's; every layer kept".to_string()
+                    }
+                );
+            }
+            if ft.new_head {
+                Params::with_fresh_layer(file, head, opts.init)
+            } else {
+                Params::File(file)
+            }
+        }
+        (None, None) => Params::Init(opts.init),
     };
     let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, placement)?;
+    // what the weights record of where they came from
+    if let Some(ft) = &config.finetune {
+        let origin = serde_json::json!({ "weights": ft.from, "sha256": ft.from_sha256, "freeze": ft.freeze });
+        described.insert("fine_tuned_from".to_string(), origin.to_string());
+    }
     let sgd_config = SgdConfig {
         momentum: config.momentum,
         weight_decay: config.weight_decay,
         rule: config.rule,
         decay_biases: config.decay_biases,
     };
-    let vars = model.parameters().into_iter().flat_map(|p| {
+    // frozen layers get no slot: no update, no momentum
+    let freeze = config.finetune.as_ref().and_then(|ft| ft.freeze);
+    let trained = model.parameters().into_iter().filter(|p| !freeze.is_some_and(|f| f.covers(&p.key)));
+    let mut head_vars = Vec::new();
+    let vars = trained.flat_map(|p| {
         let is_bias = p.key.ends_with(".bias");
+        if p.key.starts_with(&format!("{head}.")) {
+            head_vars.extend(p.parts.iter().map(|v| v.id()));
+        }
         p.parts.into_iter().map(move |v| (v, is_bias))
     });
     let mut sgd = Sgd::new(sgd_config, vars.collect())?;
+    // a new head learns faster
+    if let Some(ft) = config.finetune.as_ref().filter(|ft| ft.new_head) {
+        for slot in sgd.slots.iter_mut().filter(|s| head_vars.contains(&s.var.id())) {
+            slot.lr_mult = ft.head_lr_mult;
+        }
+    }
     let (mut epoch, mut step, mut sched) = match &checkpoint {
         Some(c) => {
             c.restore_momentum(&model, &mut sgd)?;
@@ -523,10 +613,11 @@ impl Checkpoint {
     ) -> anyhow::Result<PathBuf> {
         let mut tensors = model.state_dict()?;
         let velocity: HashMap<_, _> = sgd.slots.iter().map(|s| (s.var.id(), s.velocity.clone())).collect();
+        // every trained parameter's (a frozen one has none)
         for p in model.parameters() {
-            let v =
-                p.gather(|var| velocity.get(&var.id()).cloned())?.context("every parameter has a momentum buffer")?;
-            tensors.push((format!("{MOMENTUM_PREFIX}{}", p.key), v));
+            if let Some(v) = p.gather(|var| velocity.get(&var.id()).cloned())? {
+                tensors.push((format!("{MOMENTUM_PREFIX}{}", p.key), v));
+            }
         }
         let mut metadata = described.clone();
         metadata.insert("alexnet".to_string(), serde_json::to_string(meta)?);
@@ -583,7 +674,8 @@ impl Checkpoint {
     fn restore_momentum(&self, model: &AlexNet, sgd: &mut Sgd) -> anyhow::Result<()> {
         let tensors = candle_core::safetensors::load(&self.path, &Device::Cpu)?;
         let index: HashMap<_, _> = sgd.slots.iter().enumerate().map(|(i, s)| (s.var.id(), i)).collect();
-        for p in model.parameters() {
+        // every trained parameter's (a frozen one has no slot)
+        for p in model.parameters().into_iter().filter(|p| p.parts.iter().all(|v| index.contains_key(&v.id()))) {
             let key = format!("{MOMENTUM_PREFIX}{}", p.key);
             let whole = tensors.get(&key).with_context(|| format!("{}: no `{key}`", self.path.display()))?;
             let mut row = 0;

@@ -87,6 +87,23 @@ fn a_cifar_model_with_its_own_classes_runs_in_every_command() {
     let evaluated = eval(&weights);
     assert_eq!(evaluated["images"], 8);
     assert_eq!(evaluated["preset"], "cifar-towers");
+    // timm's names and units beside ours (issue 27), and its results file
+    let percent = |f: f64| (f * 100.0 * 1e4).round() / 1e4;
+    assert_eq!(evaluated["top1_err"].as_f64(), evaluated["top1_error"].as_f64().map(percent));
+    assert_eq!(evaluated["top5"].as_f64(), evaluated["top5_accuracy"].as_f64().map(percent));
+    assert_eq!((&evaluated["img_size"], &evaluated["crop_pct"]), (&serde_json::json!(28), &serde_json::json!(0.875)));
+    assert_eq!(
+        (&evaluated["model"], &evaluated["interpolation"]),
+        (&serde_json::json!("cifar-towers"), &serde_json::json!("bilinear"))
+    );
+    assert!(evaluated["param_count"].as_f64().unwrap() > 0.1);
+    let csv = runs.path().join("results.csv");
+    let args = ["eval", "--weights", path_str(&weights), "--data", path_str(data.path()), "--quiet"];
+    ok(alexnet(&[&args[..], &["--results-file", path_str(&csv)]].concat()), "eval --results-file");
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation"));
+    assert!(lines.next().unwrap().starts_with("cifar-towers,"), "{csv}");
     assert_eq!(
         evaluated["top1_error"].as_f64(),
         last["val_top1_error"].as_f64(),
@@ -232,7 +249,61 @@ fn files_are_written_with_the_umask_mode() {
         let script = format!("umask {umask}; exec \"$0\" init --preset fig1-relu \"$1\"");
         let out =
             Command::new("sh").args(["-c", &script, env!("CARGO_BIN_EXE_alexnet"), path_str(&file)]).output().unwrap();
-        ok(out, "init");
+        let out = ok(out, "init");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("(PyTorch's default initialisation, seed 0)"),
+            "init says what it wrote in words: {said}"
+        );
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, mode, "umask {umask}");
     }
+}
+
+/// Issue 27: `train --from` starts from a model's weights, gives it a new last layer for
+/// other classes (three: an odd count, split unevenly between the towers), keeps the layers
+/// `--freeze` names as they were, and records where it came from.
+#[test]
+fn fine_tuning_replaces_the_head_and_keeps_frozen_layers() {
+    let runs = tempfile::tempdir().unwrap();
+    let pretrained = runs.path().join("pretrained");
+    ok(train("cifar-towers", image_folder(2, 4).path(), &pretrained, &["--epochs", "1"]), "pretraining");
+    let from = pretrained.join("final.safetensors");
+
+    let tuned = runs.path().join("tuned");
+    let data = image_folder(3, 2);
+    let args = ["--from", path_str(&from), "--freeze", "features", "--epochs", "1", "--classes", "3"];
+    ok(train("cifar-towers", data.path(), &tuned, &args), "fine-tuning");
+    let file = alexnet::weights::WeightFile::open(&tuned.join("final.safetensors")).unwrap();
+    let before = alexnet::weights::WeightFile::open(&from).unwrap();
+    let tensor = |f: &alexnet::weights::WeightFile, k: &str| flat(&f.tensors()[k]);
+    for layer in ["conv1", "conv2", "conv3", "conv4", "conv5"] {
+        for part in ["weight", "bias"] {
+            let key = format!("{layer}.{part}");
+            assert_eq!(tensor(&file, &key), tensor(&before, &key), "{key} is frozen");
+        }
+    }
+    assert_ne!(tensor(&file, "fc6.weight"), tensor(&before, "fc6.weight"), "fc6 trains");
+    assert_eq!(file.tensors()["fc8.weight"].dims(), [3, 512], "a new head for the three classes");
+    let origin: serde_json::Value = serde_json::from_str(&file.metadata["fine_tuned_from"]).unwrap();
+    assert_eq!(origin["weights"], path_str(&from));
+    assert_eq!(origin["freeze"], "features");
+    let sha = sha2_hex(&std::fs::read(&from).unwrap());
+    assert_eq!(origin["sha256"], sha);
+    let identity = file.identify(None).unwrap();
+    assert_eq!(identity.classes.ids(), ["class0", "class1", "class2"]);
+
+    // its checkpoint resumes (the frozen layers have no momentum buffers)
+    let more = ["--resume", path_str(&tuned), "--epochs", "2"];
+    ok(train("cifar-towers", data.path(), &tuned, &more), "resuming the fine-tuning run");
+
+    // what only fine-tuning takes, and a class count the data does not have, are refused
+    let out = train("cifar-towers", data.path(), &runs.path().join("x"), &["--freeze", "fc6"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--freeze and --head-lr-mult are for fine-tuning"));
+    let out = train("cifar-towers", data.path(), &runs.path().join("x"), &["--classes", "5"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the 5 of --classes"));
+}
+
+fn sha2_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

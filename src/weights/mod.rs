@@ -323,14 +323,37 @@ pub struct Identity {
 pub enum Params {
     File(WeightFile),
     Init(Init),
+    /// A weight file's layers but one, `fresh` (a key prefix such as `fc8`), which `init`
+    /// makes: a pretrained net given a new head for other classes.
+    FileWithFreshLayer {
+        file: WeightFile,
+        fresh: String,
+        init: Init,
+    },
 }
 
 impl Params {
+    /// `file`'s layers, but `fresh` (its tensors dropped) made by `init`.
+    pub fn with_fresh_layer(mut file: WeightFile, fresh: &str, init: Init) -> Self {
+        let prefix = format!("{fresh}.");
+        file.tensors.retain(|k, _| !k.starts_with(&prefix));
+        Params::FileWithFreshLayer { file, fresh: fresh.to_string(), init }
+    }
+
+    /// The weight file the parameters come from, if any.
+    fn file(&self) -> Option<&WeightFile> {
+        match self {
+            Params::File(file) | Params::FileWithFreshLayer { file, .. } => Some(file),
+            Params::Init(_) => None,
+        }
+    }
+
     /// Weight (of `shape`) and bias of layer `prefix`, as whole-layer f32 CPU tensors.
     pub fn layer(&mut self, prefix: &str, shape: &[usize]) -> anyhow::Result<(Tensor, Tensor)> {
         match self {
             Params::Init(init) => Ok(init.layer(prefix, shape)?),
-            Params::File(file) => {
+            Params::FileWithFreshLayer { fresh, init, .. } if fresh == prefix => Ok(init.layer(prefix, shape)?),
+            Params::File(file) | Params::FileWithFreshLayer { file, .. } => {
                 let preset = file_preset_hint(prefix);
                 let weight = file.take(&format!("{prefix}.weight"), shape, preset)?;
                 let bias = file.take(&format!("{prefix}.bias"), &shape[..1], preset)?;
@@ -341,7 +364,7 @@ impl Params {
 
     /// Refuses a file whose names belong to another preset, before any shape is checked.
     pub fn expect_naming(&self, preset: Preset) -> anyhow::Result<()> {
-        let Params::File(file) = self else { return Ok(()) };
+        let Some(file) = self.file() else { return Ok(()) };
         let wanted = Naming::of(preset);
         match Naming::detect(file.keys()) {
             Some(found) if found == wanted => Ok(()),
@@ -364,7 +387,7 @@ impl Params {
 
     /// After the model took its layers: any tensor it did not take is an error.
     pub fn finish(&self, preset: Preset) -> anyhow::Result<()> {
-        let Params::File(file) = self else { return Ok(()) };
+        let Some(file) = self.file() else { return Ok(()) };
         let extra: Vec<String> = file
             .tensors
             .iter()
