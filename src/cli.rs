@@ -10,16 +10,17 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::bench::{self, BenchArgs};
-use crate::classes::Classes;
 use crate::data::augment::Stats;
 use crate::data::dataset::Dataset;
 use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::DeviceArgs;
-use crate::eval::{evaluate, top_k, EvalOptions};
+use crate::eval::{evaluate, EvalOptions};
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
-use crate::train::{base_side, train, Checkpoint, FineTune, Freeze, Outcome, RunOptions, Schedule, TrainConfig};
+use crate::train::{
+    base_side, train, Checkpoint, FineTune, Freeze, Outcome, Recipe, RunOptions, Schedule, TrainConfig,
+};
 use crate::weights::{fetch, save_safetensors, sha256_file, write_atomically, Identity, Params, WeightFile};
 
 #[derive(Parser)]
@@ -199,28 +200,6 @@ enum Command {
     Bench(BenchArgs),
 }
 
-/// Training recipes: the defaults of every training flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Recipe {
-    /// Batch 128, SGD momentum 0.9, weight decay 5e-4 (not on biases) with the paper's update,
-    /// lr 0.01 divided by 10 when validation error stops improving (at most 3 times), dropout,
-    /// random crops, flips, PCA colour augmentation (alpha std 0.1), 90 epochs.
-    Paper,
-    /// bvlc_alexnet's solver: batch 256, lr 0.01 x0.1 every 20 epochs (100,000 iterations),
-    /// momentum 0.9, weight decay 5e-4 (not on biases), crops and flips, 90 epochs.
-    Caffe,
-    /// torchvision's reference: batch 256, lr 0.01 x0.1 every 30 epochs, PyTorch's momentum
-    /// rule, weight decay 1e-4 on everything, crops and flips, 90 epochs.
-    Torchvision,
-    /// The paper's Figure 1: "no regularization of any kind": no weight decay, no dropout,
-    /// no augmentation, constant lr.
-    Fig1,
-    /// Fine-tuning pretrained weights (the default with --from): batch 64, lr 0.001 (a new
-    /// last layer 10x), PyTorch's momentum rule, weight decay 5e-4 (not on biases), x0.1
-    /// every 4 epochs, crops and flips, dropout, 10 epochs.
-    Finetune,
-}
-
 #[derive(Args)]
 pub struct TrainArgs {
     /// Which AlexNet (default with --from: the pretrained weights'; with --resume: the run's).
@@ -245,7 +224,7 @@ pub struct TrainArgs {
     /// finetune recipe, else 1).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     head_lr_mult: Option<f64>,
-    /// Training images: DIR/<class>/<image>, any number of classes.
+    /// Training images: `DIR/<class>/<image>`, any number of classes.
     #[arg(long)]
     data: PathBuf,
     /// Validation images, same layout and class names.
@@ -371,62 +350,42 @@ impl TrainArgs {
             (None, None, Some(preset)) => preset,
             (None, None, None) => bail!("which net? pass --preset (or --from WEIGHTS to fine-tune, or --resume RUN)"),
         };
-        let fig1 = matches!(preset, Preset::Fig1Relu | Preset::Fig1Tanh);
-        let recipe = self.recipe.unwrap_or(match () {
-            _ if from.is_some() => Recipe::Finetune,
-            _ if fig1 => Recipe::Fig1,
-            _ => Recipe::Paper,
-        });
-        let (batch, lr, wd, rule, decay_biases, schedule, step_epochs, augment) = match recipe {
-            Recipe::Paper => (128, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Plateau, 30, true),
-            Recipe::Caffe => (256, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Step, 20, true),
-            Recipe::Torchvision => (256, 0.01, 1e-4, UpdateRule::Pytorch, true, Schedule::Step, 30, true),
-            Recipe::Fig1 => (128, 0.01, 0.0, UpdateRule::Paper, false, Schedule::Constant, 30, false),
-            Recipe::Finetune => (64, 0.001, 5e-4, UpdateRule::Pytorch, false, Schedule::Step, 4, true),
-        };
-        let augment = augment && !self.no_augment;
+        let recipe = self.recipe.unwrap_or(Recipe::default_for(preset, from.is_some()));
         let config = match &resumed {
             // a resumed run keeps its configuration; only paths and switches may change
             Some(c) => TrainConfig { epochs: self.epochs.unwrap_or(c.meta.config.epochs), ..c.meta.config.clone() },
-            None => TrainConfig {
-                preset,
-                epochs: self.epochs.unwrap_or(if recipe == Recipe::Finetune { 10 } else { 90 }),
-                batch_size: self.batch_size.unwrap_or(batch),
-                lr: self.lr.unwrap_or(lr),
-                momentum: self.momentum.unwrap_or(0.9),
-                weight_decay: self.weight_decay.unwrap_or(wd),
-                rule: self.rule.unwrap_or(rule),
-                decay_biases,
-                schedule: self.schedule.unwrap_or(schedule),
-                patience: self.patience.unwrap_or(1),
-                max_drops: self.max_drops.unwrap_or(3),
-                step_epochs: self.step_epochs.unwrap_or(step_epochs),
-                gamma: self.gamma.unwrap_or(0.1),
-                seed: self.seed,
-                dropout: !self.no_dropout && recipe != Recipe::Fig1,
-                random_crop: augment,
-                flip: augment,
-                pca_std: if augment {
-                    self.pca_std.unwrap_or(if recipe == Recipe::Paper { 0.1 } else { 0.0 })
-                } else {
-                    0.0
-                },
-                input_scale: self.input_scale.unwrap_or(if matches!(preset, Preset::Paper | Preset::Caffe) {
-                    1.0
-                } else {
-                    1.0 / 57.6
-                }),
-                val_crops: self.val_crops,
-                limit: self.limit,
-                target_train_error: self.target_train_error,
-                finetune: from.map(|(from, from_sha256, _)| FineTune {
+            None => {
+                // the recipe's table, and each flag given over it
+                let mut c = TrainConfig::recipe(recipe, preset);
+                let augment = c.random_crop && !self.no_augment;
+                c.epochs = self.epochs.unwrap_or(c.epochs);
+                c.batch_size = self.batch_size.unwrap_or(c.batch_size);
+                c.lr = self.lr.unwrap_or(c.lr);
+                c.momentum = self.momentum.unwrap_or(c.momentum);
+                c.weight_decay = self.weight_decay.unwrap_or(c.weight_decay);
+                c.rule = self.rule.unwrap_or(c.rule);
+                c.schedule = self.schedule.unwrap_or(c.schedule);
+                c.patience = self.patience.unwrap_or(c.patience);
+                c.max_drops = self.max_drops.unwrap_or(c.max_drops);
+                c.step_epochs = self.step_epochs.unwrap_or(c.step_epochs);
+                c.gamma = self.gamma.unwrap_or(c.gamma);
+                c.seed = self.seed;
+                c.dropout &= !self.no_dropout;
+                (c.random_crop, c.flip) = (augment, augment);
+                c.pca_std = if augment { self.pca_std.unwrap_or(c.pca_std) } else { 0.0 };
+                c.input_scale = self.input_scale.unwrap_or(c.input_scale);
+                c.val_crops = self.val_crops;
+                c.limit = self.limit;
+                c.target_train_error = self.target_train_error;
+                c.finetune = from.map(|(from, from_sha256, _)| FineTune {
                     from,
                     from_sha256,
                     freeze: self.freeze,
                     head_lr_mult: self.head_lr_mult.unwrap_or(if recipe == Recipe::Finetune { 10.0 } else { 1.0 }),
                     new_head: false, // decided when the run starts
-                }),
-            },
+                });
+                c
+            }
         };
         let opts = RunOptions {
             data: self.data.clone(),
@@ -565,26 +524,10 @@ pub struct ModelArgs {
     pub lrn_scope: LrnScope,
 }
 
-/// A model ready to run: the net (frozen), what its outputs are called, the preprocessing its
-/// images need, and the file it came from.
-struct Loaded {
-    model: AlexNet,
-    classes: Classes,
-    transform: Transform,
-    path: PathBuf,
-}
-
 impl ModelArgs {
-    /// The model, frozen for inference (what every command that loads one does with it), as
-    /// the file identifies it ([`WeightFile::identify`]).
-    fn load(&self) -> anyhow::Result<Loaded> {
-        let placement = self.device.placement(self.lrn_scope)?;
-        let path = fetch::resolve(&self.weights)?;
-        let file = WeightFile::open(&path)?.model_weights();
-        let Identity { preset, classes, transform } = file.identify(self.preset)?;
-        let mut model = AlexNet::with_classes(preset, classes.len(), &mut Params::File(file), &placement)?;
-        model.freeze();
-        Ok(Loaded { model, classes, transform, path })
+    /// The model, frozen for inference, as the file identifies it ([`AlexNet::load_as`]).
+    fn load(&self) -> anyhow::Result<AlexNet> {
+        AlexNet::load_as(&self.weights, self.preset, &self.device.placement(self.lrn_scope)?)
     }
 }
 
@@ -622,10 +565,10 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             quiet,
             strict,
         } => {
-            let loaded = model.load()?;
-            let preset = loaded.model.preset;
+            let net = model.load()?;
+            let preset = net.preset;
             let transform = match (transform, mean) {
-                (None, None) => loaded.transform,
+                (None, None) => net.transform().clone(),
                 (kind, mean) => Transform::new(
                     kind.unwrap_or(TransformKind::for_preset(preset)),
                     preset.input_size(),
@@ -634,8 +577,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             };
             let opts =
                 EvalOptions { data, labels, meta, ten_crop: crops == 10, batch_size, limit, transform, quiet, strict };
-            let sha = sha256_file(&loaded.path)?;
-            let report = evaluate(&loaded.model, &loaded.classes, &opts, &model.weights, sha)?;
+            let sha = sha256_file(&fetch::resolve(&model.weights)?)?;
+            let report = evaluate(&net, net.classes(), &opts, &model.weights, sha)?;
             report.print();
             if let Some(path) = json {
                 let json = serde_json::to_string_pretty(&report)?;
@@ -645,7 +588,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 report.write_timm_csv(&path)?;
             }
             if let Some(path) = predictions {
-                report.write_predictions(&path, &loaded.classes)?;
+                report.write_predictions(&path, net.classes())?;
             }
             Ok(())
         }
@@ -731,7 +674,7 @@ fn group(n: u64) -> String {
 }
 
 fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Result<()> {
-    let model = args.load()?.model;
+    let model = args.load()?;
     let tensors = candle_core::safetensors::load(input, &Device::Cpu)
         .with_context(|| format!("cannot read input {} as safetensors", input.display()))?;
     let Some(x) = tensors.get(key) else {
@@ -744,31 +687,26 @@ fn infer(args: &ModelArgs, input: &Path, key: &str, output: &Path) -> anyhow::Re
     Ok(())
 }
 
-#[derive(Serialize)]
-struct Prediction<'a> {
-    index: usize,
-    /// The class's ID: its WNID for ImageNet's classes, its folder's name for a model `train` wrote.
-    wnid: &'a str,
-    name: &'a str,
-    probability: f32,
-}
-
 fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> anyhow::Result<()> {
-    let Loaded { model, classes, transform, .. } = args.load()?;
-    let x = transform.batch(images, false)?.to_device(model.device())?;
+    let model = args.load()?;
+    let x = model.transform().batch(images, false)?.to_device(model.device())?;
     let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?.to_vec2::<f32>()?;
     let mut report = Vec::new();
     for (path, p) in images.iter().zip(probs) {
-        let preds: Vec<Prediction> = top_k(&p, top)
-            .into_iter()
-            .map(|i| Prediction { index: i, wnid: classes.id(i), name: classes.name(i), probability: p[i] })
-            .collect();
+        let preds = model.top_k(&p, top);
         if !json {
             println!("{}", path.display());
             for pred in &preds {
-                println!("  {:6.2}%  {:>3}  {}  {}", 100.0 * pred.probability, pred.index, pred.wnid, pred.name);
+                println!("  {:6.2}%  {:>3}  {}  {}", 100.0 * pred.probability, pred.index, pred.id, pred.name);
             }
         }
+        // `wnid`: the name this JSON has always given the class's ID
+        let preds: Vec<serde_json::Value> = preds
+            .iter()
+            .map(
+                |p| serde_json::json!({ "index": p.index, "wnid": p.id, "name": p.name, "probability": p.probability }),
+            )
+            .collect();
         report.push(serde_json::json!({ "image": path, "top": preds }));
     }
     if json {

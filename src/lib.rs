@@ -4,6 +4,32 @@
 //! preprocesses it exactly as the weights' own pipeline did,
 //! [`model::AlexNet::forward`] runs the net (its architecture is all in `model.rs`), and
 //! [`classes`] names the result. Parameters come from [`weights`] (files) or [`init`] (fresh).
+//!
+//! The short way, with any weights `alexnet` reads (a file, `hf://OWNER/REPO/FILE`, or
+//! `torchvision` for the official file, fetched once):
+//!
+//! ```
+//! # fn main() -> anyhow::Result<()> {
+//! use alexnet::{AlexNet, Layer, Preset};
+//! use candle_core::Device;
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("weights.safetensors");
+//! # AlexNet::init(Preset::Fig1Relu, 0)?.save(&path)?;
+//! # let weights = path.to_str().unwrap();
+//! let model = AlexNet::load(weights, &Device::Cpu)?; // e.g. "torchvision"
+//! let image = alexnet::data::decode("../shared/data/photos/chelsea.png".as_ref())?;
+//! let top5 = model.classify(&image, 5)?; // classes by name, most probable first
+//! assert!(top5[0].probability >= top5[1].probability);
+//!
+//! // a batch as the net takes it, and a layer's output for it
+//! let batch = model.transform().batch(&["../shared/data/photos/coffee.png".into()], false)?;
+//! let conv3 = model.features(&batch, Layer::Conv3)?;
+//! assert_eq!(conv3.dims()[0], 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/` has whole programs: classify, evaluate, fine-tune and extract features.
 
 pub mod bench;
 pub mod classes;
@@ -19,4 +45,4 @@ pub mod plot;
 pub mod train;
 pub mod weights;
 
-pub use model::{AlexNet, LrnScope, Mode, Placement, Preset};
+pub use model::{AlexNet, Layer, LrnScope, Mode, Placement, Prediction, Preset};

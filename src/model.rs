@@ -2,12 +2,12 @@
 //!
 //! * `paper` and `caffe`: the two-tower net of Krizhevsky et al. (2012), figure 2. Each tower
 //!   owns half of every layer; conv2, conv4 and conv5 see only their own tower, conv3 and the
-//!   fully-connected layers see both (the "cross-talk" links, [`TwoTowers::exchange`]).
+//!   fully-connected layers see both (the "cross-talk" links, `TwoTowers::exchange`).
 //!   The presets differ only in their LRN constants (see [`crate::ops::Lrn`]).
 //! * `torchvision`: the single-tower net of `torchvision.models.alexnet` ("one weird trick").
 //! * CIFAR-10 scale, for the paper's experiments on small images: `cifar-towers`, the same
 //!   two towers with every layer scaled to 28x28 crops of 32x32 images ([`CIFAR_TOWERS`]), and
-//!   `fig1-relu` / `fig1-tanh`, the four-layer net of the paper's Figure 1 ([`SmallNet`]).
+//!   `fig1-relu` / `fig1-tanh`, the four-layer net of the paper's Figure 1 (`SmallNet`).
 //!
 //! Weight keys are the source's own names, so the constructors below *are* the weight map:
 //! Caffe's `conv1` ... `fc8` (grouped layout: conv2 is `[256, 48, 5, 5]`, the first half of
@@ -25,11 +25,14 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
 use serde::Serialize;
 
+use crate::classes::Classes;
+use crate::data::transform::Transform;
+use crate::init::Init;
 use crate::ops::{
     adaptive_avg_pool2d, conv2d, conv2d_prepared, conv2d_relu, linear, linear_prepared, linear_relu, lrn,
     lrn_max_pool2d, max_pool2d, Lrn, Prepared,
 };
-use crate::weights::Params;
+use crate::weights::{Identity, Params, WeightFile};
 
 /// Which AlexNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
@@ -67,6 +70,12 @@ impl Preset {
             Preset::Paper | Preset::Caffe | Preset::Torchvision => 1000,
             Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => 10,
         }
+    }
+
+    /// The preprocessing the preset's published weights were trained with (see
+    /// [`Transform::for_preset`]).
+    pub fn transform(self) -> Transform {
+        Transform::for_preset(self)
     }
 
     /// The key of the last layer's weight, whose rows are the classes.
@@ -166,9 +175,58 @@ impl Param {
     }
 }
 
+/// An AlexNet: the net of a preset, what its outputs are called and the preprocessing its
+/// images need.
+///
+/// ```
+/// # fn main() -> anyhow::Result<()> {
+/// use alexnet::{AlexNet, Preset};
+/// # let dir = tempfile::tempdir()?;
+/// # let weights = dir.path().join("fig1.safetensors");
+/// # AlexNet::init(Preset::Fig1Relu, 0)?.save(&weights)?;
+/// // a weight file (safetensors, .pth, .caffemodel), `hf://OWNER/REPO/FILE` or `torchvision`
+/// let model = AlexNet::load(weights.to_str().unwrap(), &candle_core::Device::Cpu)?;
+/// let image = alexnet::data::decode("../shared/data/photos/chelsea.png".as_ref())?;
+/// for p in model.classify(&image, 3)? {
+///     println!("{:5.1}%  {}", 100.0 * p.probability, p.name);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct AlexNet {
     pub preset: Preset,
     net: Net,
+    classes: Classes,
+    transform: Transform,
+}
+
+/// A layer whose output [`AlexNet::features`] returns (after its ReLU, as the forward pass
+/// computes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Conv1,
+    Conv2,
+    Conv3,
+    Conv4,
+    Conv5,
+    /// The last convolution's pooled maps: `[N, 256, 6, 6]` in the ImageNet nets.
+    Pool5,
+    Fc6,
+    /// The penultimate layer: the 4096 features transfer learning usually takes.
+    Fc7,
+    /// The last layer, before the softmax.
+    Logits,
+}
+
+/// A class and its probability, as [`AlexNet::classify`] gives it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    /// The output's index.
+    pub index: usize,
+    /// The class's ID: an ImageNet WNID, or the folder `train` learned it from.
+    pub id: String,
+    pub name: String,
+    pub probability: f32,
 }
 
 #[allow(clippy::large_enum_variant)] // one per model: boxing the largest would buy nothing
@@ -205,7 +263,101 @@ impl AlexNet {
             }
         };
         params.finish(preset)?;
-        Ok(AlexNet { preset, net })
+        Ok(AlexNet { preset, net, classes: Classes::unnamed(classes), transform: Transform::for_preset(preset) })
+    }
+
+    /// A freshly initialised net of `preset` (its own initialisation scheme, [`Init::default_for`]).
+    pub fn init(preset: Preset, seed: u64) -> anyhow::Result<Self> {
+        Self::new(preset, &mut Params::Init(Init::default_for(preset, seed)), &Placement::on(&Device::Cpu))
+    }
+
+    /// The model a weight file holds (anything `--weights` takes: a safetensors, `.pth` or
+    /// `.caffemodel` file, `hf://OWNER/REPO/FILE`, `torchvision`), as the file identifies it
+    /// ([`crate::weights::WeightFile::identify`]: preset, classes, preprocessing), on `device`,
+    /// frozen for inference ([`AlexNet::freeze`]).
+    pub fn load(weights: &str, device: &Device) -> anyhow::Result<Self> {
+        Self::load_as(weights, None, &Placement::on(device))
+    }
+
+    /// [`AlexNet::load`] with the preset given (checked against the file) and the towers placed.
+    pub fn load_as(weights: &str, preset: Option<Preset>, placement: &Placement) -> anyhow::Result<Self> {
+        let path = crate::weights::fetch::resolve(weights)?;
+        let file = WeightFile::open(&path)?.model_weights();
+        let Identity { preset, classes, transform } = file.identify(preset)?;
+        let mut model = Self::with_classes(preset, classes.len(), &mut Params::File(file), placement)?;
+        (model.classes, model.transform) = (classes, transform);
+        model.freeze();
+        Ok(model)
+    }
+
+    /// Writes the weights as safetensors in the preset's names, with what the model is in the
+    /// metadata (preset, class names, and the preprocessing where it is a trained one), so that
+    /// [`AlexNet::load`] gives it back as it is.
+    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("preset".to_string(), self.preset.name().to_string());
+        if self.classes != Classes::unnamed(self.classes.len()) {
+            metadata.insert("classes".to_string(), serde_json::to_string(&self.classes.ids())?);
+        }
+        if self.transform.kind == crate::data::transform::TransformKind::Paper {
+            if let Ok(record) = self.transform.to_record() {
+                metadata.insert("input".to_string(), record);
+            }
+        }
+        crate::weights::save_safetensors(&self.state_dict()?, &metadata, path)
+    }
+
+    /// What the outputs are called.
+    pub fn classes(&self) -> &Classes {
+        &self.classes
+    }
+
+    /// The preprocessing the model's images need: the one it was trained with where its file
+    /// records it, else the preset's ([`Preset::transform`]).
+    pub fn transform(&self) -> &Transform {
+        &self.transform
+    }
+
+    /// The `k` most probable classes of an image, most probable first.
+    pub fn classify(&self, image: &image::RgbImage, k: usize) -> anyhow::Result<Vec<Prediction>> {
+        let crop = self.transform.apply(image, false)?.remove(0);
+        let side = self.transform.crop;
+        let x = Tensor::from_vec(crop, (1, 3, side, side), &Device::Cpu)?.to_device(self.device())?;
+        let logits = self.forward(&x, Mode::Eval)?;
+        let probabilities = candle_nn::ops::softmax_last_dim(&logits)?.to_device(&Device::Cpu)?.get(0)?.to_vec1()?;
+        Ok(self.top_k(&probabilities, k))
+    }
+
+    /// The `k` largest of `probabilities` (one per class) as named predictions.
+    pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
+        crate::eval::top_k(probabilities, k)
+            .into_iter()
+            .map(|i| Prediction {
+                index: i,
+                id: self.classes.id(i).to_string(),
+                name: self.classes.name(i).to_string(),
+                probability: probabilities[i],
+            })
+            .collect()
+    }
+
+    /// The output of `layer` for a preprocessed `[N, 3, H, W]` batch (for transfer learning:
+    /// [`Layer::Fc7`]'s 4096 values an image), on the model's device.
+    pub fn features(&self, batch: &Tensor, layer: Layer) -> anyhow::Result<Tensor> {
+        let name = match layer {
+            Layer::Conv1 => "conv1",
+            Layer::Conv2 => "conv2",
+            Layer::Conv3 => "conv3",
+            Layer::Conv4 => "conv4",
+            Layer::Conv5 => "conv5",
+            Layer::Pool5 => "pool5",
+            Layer::Fc6 => "fc6",
+            Layer::Fc7 => "fc7",
+            Layer::Logits => return self.forward(batch, Mode::Eval),
+        };
+        let (_, steps) = self.forward_traced(batch, Mode::Eval)?;
+        let step = steps.into_iter().find(|s| s.name == name);
+        step.map(|s| s.output).ok_or_else(|| anyhow::anyhow!("the {} preset has no layer {name}", self.preset.name()))
     }
 
     /// Logits `[N, classes]` of an `[N, 3, H, W]` f32 batch.

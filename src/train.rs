@@ -109,6 +109,79 @@ impl Freeze {
     }
 }
 
+/// Training recipes: the defaults of every training setting, in one table ([`TrainConfig::recipe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Recipe {
+    /// Batch 128, SGD momentum 0.9, weight decay 5e-4 (not on biases) with the paper's update,
+    /// lr 0.01 divided by 10 when validation error stops improving (at most 3 times), dropout,
+    /// random crops, flips, PCA colour augmentation (alpha std 0.1), 90 epochs.
+    Paper,
+    /// bvlc_alexnet's solver: batch 256, lr 0.01 x0.1 every 20 epochs (100,000 iterations),
+    /// momentum 0.9, weight decay 5e-4 (not on biases), crops and flips, 90 epochs.
+    Caffe,
+    /// torchvision's reference: batch 256, lr 0.01 x0.1 every 30 epochs, PyTorch's momentum
+    /// rule, weight decay 1e-4 on everything, crops and flips, 90 epochs.
+    Torchvision,
+    /// The paper's Figure 1: "no regularization of any kind": no weight decay, no dropout,
+    /// no augmentation, constant lr.
+    Fig1,
+    /// Fine-tuning pretrained weights (the default with --from): batch 64, lr 0.001 (a new
+    /// last layer 10x), PyTorch's momentum rule, weight decay 5e-4 (not on biases), x0.1
+    /// every 4 epochs, crops and flips, dropout, 10 epochs.
+    Finetune,
+}
+
+impl Recipe {
+    /// The recipe a run takes unless told: fine-tuning's for pretrained weights, the paper's
+    /// Figure 1 for its nets, else the paper's.
+    pub fn default_for(preset: Preset, fine_tuning: bool) -> Self {
+        match preset {
+            _ if fine_tuning => Recipe::Finetune,
+            Preset::Fig1Relu | Preset::Fig1Tanh => Recipe::Fig1,
+            _ => Recipe::Paper,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Every setting as `recipe` has it for `preset` (seed 0, the whole data set, from scratch).
+    pub fn recipe(recipe: Recipe, preset: Preset) -> Self {
+        let (batch_size, lr, weight_decay, rule, decay_biases, schedule, step_epochs, augment) = match recipe {
+            Recipe::Paper => (128, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Plateau, 30, true),
+            Recipe::Caffe => (256, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Step, 20, true),
+            Recipe::Torchvision => (256, 0.01, 1e-4, UpdateRule::Pytorch, true, Schedule::Step, 30, true),
+            Recipe::Fig1 => (128, 0.01, 0.0, UpdateRule::Paper, false, Schedule::Constant, 30, false),
+            Recipe::Finetune => (64, 0.001, 5e-4, UpdateRule::Pytorch, false, Schedule::Step, 4, true),
+        };
+        TrainConfig {
+            preset,
+            epochs: if recipe == Recipe::Finetune { 10 } else { 90 },
+            batch_size,
+            lr,
+            momentum: 0.9,
+            weight_decay,
+            rule,
+            decay_biases,
+            schedule,
+            patience: 1,
+            max_drops: 3,
+            step_epochs,
+            gamma: 0.1,
+            seed: 0,
+            dropout: recipe != Recipe::Fig1,
+            random_crop: augment,
+            flip: augment,
+            pca_std: if augment && recipe == Recipe::Paper { 0.1 } else { 0.0 },
+            // the paper's 0..255 range for its nets; about torchvision's normalisation elsewhere
+            input_scale: if matches!(preset, Preset::Paper | Preset::Caffe) { 1.0 } else { 1.0 / 57.6 },
+            val_crops: 1,
+            limit: None,
+            target_train_error: None,
+            finetune: None,
+        }
+    }
+}
+
 /// Where the schedule stands; saved in every checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScheduleState {
@@ -135,6 +208,28 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Where the towers run; logits, labels and the loss live on tower A's device.
     pub placement: Placement,
+}
+
+impl RunOptions {
+    /// A run of `preset` on the class folders in `data`, writing to `out`, on the CPU: the
+    /// preset's own initialisation seeded with `seed`, no validation set, the newest 3
+    /// checkpoints kept, a log line every 10 steps, a progress bar.
+    pub fn new(data: PathBuf, out: PathBuf, preset: Preset, seed: u64) -> Self {
+        RunOptions {
+            data,
+            val: None,
+            out,
+            init: Init::default_for(preset, seed),
+            expected_classes: None,
+            resume: None,
+            lr_override: None,
+            save_every: None,
+            keep: 3,
+            log_every: 10,
+            quiet: false,
+            placement: Placement::on(&Device::Cpu),
+        }
+    }
 }
 
 /// One line of the JSON-lines log.

@@ -3,8 +3,8 @@
 //! (temporary file, then rename).
 //!
 //! * safetensors (ours, torchvision's or Caffe's names);
-//! * PyTorch `.pth`/`.pt` ([`pth`]: zip or legacy `torch.save`, read without running code);
-//! * Caffe `.caffemodel` ([`caffe`]: protobuf, V1 and current layers, both blob shape forms).
+//! * PyTorch `.pth`/`.pt` (`pth`: zip or legacy `torch.save`, read without running code);
+//! * Caffe `.caffemodel` (`caffe`: protobuf, V1 and current layers, both blob shape forms).
 //!
 //! `--weights` also takes `hf://OWNER/REPO/FILE` and `torchvision` ([`fetch`]).
 
@@ -453,7 +453,7 @@ pub fn save_safetensors(
     })
 }
 
-/// Writes a file through a temporary file in the same folder ([`temporary_path`]), synced and
+/// Writes a file through a temporary file in the same folder (`.NAME.tmpPID`), synced and
 /// renamed into place, so that a crash or a full disk never leaves a half-written file under
 /// the final name. The file is created as any other (mode 0666 less the umask).
 pub fn write_atomically(
@@ -488,7 +488,7 @@ fn temporary_path(path: &Path) -> PathBuf {
 }
 
 /// Removes the temporary files that writers killed mid-write left in `dir` (see
-/// [`temporary_path`]; those of a process still running are kept) and returns how many.
+/// `.NAME.tmpPID`; those of a process still running are kept) and returns how many.
 pub fn remove_stale_temporaries(dir: &Path) -> anyhow::Result<usize> {
     let mut removed = 0;
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
