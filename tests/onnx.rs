@@ -117,8 +117,11 @@ fn value_info(v: &[u8]) -> (String, Vec<String>) {
     (string(v, 1).to_string(), dims)
 }
 
+/// An ONNX file and the weights it holds.
+type Encoded = (Vec<u8>, Vec<(String, Tensor)>);
+
 /// The ONNX file of `preset` with the reference weights, and those weights.
-fn encode(preset: Preset, scope: LrnScope) -> anyhow::Result<(Vec<u8>, Vec<(String, Tensor)>)> {
+fn encode(preset: Preset, scope: LrnScope) -> anyhow::Result<Encoded> {
     let placement = Placement { lrn_scope: scope, ..Placement::on(&Device::Cpu) };
     let model = reference_model(preset, &placement);
     let metadata = [("preset".to_string(), preset.name().to_string())];
@@ -228,7 +231,7 @@ fn every_preset_encodes_its_forward_pass() {
 
 #[test]
 fn tower_scoped_lrn_is_refused() {
-    let err = encode(Preset::CifarTowers, LrnScope::Tower).err().expect("refused").to_string();
+    let err = encode(Preset::CifarTowers, LrnScope::Tower).expect_err("refused").to_string();
     assert!(err.contains("tower boundary"), "{err}");
 }
 
