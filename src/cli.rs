@@ -546,7 +546,7 @@ enum Target {
     Native,
     Torchvision,
     Caffe,
-    /// The net as an ONNX model, weights as initializers ([`crate::onnx`]).
+    /// The whole net as an ONNX model, weights as initializers (src/onnx.rs).
     Onnx,
 }
 
