@@ -76,14 +76,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Convert weights (safetensors, .pth, .caffemodel, hf://, torchvision) to safetensors.
+    /// Convert weights (safetensors, .pth, .caffemodel, hf://, torchvision) to safetensors or ONNX.
     Convert {
         /// The weights to read (anything --weights takes).
         input: String,
-        /// The safetensors file to write (through a temporary file, then renamed).
+        /// The safetensors (or, with --to onnx, ONNX) file to write (through a temporary file,
+        /// then renamed).
         output: PathBuf,
         /// Target names: native (the preset's own: torchvision's or Caffe's), torchvision
-        /// (loads into torchvision.models.alexnet) or caffe (conv1..fc8, grouped layout).
+        /// (loads into torchvision.models.alexnet) or caffe (conv1..fc8, grouped layout); or
+        /// onnx: the whole net as an ONNX model (opset 17) for ONNX Runtime.
         #[arg(long, value_enum, default_value = "native")]
         to: Target,
         /// The preset the input is for (default: detected).
@@ -503,6 +505,8 @@ enum Target {
     Native,
     Torchvision,
     Caffe,
+    /// The whole net as an ONNX model, weights as initializers (src/onnx.rs).
+    Onnx,
 }
 
 /// The flags every command that runs the net shares.
@@ -741,7 +745,6 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
         .collect();
     // Building the model checks every key and shape before anything is written.
     let model = AlexNet::with_classes(preset, classes.len(), &mut Params::File(file), &Placement::on(&Device::Cpu))?;
-    let tensors = model.state_dict()?;
     let mut metadata: std::collections::HashMap<String, String> = [
         ("format", "pt".to_string()), // what safetensors.torch writes
         ("preset", preset.name().to_string()),
@@ -754,6 +757,15 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     metadata.extend(recorded);
+    if to == Target::Onnx {
+        metadata.remove("format"); // safetensors' own
+        let mut metadata: Vec<(String, String)> = metadata.into_iter().collect();
+        metadata.sort(); // the same file for the same input
+        crate::onnx::OnnxModel::new(&model, &metadata)?.save(output)?;
+        eprintln!("wrote the {} preset as ONNX (opset {}) to {}", preset.name(), crate::onnx::OPSET, output.display());
+        return Ok(());
+    }
+    let tensors = model.state_dict()?;
     save_safetensors(&tensors, &metadata, output)?;
     eprintln!("wrote {} tensors ({} preset) to {}", tensors.len(), preset.name(), output.display());
     Ok(())

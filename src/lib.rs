@@ -39,6 +39,7 @@ pub mod device;
 pub mod eval;
 pub mod init;
 pub mod model;
+pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod plot;

@@ -406,6 +406,15 @@ impl AlexNet {
         }
     }
 
+    /// The LRN of the two-tower presets (after conv1 and conv2) and where its windows look;
+    /// None for the nets without LRN. What an exporter needs to write the same normalisation.
+    pub fn lrn(&self) -> Option<(Lrn, LrnScope)> {
+        match &self.net {
+            Net::Towers(net) => Some((net.lrn, net.lrn_scope)),
+            Net::Single(_) | Net::Small(_) => None,
+        }
+    }
+
     /// Every parameter in the source's order and layout.
     pub fn parameters(&self) -> Vec<Param> {
         match &self.net {
