@@ -69,24 +69,36 @@ pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &
     matmul(n, o, k, y, true, (x, k as isize, 1), (w, 1, k as isize), threads);
 }
 
-/// Whether [`matmul_wt_strips`] can run here (AVX-512).
+/// Whether [`matmul_wt_strips`] can run here (AVX2 or AVX-512).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn strips_available() -> bool {
-    crate::ops::Isa::avx512()
+    crate::ops::Isa::avx2()
 }
 
-/// `w` `[o, k]` as [`matmul_wt_strips`] reads it: strips of 16 rows, each stored k-major
-/// (`strips[s, kk, lane] = w[16 s + lane, kk]`), rows past `o` 0 up to a whole task's strips.
+/// Rows per strip and rows per task of the strip form at this level (16 and 64 with AVX-512,
+/// 8 and 32 with AVX2): strips are as wide as the vectors.
+#[cfg(target_arch = "x86_64")]
+fn strip_geometry() -> (usize, usize) {
+    if crate::ops::Isa::avx512() {
+        (strip_form_avx512::LANES, strip_form_avx512::ROWS_PER_TASK)
+    } else {
+        (strip_form_avx2::LANES, strip_form_avx2::ROWS_PER_TASK)
+    }
+}
+
+/// `w` `[o, k]` as [`matmul_wt_strips`] reads it: strips of a vector's lanes of rows, each
+/// stored k-major (`strips[s, kk, lane] = w[lanes s + lane, kk]`), rows past `o` 0 up to a
+/// whole task's strips.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    const LANES: usize = strip_form::LANES;
+    let (lanes, _) = strip_geometry();
     let mut strips = vec![0f32; strips_len(o, k)];
     if k == 0 {
         return strips;
     }
-    strips.par_chunks_mut(k * LANES).zip(w[..o * k].par_chunks(LANES * k)).for_each(|(strip, rows)| {
-        super::transpose::transpose(rows.len() / k, k, rows, k, strip, LANES);
+    strips.par_chunks_mut(k * lanes).zip(w[..o * k].par_chunks(lanes * k)).for_each(|(strip, rows)| {
+        super::transpose::transpose(rows.len() / k, k, rows, k, strip, lanes);
     });
     strips
 }
@@ -94,11 +106,11 @@ pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
 /// The length of [`pack_strips`]'s output.
 #[cfg(target_arch = "x86_64")]
 fn strips_len(o: usize, k: usize) -> usize {
-    o.next_multiple_of(strip_form::ROWS_PER_TASK) * k
+    o.next_multiple_of(strip_geometry().1) * k
 }
 
 /// [`matmul_wt`] from `w` packed by [`pack_strips`] ([`strips_available`]): the rows of `w`
-/// in the lanes and `x` broadcast, each task 4 strips (64 rows) in blocks of k, every block of
+/// in the lanes and `x` broadcast, each task 4 strips (64 rows; 32 with AVX2) in blocks of k, every block of
 /// 6 images passing a block of the strips while it stays in L2. Against `w` as stored (the dot
 /// form below 32 images, the lane form from 32), in a model frozen for inference (torchvision,
 /// alternated in one process):
@@ -122,9 +134,13 @@ pub(crate) fn matmul_wt_strips(n: usize, o: usize, k: usize, x: &[f32], strips: 
     if n == 0 || o == 0 || k == 0 {
         return; // nothing to add
     }
-    add_by_row_tasks(strips, o, k, strip_form::ROWS_PER_TASK, n, n, y, |strips, part| {
-        // SAFETY: AVX-512F is present (`strips_available`); sizes asserted inside.
-        unsafe { strip_form::strips_times_x(strips, x, n, k, part) }
+    type Kernel = unsafe fn(&[f32], &[f32], usize, usize, &mut [f32]);
+    let kernel: Kernel =
+        if crate::ops::Isa::avx512() { strip_form_avx512::strips_times_x } else { strip_form_avx2::strips_times_x };
+    add_by_row_tasks(strips, o, k, strip_geometry().1, n, n, y, |strips, part| {
+        // SAFETY: the level's kernel, whose features the CPU has (`strips_available`, and the
+        // AVX-512 one only at that level); sizes asserted inside.
+        unsafe { kernel(strips, x, n, k, part) }
     });
 }
 
@@ -472,82 +488,124 @@ mod lane_form {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod strip_form {
-    use std::arch::x86_64::*;
+/// The strip form's kernels, written once for a vector width: AVX-512 (16 lanes) and AVX2 +
+/// FMA (8 lanes). Strips are as many rows as a vector has lanes, so both sum each output in
+/// order of k with fused multiply-adds: the same bits at either level.
+macro_rules! strip_form {
+    ($name:ident, $feature:literal, $vector:ty, $lanes:literal, $images:literal,
+     $load:ident, $store:ident, $fmadd:ident, $set1:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        pub(super) mod $name {
+            use std::arch::x86_64::*;
 
-    pub(super) const LANES: usize = 16;
-    /// Strips a task takes side by side: 4 streams through w for each core, and at batch 1 as
-    /// many chains of fused multiply-adds (each waits on its last) as the FMA units can overlap.
-    /// (2, 6 or 8 strips at batch 1: level to 8% slower.) [`super::pack_strips`] pads the strips
-    /// to a multiple of this.
-    pub(super) const STRIPS: usize = 4;
-    pub(super) const ROWS_PER_TASK: usize = STRIPS * LANES;
-    /// Images per register block: 4 x 6 accumulators, the broadcasts of x taken from memory.
-    /// (4 or 8: torchvision's pass at batch 16 78.3 -> 79.4 / 80.6 ms, at 64 306 -> 312 / 330.)
-    const IMAGES: usize = 6;
-    /// Values of k per block: the task's strips' block (256 KB) stays in L2 while every block of
-    /// images passes it. (512 or 2048: level at batch 1, 16 and 64.)
-    const K_BLOCK: usize = 1024;
+            pub(crate) const LANES: usize = $lanes;
+            /// Strips a task takes side by side: 4 streams through w for each core, and at batch
+            /// 1 as many chains of fused multiply-adds (each waits on its last) as the FMA units
+            /// can overlap. (2, 6 or 8 strips of 16 at batch 1: level to 8% slower.)
+            /// [`super::pack_strips`] pads the strips to a multiple of this.
+            pub(crate) const STRIPS: usize = 4;
+            pub(crate) const ROWS_PER_TASK: usize = STRIPS * LANES;
+            /// Images per register block: 4 x 6 accumulators of 16 lanes (4 or 8 images:
+            /// torchvision's pass at batch 16 78.3 -> 79.4 / 80.6 ms, at 64 306 -> 312 / 330);
+            /// 4 x 3 of 8 lanes, which with a vector of w and a broadcast fill AVX2's 16
+            /// registers.
+            const IMAGES: usize = $images;
+            /// Values of k per block: the task's strips' block (256 KB at 16 lanes) stays in L2
+            /// while every block of images passes it. (512 or 2048: level at batch 1, 16, 64.)
+            const K_BLOCK: usize = 1024;
 
-    /// `part[r, i] = Σ_k w[r, k] · x[i, k]` for the rows of a task's strips, each sum in order of
-    /// k (a block of k goes on from the last block's sums).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn strips_times_x(strips: &[f32], x: &[f32], n: usize, k: usize, part: &mut [f32]) {
-        assert!(strips.len() == STRIPS * k * LANES && x.len() >= n * k && part.len() == ROWS_PER_TASK * n);
-        let mut sums = vec![0f32; n * ROWS_PER_TASK]; // [image, row]
-        for k0 in (0..k).step_by(K_BLOCK) {
-            let ks = k0..(k0 + K_BLOCK).min(k);
-            // blocks as even as can be (16 images: 6 + 5 + 5)
-            let blocks = n.div_ceil(IMAGES);
-            let mut i = 0;
-            for b in 0..blocks {
-                let c = (n - i) / (blocks - b);
-                let sums = &mut sums[i * ROWS_PER_TASK..][..c * ROWS_PER_TASK];
-                let x = &x[i * k..];
-                match c {
-                    1 => block::<1>(strips, x, k, ks.clone(), sums),
-                    2 => block::<2>(strips, x, k, ks.clone(), sums),
-                    3 => block::<3>(strips, x, k, ks.clone(), sums),
-                    4 => block::<4>(strips, x, k, ks.clone(), sums),
-                    5 => block::<5>(strips, x, k, ks.clone(), sums),
-                    _ => block::<IMAGES>(strips, x, k, ks.clone(), sums),
+            /// `part[r, i] = Σ_k w[r, k] · x[i, k]` for the rows of a task's strips, each sum in
+            /// order of k (a block of k goes on from the last block's sums).
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this module is built for.
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn strips_times_x(strips: &[f32], x: &[f32], n: usize, k: usize, part: &mut [f32]) {
+                assert!(strips.len() == STRIPS * k * LANES && x.len() >= n * k && part.len() == ROWS_PER_TASK * n);
+                let mut sums = vec![0f32; n * ROWS_PER_TASK]; // [image, row]
+                for k0 in (0..k).step_by(K_BLOCK) {
+                    let ks = k0..(k0 + K_BLOCK).min(k);
+                    // blocks as even as can be (16 images: 6 + 5 + 5)
+                    let blocks = n.div_ceil(IMAGES);
+                    let mut i = 0;
+                    for b in 0..blocks {
+                        let c = (n - i) / (blocks - b);
+                        let sums = &mut sums[i * ROWS_PER_TASK..][..c * ROWS_PER_TASK];
+                        let x = &x[i * k..];
+                        match c {
+                            1 => block::<1>(strips, x, k, ks.clone(), sums),
+                            2 => block::<2>(strips, x, k, ks.clone(), sums),
+                            3 => block::<3>(strips, x, k, ks.clone(), sums),
+                            4 => block::<4>(strips, x, k, ks.clone(), sums),
+                            5 => block::<5>(strips, x, k, ks.clone(), sums),
+                            _ => block::<IMAGES>(strips, x, k, ks.clone(), sums),
+                        }
+                        i += c;
+                    }
                 }
-                i += c;
-            }
-        }
-        for (i, row_sums) in sums.chunks(ROWS_PER_TASK).enumerate() {
-            for (r, &v) in row_sums.iter().enumerate() {
-                part[r * n + i] = v;
-            }
-        }
-    }
-
-    /// The strips against `C` images over the values `ks` of k: for each k, a vector of 16 rows
-    /// of each strip times each image's value broadcast, one accumulator per strip and image,
-    /// taken from `sums` (`[image, row]`) and put back.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<const C: usize>(strips: &[f32], x: &[f32], k: usize, ks: std::ops::Range<usize>, sums: &mut [f32]) {
-        assert!(ks.end <= k && x.len() >= (C - 1) * k + ks.end && sums.len() == C * ROWS_PER_TASK);
-        let (w, s_at) = (strips.as_ptr(), |s: usize, c: usize| (c * STRIPS + s) * LANES);
-        let mut acc: [[__m512; C]; STRIPS] =
-            std::array::from_fn(|s| std::array::from_fn(|c| _mm512_loadu_ps(sums.as_ptr().add(s_at(s, c)))));
-        for kk in ks {
-            for (s, acc_s) in acc.iter_mut().enumerate() {
-                let wv = _mm512_loadu_ps(w.add((s * k + kk) * LANES));
-                for (c, a) in acc_s.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(wv, _mm512_set1_ps(*x.get_unchecked(c * k + kk)), *a);
+                for (i, row_sums) in sums.chunks(ROWS_PER_TASK).enumerate() {
+                    for (r, &v) in row_sums.iter().enumerate() {
+                        part[r * n + i] = v;
+                    }
                 }
             }
-        }
-        for (s, acc_s) in acc.iter().enumerate() {
-            for (c, &a) in acc_s.iter().enumerate() {
-                _mm512_storeu_ps(sums.as_mut_ptr().add(s_at(s, c)), a);
+
+            /// The strips against `C` images over the values `ks` of k: for each k, a vector of
+            /// rows of each strip times each image's value broadcast, one accumulator per strip
+            /// and image, taken from `sums` (`[image, row]`) and put back.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn block<const C: usize>(
+                strips: &[f32],
+                x: &[f32],
+                k: usize,
+                ks: std::ops::Range<usize>,
+                sums: &mut [f32],
+            ) {
+                assert!(ks.end <= k && x.len() >= (C - 1) * k + ks.end && sums.len() == C * ROWS_PER_TASK);
+                let (w, s_at) = (strips.as_ptr(), |s: usize, c: usize| (c * STRIPS + s) * LANES);
+                let mut acc: [[$vector; C]; STRIPS] =
+                    std::array::from_fn(|s| std::array::from_fn(|c| $load(sums.as_ptr().add(s_at(s, c)))));
+                for kk in ks {
+                    for (s, acc_s) in acc.iter_mut().enumerate() {
+                        let wv = $load(w.add((s * k + kk) * LANES));
+                        for (c, a) in acc_s.iter_mut().enumerate() {
+                            *a = $fmadd(wv, $set1(*x.get_unchecked(c * k + kk)), *a);
+                        }
+                    }
+                }
+                for (s, acc_s) in acc.iter().enumerate() {
+                    for (c, &a) in acc_s.iter().enumerate() {
+                        $store(sums.as_mut_ptr().add(s_at(s, c)), a);
+                    }
+                }
             }
         }
-    }
+    };
 }
+
+strip_form!(
+    strip_form_avx512,
+    "avx512f",
+    __m512,
+    16,
+    6,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_fmadd_ps,
+    _mm512_set1_ps
+);
+strip_form!(
+    strip_form_avx2,
+    "avx2,fma",
+    __m256,
+    8,
+    3,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_fmadd_ps,
+    _mm256_set1_ps
+);
 
 #[cfg(target_arch = "x86_64")]
 mod dot_form {
@@ -883,7 +941,7 @@ mod tests {
     #[test]
     fn matmul_wt_strips_sums_in_order_of_k() {
         if !super::strips_available() {
-            return; // no AVX-512 here
+            return; // no AVX2 here
         }
         let sizes =
             [(1, 1, 7), (2, 37, 100), (1, 100, 1030), (2, 16, 16), (1, 64, 5), (2, 65, 3), (1, 4, 0), (0, 3, 5)];

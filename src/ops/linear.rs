@@ -25,11 +25,12 @@ pub fn linear_relu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Linear { relu: true, prepared: None }.apply(x, w, b)
 }
 
-/// [`linear`], or [`linear_relu`] if `relu`, for weights that no longer change: with AVX-512,
-/// `w` is read in strips of 16 rows (packed on the first call and kept in `prepared`): a
-/// model's whole pass 3-10% faster than with `w` as stored below 32 images, level from 32.
-/// Each output is then
-/// summed in order of k, so its last bits may differ from [`linear`]'s.
+/// [`linear`], or [`linear_relu`] if `relu`, for weights that no longer change: with AVX-512
+/// or AVX2, `w` is read in strips of a vector's rows (16 or 8; packed on the first call and
+/// kept in `prepared`): with AVX-512 a model's whole pass 3-10% faster than with `w` as stored
+/// below 32 images, level from 32; with AVX2, where `w` as stored goes to the `gemm` crate,
+/// fc6-8 several times faster. Each output is then summed in order of k (the same bits at
+/// either level), so its last bits may differ from [`linear`]'s.
 pub fn linear_prepared(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, prepared: &Arc<Prepared>) -> Result<Tensor> {
     Linear { relu, prepared: Some(prepared.clone()) }.apply(x, w, b)
 }

@@ -347,9 +347,13 @@ fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: us
     let mut first = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::ops::Isa::avx512() {
-        first = pairs / LANES * LANES;
-        // SAFETY: AVX-512F is present.
+        first = pairs / avx512::WIDTH * avx512::WIDTH;
+        // SAFETY: AVX-512F is present (the level is AVX-512).
         unsafe { avx512::kernel_grads::<F, M, R, A>(sums, &mut taps, first) };
+    } else if crate::ops::Isa::avx2() {
+        first = pairs / avx2::WIDTH * avx2::WIDTH;
+        // SAFETY: AVX2 and FMA are present (the level is at least AVX2).
+        unsafe { avx2::kernel_grads::<F, M, R, A>(sums, &mut taps, first) };
     }
     for pair in first..pairs {
         let block = transform_tile::<f32, KernelGrad<F, M, R, A>, R, A>(|xi| sums[xi * pairs + pair]);
@@ -382,16 +386,20 @@ fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const 
         transpose(o, R * R, &w[ci * R * R..], c * R * R, block, o);
     });
     #[cfg(target_arch = "x86_64")]
-    let avx512 = crate::ops::Isa::avx512();
+    let (avx512, avx2) = (crate::ops::Isa::avx512(), crate::ops::Isa::avx2());
     let mut u = super::super::zeros(A * A * pairs);
     u.par_chunks_mut(A * pairs).enumerate().for_each(|(i, u_row)| {
         let mut first = 0;
+        // a vector of kernels at a time, all of one input channel
         #[cfg(target_arch = "x86_64")]
-        if avx512 && o.is_multiple_of(LANES) {
-            // 16 kernels at a time, all of one input channel
+        if avx512 && o.is_multiple_of(avx512::WIDTH) {
             first = pairs;
-            // SAFETY: AVX-512F is present.
+            // SAFETY: AVX-512F is present (the level is AVX-512).
             unsafe { avx512::transform_kernels::<F, M, R, A>(i, &taps, o, u_row) };
+        } else if avx2 && o.is_multiple_of(avx2::WIDTH) {
+            first = pairs;
+            // SAFETY: AVX2 and FMA are present (the level is at least AVX2).
+            unsafe { avx2::transform_kernels::<F, M, R, A>(i, &taps, o, u_row) };
         }
         for pair in first..pairs {
             let (ci, oc) = (pair / o, pair % o);
@@ -611,7 +619,7 @@ impl Tiling {
         let rows =
             pieces_by_index(positions.map(|p| &mut p[first * self.channels..][..image_len]), row_len, self.tiles_y);
         #[cfg(target_arch = "x86_64")]
-        let avx512 = crate::ops::Isa::avx512();
+        let (avx512, avx2) = (crate::ops::Isa::avx512(), crate::ops::Isa::avx2());
         let row_of_tiles = |ty: usize, out: &mut [&mut [f32]]| {
             assert!(out.len() == ROWS * ROWS && out.iter().all(|part| part.len() == row_len));
             for tx in 0..self.tiles_x {
@@ -622,9 +630,20 @@ impl Tiling {
                     let to = tx * self.channels + c0; // in each position's part
                     #[cfg(target_arch = "x86_64")]
                     if avx512 && lanes == LANES {
-                        // SAFETY: AVX-512F is present; each part holds the row's tiles (asserted
-                        // above), `to + 16` values.
+                        // SAFETY: AVX-512F is present (the level is AVX-512); each part holds the
+                        // row's tiles (asserted above), `to + 16` values.
                         unsafe { avx512::transform_patch::<K, ROWS, COLS>(patch, pw * cp, cp, out, to) };
+                        continue;
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 && lanes == LANES {
+                        for half in [0, avx2::WIDTH] {
+                            // SAFETY: AVX2 and FMA are present (the level is at least AVX2); the
+                            // patch and each part hold the channels' values (asserted inside).
+                            unsafe {
+                                avx2::transform_patch::<K, ROWS, COLS>(&patch[half..], pw * cp, cp, out, to + half)
+                            };
+                        }
                         continue;
                     }
                     for l in 0..lanes {
@@ -652,9 +671,21 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::ops::Isa::avx512() {
-        // SAFETY: AVX-512F is present.
+        // SAFETY: AVX-512F is present (the level is AVX-512).
         return unsafe { avx512::transform_output::<F, M, R, A>(g, m, ld, first, b, relu, y) };
     }
+    // AVX2 takes the channels in groups of 8, the portable path any last few
+    #[allow(unused_mut)]
+    let mut vectors = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::Isa::avx2() {
+        vectors = b.len() / avx2::WIDTH * avx2::WIDTH;
+        // SAFETY: AVX2 and FMA are present (the level is at least AVX2); sizes asserted inside.
+        unsafe {
+            avx2::transform_output::<F, M, R, A>(g, m, ld, first, &b[..vectors], relu, &mut y[..vectors * g.ohw()])
+        };
+    }
+    let (m, b, y) = (&m[vectors..], &b[vectors..], &mut y[vectors * g.ohw()..]);
     let tiles_x = g.ow.div_ceil(M);
     let plane = g.o * ld; // between the positions ξ in `m`
     for (oc, (y_plane, &bias)) in y.chunks_mut(g.ohw()).zip(b).enumerate() {
@@ -672,102 +703,141 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
     }
 }
 
+/// The transforms on vectors of `$width` channels: the same operations in the same order as
+/// on one value ([`Lanes`]), for each level's module below.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector_transforms {
+    ($feature:literal, $vector:ty, $width:literal, $setzero:ident, $add:ident, $sub:ident, $mul:ident,
+     $set1:ident, $load:ident, $store:ident) => {
+        /// A vector of channels. Values of this type exist only inside the functions below,
+        /// which run where the CPU has the module's target feature.
+        #[derive(Clone, Copy)]
+        struct Vector($vector);
+
+        /// Channels to a vector.
+        pub(super) const WIDTH: usize = $width;
+
+        impl Default for Vector {
+            #[inline(always)]
+            fn default() -> Vector {
+                // SAFETY: see `Vector`.
+                Vector(unsafe { $setzero() })
+            }
+        }
+
+        impl Lanes for Vector {
+            #[inline(always)]
+            fn add(self, other: Vector) -> Vector {
+                // SAFETY: see `Vector`.
+                Vector(unsafe { $add(self.0, other.0) })
+            }
+            #[inline(always)]
+            fn sub(self, other: Vector) -> Vector {
+                // SAFETY: see `Vector`.
+                Vector(unsafe { $sub(self.0, other.0) })
+            }
+            #[inline(always)]
+            fn scale(self, factor: f32) -> Vector {
+                // SAFETY: see `Vector`.
+                Vector(unsafe { $mul(self.0, $set1(factor)) })
+            }
+        }
+
+        /// [`super::transform_kernel`] of all the kernels, `WIDTH` at a time: `taps[ci, (r, s),
+        /// oc]` for `o` output channels (a multiple of `WIDTH`), row `i` of `U` stored at
+        /// `u_row[j * pairs + pair]`.
+        ///
+        /// # Safety
+        /// The CPU must have the module's target feature.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn transform_kernels<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+            i: usize,
+            taps: &[f32],
+            o: usize,
+            u_row: &mut [f32],
+        ) {
+            let pairs = taps.len() / (R * R);
+            assert!(o.is_multiple_of(WIDTH) && pairs.is_multiple_of(o) && u_row.len() == A * pairs);
+            for first in (0..pairs).step_by(WIDTH) {
+                let block = &taps[first / o * R * R * o + first % o..];
+                let g = |r: usize, s: usize| Vector($load(block[(r * R + s) * o..][..WIDTH].as_ptr()));
+                let store = |j: usize, value: Vector| $store(u_row.as_mut_ptr().add(j * pairs + first), value.0);
+                super::transform_kernel::<Vector, F, M, R, A>(i, g, store);
+            }
+        }
+
+        /// [`super::kernel_grads`] of the first `count` kernels (a multiple of `WIDTH`), `WIDTH`
+        /// at a time.
+        ///
+        /// # Safety
+        /// The CPU must have the module's target feature.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+            sums: &[f32],
+            taps: &mut [f32],
+            count: usize,
+        ) {
+            let pairs = taps.len() / (R * R);
+            assert!(count.is_multiple_of(WIDTH) && count <= pairs && sums.len() == A * A * pairs);
+            for first in (0..count).step_by(WIDTH) {
+                let s = |xi: usize| Vector($load(sums.as_ptr().add(xi * pairs + first)));
+                let block = transform_tile::<Vector, KernelGrad<F, M, R, A>, R, A>(s);
+                for (r, row) in block.iter().enumerate() {
+                    for (t, value) in row.iter().enumerate() {
+                        $store(taps.as_mut_ptr().add((r * R + t) * pairs + first), value.0);
+                    }
+                }
+            }
+        }
+
+        /// [`super::transform_patch`] of one patch of `WIDTH` channels: `d(r, s)` at `patch[r *
+        /// row + s * pixel..]`, value ξ stored at `out[ξ][at..]`, where the caller makes sure
+        /// that every `out[ξ]` holds `at + WIDTH` values.
+        ///
+        /// # Safety
+        /// The CPU must have the module's target feature.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn transform_patch<K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
+            patch: &[f32],
+            row: usize,
+            pixel: usize,
+            out: &mut [&mut [f32]],
+            at: usize,
+        ) {
+            assert!(patch.len() >= (COLS - 1) * (row + pixel) + WIDTH && out.len() == ROWS * ROWS);
+            assert!(out.iter().all(|part| part.len() >= at + WIDTH));
+            let d = |r: usize, s: usize| Vector($load(patch.as_ptr().add(r * row + s * pixel)));
+            let store = |xi: usize, value: Vector| $store(out[xi].as_mut_ptr().add(at), value.0);
+            super::transform_patch::<Vector, K, ROWS, COLS>(d, store);
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{transform_tile, Geometry, KernelGrad, Lanes, Matrix, Minimal, OutputT};
     use crate::ops::{first_lanes, relu_lanes};
     use std::arch::x86_64::*;
 
-    /// 16 lanes. Values of this type exist only inside the functions below, which run where
-    /// the CPU has AVX-512F.
-    #[derive(Clone, Copy)]
-    struct Vector(__m512);
-
-    impl Default for Vector {
-        #[inline(always)]
-        fn default() -> Vector {
-            // SAFETY: see `Vector`.
-            Vector(unsafe { _mm512_setzero_ps() })
-        }
-    }
-
-    impl Lanes for Vector {
-        #[inline(always)]
-        fn add(self, other: Vector) -> Vector {
-            // SAFETY: see `Vector`.
-            Vector(unsafe { _mm512_add_ps(self.0, other.0) })
-        }
-        #[inline(always)]
-        fn sub(self, other: Vector) -> Vector {
-            // SAFETY: see `Vector`.
-            Vector(unsafe { _mm512_sub_ps(self.0, other.0) })
-        }
-        #[inline(always)]
-        fn scale(self, factor: f32) -> Vector {
-            // SAFETY: see `Vector`.
-            Vector(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(factor)) })
-        }
-    }
-
-    /// [`super::transform_kernel`] of all the kernels, 16 at a time: `taps[ci, (r, s), oc]` for
-    /// `o` output channels (a multiple of 16), row `i` of `U` stored at `u_row[j * pairs + pair]`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transform_kernels<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
-        i: usize,
-        taps: &[f32],
-        o: usize,
-        u_row: &mut [f32],
-    ) {
-        let pairs = taps.len() / (R * R);
-        assert!(o.is_multiple_of(16) && pairs.is_multiple_of(o) && u_row.len() == A * pairs);
-        for first in (0..pairs).step_by(16) {
-            let block = &taps[first / o * R * R * o + first % o..];
-            let g = |r: usize, s: usize| Vector(_mm512_loadu_ps(block[(r * R + s) * o..][..16].as_ptr()));
-            let store = |j: usize, value: Vector| _mm512_storeu_ps(u_row.as_mut_ptr().add(j * pairs + first), value.0);
-            super::transform_kernel::<Vector, F, M, R, A>(i, g, store);
-        }
-    }
-
-    /// [`super::kernel_grads`] of the first `count` kernels (a multiple of 16), 16 at a time.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
-        sums: &[f32],
-        taps: &mut [f32],
-        count: usize,
-    ) {
-        let pairs = taps.len() / (R * R);
-        assert!(count.is_multiple_of(16) && count <= pairs && sums.len() == A * A * pairs);
-        for first in (0..count).step_by(16) {
-            let s = |xi: usize| Vector(_mm512_loadu_ps(sums.as_ptr().add(xi * pairs + first)));
-            let block = transform_tile::<Vector, KernelGrad<F, M, R, A>, R, A>(s);
-            for (r, row) in block.iter().enumerate() {
-                for (t, value) in row.iter().enumerate() {
-                    _mm512_storeu_ps(taps.as_mut_ptr().add((r * R + t) * pairs + first), value.0);
-                }
-            }
-        }
-    }
-
-    /// [`super::transform_patch`] of one patch of 16 channels: `d(r, s)` at `patch[r * row +
-    /// s * pixel..]`, value ξ stored at `out[ξ][at..]`, where the caller makes sure that every
-    /// `out[ξ]` holds `at + 16` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transform_patch<K: Matrix<ROWS, COLS>, const ROWS: usize, const COLS: usize>(
-        patch: &[f32],
-        row: usize,
-        pixel: usize,
-        out: &mut [&mut [f32]],
-        at: usize,
-    ) {
-        assert!(patch.len() >= (COLS - 1) * (row + pixel) + 16 && out.len() == ROWS * ROWS);
-        let d = |r: usize, s: usize| Vector(_mm512_loadu_ps(patch.as_ptr().add(r * row + s * pixel)));
-        let store = |xi: usize, value: Vector| _mm512_storeu_ps(out[xi].as_mut_ptr().add(at), value.0);
-        super::transform_patch::<Vector, K, ROWS, COLS>(d, store);
-    }
+    vector_transforms!(
+        "avx512f",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_mul_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps
+    );
 
     /// [`super::transform_output`] with 16 output channels to a vector (they lie side by side
     /// in each row of `M`), each output of a tile scattered to its place in the 16 planes.
     /// (Staged channels-last and transposed into the planes instead, it took as long.)
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
         g: &Geometry,
@@ -805,6 +875,75 @@ mod avx512 {
                         let pixel = _mm512_set1_epi32(((oy + r) * g.ow + ox + s) as i32);
                         let index = _mm512_add_epi32(planes, pixel);
                         _mm512_mask_i32scatter_ps::<4>(y.as_mut_ptr().add(c0 * ohw).cast(), lanes, index, value);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The same with AVX2: 8 channels to a vector; the output transform stores each lane to its
+/// plane (AVX2 has no scatter).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{transform_tile, Geometry, KernelGrad, Lanes, Matrix, Minimal, OutputT};
+    use std::arch::x86_64::*;
+
+    vector_transforms!(
+        "avx2,fma",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_mul_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps
+    );
+
+    /// [`super::transform_output`] for the output channels `b` from the first on in groups of
+    /// 8 (the caller takes any last few): each output of a tile, bias added (and the ReLU),
+    /// stored lane by lane to its place in the 8 planes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usize>(
+        g: &Geometry,
+        m: &[f32],
+        ld: usize,
+        first: usize,
+        b: &[f32],
+        relu: bool,
+        y: &mut [f32],
+    ) {
+        let (tiles_x, ohw) = (g.ow.div_ceil(M), g.ohw());
+        let tiles = g.oh.div_ceil(M) * tiles_x;
+        let plane = g.o * ld; // between the positions ξ in `m`
+        let whole = b.len() / WIDTH * WIDTH;
+        assert!(b.len() <= g.o && m.len() >= (A * A - 1) * plane + (first + tiles - 1) * g.o + b.len());
+        assert!(y.len() == b.len() * ohw);
+        for tile in 0..tiles {
+            let (oy, ox) = (M * (tile / tiles_x), M * (tile % tiles_x));
+            for c0 in (0..whole).step_by(WIDTH) {
+                let bias = _mm256_loadu_ps(b.as_ptr().add(c0));
+                let at = (first + tile) * g.o + c0;
+                let m = |xi: usize| Vector(_mm256_loadu_ps(m.as_ptr().add(xi * plane + at)));
+                let block = transform_tile::<Vector, OutputT<F, M, R, A>, M, A>(m);
+                for (r, row) in block.iter().enumerate().take(g.oh - oy) {
+                    for (s, value) in row.iter().enumerate().take(g.ow - ox) {
+                        let mut value = _mm256_add_ps(value.0, bias);
+                        if relu {
+                            // `maxps(0, v)`: as `relu_lanes`, `v` for v >= 0, -0 and NaN
+                            value = _mm256_max_ps(_mm256_setzero_ps(), value);
+                        }
+                        let mut lanes = [0f32; WIDTH];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), value);
+                        let pixel = (oy + r) * g.ow + ox + s;
+                        for (l, &v) in lanes.iter().enumerate() {
+                            y[(c0 + l) * ohw + pixel] = v;
+                        }
                     }
                 }
             }
