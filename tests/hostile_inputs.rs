@@ -179,15 +179,11 @@ fn a_mutation_fuzzer_finds_no_panics_in_images_means_and_devkit_files() {
     // a mean image of 3 x 256 x 256 values: in a .npy, and as a BlobProto (fields 1-4: num,
     // channels, height, width; 5: packed float data)
     let values: Vec<f32> = (0..3 * 256 * 256).map(|i| (i % 251) as f32).collect();
-    let mut blob = vec![0x08, 1, 0x10, 3, 0x18, 0x80, 0x02, 0x20, 0x80, 0x02, 0x2a];
-    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut len = data.len() as u64;
-    while len >= 0x80 {
-        blob.push((len as u8) | 0x80);
-        len >>= 7;
+    let mut blob = Vec::new();
+    for (number, value) in [(1, 1), (2, 3), (3, 256), (4, 256)] {
+        field_varint(&mut blob, number, value);
     }
-    blob.push(len as u8);
-    blob.extend(data);
+    field(&mut blob, 5, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
     let means: [(&str, Vec<u8>, AsFile); 2] =
         [("a mean .npy", npy(&values), &|m| m), ("a mean .binaryproto", blob, &|m| m)];
     fuzz(&means, 300, "mean", |path| Mean::load(path).is_ok());

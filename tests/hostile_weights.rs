@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alexnet::weights::WeightFile;
-use common::{fuzz, AsFile};
+use common::{field, field_varint, fuzz, varint, AsFile};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
 
@@ -84,26 +84,6 @@ fn legacy_pth(object: &[u8], storages: &[(&str, &[f32])]) -> Vec<u8> {
         values.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
     }
     bytes
-}
-
-/// Protobuf: a varint, a length-delimited field, a varint field.
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn field(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
-    varint(out, number << 3 | 2);
-    varint(out, payload.len() as u64);
-    out.extend_from_slice(payload);
-}
-
-fn field_varint(out: &mut Vec<u8>, number: u64, v: u64) {
-    varint(out, number << 3);
-    varint(out, v);
 }
 
 /// A caffemodel of one (current-form) layer `name` with the given BlobProtos.

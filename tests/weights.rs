@@ -57,25 +57,6 @@ fn small_caffemodels_in_every_form_load() {
 
 // ---- full-size caffemodels, re-encoded here and checked against protobuf's bytes ----------
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn field(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
-    varint(out, number << 3 | 2);
-    varint(out, payload.len() as u64);
-    out.extend_from_slice(payload);
-}
-
-fn field_varint(out: &mut Vec<u8>, number: u64, v: u64) {
-    varint(out, number << 3);
-    varint(out, v);
-}
-
 /// A BlobProto as protobuf serialises it: legacy (num, channels, height, width) or BlobShape.
 fn blob(t: &Tensor, legacy: bool) -> Vec<u8> {
     let mut b = Vec::new();

@@ -236,3 +236,23 @@ pub fn fuzz(seeds: &[(&str, Vec<u8>, AsFile)], default: usize, file_name: &str, 
         panic!("{} mutants panicked (kept in {}): {}", panics.len(), kept.display(), panics.join(", "));
     }
 }
+
+/// Protobuf, for writing test files: a varint, a length-delimited field, a varint field.
+pub fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub fn field(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
+    varint(out, number << 3 | 2);
+    varint(out, payload.len() as u64);
+    out.extend_from_slice(payload);
+}
+
+pub fn field_varint(out: &mut Vec<u8>, number: u64, v: u64) {
+    varint(out, number << 3);
+    varint(out, v);
+}
