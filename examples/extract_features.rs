@@ -1,4 +1,4 @@
-//! fc7 features (4096 values an image, after its ReLU) for transfer learning, written as
+//! fc7 features (after its ReLU: 4096 values an image in the ImageNet nets) for transfer learning, written as
 //! tensor `features` `[N, 4096]` of a safetensors file.
 //!
 //! ```sh
