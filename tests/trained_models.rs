@@ -307,3 +307,20 @@ fn sha2_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Metadata that names no preset we know is a clear error, and no obstacle once `--preset`
+/// says what the weights are.
+#[test]
+fn unreadable_metadata_gives_way_to_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("odd.safetensors");
+    let state = reference_state(alexnet::Preset::Fig1Relu);
+    let metadata = [("preset".to_string(), "resnet50\u{1b}[31m".to_string())].into();
+    save_safetensors(&state, &metadata, &weights).unwrap();
+    let image = shared_data("photos/chelsea.png");
+    let err = expect_error(&["classify", "--weights", path_str(&weights), path_str(&image)]);
+    assert!(err.contains("pass --preset") && err.contains("`resnet50\\u{1b}[31m`"), "{err}");
+    let args = ["classify", "--preset", "fig1-relu", "--weights", path_str(&weights), path_str(&image)];
+    let out = ok(alexnet(&args), "classify with --preset");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ignored, as --preset is given"));
+}

@@ -226,7 +226,15 @@ impl WeightFile {
     /// classes from the metadata's names, else the rows of the last layer's weight. The
     /// weights' shapes are checked when the model is built from them.
     pub fn identify(&self, flag: Option<Preset>) -> anyhow::Result<Identity> {
-        let recorded = self.recorded()?;
+        let recorded = match self.recorded() {
+            Ok(recorded) => recorded,
+            // metadata we cannot read does not stand in the way of a preset the user names
+            Err(e) if flag.is_some() => {
+                eprintln!("note: {e:#}; ignored, as --preset is given");
+                Recorded::default()
+            }
+            Err(e) => return Err(e.context("cannot tell what the weights are (pass --preset to run them anyway)")),
+        };
         let preset = match (flag, recorded.preset, self.preset_from_names()) {
             (Some(flag), Some(recorded), _) if flag != recorded => {
                 eprintln!(
