@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
         quiet: false,
         strict: false,
     };
-    let report = evaluate(&model, model.classes(), &opts, weights, String::new())?;
+    let report = evaluate(&model, &opts, weights, String::new())?;
     println!("top-1 {:.2}%  top-5 {:.2}%  ({} images)", report.timm.top1, report.timm.top5, report.images);
     Ok(())
 }

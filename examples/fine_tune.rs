@@ -8,24 +8,24 @@
 //! `alexnet train --from torchvision --freeze features --data DATA --out runs/mine` does the
 //! same from the command line.
 
-use alexnet::train::{train, FineTune, Freeze, Outcome, Recipe, RunOptions, TrainConfig};
-use alexnet::weights::{fetch, sha256_file, WeightFile};
+use alexnet::train::{train, FineTune, Freeze, Outcome, Pretrained, Recipe, RunOptions, TrainConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [weights, data, out] = args.as_slice() else { anyhow::bail!("usage: fine_tune WEIGHTS DATA OUT") };
-    let path = fetch::resolve(weights)?;
-    let preset = WeightFile::open(&path)?.model_weights().identify(None)?.preset;
+    let pretrained = Pretrained::open(weights, None)?;
+    let preset = pretrained.preset;
     let mut config = TrainConfig::recipe(Recipe::Finetune, preset);
     config.epochs = 5;
     config.finetune = Some(FineTune {
         from: weights.clone(),
-        from_sha256: sha256_file(&path)?,
+        from_sha256: pretrained.sha256.clone(),
         freeze: Some(Freeze::Features),
         head_lr_mult: 10.0,
         new_head: false, // decided from the classes when the run starts
     });
-    match train(config, RunOptions::new(data.into(), out.into(), preset, 0))? {
+    let opts = RunOptions { pretrained: Some(pretrained.file), ..RunOptions::new(data.into(), out.into(), preset, 0) };
+    match train(config, opts)? {
         Outcome::Finished(weights) => println!("fine-tuned weights: {}", weights.display()),
         Outcome::Interrupted(checkpoint) => println!("interrupted; resume from {}", checkpoint.display()),
     }

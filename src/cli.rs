@@ -19,7 +19,7 @@ use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
 use crate::train::{
-    base_side, train, Checkpoint, FineTune, Freeze, Outcome, Recipe, RunOptions, Schedule, TrainConfig,
+    base_side, train, Checkpoint, FineTune, Freeze, Outcome, Pretrained, Recipe, RunOptions, Schedule, TrainConfig,
 };
 use crate::weights::{fetch, save_safetensors, sha256_file, write_atomically, Identity, Params, WeightFile};
 
@@ -338,21 +338,17 @@ impl TrainArgs {
             bail!("--freeze and --head-lr-mult are for fine-tuning: give the pretrained weights with --from")
         }
         // fine-tuning: the pretrained weights decide the preset (or --preset, checked)
-        let from = match (&resumed, &from_spec) {
-            (None, Some(spec)) => {
-                let path = fetch::resolve(spec)?;
-                let identity = WeightFile::open(&path)?.model_weights().identify(self.preset)?;
-                Some((spec.clone(), sha256_file(&path)?, identity.preset))
-            }
+        let pretrained = match (&resumed, &from_spec) {
+            (None, Some(spec)) => Some(Pretrained::open(spec, self.preset)?),
             _ => None,
         };
-        let preset = match (&resumed, &from, self.preset) {
+        let preset = match (&resumed, &pretrained, self.preset) {
             (Some(c), _, _) => c.meta.config.preset,
-            (None, Some((_, _, preset)), _) => *preset,
+            (None, Some(pretrained), _) => pretrained.preset,
             (None, None, Some(preset)) => preset,
             (None, None, None) => bail!("which net? pass --preset (or --from WEIGHTS to fine-tune, or --resume RUN)"),
         };
-        let recipe = self.recipe.unwrap_or(Recipe::default_for(preset, from.is_some()));
+        let recipe = self.recipe.unwrap_or(Recipe::default_for(preset, pretrained.is_some()));
         let config = match &resumed {
             // a resumed run keeps its configuration; only paths and switches may change
             Some(c) => TrainConfig { epochs: self.epochs.unwrap_or(c.meta.config.epochs), ..c.meta.config.clone() },
@@ -379,9 +375,9 @@ impl TrainArgs {
                 c.val_crops = self.val_crops;
                 c.limit = self.limit;
                 c.target_train_error = self.target_train_error;
-                c.finetune = from.map(|(from, from_sha256, _)| FineTune {
+                c.finetune = pretrained.as_ref().zip(from_spec).map(|(pretrained, from)| FineTune {
                     from,
-                    from_sha256,
+                    from_sha256: pretrained.sha256.clone(),
                     freeze: self.freeze,
                     head_lr_mult: self.head_lr_mult.unwrap_or(if recipe == Recipe::Finetune { 10.0 } else { 1.0 }),
                     new_head: false, // decided when the run starts
@@ -395,6 +391,7 @@ impl TrainArgs {
             out: self.out.clone(),
             init: self.init.map_or(Init::default_for(preset, self.seed), |s| s.init(self.seed)),
             expected_classes: self.classes,
+            pretrained: pretrained.map(|p| p.file),
             resume: resume.clone(),
             lr_override: resume.as_ref().and(self.lr),
             save_every: self.save_every.or(resumed.as_ref().and_then(|c| c.meta.save_every)),
@@ -467,27 +464,24 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
 /// For rates and factors (`--lr`, `--gamma`): NaN, infinities, 0 and negative values are
 /// refused, as they would train NaN or nothing at all.
 fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        Ok(v) => Err(format!("must be a finite number above 0, not {v}")),
-        Err(e) => Err(e.to_string()),
-    }
+    number_where(s, |v| v.is_finite() && v > 0.0, "a finite number above 0")
 }
 
 /// For penalties and spreads (`--weight-decay`, `--pca-std`): finite and at least 0.
 fn non_negative(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        Ok(v) => Err(format!("must be a finite number of at least 0, not {v}")),
-        Err(e) => Err(e.to_string()),
-    }
+    number_where(s, |v| v.is_finite() && v >= 0.0, "a finite number of at least 0")
 }
 
 /// For `--momentum` and error fractions: in [0, 1).
 fn fraction(s: &str) -> Result<f64, String> {
+    number_where(s, |v| (0.0..1.0).contains(&v), "at least 0 and below 1")
+}
+
+/// `s` as a number that passes `ok`, else an error saying it must be `what`.
+fn number_where(s: &str, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
-        Ok(v) => Err(format!("must be at least 0 and below 1, not {v}")),
+        Ok(v) if ok(v) => Ok(v),
+        Ok(v) => Err(format!("must be {what}, not {v}")),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -582,7 +576,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let opts =
                 EvalOptions { data, labels, meta, ten_crop: crops == 10, batch_size, limit, transform, quiet, strict };
             let sha = sha256_file(&fetch::resolve(&model.weights)?)?;
-            let report = evaluate(&net, net.classes(), &opts, &model.weights, sha)?;
+            let report = evaluate(&net, &opts, &model.weights, sha)?;
             report.print();
             if let Some(path) = json {
                 let json = serde_json::to_string_pretty(&report)?;
@@ -599,8 +593,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Init { preset, scheme, seed, output } => {
             let init = scheme.map_or(Init::default_for(preset, seed), |s| s.init(seed));
             let model = AlexNet::new(preset, &mut Params::Init(init), &Placement::on(&Device::Cpu))?;
-            let metadata = [("preset".to_string(), preset.name().to_string())].into();
-            save_safetensors(&model.state_dict()?, &metadata, &output)?;
+            model.save(&output)?;
             eprintln!("wrote {} weights ({init}) to {}", preset.name(), output.display());
             Ok(())
         }
@@ -722,7 +715,7 @@ fn classify(args: &ModelArgs, images: &[PathBuf], top: usize, json: bool) -> any
 fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> anyhow::Result<()> {
     let path = fetch::resolve(input)?;
     let file = WeightFile::open(&path)?.model_weights();
-    let Identity { preset, classes, .. } = file.identify(preset)?;
+    let Identity { preset, classes, transform } = file.identify(preset)?;
     match (to, preset) {
         (Target::Torchvision, p) if p != Preset::Torchvision => bail!(
             "{} holds two-tower ({}) weights; torchvision's alexnet is a different network \
@@ -738,25 +731,21 @@ fn convert(input: &str, output: &Path, to: Target, preset: Option<Preset>) -> an
         _ => {}
     }
     let format = file.format;
-    // what a model `train` wrote records of itself goes with it
-    let recorded: Vec<(String, String)> = ["classes", "input"]
-        .into_iter()
-        .filter_map(|k| file.metadata.get(k).map(|v| (k.to_string(), v.clone())))
-        .collect();
     // Building the model checks every key and shape before anything is written.
-    let model = AlexNet::with_classes(preset, classes.len(), &mut Params::File(file), &Placement::on(&Device::Cpu))?;
-    let mut metadata: std::collections::HashMap<String, String> = [
-        ("format", "pt".to_string()), // what safetensors.torch writes
-        ("preset", preset.name().to_string()),
-        ("source", path.file_name().unwrap_or_default().to_string_lossy().into_owned()),
-        ("source_format", format!("{format:?}").to_lowercase()),
-        ("source_sha256", sha256_file(&path)?),
-        ("converted_by", format!("alexnet {}", env!("CARGO_PKG_VERSION"))),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    metadata.extend(recorded);
+    let model = AlexNet::with_classes(preset, classes.len(), &mut Params::File(file), &Placement::on(&Device::Cpu))?
+        .with_outputs(classes, transform);
+    // what the model is (a model `train` wrote keeps its classes and preprocessing), and whence
+    let mut metadata = model.metadata()?;
+    metadata.extend(
+        [
+            ("format", "pt".to_string()), // what safetensors.torch writes
+            ("source", path.file_name().unwrap_or_default().to_string_lossy().into_owned()),
+            ("source_format", format!("{format:?}").to_lowercase()),
+            ("source_sha256", sha256_file(&path)?),
+            ("converted_by", format!("alexnet {}", env!("CARGO_PKG_VERSION"))),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
     if to == Target::Onnx {
         metadata.remove("format"); // safetensors' own
         let mut metadata: Vec<(String, String)> = metadata.into_iter().collect();

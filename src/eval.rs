@@ -82,16 +82,11 @@ pub struct Report {
     pub predictions: Vec<Prediction>,
 }
 
-/// Evaluates `model`, whose outputs are `classes`, on `opts.data` (labelled by the classes'
-/// IDs). `weights` and `sha256` only label the report.
-pub fn evaluate(
-    model: &AlexNet,
-    classes: &Classes,
-    opts: &EvalOptions,
-    weights: &str,
-    sha256: String,
-) -> anyhow::Result<Report> {
-    let mut dataset = Dataset::open(&opts.data, &classes.ids(), opts.labels.as_deref(), opts.meta.as_deref())?;
+/// Evaluates `model` on `opts.data`, labelled by the IDs of the model's classes. `weights` and
+/// `sha256` only label the report.
+pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: String) -> anyhow::Result<Report> {
+    let ids = model.classes().ids();
+    let mut dataset = Dataset::open(&opts.data, &ids, opts.labels.as_deref(), opts.meta.as_deref())?;
     if let Some(limit) = opts.limit {
         dataset.samples.truncate(limit);
     }

@@ -284,27 +284,38 @@ impl AlexNet {
         let path = crate::weights::fetch::resolve(weights)?;
         let file = WeightFile::open(&path)?.model_weights();
         let Identity { preset, classes, transform } = file.identify(preset)?;
-        let mut model = Self::with_classes(preset, classes.len(), &mut Params::File(file), placement)?;
-        (model.classes, model.transform) = (classes, transform);
+        let mut model = Self::with_classes(preset, classes.len(), &mut Params::File(file), placement)?
+            .with_outputs(classes, transform);
         model.freeze();
         Ok(model)
     }
 
-    /// Writes the weights as safetensors in the preset's names, with what the model is in the
-    /// metadata (preset, class names, and the preprocessing where it is a trained one), so that
-    /// [`AlexNet::load`] gives it back as it is.
-    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+    /// The same net with its outputs named `classes` (as many as it has) and its images
+    /// prepared by `transform`: what a weight file or a training run says the model is.
+    pub fn with_outputs(self, classes: Classes, transform: Transform) -> Self {
+        assert_eq!(classes.len(), self.classes.len(), "a name for each output");
+        AlexNet { classes, transform, ..self }
+    }
+
+    /// What a weight file records of the model, so that [`AlexNet::load`] gives it back as it
+    /// is (see [`crate::weights::WeightFile::identify`]): its preset, its class names unless
+    /// they are the default ones, and its preprocessing where it is a trained one.
+    pub fn metadata(&self) -> anyhow::Result<std::collections::HashMap<String, String>> {
         let mut metadata = std::collections::HashMap::new();
         metadata.insert("preset".to_string(), self.preset.name().to_string());
         if self.classes != Classes::unnamed(self.classes.len()) {
             metadata.insert("classes".to_string(), serde_json::to_string(&self.classes.ids())?);
         }
-        if self.transform.kind == crate::data::transform::TransformKind::Paper {
-            if let Ok(record) = self.transform.to_record() {
-                metadata.insert("input".to_string(), record);
-            }
+        // only the paper's pipeline with a mean image of its own has a record (what `train` uses)
+        if let Ok(record) = self.transform.to_record() {
+            metadata.insert("input".to_string(), record);
         }
-        crate::weights::save_safetensors(&self.state_dict()?, &metadata, path)
+        Ok(metadata)
+    }
+
+    /// Writes the weights as safetensors in the preset's names, with [`AlexNet::metadata`].
+    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        crate::weights::save_safetensors(&self.state_dict()?, &self.metadata()?, path)
     }
 
     /// What the outputs are called.

@@ -15,6 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::classes::Classes;
 use crate::data::augment::{Stats, TrainTransform};
 use crate::data::dataset::{Dataset, Sample};
 use crate::data::loader;
@@ -84,6 +85,25 @@ pub struct FineTune {
     /// decided when the run starts.
     #[serde(default)]
     pub new_head: bool,
+}
+
+/// The weights a fine-tuning run starts from, opened once: the file (its checkpoint momentum
+/// left out), the preset it is for, and its sha256 (which the weights the run writes record).
+pub struct Pretrained {
+    pub file: WeightFile,
+    pub preset: Preset,
+    pub sha256: String,
+}
+
+impl Pretrained {
+    /// Opens what `spec` names (anything `--weights` takes) for a run of `preset` (checked
+    /// against the file; default: the file's own).
+    pub fn open(spec: &str, preset: Option<Preset>) -> anyhow::Result<Self> {
+        let path = crate::weights::fetch::resolve(spec)?;
+        let file = WeightFile::open(&path)?.model_weights();
+        let preset = file.identify(preset)?.preset;
+        Ok(Pretrained { file, preset, sha256: crate::weights::sha256_file(&path)? })
+    }
 }
 
 /// How much of a pretrained net a fine-tuning run keeps fixed: the convolutions (`features`,
@@ -199,6 +219,9 @@ pub struct RunOptions {
     pub init: Init,
     /// `--classes`: the number of class folders the data must have.
     pub expected_classes: Option<usize>,
+    /// A fine-tuning run's pretrained weights ([`Pretrained::open`]; `config.finetune` says
+    /// which and how), unless it resumes.
+    pub pretrained: Option<WeightFile>,
     pub resume: Option<PathBuf>,
     /// On resume: continue with this learning rate (the paper's manual division by 10).
     pub lr_override: Option<f64>,
@@ -221,6 +244,7 @@ impl RunOptions {
             out,
             init: Init::default_for(preset, seed),
             expected_classes: None,
+            pretrained: None,
             resume: None,
             lr_override: None,
             save_every: None,
@@ -259,7 +283,7 @@ pub enum Outcome {
 }
 
 /// Trains until the last epoch or Ctrl-C.
-pub fn train(mut config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcome> {
+pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Outcome> {
     // ---- data: the training images, their classes and statistics ------------------------
     let (mut dataset, classes) = Dataset::discover(&opts.data)?;
     if let Some(expected) = opts.expected_classes.filter(|&n| n != classes.len()) {
@@ -300,12 +324,6 @@ pub fn train(mut config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcom
         stats: Arc::new(stats),
     };
 
-    // What every file the run writes records, so it loads anywhere as the model it is.
-    let mut described = HashMap::new();
-    described.insert("preset".to_string(), config.preset.name().to_string());
-    described.insert("classes".to_string(), serde_json::to_string(&classes)?);
-    described.insert("input".to_string(), transform.inference().to_record()?);
-
     // ---- model and optimiser (fresh, or from a checkpoint) -------------------------------
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
     let stale = remove_stale_temporaries(&opts.out)?;
@@ -319,7 +337,7 @@ pub fn train(mut config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcom
     let mut params = match (&checkpoint, &mut config.finetune) {
         (Some(c), _) => Params::File(WeightFile::open(&c.path)?.model_weights()),
         (None, Some(ft)) => {
-            let file = WeightFile::open(&crate::weights::fetch::resolve(&ft.from)?)?.model_weights();
+            let file = opts.pretrained.take().context("a fine-tuning run needs its weights (Pretrained::open)")?;
             let pretrained = file.identify(Some(config.preset))?;
             // the last layer is kept only where it predicts the same classes
             ft.new_head = pretrained.classes.ids() != classes.iter().map(String::as_str).collect::<Vec<_>>();
@@ -344,8 +362,11 @@ pub fn train(mut config: TrainConfig, opts: RunOptions) -> anyhow::Result<Outcom
         }
         (None, None) => Params::Init(opts.init),
     };
-    let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, placement)?;
-    // what the weights record of where they came from
+    let model = AlexNet::with_classes(config.preset, classes.len(), &mut params, placement)?
+        .with_outputs(Classes::folders(&classes), transform.inference());
+    // what every file the run writes records, so it loads anywhere as the model it is, and
+    // where a fine-tuned one came from
+    let mut described = model.metadata()?;
     if let Some(ft) = &config.finetune {
         let origin = serde_json::json!({ "weights": ft.from, "sha256": ft.from_sha256, "freeze": ft.freeze });
         described.insert("fine_tuned_from".to_string(), origin.to_string());
@@ -756,14 +777,24 @@ impl Checkpoint {
             .with_context(|| format!("{} holds no checkpoint-*.safetensors to resume", path.display()))
     }
 
+    /// The run state of the checkpoint at `path`, read from its header alone (the weights are
+    /// read where they are needed).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
-        let json = header.metadata().as_ref().and_then(|m| m.get("alexnet").cloned()).with_context(|| {
+        use std::io::Read;
+        let not_ours = || format!("{} is not a safetensors checkpoint", path.display());
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).with_context(not_ours)?;
+        // safetensors' own bound on a header
+        let len = u64::from_le_bytes(len).min(100 << 20) as usize;
+        let mut header = vec![0u8; len];
+        file.read_exact(&mut header).with_context(not_ours)?;
+        let header: serde_json::Value = serde_json::from_slice(&header).with_context(not_ours)?;
+        let json = header["__metadata__"]["alexnet"].as_str().with_context(|| {
             format!("{} is a weight file, not a training checkpoint (no run state)", path.display())
         })?;
-        Ok(Checkpoint { path: path.to_path_buf(), meta: serde_json::from_str(&json)? })
+        Ok(Checkpoint { path: path.to_path_buf(), meta: serde_json::from_str(json)? })
     }
 
     fn restore_momentum(&self, model: &AlexNet, sgd: &mut Sgd) -> anyhow::Result<()> {
