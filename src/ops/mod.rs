@@ -81,6 +81,7 @@ mod linear;
 mod lrn;
 mod lrn_pool;
 mod max_pool;
+mod simd;
 mod transpose;
 
 pub use adaptive_pool::adaptive_avg_pool2d;

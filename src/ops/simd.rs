@@ -1,0 +1,155 @@
+//! A vector of f32 lanes at each x86-64 level, under the same names: the kernels that have a
+//! form for each level are written once, in a macro that stamps out a module per level, and that
+//! module `use`s one of these (`use crate::ops::simd::avx2::*`). Every function carries its
+//! level's target feature and is `#[inline]`, so it melts into a kernel built for that feature
+//! (and only there: calling one elsewhere is what `unsafe` guards).
+//!
+//! The two levels compute the same thing lane by lane: a kernel that sums each output in one
+//! lane, in a fixed order, gives the same bits at either width.
+
+/// Generates a level's module: `$vector` of `$lanes` f32, its intrinsics, and its way of
+/// loading and storing only the first lanes of a vector (a row's tail).
+macro_rules! level {
+    ($(#[$meta:meta])* $name:ident, $feature:literal, $vector:ty, $lanes:literal,
+     zero: $zero:ident, splat: $splat:ident, load: $load:ident, store: $store:ident,
+     fmadd: $fmadd:ident, add: $add:ident, max: $max:ident, masked: $masked:ident) => {
+        $(#[$meta])*
+        #[cfg(target_arch = "x86_64")]
+        #[allow(dead_code)] // each kernel uses what it needs
+        pub(crate) mod $name {
+            use super::$masked as masked;
+            use std::arch::x86_64::*;
+
+            /// The target feature this level's kernels are built for.
+            pub(crate) const FEATURE: &str = $feature;
+            pub(crate) const LANES: usize = $lanes;
+            pub(crate) type Vector = $vector;
+
+            /// # Safety (every function here)
+            /// The CPU must have this level's target feature; pointers must be valid for the
+            /// lanes read or written.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn zero() -> Vector {
+                $zero()
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn splat(value: f32) -> Vector {
+                $splat(value)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn load(from: *const f32) -> Vector {
+                $load(from)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn store(to: *mut f32, v: Vector) {
+                $store(to, v)
+            }
+
+            /// `a * b + c`, rounded once.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn fmadd(a: Vector, b: Vector, c: Vector) -> Vector {
+                $fmadd(a, b, c)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn add(a: Vector, b: Vector) -> Vector {
+                $add(a, b)
+            }
+
+            /// The ReLU's rule ([`crate::ops::relu_lanes`]): `maxps(0, v)` is `v` for `v >= 0`,
+            /// `-0` and NaN, else 0.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn relu(v: Vector) -> Vector {
+                $max($zero(), v)
+            }
+
+            /// The first `count` lanes from `from` (all from `LANES` on), the others 0; memory
+            /// past them is not touched.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn load_first(from: *const f32, count: usize) -> Vector {
+                if count >= LANES {
+                    return $load(from);
+                }
+                masked::load(from, count)
+            }
+
+            /// The first `count` lanes of `v` to `to` (all from `LANES` on); memory past them
+            /// is not touched.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn store_first(to: *mut f32, v: Vector, count: usize) {
+                if count >= LANES {
+                    return $store(to, v);
+                }
+                masked::store(to, v, count)
+            }
+        }
+    };
+}
+
+level!(
+    /// AVX-512F: 16 lanes, tails by mask registers.
+    avx512, "avx512f", __m512, 16,
+    zero: _mm512_setzero_ps, splat: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
+    fmadd: _mm512_fmadd_ps, add: _mm512_add_ps, max: _mm512_max_ps, masked: masked_avx512
+);
+
+level!(
+    /// AVX2 with FMA: 8 lanes, tails by `vmaskmovps`.
+    avx2, "avx2,fma", __m256, 8,
+    zero: _mm256_setzero_ps, splat: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
+    fmadd: _mm256_fmadd_ps, add: _mm256_add_ps, max: _mm256_max_ps, masked: masked_avx2
+);
+
+/// The masked loads and stores of each level.
+#[cfg(target_arch = "x86_64")]
+mod masked_avx512 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn load(from: *const f32, count: usize) -> __m512 {
+        _mm512_maskz_loadu_ps(crate::ops::first_lanes(count), from)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store(to: *mut f32, v: __m512, count: usize) {
+        _mm512_mask_storeu_ps(to, crate::ops::first_lanes(count), v)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod masked_avx2 {
+    use std::arch::x86_64::*;
+
+    /// Lanes below `count` all ones (their sign bit set), the rest 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn mask(count: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn load(from: *const f32, count: usize) -> __m256 {
+        _mm256_maskload_ps(from, mask(count))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn store(to: *mut f32, v: __m256, count: usize) {
+        _mm256_maskstore_ps(to, mask(count), v)
+    }
+}
