@@ -18,6 +18,7 @@ macro_rules! level {
         #[allow(dead_code)] // each kernel uses what it needs
         pub(crate) mod $name {
             use super::$masked as masked;
+            pub(crate) use masked::Mask;
             use std::arch::x86_64::*;
 
             /// The target feature this level's kernels are built for.
@@ -73,6 +74,35 @@ macro_rules! level {
                 $max($zero(), v)
             }
 
+            /// Asks for the cache line at `at` to be brought into L1.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn prefetch(at: *const f32) {
+                _mm_prefetch::<_MM_HINT_T0>(at.cast())
+            }
+
+            /// The mask of the first `count` lanes (all from `LANES` on), made once for a
+            /// row's tail and used by [`load_masked`] and [`store_masked`].
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn first(count: usize) -> masked::Mask {
+                masked::first(count)
+            }
+
+            /// The lanes of `mask` from `from`, the others 0; memory past them is not touched.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn load_masked(from: *const f32, mask: masked::Mask) -> Vector {
+                masked::load(from, mask)
+            }
+
+            /// The lanes of `mask` of `v` to `to`; memory past them is not touched.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn store_masked(to: *mut f32, v: Vector, mask: masked::Mask) {
+                masked::store(to, v, mask)
+            }
+
             /// The first `count` lanes from `from` (all from `LANES` on), the others 0; memory
             /// past them is not touched.
             #[inline]
@@ -81,7 +111,7 @@ macro_rules! level {
                 if count >= LANES {
                     return $load(from);
                 }
-                masked::load(from, count)
+                masked::load(from, masked::first(count))
             }
 
             /// The first `count` lanes of `v` to `to` (all from `LANES` on); memory past them
@@ -92,7 +122,7 @@ macro_rules! level {
                 if count >= LANES {
                     return $store(to, v);
                 }
-                masked::store(to, v, count)
+                masked::store(to, v, masked::first(count))
             }
         }
     };
@@ -117,16 +147,24 @@ level!(
 mod masked_avx512 {
     use std::arch::x86_64::*;
 
+    pub(crate) type Mask = __mmask16;
+
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn load(from: *const f32, count: usize) -> __m512 {
-        _mm512_maskz_loadu_ps(crate::ops::first_lanes(count), from)
+    pub(crate) unsafe fn first(count: usize) -> Mask {
+        crate::ops::first_lanes(count)
     }
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn store(to: *mut f32, v: __m512, count: usize) {
-        _mm512_mask_storeu_ps(to, crate::ops::first_lanes(count), v)
+    pub(crate) unsafe fn load(from: *const f32, mask: Mask) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, from)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store(to: *mut f32, v: __m512, mask: Mask) {
+        _mm512_mask_storeu_ps(to, mask, v)
     }
 }
 
@@ -134,22 +172,25 @@ mod masked_avx512 {
 mod masked_avx2 {
     use std::arch::x86_64::*;
 
-    /// Lanes below `count` all ones (their sign bit set), the rest 0.
+    /// Lanes below the count all ones (their sign bit set), the rest 0.
+    pub(crate) type Mask = __m256i;
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn mask(count: usize) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    pub(crate) unsafe fn first(count: usize) -> Mask {
+        let count = count.min(8) as i32;
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn load(from: *const f32, count: usize) -> __m256 {
-        _mm256_maskload_ps(from, mask(count))
+    pub(crate) unsafe fn load(from: *const f32, mask: Mask) -> __m256 {
+        _mm256_maskload_ps(from, mask)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn store(to: *mut f32, v: __m256, count: usize) {
-        _mm256_maskstore_ps(to, mask(count), v)
+    pub(crate) unsafe fn store(to: *mut f32, v: __m256, mask: Mask) {
+        _mm256_maskstore_ps(to, mask, v)
     }
 }

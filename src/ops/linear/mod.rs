@@ -12,8 +12,11 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::backward::hand_over;
-use super::gemm::{incoming_grad, matmul_rows, matmul_wt, outer_products, relu_if, relu_in_place, BiasGrad};
+use super::gemm::{incoming_grad, relu_if, relu_in_place, BiasGrad};
 use super::Prepared;
+use cpu::{matmul_rows, matmul_wt, outer_products};
+
+mod cpu;
 
 /// `x · wᵀ + b` for `x` `[N, K]`, `w` `[O, K]`, `b` `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -83,9 +86,9 @@ impl CustomOp3 for Linear {
         }
         match &self.prepared {
             #[cfg(target_arch = "x86_64")]
-            Some(prepared) if super::gemm::strips_available() => {
-                let strips = prepared.strips.get_or_init(|| super::gemm::pack_strips(w, o, k));
-                super::gemm::matmul_wt_strips(n, o, k, x, strips, &mut y);
+            Some(prepared) if cpu::strips_available() => {
+                let strips = prepared.strips.get_or_init(|| cpu::pack_strips(w, o, k));
+                cpu::matmul_wt_strips(n, o, k, x, strips, &mut y);
             }
             _ => matmul_wt(n, o, k, x, w, &mut y),
         }
