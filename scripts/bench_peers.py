@@ -1,6 +1,7 @@
 """This crate against PyTorch (eager) and ONNX Runtime, same shapes, same threads.
 
     python3 scripts/bench_peers.py [--venv ../venv-bench] [--threads 2] [--batch-sizes 1,16,64] [--rounds 3]
+                                   [--levels native,avx2]
 
 Creates the venv (torch, torchvision, onnxruntime, onnx from PyPI) unless it exists, re-runs
 itself inside it, then measures forward throughput of the paper/caffe net (227, groups, LRN)
@@ -12,6 +13,12 @@ training step (forward, backward, SGD with momentum) at batch 32. Random weights
 On a shared machine the speed drifts from minute to minute, and the engines are measured
 minutes apart: `--rounds R` measures the peers and this crate in turn R times and reports each
 engine's median over the rounds, the ratio of the medians, and the range of the rounds' ratios.
+
+`--levels native,avx2` measures every engine a second time held to AVX2 + FMA, in the same
+rounds: this crate with `ALEXNET_ISA=avx2`, PyTorch with `ATEN_CPU_CAPABILITY=avx2` (its own
+kernels) and `ONEDNN_MAX_CPU_ISA=AVX2` (oneDNN's convolutions and GEMMs), so that the AVX2
+ratios are against peers at the same level. ONNX Runtime has no such switch (its MLAS kernels
+choose by CPUID): its AVX2 column is left empty.
 """
 import argparse
 import json
@@ -123,7 +130,14 @@ def peers(args):
     return rows_json
 
 
-def ours(args):
+# What holds each engine to a level ("native": the CPU's best).
+LEVEL_ENV = {
+    "native": ({}, {}),
+    "avx2": ({"ALEXNET_ISA": "avx2"}, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}),
+}
+
+
+def ours(args, level):
     out = {}
     binary = os.path.join(ROOT, "target", "release", "alexnet")
     sizes = ",".join(map(str, args.batch_sizes))
@@ -136,10 +150,11 @@ def ours(args):
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "bench.json")
                 subprocess.run([binary, "bench", "--preset", preset, "--batch-sizes", batches, "--runs", str(args.runs), "--json", path, *extra],
-                               check=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads)}, stdout=subprocess.DEVNULL)
+                               check=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads), **LEVEL_ENV[level][0]},
+                               stdout=subprocess.DEVNULL)
                 measured = json.load(open(path))
             for m in measured:
-                out[(preset, m["mode"], m["batch"], "alexnet")] = m["images_per_s"]
+                out[(preset, m["mode"], m["batch"], "alexnet", level)] = m["images_per_s"]
                 peak = max(peak, m["peak_rss_mib"])
     return out, peak
 
@@ -152,50 +167,62 @@ def main():
     ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="peers and this crate measured in turn this many times")
+    ap.add_argument("--levels", default="native", help="comma-separated: native (the CPU's best), avx2")
     ap.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.levels = args.levels.split(",")
+    for level in args.levels:
+        if level not in LEVEL_ENV:
+            ap.error(f"--levels: {level!r} is not one of {', '.join(LEVEL_ENV)}")
     ensure_venv(os.path.abspath(args.venv))
     if args.peers_only:
         print(json.dumps(peers(args)))
         return
     rounds, their_peak, my_peak = [], 0.0, 0.0
     for r in range(args.rounds):
-        # the peers in their own process, so their memory is measured apart from ours
-        proc = subprocess.run([sys.executable, __file__, "--peers-only", "--threads", str(args.threads), "--runs", str(args.runs),
-                               "--batch-sizes", ",".join(map(str, args.batch_sizes)), *(["--train"] if args.train else [])],
-                              check=True, capture_output=True, text=True)
-        theirs_json = json.loads(proc.stdout.strip().splitlines()[-1])
-        their_peak = max(their_peak, theirs_json.pop("peak_rss_mib"))
-        theirs = {tuple(int(p) if p.isdigit() else p for p in k.split("|")): v for k, v in theirs_json.items()}
-        mine, peak = ours(args)
-        my_peak = max(my_peak, peak)
-        rounds.append({**theirs, **mine})
+        measured = {}
+        for level in args.levels:
+            # the peers in their own process, so their memory is measured apart from ours
+            proc = subprocess.run([sys.executable, __file__, "--peers-only", "--threads", str(args.threads), "--runs", str(args.runs),
+                                   "--batch-sizes", ",".join(map(str, args.batch_sizes)), *(["--train"] if args.train else [])],
+                                  check=True, capture_output=True, text=True, env={**os.environ, **LEVEL_ENV[level][1]})
+            theirs_json = json.loads(proc.stdout.strip().splitlines()[-1])
+            their_peak = max(their_peak, theirs_json.pop("peak_rss_mib"))
+            for k, v in theirs_json.items():
+                preset, mode, batch, engine = k.split("|")
+                if engine == "onnxruntime" and level != "native":
+                    continue  # not held to the level: see the module's doc
+                measured[(preset, mode, int(batch), engine, level)] = v
+            mine, peak = ours(args, level)
+            my_peak = max(my_peak, peak)
+            measured.update(mine)
+        rounds.append(measured)
         print(f"  round {r + 1} of {args.rounds} measured at {time.strftime('%H:%M')}", file=sys.stderr)
     rate = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {args.threads} threads, median of {args.runs} runs, "
           f"images/s; {args.rounds} round(s): each engine's median over the rounds, the ratio of the medians, "
           "and the range of the rounds' own ratios")
-    print(f"| preset | mode | batch | alexnet | PyTorch | ONNX Runtime | vs PyTorch | vs ORT | rounds vs PyTorch | rounds vs ORT |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for preset in ["paper", "caffe", "torchvision"]:
+    print(f"| level | preset | mode | batch | alexnet | PyTorch | ONNX Runtime | vs PyTorch | vs ORT | rounds vs PyTorch | rounds vs ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for level, preset in [(level, preset) for level in args.levels for preset in ["paper", "caffe", "torchvision"]]:
         peer = "paper" if preset == "caffe" else preset  # the same network for the peers
         for mode, batches in [("forward", args.batch_sizes), ("train", [32] if args.train else [])]:
             for b in batches:
-                a = rate.get((preset, mode, b, "alexnet"))
-                p = rate.get((peer, mode, b, "pytorch"))
-                o = rate.get((peer, mode, b, "onnxruntime"))
+                a = rate.get((preset, mode, b, "alexnet", level))
+                p = rate.get((peer, mode, b, "pytorch", level))
+                o = rate.get((peer, mode, b, "onnxruntime", level))
                 if a is None:
                     continue
                 fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
                 ratio = lambda v: f"{a / v:.2f}x" if v else "-"  # noqa: E731
 
                 def spread(engine):
-                    ratios = [r[(preset, mode, b, "alexnet")] / r[(peer, mode, b, engine)] for r in rounds
-                              if r.get((peer, mode, b, engine))]
+                    ratios = [r[(preset, mode, b, "alexnet", level)] / r[(peer, mode, b, engine, level)] for r in rounds
+                              if r.get((peer, mode, b, engine, level))]
                     return f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
 
-                print(f"| {preset} | {mode} | {b} | {fmt(a)} | {fmt(p)} | {fmt(o)} | {ratio(p)} | {ratio(o)} "
+                print(f"| {level} | {preset} | {mode} | {b} | {fmt(a)} | {fmt(p)} | {fmt(o)} | {ratio(p)} | {ratio(o)} "
                       f"| {spread('pytorch')} | {spread('onnxruntime')} |")
     print(f"peak memory: alexnet {my_peak:.0f} MiB (largest single bench run), PyTorch + ONNX Runtime process {their_peak:.0f} MiB")
 
