@@ -86,8 +86,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 let labels = (0..batch as u32).map(|i| i % classes).collect::<Vec<_>>();
                 let config =
                     SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
-                let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false)));
-                Some((Tensor::from_vec(labels, batch, &device)?, Sgd::new(config, vars.collect())?))
+                Some((Tensor::from_vec(labels, batch, &device)?, Sgd::for_params(config, model.parameters())?))
             } else {
                 None
             };

@@ -29,8 +29,7 @@ use crate::classes::Classes;
 use crate::data::transform::Transform;
 use crate::init::Init;
 use crate::ops::{
-    adaptive_avg_pool2d, conv2d, conv2d_prepared, conv2d_relu, linear, linear_prepared, linear_relu, lrn,
-    lrn_max_pool2d, max_pool2d, Lrn, Prepared,
+    adaptive_avg_pool2d, conv2d_prepared, linear_prepared, lrn, lrn_max_pool2d, max_pool2d, Lrn, Prepared,
 };
 use crate::weights::{Identity, Params, WeightFile};
 
@@ -159,6 +158,9 @@ pub struct Param {
     pub key: String,
     /// The tower halves (split along the output axis), or the single tensor.
     pub parts: Vec<Var>,
+    /// The states of the layers that read it: whoever writes `parts` calls
+    /// [`Prepared::weights_changed`] on each (as [`crate::optim::Sgd`] does).
+    pub states: Vec<Arc<Prepared>>,
 }
 
 impl Param {
@@ -393,28 +395,29 @@ impl AlexNet {
         }
     }
 
-    /// Freezes the weights for inference: each convolution's weights are made ready for the
-    /// kernels once, on first use, and kept (as ONNX Runtime does when it loads a model), where
-    /// otherwise every pass packs them again or checks them against a kept copy (torchvision
-    /// at batch 1: 0.55-0.7 ms a pass less, of 17-19); the fully-connected layers read a copy
-    /// of their weights in strips of rows ([`crate::ops::linear_prepared`]: torchvision's pass
-    /// 5-10% faster at batch 1-31, level from 32, for 231 MB more memory and 25-35 ms more in
-    /// its first pass). The forward then no longer reads the
-    /// weights themselves: change them afterwards (an optimiser step, `Var::set` on a part
-    /// from [`AlexNet::parameters`]) and it does not see the change. For models that only infer.
+    /// Freezes the weights for inference: each layer makes its weights ready for the kernels
+    /// on their first use and keeps them (as ONNX Runtime does when it loads a model), where
+    /// otherwise the packed forms wait for a second pass with the same weights ([`Prepared`]):
+    /// the fully-connected layers then read a copy of their weights in strips of rows
+    /// ([`crate::ops::linear_prepared`]: torchvision's pass 5-10% faster at batch 1-31, level
+    /// from 32, for 231 MB more memory and 25-35 ms more in its first pass). For models that only
+    /// infer; an optimiser step still makes every form again.
     pub fn freeze(&mut self) {
-        let layers: Vec<&mut Option<Arc<Prepared>>> = match &mut self.net {
-            Net::Towers(net) => std::iter::once(&mut net.conv1_prepared)
-                .chain(net.towers.iter_mut().flat_map(Tower::prepared_mut))
-                .collect(),
-            Net::Single(net) => net.0.prepared_mut().into_iter().collect(),
-            Net::Small(net) => {
-                vec![&mut net.conv1.prepared, &mut net.conv2.prepared, &mut net.conv3.prepared, &mut net.fc.prepared]
-            }
-        };
-        for prepared in layers {
-            *prepared = Some(Arc::new(Prepared::default()));
-        }
+        self.states().iter().for_each(|state| state.freeze());
+    }
+
+    /// Says that the weights were written other than by [`crate::optim::Sgd`] (`Var::set` on a
+    /// part from [`AlexNet::parameters`]): every layer makes its kernels' forms again.
+    pub fn weights_changed(&self) {
+        self.states().iter().for_each(|state| state.weights_changed());
+    }
+
+    /// Every layer's state.
+    fn states(&self) -> Vec<Arc<Prepared>> {
+        let mut states: Vec<Arc<Prepared>> = self.parameters().into_iter().flat_map(|p| p.states).collect();
+        states.sort_by_key(Arc::as_ptr);
+        states.dedup_by_key(|state| Arc::as_ptr(state));
+        states
     }
 
     /// The LRN of the two-tower presets (after conv1 and conv2) and where its windows look;
@@ -493,8 +496,8 @@ struct Conv {
     bias: Var,
     stride: usize,
     padding: usize,
-    /// The weights made ready for the kernels, once frozen ([`AlexNet::freeze`]).
-    prepared: Option<Arc<Prepared>>,
+    /// The weights made ready for the kernels, for their current version.
+    prepared: Arc<Prepared>,
 }
 
 impl Conv {
@@ -509,19 +512,15 @@ impl Conv {
 
     fn apply(&self, x: &Tensor, relu: bool) -> CandleResult<Tensor> {
         let (w, b, s, p) = (&self.weight, &self.bias, self.stride, self.padding);
-        match &self.prepared {
-            Some(prepared) => conv2d_prepared(x, w, b, s, p, relu, prepared),
-            None if relu => conv2d_relu(x, w, b, s, p),
-            None => conv2d(x, w, b, s, p),
-        }
+        conv2d_prepared(x, w, b, s, p, relu, &self.prepared)
     }
 }
 
 struct Linear {
     weight: Var,
     bias: Var,
-    /// The weights made ready for the kernels, once frozen ([`AlexNet::freeze`]).
-    prepared: Option<Arc<Prepared>>,
+    /// The weights made ready for the kernels, for their current version.
+    prepared: Arc<Prepared>,
 }
 
 impl Linear {
@@ -536,17 +535,16 @@ impl Linear {
 
     fn apply(&self, x: &Tensor, relu: bool) -> CandleResult<Tensor> {
         let (w, b) = (&self.weight, &self.bias);
-        match &self.prepared {
-            Some(prepared) => linear_prepared(x, w, b, relu, prepared),
-            None if relu => linear_relu(x, w, b),
-            None => linear(x, w, b),
-        }
+        linear_prepared(x, w, b, relu, &self.prepared)
     }
 }
 
-/// Parameters and multiply-adds of a layer that produced `out`.
-trait Cost {
+/// A layer with parameters: its weight and bias, its state, and its cost.
+trait Parametric {
     fn vars(&self) -> [&Var; 2];
+    /// Its state ([`Prepared`]): what the optimiser tells when it writes the weights.
+    fn state(&self) -> &Arc<Prepared>;
+    /// Parameters and multiply-adds of the layer, given what it produced (`out`).
     fn cost(&self, out: &Tensor) -> (usize, u64) {
         let [w, b] = self.vars();
         let per_output: usize = w.dims()[1..].iter().product();
@@ -554,15 +552,21 @@ trait Cost {
     }
 }
 
-impl Cost for Conv {
+impl Parametric for Conv {
     fn vars(&self) -> [&Var; 2] {
         [&self.weight, &self.bias]
     }
+    fn state(&self) -> &Arc<Prepared> {
+        &self.prepared
+    }
 }
 
-impl Cost for Linear {
+impl Parametric for Linear {
     fn vars(&self) -> [&Var; 2] {
         [&self.weight, &self.bias]
+    }
+    fn state(&self) -> &Arc<Prepared> {
+        &self.prepared
     }
 }
 
@@ -598,7 +602,10 @@ fn conv_layer(
     devices: &[Device],
 ) -> anyhow::Result<Vec<Conv>> {
     let parts = split_layer(params, prefix, &shape, devices)?;
-    Ok(parts.into_iter().map(|(weight, bias)| Conv { weight, bias, stride, padding, prepared: None }).collect())
+    Ok(parts
+        .into_iter()
+        .map(|(weight, bias)| Conv { weight, bias, stride, padding, prepared: Arc::default() })
+        .collect())
 }
 
 fn linear_layer(
@@ -608,7 +615,7 @@ fn linear_layer(
     devices: &[Device],
 ) -> anyhow::Result<Vec<Linear>> {
     let parts = split_layer(params, prefix, &shape, devices)?;
-    Ok(parts.into_iter().map(|(weight, bias)| Linear { weight, bias, prepared: None }).collect())
+    Ok(parts.into_iter().map(|(weight, bias)| Linear { weight, bias, prepared: Arc::default() }).collect())
 }
 
 /// Inverted dropout with p = 0.5 (outputs doubled while training, untouched at test time,
@@ -660,8 +667,8 @@ struct TwoTowers {
     towers: [Tower; 2],
     lrn: Lrn,
     lrn_scope: LrnScope,
-    /// Once frozen, both towers' conv1 weights made ready as one layer's ([`TwoTowers::conv1`]).
-    conv1_prepared: Option<Arc<Prepared>>,
+    /// The state of both towers' conv1 run as one layer ([`TwoTowers::conv1`]).
+    conv1_prepared: Arc<Prepared>,
 }
 
 /// The sizes of a two-tower net: for conv1..conv5 the whole layer's (output channels, kernel,
@@ -743,7 +750,7 @@ impl TwoTowers {
         };
         let (a, b) = (tower(&d[0]), tower(&d[1]));
         let towers = [a.expect("two parts per layer"), b.expect("two parts per layer")];
-        Ok(TwoTowers { towers, lrn, lrn_scope: placement.lrn_scope, conv1_prepared: None })
+        Ok(TwoTowers { towers, lrn, lrn_scope: placement.lrn_scope, conv1_prepared: Arc::default() })
     }
 
     fn forward(&self, x: &Tensor, mode: Mode, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
@@ -795,10 +802,7 @@ impl TwoTowers {
         let weight = Tensor::cat(&[ca.weight.as_tensor(), cb.weight.as_tensor()], 0)?;
         let bias = Tensor::cat(&[ca.bias.as_tensor(), cb.bias.as_tensor()], 0)?;
         let x = x.to_device(&a.device)?;
-        let y = match &self.conv1_prepared {
-            Some(prepared) => conv2d_prepared(&x, &weight, &bias, ca.stride, ca.padding, true, prepared)?,
-            None => conv2d_relu(&x, &weight, &bias, ca.stride, ca.padding)?,
-        };
+        let y = conv2d_prepared(&x, &weight, &bias, ca.stride, ca.padding, true, &self.conv1_prepared)?;
         let split = ca.weight.dim(0)?;
         Ok([y.narrow(1, 0, split)?, y.narrow(1, split, cb.weight.dim(0)?)?])
     }
@@ -889,7 +893,7 @@ impl TwoTowers {
         name: &'static str,
         sees: &'static str,
         h: &[Tensor; 2],
-        layer: impl Fn(&Tower) -> &dyn Cost,
+        layer: impl Fn(&Tower) -> &dyn Parametric,
     ) -> CandleResult<()> {
         if trace.is_some() {
             let (pa, ma) = layer(&self.towers[0]).cost(&h[0]);
@@ -916,30 +920,24 @@ impl TwoTowers {
         let mut params = Vec::new();
         for (i, name) in LAYER_NAMES.iter().enumerate() {
             let ([wa, ba], [wb, bb]) = (la[i].vars(), lb[i].vars());
-            params.push(Param { key: format!("{name}.weight"), parts: vec![wa.clone(), wb.clone()] });
-            params.push(Param { key: format!("{name}.bias"), parts: vec![ba.clone(), bb.clone()] });
+            let mut states = vec![la[i].state().clone(), lb[i].state().clone()];
+            if i == 0 {
+                states.push(self.conv1_prepared.clone()); // both towers' conv1 as one layer
+            }
+            params.push(Param {
+                key: format!("{name}.weight"),
+                parts: vec![wa.clone(), wb.clone()],
+                states: states.clone(),
+            });
+            params.push(Param { key: format!("{name}.bias"), parts: vec![ba.clone(), bb.clone()], states });
         }
         params
     }
 }
 
 impl Tower {
-    fn layers(&self) -> [&dyn Cost; 8] {
+    fn layers(&self) -> [&dyn Parametric; 8] {
         [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5, &self.fc6, &self.fc7, &self.fc8]
-    }
-
-    /// Where each layer keeps its weights made ready for the kernels.
-    fn prepared_mut(&mut self) -> [&mut Option<Arc<Prepared>>; 8] {
-        [
-            &mut self.conv1.prepared,
-            &mut self.conv2.prepared,
-            &mut self.conv3.prepared,
-            &mut self.conv4.prepared,
-            &mut self.conv5.prepared,
-            &mut self.fc6.prepared,
-            &mut self.fc7.prepared,
-            &mut self.fc8.prepared,
-        ]
     }
 }
 
@@ -1013,7 +1011,7 @@ impl Torchvision {
     }
 
     fn parameters(&self) -> Vec<Param> {
-        let named: Vec<(&str, &dyn Cost)> = TORCHVISION_KEYS.iter().copied().zip(self.0.layers()).collect();
+        let named: Vec<(&str, &dyn Parametric)> = TORCHVISION_KEYS.iter().copied().zip(self.0.layers()).collect();
         single_tower_parameters(&named)
     }
 }
@@ -1066,19 +1064,19 @@ impl SmallNet {
     }
 
     fn parameters(&self) -> Vec<Param> {
-        let layers: [(&str, &dyn Cost); 4] =
+        let layers: [(&str, &dyn Parametric); 4] =
             [("conv1", &self.conv1), ("conv2", &self.conv2), ("conv3", &self.conv3), ("fc", &self.fc)];
         single_tower_parameters(&layers)
     }
 }
 
 /// Parameters of a single-tower net, `(key prefix, layer)` in order.
-fn single_tower_parameters(layers: &[(&str, &dyn Cost)]) -> Vec<Param> {
+fn single_tower_parameters(layers: &[(&str, &dyn Parametric)]) -> Vec<Param> {
     let mut params = Vec::new();
     for (key, layer) in layers {
-        let [w, b] = layer.vars();
-        params.push(Param { key: format!("{key}.weight"), parts: vec![w.clone()] });
-        params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()] });
+        let ([w, b], states) = (layer.vars(), vec![layer.state().clone()]);
+        params.push(Param { key: format!("{key}.weight"), parts: vec![w.clone()], states: states.clone() });
+        params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()], states });
     }
     params
 }

@@ -10,12 +10,14 @@
 //! (Caffe's `decay_mult: 0` on biases; PyTorch decays everything it is given).
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::ops::{contiguous_f32, contiguous_f32_mut};
+use crate::model::Param;
+use crate::ops::{contiguous_f32, contiguous_f32_mut, Prepared};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,6 +42,8 @@ pub struct Slot {
     /// Multiplies the learning rate for this parameter (1; a fine-tuning run's new head
     /// learns faster, as in PyTorch's parameter groups).
     pub lr_mult: f64,
+    /// The states of the layers that read the parameter, told after each update.
+    pub states: Vec<Arc<Prepared>>,
 }
 
 pub struct Sgd {
@@ -48,12 +52,27 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// `vars`: each parameter with whether it is a bias; velocities start at zero.
+    /// `vars`: each parameter with whether it is a bias; velocities start at zero. For
+    /// parameters no layer reads; a model's go through [`Sgd::for_params`], so that its layers
+    /// hear of each update (they keep forms of their weights made for one version of them).
     pub fn new(config: SgdConfig, vars: Vec<(Var, bool)>) -> Result<Self> {
         let slots = vars
             .into_iter()
-            .map(|(var, is_bias)| Ok(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0 }))
+            .map(|(var, is_bias)| Ok(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0, states: vec![] }))
             .collect::<Result<_>>()?;
+        Ok(Sgd { config, slots })
+    }
+
+    /// For a model's parameters ([`crate::AlexNet::parameters`], those to train): a slot for
+    /// each part, a bias known by its key, and the layers that read it told of every update.
+    pub fn for_params(config: SgdConfig, params: Vec<Param>) -> Result<Self> {
+        let mut slots = Vec::new();
+        for Param { key, parts, states } in params {
+            for var in parts {
+                let (is_bias, states) = (key.ends_with(".bias"), states.clone());
+                slots.push(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0, states });
+            }
+        }
         Ok(Sgd { config, slots })
     }
 
@@ -71,6 +90,7 @@ impl Sgd {
             let w = slot.var.as_tensor();
             let wd = if slot.is_bias && !c.decay_biases { 0.0 } else { c.weight_decay };
             let update = Update::new(c.rule, c.momentum, wd, lr * slot.lr_mult);
+            slot.states.iter().for_each(|state| state.weights_changed());
             if w.device().is_cpu() && w.is_contiguous() && slot.velocity.is_contiguous() {
                 w.inplace_op1(&Step { update, velocity: &slot.velocity, grad: &g.contiguous()? })?;
                 continue;

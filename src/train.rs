@@ -380,15 +380,13 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
     // frozen layers get no slot: no update, no momentum
     let freeze = config.finetune.as_ref().and_then(|ft| ft.freeze);
     let trained = model.parameters().into_iter().filter(|p| !freeze.is_some_and(|f| f.covers(&p.key)));
-    let mut head_vars = Vec::new();
-    let vars = trained.flat_map(|p| {
-        let is_bias = p.key.ends_with(".bias");
-        if p.key.starts_with(&format!("{head}.")) {
-            head_vars.extend(p.parts.iter().map(|v| v.id()));
-        }
-        p.parts.into_iter().map(move |v| (v, is_bias))
-    });
-    let mut sgd = Sgd::new(sgd_config, vars.collect())?;
+    let trained: Vec<crate::model::Param> = trained.collect();
+    let head_vars: Vec<_> = trained
+        .iter()
+        .filter(|p| p.key.starts_with(&format!("{head}.")))
+        .flat_map(|p| p.parts.iter().map(|v| v.id()))
+        .collect();
+    let mut sgd = Sgd::for_params(sgd_config, trained)?;
     // a new head learns faster
     if let Some(ft) = config.finetune.as_ref().filter(|ft| ft.new_head) {
         for slot in sgd.slots.iter_mut().filter(|s| head_vars.contains(&s.var.id())) {

@@ -28,8 +28,8 @@ fn gradients_and_two_sgd_steps_match_pytorch() {
             .unwrap();
     let labels = Tensor::new(&[1u32, 5, 9, 0], &Device::Cpu).unwrap();
     let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, rule: UpdateRule::Pytorch, decay_biases: true };
-    let vars = model.parameters().into_iter().flat_map(|p| p.parts.into_iter().map(|v| (v, false))).collect();
-    let mut sgd = Sgd::new(config, vars).unwrap();
+    // every parameter decays (`decay_biases`), as PyTorch's SGD decays everything it is given
+    let mut sgd = Sgd::for_params(config, model.parameters()).unwrap();
     for step in 1..=2 {
         let loss = candle_nn::loss::cross_entropy(&model.forward(&x, Mode::Eval).unwrap(), &labels).unwrap();
         assert_close(

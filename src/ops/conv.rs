@@ -19,8 +19,9 @@
 //!   when the input needs no gradient (the image), which Candle's own conv backward always
 //!   computes, without GEMM.
 //!
-//! [`conv2d_prepared`] takes weights that no longer change (a model frozen for inference) and
-//! makes them ready for the forward's kernels once ([`Prepared`]) instead of on every call.
+//! [`conv2d_prepared`] is a layer's convolution: its state ([`Prepared`]) keeps the weights as
+//! the forward's kernels read them, made once for each version of the weights instead of on
+//! every call.
 //!
 //! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
 //! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
@@ -54,8 +55,8 @@ pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: u
     Conv2d { stride, padding, relu: true }.apply(x, w, b)
 }
 
-/// [`conv2d`], or [`conv2d_relu`] if `relu`, with `w` made ready for the kernels once and kept in
-/// `prepared` (see [`Prepared`]): for weights that no longer change.
+/// [`conv2d`], or [`conv2d_relu`] if `relu`, for a layer whose state `prepared` keeps `w` as the
+/// kernels read it (see [`Prepared`]: the same bits, made once for each version of `w`).
 pub fn conv2d_prepared(
     x: &Tensor,
     w: &Tensor,
@@ -596,7 +597,7 @@ fn parallelism(images: usize) -> Parallelism {
     }
 }
 
-/// The forward op: the convolution, and where its weights' prepared copies are kept, if anywhere.
+/// The forward op: the convolution, and its layer's state, if it has one.
 struct Forward {
     conv: Conv2d,
     prepared: Option<Arc<Prepared>>,
@@ -624,15 +625,18 @@ impl CustomOp3 for Forward {
         let shape = Shape::from((g.n, g.o, g.oh, g.ow));
         if winograd::applies(&g) {
             let kernels = match prepared {
-                Some(p) => winograd::Kernels::Prepared(&p.winograd),
-                None => winograd::Kernels::Kept,
+                Some(p) => winograd::Kernels::Layer(p),
+                None => winograd::Kernels::Fresh,
             };
             return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, conv.relu, kernels)), shape));
         }
         #[cfg(target_arch = "x86_64")]
         if direct::available() {
-            let packed = prepared.map(|p| p.direct.get_or_init(|| direct::pack_weights(&g, w)).as_slice());
-            return Ok((CpuStorage::F32(direct::forward(&g, x, w, packed, b, conv.relu)), shape));
+            let packed = prepared.and_then(|p| p.kept_once_reused(&p.direct, || direct::pack_weights(&g, w)));
+            return Ok((
+                CpuStorage::F32(direct::forward(&g, x, w, packed.as_deref().map(Vec::as_slice), b, conv.relu)),
+                shape,
+            ));
         }
         let group = images_per_gemm(g.n, g.ohw(), usize::MAX);
         let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
@@ -842,18 +846,18 @@ mod tests {
         }
     }
 
-    /// Weights made ready once ([`Prepared`]) give the same bits as weights packed or
-    /// transformed on every call, for every path that takes them.
+    /// Weights made ready once and kept in a layer's state ([`Prepared`]) give the same bits as
+    /// weights packed or transformed on every call, for every path that takes them.
     #[test]
     fn prepared_weights_give_the_same_bits() {
         for (n, c, h, w, o, k, stride, pad) in SHAPES {
             let g = geometry(n, c, h, w, o, k, stride, pad);
             let (x, wt, b) = (values(n * c * h * w, 1), values(o * c * k * k, 2), values(o, 3));
             if winograd::applies(&g) {
-                let (fresh, once) =
-                    (winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh), std::sync::OnceLock::new());
+                let (fresh, state) =
+                    (winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh), Prepared::default());
                 for pass in ["first", "second"] {
-                    let prepared = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Prepared(&once));
+                    let prepared = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Layer(&state));
                     assert!(prepared == fresh, "winograd, {n}x{c}x{h}x{w} * {o}x{k}x{k}, {pass} pass");
                 }
             }
@@ -870,9 +874,10 @@ mod tests {
     }
 
     /// A layer's kept Winograd kernels give what fresh ones give, and follow its weights when
-    /// they change in place (as SGD changes them) or to one bit.
+    /// they change in place (as SGD changes them, telling the state) or to one bit.
     #[test]
     fn kept_winograd_kernels_follow_the_weights() {
+        let state = Prepared::default();
         let g = geometry(4, 6, 13, 13, 8, 3, 1, 1);
         let (x, b) = (values(4 * 6 * 13 * 13, 8), values(8, 9));
         let mut wt = values(8 * 6 * 9, 10);
@@ -882,7 +887,10 @@ mod tests {
                 wt[17] += 0.5;
             }
             wt[17] = f32::from_bits(wt[17].to_bits() ^ flip);
-            let kept = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Kept);
+            if step > 0 {
+                state.weights_changed();
+            }
+            let kept = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Layer(&state));
             let fresh = winograd::forward(&g, &x, &wt, &b, true, winograd::Kernels::Fresh);
             assert_eq!(kept, fresh, "step {step}");
         }

@@ -93,24 +93,95 @@ pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use lrn_pool::lrn_max_pool2d;
 pub use max_pool::{max_pool2d, max_pool2d_tensor_ops};
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, Layout, Result};
 
-/// A layer's weights as the forward's kernels read them, made on a form's first use and kept:
-/// for a convolution packed in register blocks for the direct form or transformed for
-/// Winograd, for a fully-connected layer in strips of rows ([`linear_prepared`]). Without it
-/// the direct form packs the weights on every call, Winograd compares them with those its kept
-/// transform came from, and the fully-connected layer reads them as stored; with it none looks
-/// at the weights again, so they must not change (a model frozen for inference,
-/// [`crate::AlexNet::freeze`]).
+/// A layer's state on the CPU: its weights as the forward's kernels read them, each form made
+/// from the weights of one version and kept while they stay at it. Whoever writes the weights
+/// says so with [`Prepared::weights_changed`] (the optimiser after each step; a model's
+/// [`crate::AlexNet::weights_changed`] after a `Var::set`); nothing compares weights.
+///
+/// * Winograd's transformed kernels (conv2-5) are kept for the version they were made at: the
+///   forward makes them anyway, and a second pass at that version (inference) reads them back.
+/// * The direct form's packed weights (conv1) cost a copy of the weights that a training run, one
+///   pass per version, would make every step for nothing: they are made on the second pass at
+///   one version, or on the first once the layer is frozen for inference ([`Prepared::freeze`]).
+///   Until then the kernels read the weights as stored (the same bits).
+/// * The fully-connected layer's strips (fc6-8: 231 MB) sum in another order than the weights as
+///   stored: made only once frozen, so that a model gives the same bits on every pass.
 #[derive(Debug, Default)]
 pub struct Prepared {
+    version: AtomicU64,
+    frozen: AtomicBool,
     #[cfg(target_arch = "x86_64")]
-    direct: OnceLock<Vec<f32>>,
-    winograd: OnceLock<Arc<Vec<f32>>>,
+    direct: Kept,
+    winograd: Kept,
     #[cfg(target_arch = "x86_64")]
-    strips: OnceLock<Vec<f32>>,
+    strips: Kept,
+}
+
+/// One form of a layer's weights, with the version it was made at.
+#[derive(Debug, Default)]
+struct Kept(Mutex<KeptForm>);
+
+#[derive(Debug, Default)]
+struct KeptForm {
+    /// The version the passes below were counted at.
+    version: u64,
+    /// Passes at `version` that asked for the form.
+    passes: u32,
+    value: Option<Arc<Vec<f32>>>,
+}
+
+impl Prepared {
+    /// The layer's weights were written: every kept form is stale.
+    pub fn weights_changed(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The weights will not change again (a model that only infers): every form is made on
+    /// its first use.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::Release);
+    }
+
+    /// `form` for the weights at their current version, kept or made now: for a form the
+    /// pass makes anyway.
+    fn kept_or_made(&self, form: &Kept, make: impl FnOnce() -> Vec<f32>) -> Arc<Vec<f32>> {
+        self.current(form).value.get_or_insert_with(|| Arc::new(make())).clone()
+    }
+
+    /// `form` for the weights at their current version if it is kept, or made now when frozen
+    /// or when a pass at this version asked before; None: read the weights as stored this time.
+    fn kept_once_reused(&self, form: &Kept, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
+        let mut kept = self.current(form);
+        if kept.value.is_none() && (kept.passes > 1 || self.frozen.load(Ordering::Acquire)) {
+            kept.value = Some(Arc::new(make()));
+        }
+        kept.value.clone()
+    }
+
+    /// `form` for the weights at their current version once frozen (kept, or made now); None
+    /// before.
+    fn kept_once_frozen(&self, form: &Kept, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
+        if !self.frozen.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.kept_or_made(form, make))
+    }
+
+    /// `form`'s entry, emptied if made at another version, with this pass counted.
+    fn current<'a>(&self, form: &'a Kept) -> std::sync::MutexGuard<'a, KeptForm> {
+        let version = self.version.load(Ordering::Acquire);
+        let mut kept = form.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.version != version {
+            *kept = KeptForm { version, passes: 0, value: None };
+        }
+        kept.passes = kept.passes.saturating_add(1);
+        kept
+    }
 }
 
 /// The contiguous f32 data of a CPU tensor, or an error naming the op that needed it.
@@ -194,8 +265,38 @@ fn nchw(op: &str, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::par_tasks;
+    use super::{par_tasks, Prepared};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A layer's state makes a form a pass makes anyway on the first pass at each version, a
+    /// copy of the weights on the second (or the first once frozen), the strips only once
+    /// frozen, and none is kept across a change of the weights.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_layers_state_keeps_forms_for_one_version() {
+        let (state, made) = (Prepared::default(), AtomicUsize::new(0));
+        let make = |v: f32| {
+            let made = &made;
+            move || {
+                made.fetch_add(1, Ordering::Relaxed);
+                vec![v]
+            }
+        };
+        assert_eq!(*state.kept_or_made(&state.winograd, make(1.0)), [1.0]);
+        assert_eq!(*state.kept_or_made(&state.winograd, make(2.0)), [1.0]); // kept
+        assert_eq!(state.kept_once_reused(&state.direct, make(3.0)), None); // a first pass
+        assert_eq!(state.kept_once_reused(&state.direct, make(4.0)).as_deref(), Some(&vec![4.0]));
+        assert_eq!(state.kept_once_reused(&state.direct, make(5.0)).as_deref(), Some(&vec![4.0]));
+        assert_eq!(state.kept_once_frozen(&state.strips, make(5.5)), None);
+        state.weights_changed();
+        assert_eq!(*state.kept_or_made(&state.winograd, make(6.0)), [6.0]);
+        assert_eq!(state.kept_once_reused(&state.direct, make(7.0)), None);
+        state.freeze();
+        state.weights_changed();
+        assert_eq!(state.kept_once_reused(&state.direct, make(8.0)).as_deref(), Some(&vec![8.0]));
+        assert_eq!(state.kept_once_frozen(&state.strips, make(9.0)).as_deref(), Some(&vec![9.0]));
+        assert_eq!(made.into_inner(), 5); // 1, 4, 6, 8 and 9 made; the others not
+    }
 
     #[test]
     fn par_tasks_runs_each_task_once_and_passes_on_a_panic() {

@@ -16,7 +16,7 @@
 //! input gradient (conv.rs), and [`weight_grad`] runs the same algorithm the other way round.
 
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -136,10 +136,10 @@ const GEMM_TILES: usize = 196;
 pub(super) enum Kernels<'a> {
     /// Computed from the weights: the input gradient's turned filters, new every time.
     Fresh,
-    /// Kept for the next call with the same weights ([`kept_kernels`]): a layer's own weights.
-    Kept,
-    /// Made once and kept there: weights that no longer change ([`super::Prepared`]).
-    Prepared(&'a OnceLock<Arc<Vec<f32>>>),
+    /// Kept in the layer's state for the weights' version ([`super::Prepared`]): made by the
+    /// first pass at a version, read back by the next (computing `U` for conv2-5 takes 4-6 ms a
+    /// forward pass, 5% of torchvision's at batch 16).
+    Layer(&'a crate::ops::Prepared),
 }
 
 /// `y = conv(x, w) + b` (then the ReLU if `relu`), `[N, O, OH, OW]`, for a `g` that
@@ -158,69 +158,11 @@ fn transformed<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usi
     w: &[f32],
     kernels: Kernels,
 ) -> Arc<Vec<f32>> {
-    let compute = || Arc::new(transform_weights::<F, M, R, A>(w, g.o, g.c));
+    let compute = || transform_weights::<F, M, R, A>(w, g.o, g.c);
     match kernels {
-        Kernels::Fresh => compute(),
-        Kernels::Kept => kept_kernels(g, w, compute),
-        Kernels::Prepared(once) => once.get_or_init(compute).clone(),
+        Kernels::Fresh => Arc::new(compute()),
+        Kernels::Layer(prepared) => prepared.kept_or_made(&prepared.winograd, compute),
     }
-}
-
-/// One layer's `U` and the weights it came from.
-struct Kept {
-    /// Where the weights lay: a layer updated in place (SGD) replaces its own entry.
-    at: usize,
-    /// The weights' `[O, C, k, k]`.
-    shape: (usize, usize, usize),
-    weights: Arc<Vec<f32>>,
-    u: Arc<Vec<f32>>,
-}
-
-/// `U` of the last weights each Winograd layer ran with: a pure function of the weights,
-/// reused while they are bit for bit the same and recomputed after any change. The weights are
-/// compared in full on every call, one read of them, where computing `U` for conv2-5 takes 4-6
-/// ms a forward pass (5% of torchvision's at batch 16).
-static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
-
-/// Entries [`KEPT`] holds: the two-tower nets have 8 Winograd layers.
-const KEPT_LAYERS: usize = 16;
-
-fn kept_kernels(g: &Geometry, w: &[f32], compute: impl FnOnce() -> Arc<Vec<f32>>) -> Arc<Vec<f32>> {
-    let (at, shape) = (w.as_ptr() as usize, (g.o, g.c, g.k));
-    // the entry's weights compared outside the lock, so that the other tower's layer need
-    // not wait for it
-    let entry = {
-        let kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
-        kept.iter().find(|e| e.at == at && e.shape == shape).map(|e| (e.weights.clone(), e.u.clone()))
-    };
-    if let Some((weights, u)) = entry {
-        if weights.len() == w.len() && bitwise_equal(&weights, w) {
-            return u;
-        }
-    }
-    let u = compute();
-    let mut weights = Vec::with_capacity(w.len());
-    weights.par_extend(w.par_iter().copied()); // on all cores: conv4's 3.5 MB on one took 0.4 ms
-    let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
-    kept.retain(|e| e.at != at);
-    if kept.len() == KEPT_LAYERS {
-        kept.remove(0); // the oldest
-    }
-    kept.push(Kept { at, shape, weights: Arc::new(weights), u: u.clone() });
-    u
-}
-
-/// Whether `a` and `b` (of one length) hold the same bits: on all cores (in the network both
-/// come from memory: conv2's compare at batch 1 took 0.21 ms on one core, 0.13-0.15 on two, and
-/// its forward 2.17 -> 2.08 ms, medians of 80 passes alternated in one process), 64 values at a
-/// time without a branch inside, so that it vectorises (value by value with an early exit it
-/// took 15% of conv4's forward by Winograd at batch 1; conv2's forward at batch 1, medians of 7
-/// alternated runs, 1.67 -> 1.59 ms).
-fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
-    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(true, |same, (x, y)| same & (x.to_bits() == y.to_bits()));
-    a.par_chunks(1 << 14)
-        .zip(b.par_chunks(1 << 14))
-        .all(|(a, b)| a.chunks(64).zip(b.chunks(64)).all(|(a, b)| same(a, b)))
 }
 
 /// Bytes of `V` and `M` one group of images may take: the GEMMs then find them in cache.

@@ -4,8 +4,8 @@
 //! accumulates the weight's gradient twice (once through `t()`) as zeros + add: for fc6's 38 M
 //! weights that is most of the layer's backward time. Here the backward hands Candle `dx`,
 //! `dw` and `db` directly, each from one GEMM (or one pass for `db`). Other devices use the
-//! tensor ops. [`linear_prepared`], for weights that no longer change, reads a copy of them
-//! packed in strips of rows.
+//! tensor ops. [`linear_prepared`], a layer's product, reads a copy of the weights packed in
+//! strips of rows once the layer is frozen ([`Prepared`]).
 
 use std::sync::Arc;
 
@@ -28,12 +28,11 @@ pub fn linear_relu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Linear { relu: true, prepared: None }.apply(x, w, b)
 }
 
-/// [`linear`], or [`linear_relu`] if `relu`, for weights that no longer change: with AVX-512
-/// or AVX2, `w` is read in strips of a vector's rows (16 or 8; packed on the first call and
-/// kept in `prepared`): with AVX-512 a model's whole pass 3-10% faster than with `w` as stored
-/// below 32 images, level from 32; with AVX2, where `w` as stored goes to the `gemm` crate,
-/// fc6-8 several times faster. Each output is then summed in order of k (the same bits at
-/// either level), so its last bits may differ from [`linear`]'s.
+/// [`linear`], or [`linear_relu`] if `relu`, for a layer with state `prepared`: with AVX-512 or
+/// AVX2, once the layer is frozen (see [`Prepared`]), `w` is read in strips of a vector's rows
+/// (16 or 8, packed on the first pass and kept): with AVX-512 a model's whole pass 3-10% faster
+/// than with `w` as stored below 32 images, level from 32. Each output is then summed in order
+/// of k (the same bits at either level), so its last bits may differ from [`linear`]'s.
 pub fn linear_prepared(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, prepared: &Arc<Prepared>) -> Result<Tensor> {
     Linear { relu, prepared: Some(prepared.clone()) }.apply(x, w, b)
 }
@@ -41,7 +40,7 @@ pub fn linear_prepared(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, prepared:
 #[derive(Debug, Clone)]
 struct Linear {
     relu: bool,
-    /// Where the weights' strips are kept, if anywhere.
+    /// The layer's state, if it has one: where the weights' strips are kept.
     prepared: Option<Arc<Prepared>>,
 }
 
@@ -84,12 +83,16 @@ impl CustomOp3 for Linear {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        match &self.prepared {
+        #[cfg(target_arch = "x86_64")]
+        let strips = match &self.prepared {
+            Some(p) if cpu::strips_available() => p.kept_once_frozen(&p.strips, || cpu::pack_strips(w, o, k)),
+            _ => None,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let strips: Option<Arc<Vec<f32>>> = None;
+        match strips {
             #[cfg(target_arch = "x86_64")]
-            Some(prepared) if cpu::strips_available() => {
-                let strips = prepared.strips.get_or_init(|| cpu::pack_strips(w, o, k));
-                cpu::matmul_wt_strips(n, o, k, x, strips, &mut y);
-            }
+            Some(strips) => cpu::matmul_wt_strips(n, o, k, x, &strips, &mut y),
             _ => matmul_wt(n, o, k, x, w, &mut y),
         }
         if self.relu {
