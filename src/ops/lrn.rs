@@ -98,9 +98,10 @@ wide_fn! {
     /// Channel `ch` of one image (`img`, its planes one after another) normalised into `out`.
     pub(super) fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if p.beta == 0.75 && crate::ops::Isa::avx512() {
-            // SAFETY: AVX-512F is present.
-            return unsafe { avx512::normalise(p, img, ch, out) };
+        if p.beta == 0.75 && crate::ops::Isa::avx2() {
+            let normalise = if crate::ops::Isa::avx512() { avx512::normalise } else { avx2::normalise };
+            // SAFETY: the CPU has the kernel's level.
+            return unsafe { normalise(p, img, ch, out) };
         }
         let plane = out.len();
         p.denominators(img, ch, img.len() / plane, plane, scale);
@@ -116,9 +117,10 @@ wide_fn! {
     /// `g x s^(-beta-1)` into `t`.
     fn backward_factors(p: &Lrn, img: &[f32], ch: usize, g: &[f32], scale: &mut [f32], pow: &mut [f32], t: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if p.beta == 0.75 && crate::ops::Isa::avx512() {
-            // SAFETY: AVX-512F is present.
-            return unsafe { avx512::backward_factors(p, img, ch, g, pow, t) };
+        if p.beta == 0.75 && crate::ops::Isa::avx2() {
+            let factors = if crate::ops::Isa::avx512() { avx512::backward_factors } else { avx2::backward_factors };
+            // SAFETY: the CPU has the kernel's level.
+            return unsafe { factors(p, img, ch, g, pow, t) };
         }
         let plane = g.len();
         p.denominators(img, ch, img.len() / plane, plane, scale);
@@ -130,73 +132,145 @@ wide_fn! {
     }
 }
 
-/// beta = 0.75, 16 values at a time: the denominators in registers (the scalar path's order of
+/// The kernels for beta = 0.75, a vector at a time, written once for a vector width (AVX-512:
+/// 16 values, AVX2 + FMA: 8): the denominators in registers (the scalar path's order of
 /// operations), and no divider: two square roots and a division per value kept it busy (2.7
-/// cycles a value, most of LRN's time). `rsqrt14` refined by one Newton step is within a few
-/// ulp of the correctly rounded root; `s^-1/2 = r`, `s^-3/4 = r² · r^-1/2`, `1/s = r²`.
+/// cycles a value, most of LRN's time). `s^-1/2 = r`, `s^-3/4 = r² · r^-1/2`, `1/s = r²`, with
+/// `r` from the level's reciprocal square root estimate refined by Newton's steps
+/// ([`avx512_steps::rsqrt`], [`avx2_steps::rsqrt`]): within a few ulp of the correctly rounded
+/// root, so the levels' last bits may differ.
+macro_rules! lrn_kernels {
+    ($name:ident, $level:ident, $steps:ident, $feature:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            use super::$steps::{mul, rsqrt};
+            use super::Lrn;
+            use crate::ops::simd::$level::*;
+
+            /// For every vector of channel `ch`'s plane (the last one part): `f(count, offset,
+            /// s)`, `s` the denominators of [`Lrn::denominators`] for the first `count` lanes.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn each_vector(
+                p: &Lrn,
+                img: &[f32],
+                ch: usize,
+                plane: usize,
+                mut f: impl FnMut(usize, usize, Vector),
+            ) {
+                let c = img.len() / plane;
+                let (below, above) = p.reach();
+                let window = ch.saturating_sub(below)..=(ch + above).min(c - 1);
+                assert!(ch < c && img.len() == c * plane);
+                let (size, alpha, k) = (splat(p.size as f32), splat(p.alpha), splat(p.k));
+                for at in (0..plane).step_by(LANES) {
+                    let count = plane - at;
+                    let mut sum = zero();
+                    for j in window.clone() {
+                        let v = load_first(img.as_ptr().add(j * plane + at), count);
+                        sum = add(sum, mul(v, v));
+                    }
+                    f(count, at, add(mul(super::$steps::div(sum, size), alpha), k));
+                }
+            }
+
+            /// `out = x · s^-3/4` for channel `ch` of one image.
+            ///
+            /// # Safety
+            /// The CPU must have the level's feature.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn normalise(p: &Lrn, img: &[f32], ch: usize, out: &mut [f32]) {
+                let plane = out.len();
+                let x = &img[ch * plane..][..plane];
+                each_vector(p, img, ch, plane, |count, at, s| {
+                    let r = rsqrt(s);
+                    let pow = mul(mul(r, r), rsqrt(r));
+                    let y = mul(load_first(x.as_ptr().add(at), count), pow);
+                    store_first(out.as_mut_ptr().add(at), y, count);
+                });
+            }
+
+            /// `pow = s^-3/4`, `t = g · x · s^-7/4` for channel `ch` of one image.
+            ///
+            /// # Safety
+            /// The CPU must have the level's feature.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn backward_factors(
+                p: &Lrn,
+                img: &[f32],
+                ch: usize,
+                g: &[f32],
+                pow: &mut [f32],
+                t: &mut [f32],
+            ) {
+                let plane = g.len();
+                assert!(pow.len() == plane && t.len() == plane);
+                let x = &img[ch * plane..][..plane];
+                each_vector(p, img, ch, plane, |count, at, s| {
+                    let r = rsqrt(s);
+                    let inv_s = mul(r, r);
+                    let p = mul(inv_s, rsqrt(r));
+                    let gx = mul(load_first(g.as_ptr().add(at), count), load_first(x.as_ptr().add(at), count));
+                    store_first(pow.as_mut_ptr().add(at), p, count);
+                    store_first(t.as_mut_ptr().add(at), mul(gx, mul(p, inv_s)), count);
+                });
+            }
+        }
+    };
+}
+
+lrn_kernels!(avx512, avx512, avx512_steps, "avx512f");
+lrn_kernels!(avx2, avx2, avx2_steps, "avx2,fma");
+
+/// The steps [`lrn_kernels`] takes at AVX-512: `rsqrt14` (14 bits) and one Newton step.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::Lrn;
+mod avx512_steps {
     use std::arch::x86_64::*;
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rsqrt(x: __m512) -> __m512 {
+    pub(super) unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn div(a: __m512, b: __m512) -> __m512 {
+        _mm512_div_ps(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rsqrt(x: __m512) -> __m512 {
         let y = _mm512_rsqrt14_ps(x);
         let half_x = _mm512_mul_ps(x, _mm512_set1_ps(0.5));
         _mm512_mul_ps(y, _mm512_fnmadd_ps(half_x, _mm512_mul_ps(y, y), _mm512_set1_ps(1.5)))
     }
+}
 
-    /// For every 16 values of channel `ch`'s plane (the last ones masked): `f(mask, offset, s)`,
-    /// `s` the denominators of [`Lrn::denominators`].
-    #[inline(always)]
-    unsafe fn each_vector(p: &Lrn, img: &[f32], ch: usize, plane: usize, mut f: impl FnMut(__mmask16, usize, __m512)) {
-        let c = img.len() / plane;
-        let (below, above) = p.reach();
-        let window = ch.saturating_sub(below)..=(ch + above).min(c - 1);
-        assert!(ch < c && img.len() == c * plane);
-        let (size, alpha, k) = (_mm512_set1_ps(p.size as f32), _mm512_set1_ps(p.alpha), _mm512_set1_ps(p.k));
-        for at in (0..plane).step_by(16) {
-            let mask = crate::ops::first_lanes(plane - at);
-            let mut sum = _mm512_setzero_ps();
-            for j in window.clone() {
-                let v = _mm512_maskz_loadu_ps(mask, img.as_ptr().add(j * plane + at));
-                sum = _mm512_add_ps(sum, _mm512_mul_ps(v, v));
-            }
-            f(mask, at, _mm512_add_ps(_mm512_mul_ps(_mm512_div_ps(sum, size), alpha), k));
-        }
+/// The same at AVX2: `rsqrtps` (12 bits) and two Newton steps, as close as AVX-512's one.
+#[cfg(target_arch = "x86_64")]
+mod avx2_steps {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
     }
 
-    /// `out = x · s^-3/4` for channel `ch` of one image.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn normalise(p: &Lrn, img: &[f32], ch: usize, out: &mut [f32]) {
-        let plane = out.len();
-        let x = &img[ch * plane..][..plane];
-        each_vector(p, img, ch, plane, |m, at, s| {
-            let r = rsqrt(s);
-            let pow = _mm512_mul_ps(_mm512_mul_ps(r, r), rsqrt(r));
-            let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(at)), pow);
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), m, y);
-        });
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn div(a: __m256, b: __m256) -> __m256 {
+        _mm256_div_ps(a, b)
     }
 
-    /// `pow = s^-3/4`, `t = g · x · s^-7/4` for channel `ch` of one image.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn backward_factors(p: &Lrn, img: &[f32], ch: usize, g: &[f32], pow: &mut [f32], t: &mut [f32]) {
-        let plane = g.len();
-        assert!(pow.len() == plane && t.len() == plane);
-        let x = &img[ch * plane..][..plane];
-        each_vector(p, img, ch, plane, |m, at, s| {
-            let r = rsqrt(s);
-            let inv_s = _mm512_mul_ps(r, r);
-            let p = _mm512_mul_ps(inv_s, rsqrt(r));
-            let gx = _mm512_mul_ps(
-                _mm512_maskz_loadu_ps(m, g.as_ptr().add(at)),
-                _mm512_maskz_loadu_ps(m, x.as_ptr().add(at)),
-            );
-            _mm512_mask_storeu_ps(pow.as_mut_ptr().add(at), m, p);
-            _mm512_mask_storeu_ps(t.as_mut_ptr().add(at), m, _mm512_mul_ps(gx, _mm512_mul_ps(p, inv_s)));
-        });
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rsqrt(x: __m256) -> __m256 {
+        let half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5));
+        let newton = |y: __m256| _mm256_mul_ps(y, _mm256_fnmadd_ps(half_x, _mm256_mul_ps(y, y), _mm256_set1_ps(1.5)));
+        newton(newton(_mm256_rsqrt_ps(x)))
     }
 }
 
