@@ -653,8 +653,15 @@ level_kernels!(
 );
 
 level_kernels!(
-    /// AVX2 + FMA: 8 lanes, 16 registers (`V x P + V + 1 <= 16`).
+    /// AVX2 + FMA: 8 lanes, 16 registers: `V x P + V + 1` at most 15 (3 x 4, at 16, ran at
+    /// half speed: spilled, it seems; 1 x 13 and 3 x 3 are not measured on AlexNet's
+    /// layers, whose vector counts are even). Measured on Zen 4 (ALEXNET_ISA=avx2, the paper's conv1,
+    /// 96 channels, alternated runs): pairs of vectors at 6 pixels 73-74 ms at batch 64, 1.24-1.35
+    /// ms at batch 1; at 7 pixels (17 registers) 127-130 ms; blocks of 3 vectors at 4 pixels
+    /// (16) 147-150 ms, at 3 pixels 78-79 ms. So pairs (as at AVX-512), and 3 x 3 for an odd
+    /// vector's block, 13 pixels for a lone vector; the weight gradient's blocks alike (12, 6
+    /// and 3 taps).
     avx2, "avx2,fma",
-    pieces: [1 2 3 4 5 6 7 8 9 10 11 12 13 14], [1 2 3 4 5 6], [1 2 3 4],
-    taps: [12, 6, 4]
+    pieces: [1 2 3 4 5 6 7 8 9 10 11 12 13], [1 2 3 4 5 6], [1 2 3],
+    taps: [12, 6, 3]
 );
