@@ -873,6 +873,52 @@ mod tests {
         }
     }
 
+    /// The direct kernels give the same bits at every level this CPU has (each output summed
+    /// in one lane, in the same order, whatever the vectors' width and the register blocks):
+    /// the forward with and without the ReLU and with packed weights, and the weight gradient
+    /// of strided convolutions. On [`SHAPES`] and a few more with channel counts off 8 and 16:
+    /// conv1's 11x11 at stride 4, and 3x3 on 13x13 maps at stride 1.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn direct_levels_give_the_same_bits() {
+        let levels: Vec<direct::Level> = direct::Level::ALL.into_iter().filter(|l| l.on_this_cpu()).collect();
+        let more: [Sizes; 5] = [
+            (2, 3, 67, 59, 37, 11, 4, 2),
+            (1, 3, 51, 51, 96, 11, 4, 2),
+            (1, 19, 13, 13, 45, 3, 1, 1),
+            (3, 13, 13, 13, 71, 3, 1, 1),
+            (4, 5, 17, 19, 23, 5, 2, 2),
+        ];
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+        for (n, c, h, w, o, k, stride, pad) in SHAPES.into_iter().chain(more) {
+            let g = geometry(n, c, h, w, o, k, stride, pad);
+            let (x, wt, b) = (values(n * c * h * w, 11), values(o * c * k * k, 12), values(o, 13));
+            let dy = values(n * o * g.ohw(), 14);
+            let shape = format!("{n}x{c}x{h}x{w} * {o}x{k}x{k}, stride {stride}");
+            let at = |level: direct::Level| {
+                let packed = direct::pack_weights_at(level, &g, &wt);
+                let mut got = vec![
+                    bits(direct::forward_at(level, &g, &x, &wt, None, &b, false)),
+                    bits(direct::forward_at(level, &g, &x, &wt, None, &b, true)),
+                    bits(direct::forward_at(level, &g, &x, &wt, Some(&packed), &b, true)),
+                ];
+                if stride > 1 {
+                    got.push(bits(direct::weight_grad_at(level, &g, &x, &dy)));
+                }
+                got
+            };
+            let want = at(levels[0]);
+            for &level in &levels[1..] {
+                for (what, (got, want)) in ["forward", "forward, relu", "forward, packed", "weight grad"]
+                    .into_iter()
+                    .zip(at(level).iter().zip(&want))
+                {
+                    assert!(got == want, "{what} at {level:?} against {:?}: {shape}", levels[0]);
+                }
+            }
+        }
+    }
+
     /// A layer's kept Winograd kernels give what fresh ones give, and follow its weights when
     /// they change in place (as SGD changes them, telling the state) or to one bit.
     #[test]
