@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The forward pass at each instruction-set level this CPU has, rounds alternated, the levels'
-# images/s side by side and their ratio to the best level's.
-#   scripts/bench_isa.sh [ROUNDS] [PRESETS] [BATCHES]      (defaults: 3, torchvision,paper, 1,16)
+# The forward pass (or with MODE=train a training step) at each instruction-set level this CPU
+# has, rounds alternated, the levels' images/s side by side and their ratio to the best level's.
+#   scripts/bench_isa.sh [ROUNDS] [PRESETS] [BATCHES] [MODE]
+#   (defaults: 3, torchvision,paper, 1,16, forward)
 # ALEXNET_ISA holds every kernel of ours to a level; the gemm crate's own AVX-512 kernels stay
 # unless built without them (`cargo build --release --no-default-features`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-3}; presets=${2:-torchvision,paper}; batches=${3:-1,16}
+rounds=${1:-3}; presets=${2:-torchvision,paper}; batches=${3:-1,16}; mode=${4:-forward}
+case $mode in
+  forward) train=() ;;
+  train) train=(--train) ;;
+  *) echo "MODE must be forward or train, not $mode" >&2; exit 2 ;;
+esac
 out=$(mktemp -d)
 for r in $(seq "$rounds"); do
   for isa in avx512 avx2 generic; do
     ALEXNET_ISA=$isa target/release/alexnet bench --preset "$presets" --batch-sizes "$batches" \
-      --runs 5 --warmup 2 --json "$out/$isa-$r.json" >/dev/null 2>&1 || true
+      --runs 5 --warmup 2 "${train[@]}" --json "$out/$isa-$r.json" >/dev/null 2>&1 || true
   done
 done
 python3 - "$out" <<'PY'

@@ -376,7 +376,7 @@ pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     RgbImage::from_raw(out_w, out_h, pixels).expect("buffer matches the size")
 }
 
-crate::ops::wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`.
     fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, out: &mut [u8]) {
         let ow = coeffs.bounds.len();
@@ -395,7 +395,7 @@ crate::ops::wide_fn! {
     }
 }
 
-crate::ops::wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// Pillow's vertical pass: rows of `w` RGB pixels, each output row a weighted sum of
     /// input rows (whole rows at a time, so it vectorises).
     fn resize_columns(src: &[u8], w: usize, coeffs: &PilCoeffs, out: &mut [u8]) {

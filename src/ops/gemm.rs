@@ -108,7 +108,7 @@ impl candle_core::CustomOp2 for ReluGrad {
     }
 }
 
-wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// The fused ReLU, in place on an op's output (NaN stays NaN, as in PyTorch).
     pub(crate) fn relu_in_place(y: &mut [f32]) {
         // a select rather than a conditional store, so it vectorises

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::lrn::normalise_plane;
+use super::lrn::cpu::normalise_plane;
 use super::max_pool::MaxPool2d;
 use super::{lrn, max_pool2d, Lrn};
 
@@ -37,7 +37,7 @@ impl CustomOp1 for LrnMaxPool {
         let x = super::contiguous_f32("lrn-max-pool2d", storage, layout)?;
         let (oh, ow) = self.pool.out_size(h, w);
         let plane = h * w;
-        let mut y = super::zeros(n * c * oh * ow);
+        let mut y = super::cpu::parallel::zeros(n * c * oh * ow);
         // one task per (image, channel) plane, as in LRN alone
         y.par_chunks_mut(oh * ow).enumerate().for_each_init(
             || (vec![0f32; plane], vec![0f32; plane], self.pool.columns(w)),

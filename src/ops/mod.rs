@@ -22,72 +22,20 @@
 //! as compositions of Candle tensor ops (`*_tensor_ops`, tested against the same fixtures on
 //! the CPU) and the convolution as Candle's `conv2d`.
 
-/// Defines a function whose body is compiled three times, for baseline x86-64 (what the crate
-/// is built for), AVX2 + FMA and AVX-512, the one for [`Isa::current`] run: for the elementwise
-/// kernels, whose loops the compiler then vectorises 8 or 16 lanes wide. Without FMA
-/// contraction or fast-math all three give the same bits.
-macro_rules! wide_fn {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            if crate::ops::Isa::avx512() {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                // SAFETY: the CPU has AVX-512F (the level is AVX-512).
-                return unsafe { avx512($($arg),*) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if crate::ops::Isa::avx2() {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                // SAFETY: the CPU has AVX2 and FMA (the level is at least AVX2).
-                return unsafe { avx2($($arg),*) };
-            }
-            body($($arg),*)
-        }
-    };
-}
-pub(crate) use wide_fn;
-
-/// The AVX-512 mask of the first `count` of 16 lanes (all 16 from 16 on): the tail of a row.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn first_lanes(count: usize) -> u16 {
-    ((1u32 << count.min(16)) - 1) as u16
-}
-
-/// [`gemm::relu_in_place`]'s rule on 16 lanes, for kernels that apply the ReLU as their sums
-/// leave the registers: `maxps(0, v)` is `v` for `v >= 0`, `-0` and NaN, else 0.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn relu_lanes(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    _mm512_max_ps(_mm512_setzero_ps(), v)
-}
-
 mod adaptive_pool;
 mod backward;
 mod conv;
+pub(crate) mod cpu;
 mod gemm;
-mod isa;
 mod linear;
 mod lrn;
 mod lrn_pool;
 mod max_pool;
-mod simd;
-mod transpose;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use backward::backward;
 pub use conv::{conv2d, conv2d_prepared, conv2d_relu};
-pub use isa::{rerun_tests_below_the_best_level, Isa, ISA_VARIABLE};
+pub use cpu::isa::{rerun_tests_below_the_best_level, Isa, ISA_VARIABLE};
 pub use linear::{linear, linear_prepared, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use lrn_pool::lrn_max_pool2d;
@@ -203,58 +151,6 @@ pub(crate) fn contiguous_f32_mut<'a>(op: &str, storage: &'a mut CpuStorage, layo
     }
 }
 
-/// `vec![0f32; len]` zeroed by all the cores: the ops' fresh outputs and gradients run to
-/// megabytes, and `vec!` zeroes them on one core while the others wait.
-pub(crate) fn zeros(len: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut v = Vec::with_capacity(len);
-    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
-    // SAFETY: every value was just written
-    unsafe { v.set_len(len) };
-    v
-}
-
-/// Runs `f` on every task on all the cores, each core taking the next task as it finishes one
-/// (so a core slowed by other tenants takes fewer), with scratch from `init` made once per
-/// core. The calling thread spins, rather than sleeps, while the others finish their last
-/// tasks: a thread asleep here took 40-100 us to run again, where a task at batch 1 takes
-/// 200-400 us. Tasks must not wait on one another.
-pub(crate) fn par_tasks<T: Send, S>(
-    tasks: impl IntoIterator<Item = T>,
-    init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, T) + Sync,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Mutex, PoisonError};
-    /// Counts a task done when dropped, also if it panicked: the spin below must end.
-    struct Done<'a>(&'a AtomicUsize);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_add(1, Ordering::Release);
-        }
-    }
-    let tasks: Vec<T> = tasks.into_iter().collect();
-    let count = tasks.len();
-    let (queue, done) = (Mutex::new(tasks.into_iter()), AtomicUsize::new(0));
-    let work = || {
-        let mut scratch = None;
-        loop {
-            let Some(task) = queue.lock().unwrap_or_else(PoisonError::into_inner).next() else { return };
-            let _done = Done(&done);
-            f(scratch.get_or_insert_with(&init), task);
-        }
-    };
-    rayon::scope(|s| {
-        for _ in 1..rayon::current_num_threads().min(count) {
-            s.spawn(|_| work());
-        }
-        work();
-        while done.load(Ordering::Acquire) < count {
-            std::hint::spin_loop();
-        }
-    });
-}
-
 /// `(N, C, H, W)` of a rank-4 layout, or an error naming the op.
 fn nchw(op: &str, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
     match layout.dims() {
@@ -265,7 +161,7 @@ fn nchw(op: &str, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{par_tasks, Prepared};
+    use super::Prepared;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A layer's state makes a form a pass makes anyway on the first pass at each version, a
@@ -296,21 +192,5 @@ mod tests {
         assert_eq!(state.kept_once_reused(&state.direct, make(8.0)).as_deref(), Some(&vec![8.0]));
         assert_eq!(state.kept_once_frozen(&state.strips, make(9.0)).as_deref(), Some(&vec![9.0]));
         assert_eq!(made.into_inner(), 5); // 1, 4, 6, 8 and 9 made; the others not
-    }
-
-    #[test]
-    fn par_tasks_runs_each_task_once_and_passes_on_a_panic() {
-        let (sum, inits) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        let init = || inits.fetch_add(1, Ordering::Relaxed);
-        par_tasks(0..1000, init, |_, i| {
-            sum.fetch_add(i, Ordering::Relaxed);
-        });
-        assert_eq!(sum.into_inner(), 999 * 1000 / 2);
-        assert!(inits.into_inner() <= rayon::current_num_threads());
-        par_tasks(Vec::<usize>::new(), || (), |_, _| unreachable!());
-        // a task that panics ends the call with its panic, where the others would otherwise
-        // wait for it for ever
-        let panicked = std::panic::catch_unwind(|| par_tasks(0..8, || (), |_, i| assert!(i != 5, "task {i}")));
-        assert!(panicked.is_err());
     }
 }

@@ -63,7 +63,7 @@ fn sizes(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
-        "linear-gemm"
+        "linear"
     }
 
     fn cpu_fwd(
@@ -122,7 +122,7 @@ struct WeightGrad;
 
 impl candle_core::CustomOp2 for WeightGrad {
     fn name(&self) -> &'static str {
-        "linear-gemm-weight-grad"
+        "linear-weight-grad"
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -138,7 +138,7 @@ struct InputGrad;
 
 impl candle_core::CustomOp2 for InputGrad {
     fn name(&self) -> &'static str {
-        "linear-gemm-input-grad"
+        "linear-input-grad"
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {

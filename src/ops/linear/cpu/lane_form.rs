@@ -15,7 +15,7 @@ macro_rules! lane_form {
     ($name:ident, $level:ident, $feature:literal, group: $group:literal,
      blocks: [$($v:literal => [$($rows:literal)*]),*]) => {
         pub(super) mod $name {
-            use crate::ops::simd::$level::*;
+            use crate::ops::cpu::simd::$level::*;
 
             /// Most images per pass over `w`: their `xᵀ` (fc6: 32 x 9216, 1.2 MB) stays in L2;
             /// as many vectors of them as the register blocks below take.
@@ -34,7 +34,7 @@ macro_rules! lane_form {
                     let width = images.next_multiple_of(LANES);
                     // xᵀ[kk, image], the lanes past the last image 0
                     let mut xt = vec![0f32; k * width];
-                    crate::ops::transpose::transpose(images, k, &x[g0 * k..], k, &mut xt, width);
+                    crate::ops::cpu::transpose::transpose(images, k, &x[g0 * k..], k, &mut xt, width);
                     let y = &mut y[g0 * o..];
                     super::super::add_by_row_tasks(&w[..o * k], o, k, ROWS_PER_TASK, width, images, y, |rows, part| {
                         // SAFETY: the CPU has the level's feature (checked by the caller); sizes

@@ -82,7 +82,7 @@ pub(crate) fn pack_strips(w: &[f32], o: usize, k: usize) -> Vec<f32> {
         return strips;
     }
     strips.par_chunks_mut(k * lanes).zip(w[..o * k].par_chunks(lanes * k)).for_each(|(strip, rows)| {
-        crate::ops::transpose::transpose(rows.len() / k, k, rows, k, strip, lanes);
+        crate::ops::cpu::transpose::transpose(rows.len() / k, k, rows, k, strip, lanes);
     });
     strips
 }
@@ -187,7 +187,7 @@ fn add_by_row_tasks(
 ) {
     let rows = w.chunks(rows_per_task * k);
     let mut parts: Vec<Vec<f32>> = rows.clone().map(|rows| vec![0f32; rows.len() / k * width]).collect();
-    crate::ops::par_tasks(parts.iter_mut().zip(rows), || (), |_, (part, rows)| product(rows, part));
+    crate::ops::cpu::parallel::par_tasks(parts.iter_mut().zip(rows), || (), |_, (part, rows)| product(rows, part));
     for (t, part) in parts.iter().enumerate() {
         let first = t * rows_per_task;
         for (r, row) in part.chunks(width).take(o - first).enumerate() {

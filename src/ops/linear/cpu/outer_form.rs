@@ -9,7 +9,7 @@
 macro_rules! outer_form {
     ($name:ident, $level:ident, $feature:literal, rows: $rows:literal, vectors: $vectors:literal) => {
         pub(super) mod $name {
-            use crate::ops::simd::$level::*;
+            use crate::ops::cpu::simd::$level::*;
             use rayon::prelude::*;
             use std::mem::MaybeUninit;
 
@@ -87,7 +87,7 @@ macro_rules! outer_form {
                     return Vec::new();
                 }
                 let mut at = vec![0f32; m * k]; // the blocks take `a`'s columns as rows
-                crate::ops::transpose::transpose(k, m, a, m, &mut at, k);
+                crate::ops::cpu::transpose::transpose(k, m, a, m, &mut at, k);
                 // `b`'s blocks of columns each copied side by side, `[block][j][COLUMNS]`: where it
                 // lies, its rows are a multiple of 4 KiB apart (fc6-8), all in the same L1 sets
                 let mut panels = vec![0f32; n.div_ceil(COLUMNS) * k * COLUMNS];

@@ -5,8 +5,8 @@
 macro_rules! strip_form {
     ($name:ident, $level:ident, $feature:literal, images: $images:literal) => {
         pub(super) mod $name {
-            pub(crate) use crate::ops::simd::$level::LANES;
-            use crate::ops::simd::$level::*;
+            pub(crate) use crate::ops::cpu::simd::$level::LANES;
+            use crate::ops::cpu::simd::$level::*;
 
             /// Strips a task takes side by side: 4 streams through w for each core, and at batch
             /// 1 as many chains of fused multiply-adds (each waits on its last) as the FMA units

@@ -1,93 +1,88 @@
-//! 2-D convolution with bias as one op, on the CPU as im2col + packed GEMM (the `gemm` crate
-//! Candle itself uses), with a backward written the same way:
-//!
-//! * forward: the 3x3 and 5x5 stride-1 layers (conv2-5) by Winograd's F(2x2, 3x3) and
-//!   F(2x2, 5x5) once the batch gives every core enough tiles ([`winograd`]); with AVX-512, the
-//!   rest (conv1, and 13x13 maps at batch 1-7) directly, without patches ([`direct`]); without
-//!   it, as the patches of a group of images one under the other, each patch channels-last
-//!   so that it is `k` contiguous runs ([`Geometry::patches`]), times the weights in the same
-//!   order: `P · Wᵀ`, `[pixels, o]`, transposed into the NCHW output with the bias and ReLU
-//!   ([`forward_pixel_major`]); 13x13 maps at batch 1-3, too few pixels for that orientation,
-//!   as `W · cols(X)` an image at a time ([`forward_channel_major`]);
-//! * weight gradient: `dW = Σ dY · P(X)` from the same channels-last patches; for the 3x3
-//!   and 5x5 stride-1 layers, where the forward takes Winograd, by Winograd's algorithm read
-//!   the other way round ([`winograd::weight_grad`]); for strided layers directly
-//!   ([`direct::weight_grad`]); any way summed over fixed chunks of the batch in a fixed order,
-//!   so the result does not depend on how many threads ran it;
-//! * input gradient: `dX = col2im(Wᵀ · dY)`, or for the 3x3 and 5x5 stride-1 layers, where the
-//!   batch allows, Winograd's forward of `dY` with the filters turned half a turn; skipped entirely
-//!   when the input needs no gradient (the image), which Candle's own conv backward always
-//!   computes, without GEMM.
-//!
-//! [`conv2d_prepared`] is a layer's convolution: its state ([`Prepared`]) keeps the weights as
-//! the forward's kernels read them, made once for each version of the weights instead of on
-//! every call.
-//!
-//! [`conv2d_relu`] applies the ReLU in the same pass, while the output is in cache, and masks
-//! the incoming gradient by the output's sign in the backward (no separate ReLU op and its
-//! gradient). Images are spread over the cores; a batch too small for that spreads the
-//! patches of each image by row (the columns by channel) and its GEMM instead.
-//! Other devices use Candle's `conv2d`.
+//! The convolution on the CPU: its geometry, the im2col + GEMM forms, and for each pass the
+//! choice among them, the direct form ([`direct`], AVX2 and AVX-512) and Winograd's
+//! ([`winograd`]). The custom ops in the parent module hand their contiguous data here.
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape};
 use gemm::Parallelism;
-
-use super::backward::hand_over;
-use super::gemm::{incoming_grad, matmul, relu_if, relu_in_place, BiasGrad};
-use super::transpose::transpose;
-use super::Prepared;
 use rayon::prelude::*;
+
+use super::Conv2d;
+use crate::ops::cpu::transpose::transpose;
+use crate::ops::gemm::{matmul, relu_in_place};
+use crate::ops::Prepared;
 
 #[cfg(target_arch = "x86_64")]
 mod direct;
 mod winograd;
 
-/// `x.conv2d(w) + b` for `x` `[N, C, H, W]`, `w` `[O, C, k, k]`, `b` `[O]`.
-pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    Conv2d { stride, padding, relu: false }.apply(x, w, b)
-}
-
-/// `relu(x.conv2d(w) + b)`, in one pass.
-pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    Conv2d { stride, padding, relu: true }.apply(x, w, b)
-}
-
-/// [`conv2d`], or [`conv2d_relu`] if `relu`, for a layer whose state `prepared` keeps `w` as the
-/// kernels read it (see [`Prepared`]: the same bits, made once for each version of `w`).
-pub fn conv2d_prepared(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    stride: usize,
-    padding: usize,
-    relu: bool,
-    prepared: &Arc<Prepared>,
-) -> Result<Tensor> {
-    Conv2d { stride, padding, relu }.apply_prepared(x, w, b, Some(prepared.clone()))
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Conv2d {
-    stride: usize,
-    padding: usize,
-    relu: bool,
-}
-
-impl Conv2d {
-    fn apply(self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-        self.apply_prepared(x, w, b, None)
+/// `relu?(conv(x, w) + b)` (the ReLU if `conv.relu`), `[N, O, OH, OW]`: by Winograd where it
+/// applies (3x3 and 5x5 at stride 1 on large enough batches), else the direct form (AVX2 or
+/// AVX-512), else im2col and the GEMM. `prepared`: the layer's state, which keeps Winograd's
+/// kernels and the direct form's packed weights for the weights' version.
+pub(super) fn forward(
+    conv: &Conv2d,
+    prepared: Option<&Prepared>,
+    (x, xl): (&[f32], &Layout),
+    (w, wl): (&[f32], &Layout),
+    b: &[f32],
+) -> Result<(Vec<f32>, Shape)> {
+    let g = Geometry::new(conv, xl, wl)?;
+    let shape = Shape::from((g.n, g.o, g.oh, g.ow));
+    if winograd::applies(&g) {
+        let kernels = match prepared {
+            Some(p) => winograd::Kernels::Layer(p),
+            None => winograd::Kernels::Fresh,
+        };
+        return Ok((winograd::forward(&g, x, w, b, conv.relu, kernels), shape));
     }
-
-    fn apply_prepared(self, x: &Tensor, w: &Tensor, b: &Tensor, prepared: Option<Arc<Prepared>>) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            let y = x.conv2d(w, self.padding, self.stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-            return relu_if(y, self.relu);
-        }
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Forward { conv: self, prepared })
+    #[cfg(target_arch = "x86_64")]
+    if direct::available() {
+        let packed = prepared.and_then(|p| p.kept_once_reused(&p.direct, || direct::pack_weights(&g, w)));
+        return Ok((direct::forward(&g, x, w, packed.as_deref().map(Vec::as_slice), b, conv.relu), shape));
     }
+    let group = images_per_gemm(g.n, g.ohw(), usize::MAX);
+    let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
+        forward_pixel_major(&g, x, w, b, conv.relu, group)
+    } else {
+        forward_channel_major(&g, x, w, b, conv.relu)
+    };
+    Ok((y, shape))
+}
+
+/// `dW = Σ_n dY[n] ⋆ X[n]` for `o` filters of `k`x`k`: the direct form for strides above 1,
+/// Winograd's where it applies, else the GEMM.
+pub(super) fn weight_grad(
+    conv: &Conv2d,
+    (o, k): (usize, usize),
+    (x, xl): (&[f32], &Layout),
+    dy: &[f32],
+) -> Result<(Vec<f32>, Shape)> {
+    let (_, c, _, _) = crate::ops::nchw("conv2d weight grad", xl)?;
+    let g = Geometry::new(conv, xl, &Layout::contiguous((o, c, k, k)))?;
+    let shape = Shape::from((o, c, k, k));
+    #[cfg(target_arch = "x86_64")]
+    if direct::applies(&g) {
+        return Ok((direct::weight_grad(&g, x, dy), shape));
+    }
+    let dw = if winograd::applies(&g) { winograd::weight_grad(&g, x, dy) } else { weight_grad_gemm(&g, x, dy) };
+    Ok((dw, shape))
+}
+
+/// `dX` for an input of `x_dims`: Winograd's forward of `dY` where the transposed convolution
+/// allows it, else `col2im(Wᵀ · dY)`.
+pub(super) fn input_grad(
+    conv: &Conv2d,
+    x_dims: (usize, usize, usize, usize),
+    dy: &[f32],
+    (w, wl): (&[f32], &Layout),
+) -> Result<Vec<f32>> {
+    let g = Geometry::new(conv, &Layout::contiguous(x_dims), wl)?;
+    Ok(match g.transposed() {
+        Some(t) if winograd::applies(&t) => input_grad_winograd(&g, &t, dy, w),
+        _ => input_grad_col2im(&g, dy, w),
+    })
 }
 
 /// The sizes of one convolution.
@@ -107,8 +102,8 @@ struct Geometry {
 
 impl Geometry {
     fn new(op: &Conv2d, x: &Layout, w: &Layout) -> Result<Self> {
-        let (n, c, h, wd) = super::nchw("conv2d", x)?;
-        let (o, wc, k, k2) = super::nchw("conv2d weight", w)?;
+        let (n, c, h, wd) = crate::ops::nchw("conv2d", x)?;
+        let (o, wc, k, k2) = crate::ops::nchw("conv2d weight", w)?;
         if wc != c || k != k2 {
             candle_core::bail!("conv2d: weight {:?} does not fit input {:?}", w.dims(), x.dims())
         }
@@ -342,7 +337,7 @@ fn transpose_filters(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-super::wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// The sums of [`Geometry::col2im`]: every entry of `cols` added to its place in `split`.
     fn add_columns(g: &Geometry, cols: &[f32], split: &mut [f32]) {
         let (k, s, pl, ohw) = (g.k, g.stride, g.phase_len(), g.ohw());
@@ -388,7 +383,7 @@ fn forward_pixel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool
     let w = g.channels_last_weights(w);
     let par = parallelism(g.n.div_ceil(group));
     let spread = !matches!(par, Parallelism::None);
-    let mut y = super::zeros(g.n * o * ohw);
+    let mut y = crate::ops::cpu::parallel::zeros(g.n * o * ohw);
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let m = images.len() / chw * ohw;
         with_scratch(g.padded_len() + m * ckk + m * o, |scratch| {
@@ -413,7 +408,7 @@ fn forward_pixel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool
 fn forward_channel_major(g: &Geometry, x: &[f32], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
     let (ckk, ohw, chw, o) = (g.ckk(), g.ohw(), g.c * g.h * g.w, g.o);
     let spread = !matches!(parallelism(g.n), Parallelism::None);
-    let mut y = super::zeros(g.n * o * ohw);
+    let mut y = crate::ops::cpu::parallel::zeros(g.n * o * ohw);
     y.par_chunks_mut(o * ohw).zip(x.par_chunks(chw)).for_each(|(out, image)| {
         with_scratch(g.split_len() + ckk * ohw, |scratch| {
             let (split, cols) = scratch.split_at_mut(g.split_len());
@@ -454,7 +449,7 @@ fn channels_first(product: &[f32], b: &[f32], relu: bool, y: &mut [f32], spread:
     });
 }
 
-super::wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// `plane += bias`.
     fn add_bias(plane: &mut [f32], bias: f32) {
         plane.iter_mut().for_each(|v| *v += bias);
@@ -474,7 +469,7 @@ fn for_each_plane_share(y: &mut [f32], plane: usize, spread: bool, f: impl Fn(us
 /// `f(scratch, task)` for each task in turn on this core with one `init()`, or spread over the
 /// cores when `spread` (a batch too small to give every core images of its own: [`par_tasks`]).
 ///
-/// [`par_tasks`]: super::par_tasks
+/// [`par_tasks`]: crate::ops::par_tasks
 fn for_each_task<T: Send, S>(
     tasks: impl IntoIterator<Item = T>,
     spread: bool,
@@ -482,7 +477,7 @@ fn for_each_task<T: Send, S>(
     f: impl Fn(&mut S, T) + Sync,
 ) {
     if spread {
-        super::par_tasks(tasks, init, f);
+        crate::ops::cpu::parallel::par_tasks(tasks, init, f);
     } else {
         let mut scratch = init();
         tasks.into_iter().for_each(|task| f(&mut scratch, task));
@@ -549,7 +544,7 @@ fn sum_over_chunks(n: usize, len: usize, f: impl Fn(std::ops::Range<usize>, bool
     let partials: Vec<Vec<f32>> = chunks
         .par_iter()
         .map(|&chunk| {
-            let mut partial = super::zeros(len);
+            let mut partial = crate::ops::cpu::parallel::zeros(len);
             f(chunk * CHUNK..((chunk + 1) * CHUNK).min(n), spread, &mut partial);
             partial
         })
@@ -597,98 +592,6 @@ fn parallelism(images: usize) -> Parallelism {
     }
 }
 
-/// The forward op: the convolution, and its layer's state, if it has one.
-struct Forward {
-    conv: Conv2d,
-    prepared: Option<Arc<Prepared>>,
-}
-
-impl CustomOp3 for Forward {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (conv, prepared) = (&self.conv, self.prepared.as_deref());
-        let g = Geometry::new(conv, xl, wl)?;
-        let x = super::contiguous_f32("conv2d", xs, xl)?;
-        let w = super::contiguous_f32("conv2d", ws, wl)?;
-        let b = super::contiguous_f32("conv2d", bs, bl)?;
-        let shape = Shape::from((g.n, g.o, g.oh, g.ow));
-        if winograd::applies(&g) {
-            let kernels = match prepared {
-                Some(p) => winograd::Kernels::Layer(p),
-                None => winograd::Kernels::Fresh,
-            };
-            return Ok((CpuStorage::F32(winograd::forward(&g, x, w, b, conv.relu, kernels)), shape));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if direct::available() {
-            let packed = prepared.and_then(|p| p.kept_once_reused(&p.direct, || direct::pack_weights(&g, w)));
-            return Ok((
-                CpuStorage::F32(direct::forward(&g, x, w, packed.as_deref().map(Vec::as_slice), b, conv.relu)),
-                shape,
-            ));
-        }
-        let group = images_per_gemm(g.n, g.ohw(), usize::MAX);
-        let y = if group * g.ohw() >= PIXEL_MAJOR_ROWS {
-            forward_pixel_major(&g, x, w, b, conv.relu, group)
-        } else {
-            forward_channel_major(&g, x, w, b, conv.relu)
-        };
-        Ok((CpuStorage::F32(y), shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let conv = self.conv;
-        let dy = incoming_grad(dy, y, conv.relu)?;
-        let db = dy.apply_op1_no_bwd(&BiasGrad)?;
-        let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(conv, w.dims4()?.0, w.dims4()?.2))?;
-        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad(conv, x.dims4()?))?) } else { None };
-        Ok((dx, hand_over(w, dw), hand_over(b, db)))
-    }
-}
-
-/// `dW = Σ_n dY[n] ⋆ X[n]`, args (x, dy); carries (op, O, k).
-struct WeightGrad(Conv2d, usize, usize);
-
-impl candle_core::CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm-weight-grad"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, c, _, _) = super::nchw("conv2d weight grad", xl)?;
-        let (o, k) = (self.1, self.2);
-        let wl = Layout::contiguous((o, c, k, k));
-        let g = Geometry::new(&self.0, xl, &wl)?;
-        let x = super::contiguous_f32("conv2d weight grad", xs, xl)?;
-        let dy = super::contiguous_f32("conv2d weight grad", gs, gl)?;
-        let shape = Shape::from((o, c, k, k));
-        #[cfg(target_arch = "x86_64")]
-        if direct::applies(&g) {
-            return Ok((CpuStorage::F32(direct::weight_grad(&g, x, dy)), shape));
-        }
-        let dw = if winograd::applies(&g) { winograd::weight_grad(&g, x, dy) } else { weight_grad_gemm(&g, x, dy) };
-        Ok((CpuStorage::F32(dw), shape))
-    }
-}
-
 /// `dW = Σ_n dY[n] · P(X[n])`, [`sum_over_chunks`].
 fn weight_grad_gemm(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (c, o) = (g.c, g.o);
@@ -710,32 +613,11 @@ fn weight_grad_gemm(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     g.channels_first_weights(&dw)
 }
 
-/// `dX[n] = col2im(Wᵀ · dY[n])`, args (dy, w); carries (op, input dims).
-struct InputGrad(Conv2d, (usize, usize, usize, usize));
-
-impl candle_core::CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm-input-grad"
-    }
-
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let xl = Layout::contiguous(self.1);
-        let g = Geometry::new(&self.0, &xl, wl)?;
-        let dy = super::contiguous_f32("conv2d input grad", gs, gl)?;
-        let w = super::contiguous_f32("conv2d input grad", ws, wl)?;
-        let dx = match g.transposed() {
-            Some(t) if winograd::applies(&t) => input_grad_winograd(&g, &t, dy, w),
-            _ => input_grad_col2im(&g, dy, w),
-        };
-        Ok((CpuStorage::F32(dx), Shape::from(self.1)))
-    }
-}
-
 /// `dX = col2im(Wᵀ · dY)`, an image at a time.
 fn input_grad_col2im(g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (ckk, ohw, o) = (g.ckk(), g.ohw(), g.o);
     let par = parallelism(g.n);
-    let mut dx = super::zeros(g.n * g.c * g.h * g.w);
+    let mut dx = crate::ops::cpu::parallel::zeros(g.n * g.c * g.h * g.w);
     dx.par_chunks_mut(g.c * g.h * g.w).zip(dy.par_chunks(o * ohw)).for_each(|(dxi, dyi)| {
         with_scratch(g.split_len() + ckk * ohw, |scratch| {
             let (split, cols) = scratch.split_at_mut(g.split_len());

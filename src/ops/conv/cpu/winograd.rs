@@ -26,8 +26,8 @@ use super::{
     for_each_chunk, for_each_plane_share, for_each_task, images_per_gemm, parallelism, pieces_by_index,
     sum_over_chunks, with_scratch, Geometry, CHUNK,
 };
+use crate::ops::cpu::transpose::transpose;
 use crate::ops::gemm::matmul;
-use crate::ops::transpose::transpose;
 
 /// Winograd's F(MxM, RxR) on tiles of `A = M + R - 1`: `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`.
 /// The transforms are constants, so once inlined only their nonzero entries cost anything.
@@ -188,7 +188,7 @@ fn forward_by<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: usiz
     // and its output channels are spread over the cores instead
     let spread = !matches!(parallelism(g.n.div_ceil(group)), Parallelism::None);
     let (chw, ohw) = (c * g.h * g.w, g.ohw());
-    let mut y = super::super::zeros(g.n * o * ohw);
+    let mut y = crate::ops::cpu::parallel::zeros(g.n * o * ohw);
     y.par_chunks_mut(group * o * ohw).zip(x.par_chunks(group * chw)).for_each(|(out, images)| {
         let ld = images.len() / chw * tiles; // the group's tiles side by side
         with_scratch(A * A * (c + o) * ld + tiling.work(), |scratch| {
@@ -323,13 +323,13 @@ fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const 
     // and both buffers zeroed on all cores: in a training step, where the weights change every
     // time, `U` of conv3 / conv4 / conv5 took 2.5 / 3.2 / 2.2 ms with one transpose of all the
     // weights on one core, 1.6 / 2.5 / 1.4 ms so (means of 8 steps alternated in one process)
-    let mut taps = super::super::zeros(R * R * pairs);
+    let mut taps = crate::ops::cpu::parallel::zeros(R * R * pairs);
     taps.par_chunks_mut(R * R * o).enumerate().for_each(|(ci, block)| {
         transpose(o, R * R, &w[ci * R * R..], c * R * R, block, o);
     });
     #[cfg(target_arch = "x86_64")]
     let (avx512, avx2) = (crate::ops::Isa::avx512(), crate::ops::Isa::avx2());
-    let mut u = super::super::zeros(A * A * pairs);
+    let mut u = crate::ops::cpu::parallel::zeros(A * A * pairs);
     u.par_chunks_mut(A * pairs).enumerate().for_each(|(i, u_row)| {
         let mut first = 0;
         // a vector of kernels at a time, all of one input channel
@@ -758,7 +758,7 @@ macro_rules! vector_transforms {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{transform_tile, Geometry, KernelGrad, Lanes, Matrix, Minimal, OutputT};
-    use crate::ops::{first_lanes, relu_lanes};
+    use crate::ops::cpu::simd::{first_lanes, relu_lanes};
     use std::arch::x86_64::*;
 
     vector_transforms!(

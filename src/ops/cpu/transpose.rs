@@ -56,7 +56,7 @@ mod avx512 {
         height: usize,
         width: usize,
     ) {
-        let (columns, rows) = (crate::ops::first_lanes(width), crate::ops::first_lanes(height));
+        let (columns, rows) = (crate::ops::cpu::simd::first_lanes(width), crate::ops::cpu::simd::first_lanes(height));
         // every row and column takes the same instructions, the missing ones masked off (a
         // mask of 0 touches no memory): no branches in the block
         let mut r: [__m512; 16] = std::array::from_fn(|i| {
@@ -93,7 +93,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use crate::ops::simd::avx2::*;
+    use crate::ops::cpu::simd::avx2::*;
     use std::arch::x86_64::*;
 
     /// One block of up to 8 x 8, as [`super::avx512::block`] does 16 x 16: after the unpacks

@@ -1,11 +1,61 @@
 //! A vector of f32 lanes at each x86-64 level, under the same names: the kernels that have a
 //! form for each level are written once, in a macro that stamps out a module per level, and that
-//! module `use`s one of these (`use crate::ops::simd::avx2::*`). Every function carries its
+//! module `use`s one of these (`use crate::ops::cpu::simd::avx2::*`). Every function carries its
 //! level's target feature and is `#[inline]`, so it melts into a kernel built for that feature
 //! (and only there: calling one elsewhere is what `unsafe` guards).
 //!
 //! The two levels compute the same thing lane by lane: a kernel that sums each output in one
 //! lane, in a fixed order, gives the same bits at either width.
+
+/// Defines a function whose body is compiled three times, for baseline x86-64 (what the crate
+/// is built for), AVX2 + FMA and AVX-512, the one for [`Isa::current`] run: for the elementwise
+/// kernels, whose loops the compiler then vectorises 8 or 16 lanes wide. Without FMA
+/// contraction or fast-math all three give the same bits.
+macro_rules! wide_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if crate::ops::Isa::avx512() {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F (the level is AVX-512).
+                return unsafe { avx512($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::ops::Isa::avx2() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 and FMA (the level is at least AVX2).
+                return unsafe { avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use wide_fn;
+
+/// The AVX-512 mask of the first `count` of 16 lanes (all 16 from 16 on): the tail of a row.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn first_lanes(count: usize) -> u16 {
+    ((1u32 << count.min(16)) - 1) as u16
+}
+
+/// [`crate::ops::gemm::relu_in_place`]'s rule on 16 lanes, for kernels that apply the ReLU as their sums
+/// leave the registers: `maxps(0, v)` is `v` for `v >= 0`, `-0` and NaN, else 0.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn relu_lanes(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_max_ps(_mm512_setzero_ps(), v)
+}
 
 /// Generates a level's module: `$vector` of `$lanes` f32, its intrinsics, and its way of
 /// loading and storing only the first lanes of a vector (a row's tail).
@@ -66,7 +116,7 @@ macro_rules! level {
                 $add(a, b)
             }
 
-            /// The ReLU's rule ([`crate::ops::relu_lanes`]): `maxps(0, v)` is `v` for `v >= 0`,
+            /// The ReLU's rule ([`super::relu_lanes`]): `maxps(0, v)` is `v` for `v >= 0`,
             /// `-0` and NaN, else 0.
             #[inline]
             #[target_feature(enable = $feature)]
@@ -152,7 +202,7 @@ mod masked_avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn first(count: usize) -> Mask {
-        crate::ops::first_lanes(count)
+        crate::ops::cpu::simd::first_lanes(count)
     }
 
     #[inline]

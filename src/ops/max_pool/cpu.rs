@@ -1,72 +1,51 @@
-//! Max-pooling with a backward for overlapping windows (AlexNet's 3x3 stride 2).
-//!
-//! Floor mode, no padding, as PyTorch's `MaxPool2d(3, 2)`. For AlexNet's sizes
-//! (55 -> 27 -> 13 -> 6) Caffe's ceil mode gives the same shapes.
-//! Ties: PyTorch's CPU kernel scans each window row by row and keeps the first maximum
-//! (`val > max || isnan(val)`), so the gradient goes to the first maximal element; so does ours.
+//! Max-pooling on the CPU: each window's maximum as a maximum of column maxima, and for the
+//! 3/2 windows AlexNet pools with, kernels at AVX-512 and AVX2 + FMA; the backward sends each
+//! gradient to its window's first maximum.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-#[derive(Debug, Clone, Copy)]
-pub(super) struct MaxPool2d {
-    pub(super) kernel: usize,
-    pub(super) stride: usize,
-}
+use super::MaxPool2d;
+use crate::ops::cpu::parallel::zeros;
 
-/// Max-pooling of an `[N, C, H, W]` tensor with a square `kernel` and `stride`, differentiable:
-/// the CPU kernel below on the CPU, [`max_pool2d_tensor_ops`] on other devices.
-pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    if h < kernel || w < kernel {
-        candle_core::bail!("max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window")
-    }
-    if !x.device().is_cpu() {
-        return max_pool2d_tensor_ops(x, kernel, stride);
-    }
-    x.contiguous()?.apply_op1(MaxPool2d { kernel, stride })
-}
-
-/// The same pooling as Candle tensor ops, for every backend: the elementwise maximum of the
-/// `kernel²` strided views of the input (each an `index_select` of rows, then of columns).
-/// Gradients come from Candle's `maximum`, which splits a tie evenly between the tied inputs
-/// where PyTorch gives it all to the first; the two agree whenever a window's maximum is unique.
-pub fn max_pool2d_tensor_ops(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let pool = MaxPool2d { kernel, stride };
+/// The pooled `[n, c, oh, ow]` output of `[n, c, h, w]` values `x`, a plane to a task.
+pub(super) fn forward(pool: &MaxPool2d, (n, c, h, w): (usize, usize, usize, usize), x: &[f32]) -> Vec<f32> {
     let (oh, ow) = pool.out_size(h, w);
-    let picks = |offset: usize, count: usize| {
-        let index: Vec<u32> = (0..count).map(|i| (offset + i * stride) as u32).collect();
-        Tensor::new(index, x.device())
-    };
-    let mut out: Option<Tensor> = None;
-    for dy in 0..kernel {
-        let rows = x.index_select(&picks(dy, oh)?, 2)?;
-        for dx in 0..kernel {
-            let view = rows.index_select(&picks(dx, ow)?, 3)?;
-            out = Some(match out {
-                None => view,
-                Some(m) => m.maximum(&view)?,
-            });
-        }
-    }
-    Ok(out.expect("a window has at least one element"))
+    let mut y = zeros(n * c * oh * ow);
+    y.par_chunks_mut(oh * ow)
+        .zip(x.par_chunks(h * w))
+        .for_each_init(|| pool.columns(w), |columns, (out, plane)| pool.pool_plane(plane, w, columns, out));
+    y
+}
+
+/// The input gradient (`[.., h, w]`, as `x`) from the output gradient `g`: each output's
+/// gradient added to its window's first maximum, a plane to a task.
+pub(super) fn backward(pool: &MaxPool2d, (h, w): (usize, usize), x: &[f32], g: &[f32]) -> Vec<f32> {
+    let (oh, ow) = pool.out_size(h, w);
+    let mut grad = zeros(x.len());
+    grad.par_chunks_mut(h * w).zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow))).for_each_init(
+        || vec![0u32; ow],
+        |at, (out, (plane, gplane))| {
+            for (oy, grow) in gplane.chunks(ow).enumerate() {
+                pool.row_argmax(plane, w, oy, at);
+                for (&i, &gv) in at.iter().zip(grow) {
+                    out[i as usize] += gv;
+                }
+            }
+        },
+    );
+    grad
 }
 
 impl MaxPool2d {
-    pub(super) fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        ((h - self.kernel) / self.stride + 1, (w - self.kernel) / self.stride + 1)
-    }
-
     /// Scratch for [`MaxPool2d::pool_plane`] on rows of `w` values.
-    pub(super) fn columns(&self, w: usize) -> Vec<f32> {
+    pub(in crate::ops) fn columns(&self, w: usize) -> Vec<f32> {
         vec![0f32; w]
     }
 
     /// One plane (rows of `w` values) pooled into `out`. The window's maximum as a maximum of
     /// column maxima: the rows combine elementwise (vectorised), then each output takes
     /// `kernel` neighbours of that row.
-    pub(super) fn pool_plane(&self, plane: &[f32], w: usize, columns: &mut [f32], out: &mut [f32]) {
+    pub(in crate::ops) fn pool_plane(&self, plane: &[f32], w: usize, columns: &mut [f32], out: &mut [f32]) {
         let ow = self.out_size(plane.len() / w, w).1;
         for (oy, out_row) in out.chunks_mut(ow).enumerate() {
             let rows = &plane[oy * self.stride * w..][..self.kernel * w];
@@ -82,11 +61,6 @@ impl MaxPool2d {
             column_maxima(rows, &mut columns[..w]);
             self.window_maxima(columns, out_row);
         }
-    }
-
-    /// The input gradient given the input `x` and the output gradient.
-    pub(super) fn backward(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
-        x.apply_op2_no_bwd(&grad_y.contiguous()?, &MaxPool2dBackward(*self))
     }
 
     /// `out[ox]`: the maximum of `columns[ox * stride..][..kernel]`, folded left to right.
@@ -175,7 +149,7 @@ macro_rules! pool_kernels {
         #[cfg(target_arch = "x86_64")]
         mod $name {
             use super::$steps::*;
-            use crate::ops::simd::$level::*;
+            use crate::ops::cpu::simd::$level::*;
 
             /// [`super::column_maxima`], a vector of columns at a time (the last ones masked).
             ///
@@ -323,7 +297,7 @@ mod avx512_steps {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn store_indices(to: *mut u32, arg: Indices, count: usize) {
-        _mm512_mask_storeu_epi32(to.cast(), crate::ops::first_lanes(count), arg)
+        _mm512_mask_storeu_epi32(to.cast(), crate::ops::cpu::simd::first_lanes(count), arg)
     }
 }
 
@@ -391,65 +365,16 @@ mod avx2_steps {
         if count >= 8 {
             return _mm256_storeu_si256(to.cast(), arg);
         }
-        _mm256_maskstore_epi32(to.cast(), crate::ops::simd::avx2::first(count), arg)
-    }
-}
-
-impl CustomOp1 for MaxPool2d {
-    fn name(&self) -> &'static str {
-        "max-pool2d"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = super::nchw("max-pool2d", layout)?;
-        let x = super::contiguous_f32("max-pool2d", storage, layout)?;
-        let (oh, ow) = self.out_size(h, w);
-        let mut y = super::zeros(n * c * oh * ow);
-        y.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each_init(|| self.columns(w), |columns, (out, plane)| self.pool_plane(plane, w, columns, out));
-        Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, grad_y)?))
-    }
-}
-
-/// Scatters each output gradient to its window's first maximum; overlapping windows add up.
-struct MaxPool2dBackward(MaxPool2d);
-
-impl CustomOp2 for MaxPool2dBackward {
-    fn name(&self) -> &'static str {
-        "max-pool2d-backward"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let pool = self.0;
-        let (_, _, h, w) = super::nchw("max-pool2d-backward", xl)?;
-        let x = super::contiguous_f32("max-pool2d-backward", xs, xl)?;
-        let g = super::contiguous_f32("max-pool2d-backward", gs, gl)?;
-        let (oh, ow) = pool.out_size(h, w);
-        let mut grad = super::zeros(x.len());
-        grad.par_chunks_mut(h * w).zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow))).for_each_init(
-            || vec![0u32; ow],
-            |at, (out, (plane, gplane))| {
-                for (oy, grow) in gplane.chunks(ow).enumerate() {
-                    pool.row_argmax(plane, w, oy, at);
-                    for (&i, &gv) in at.iter().zip(grow) {
-                        out[i as usize] += gv;
-                    }
-                }
-            },
-        );
-        Ok((CpuStorage::F32(grad), xl.shape().clone()))
+        _mm256_maskstore_epi32(to.cast(), crate::ops::cpu::simd::avx2::first(count), arg)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::max_pool2d;
     use candle_core::Device;
+    use candle_core::Tensor;
 
     /// The vector kernels against the rule written out once per output (rows folded per column,
     /// then the columns left to right), bit for bit, on values full of ties, signed zeros and

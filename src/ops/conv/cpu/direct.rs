@@ -32,8 +32,8 @@
 
 use std::ops::Range;
 
-use super::super::transpose::transpose;
 use super::{for_each_chunk, for_each_task, pieces_by_index, sum_over_chunks, with_scratch, Geometry};
+use crate::ops::cpu::transpose::transpose;
 use rayon::prelude::*;
 
 /// Pixels (whole output rows, at least one) the forward stages channels-last before they are
@@ -93,8 +93,8 @@ impl Level {
     /// Channels to a vector.
     fn lanes(self) -> usize {
         match self {
-            Level::Avx512 => crate::ops::simd::avx512::LANES,
-            Level::Avx2 => crate::ops::simd::avx2::LANES,
+            Level::Avx512 => crate::ops::cpu::simd::avx512::LANES,
+            Level::Avx2 => crate::ops::cpu::simd::avx2::LANES,
         }
     }
 
@@ -176,7 +176,7 @@ pub(super) fn forward_at(
             }
         }
     };
-    let mut y = super::super::zeros(g.n * g.o * ohw);
+    let mut y = crate::ops::cpu::parallel::zeros(g.n * g.o * ohw);
     for_each_chunk(&mut y, g.o * ohw, !spread, |i, y| {
         with_scratch(g.split_len(), |image| {
             g.split(&x[i * chw..][..chw], image, spread);
@@ -452,7 +452,7 @@ macro_rules! level_kernels {
         $(#[$meta])*
         mod $name {
             use super::{Kernel, TapKernel, WEIGHTS_IN_L1};
-            use crate::ops::simd::$name::*;
+            use crate::ops::cpu::simd::$name::*;
             use std::ops::Range;
 
             /// The widest piece of a row a register block of `V` channel vectors takes.

@@ -1,45 +1,12 @@
-//! Local response normalisation across channels (Krizhevsky et al. 2012, section 3.3).
-//!
-//! `b_c = a_c / (k + alpha/size * sum_{j in W(c)} a_j^2)^beta` with the window
-//! `W(c) = [c - size/2, c + (size-1)/2]` clipped to the valid channels (zero padding).
-//! This is PyTorch's `LocalResponseNorm` and Caffe's `LRN` (ACROSS_CHANNELS): both divide alpha
-//! by the window size. The paper writes the same formula with alpha *not* divided by n, so the
-//! paper's constants (k=2, alpha=1e-4, n=5) are `Lrn::paper()` = PyTorch's alpha 5e-4.
+//! LRN on the CPU: a pass over each (image, channel) plane, the denominators summed in
+//! PyTorch's order, and for beta = 0.75 (AlexNet's) kernels at AVX-512 and AVX2 + FMA.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// LRN constants in the PyTorch/Caffe convention (`alpha` is divided by `size`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Lrn {
-    pub size: usize,
-    pub alpha: f32,
-    pub beta: f32,
-    pub k: f32,
-}
+use super::Lrn;
+use crate::ops::cpu::parallel::zeros;
 
 impl Lrn {
-    /// The paper: k=2, n=5, alpha=1e-4 multiplying the plain sum, beta=0.75.
-    pub fn paper() -> Self {
-        Self::from_sum_alpha(5, 1e-4, 0.75, 2.0)
-    }
-
-    /// Caffe's `bvlc_alexnet` (and PyTorch's `LocalResponseNorm(5, 1e-4, 0.75, 1.0)`):
-    /// k=1, alpha=1e-4 divided by n.
-    pub fn caffe() -> Self {
-        Lrn { size: 5, alpha: 1e-4, beta: 0.75, k: 1.0 }
-    }
-
-    /// Constants written the paper's way, where alpha multiplies the sum of squares.
-    pub fn from_sum_alpha(size: usize, alpha_on_sum: f64, beta: f32, k: f32) -> Self {
-        Lrn { size, alpha: (alpha_on_sum * size as f64) as f32, beta, k }
-    }
-
-    /// Channels below and above channel `c` in its window.
-    pub fn reach(&self) -> (usize, usize) {
-        (self.size / 2, (self.size - 1) / 2)
-    }
-
     /// `k + alpha * mean(a_j^2 over the window)` for one channel `ch` of an image `img`
     /// (`c` planes of `plane` values), computed the way PyTorch does (sum, divide by size,
     /// scale, add k), written to `out`.
@@ -71,32 +38,60 @@ impl Lrn {
     }
 }
 
-/// Local response normalisation of an `[N, C, H, W]` tensor, differentiable: the CPU kernel
-/// below on the CPU, [`lrn_tensor_ops`] on other devices.
-pub fn lrn(x: &Tensor, params: Lrn) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return lrn_tensor_ops(x, params);
-    }
-    x.contiguous()?.apply_op1(params)
+/// `y = x · s^-beta` for `[n, c, h, w]` values `x`: one task per (image, channel) plane,
+/// enough work for every core at any batch size.
+pub(super) fn forward(p: &Lrn, (n, c, h, w): (usize, usize, usize, usize), x: &[f32]) -> Vec<f32> {
+    let plane = h * w;
+    let mut y = zeros(x.len());
+    y.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
+        || vec![0f32; plane],
+        |scale, (i, out)| normalise_plane(p, &x[(i / c) * c * plane..][..c * plane], i % c, scale, out),
+    );
+    y
 }
 
-/// The same formula as Candle tensor ops, so it runs (and differentiates) on every backend:
-/// the squares padded with zero channels, the window as `size` shifted slices summed.
-pub fn lrn_tensor_ops(x: &Tensor, p: Lrn) -> Result<Tensor> {
+/// dL/dx given `x` and dL/dy `g`, both `[n, c, h, w]`.
+pub(super) fn backward(p: &Lrn, (n, c, h, w): (usize, usize, usize, usize), x: &[f32], g: &[f32]) -> Vec<f32> {
+    let plane = h * w;
     let (below, above) = p.reach();
-    let c = x.dim(1)?;
-    let squares = x.sqr()?.pad_with_zeros(1, below, above)?;
-    let mut sum = squares.narrow(1, 0, c)?;
-    for j in 1..p.size {
-        sum = (sum + squares.narrow(1, j, c)?)?;
-    }
-    let scale = ((sum / p.size as f64)? * p.alpha as f64)? + p.k as f64;
-    x * scale?.powf(-p.beta as f64)?
+    let coeff = 2.0 * p.beta * p.alpha / p.size as f32;
+    // Pass 1, per plane: s^-beta and t_i = g_i x_i s_i^(-beta-1).
+    let mut pow = zeros(x.len());
+    let mut t = zeros(x.len());
+    pow.par_chunks_mut(plane).zip(t.par_chunks_mut(plane)).enumerate().take(n * c).for_each_init(
+        || vec![0f32; plane],
+        |scale, (i, (pow, t))| {
+            let at = i * plane..(i + 1) * plane;
+            let img = &x[(i / c) * c * plane..][..c * plane];
+            backward_factors(p, img, i % c, &g[at], scale, pow, t)
+        },
+    );
+    // Pass 2, per plane: channel j is in the window of channels i in [j - above, j + below].
+    let mut grad = zeros(x.len());
+    grad.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
+        || vec![0f32; plane],
+        |acc, (i, out)| {
+            let (img, j) = (i / c, i % c);
+            acc.fill(0.0);
+            for ci in j.saturating_sub(above)..=(j + below).min(c - 1) {
+                let src = &t[(img * c + ci) * plane..][..plane];
+                for (a, &v) in acc.iter_mut().zip(src) {
+                    *a += v;
+                }
+            }
+            let at = i * plane..(i + 1) * plane;
+            for (q, o) in out.iter_mut().enumerate() {
+                let k = at.start + q;
+                *o = g[k] * pow[k] - coeff * x[k] * acc[q];
+            }
+        },
+    );
+    grad
 }
 
-wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// Channel `ch` of one image (`img`, its planes one after another) normalised into `out`.
-    pub(super) fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
+    pub(in crate::ops) fn normalise_plane(p: &Lrn, img: &[f32], ch: usize, scale: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if p.beta == 0.75 && crate::ops::Isa::avx2() {
             let normalise = if crate::ops::Isa::avx512() { avx512::normalise } else { avx2::normalise };
@@ -112,7 +107,7 @@ wide_fn! {
     }
 }
 
-wide_fn! {
+crate::ops::cpu::simd::wide_fn! {
     /// For channel `ch` of one image (`img`) with output gradient `g`: `s^-beta` into `pow` and
     /// `g x s^(-beta-1)` into `t`.
     fn backward_factors(p: &Lrn, img: &[f32], ch: usize, g: &[f32], scale: &mut [f32], pow: &mut [f32], t: &mut [f32]) {
@@ -145,7 +140,7 @@ macro_rules! lrn_kernels {
         mod $name {
             use super::$steps::{mul, rsqrt};
             use super::Lrn;
-            use crate::ops::simd::$level::*;
+            use crate::ops::cpu::simd::$level::*;
 
             /// For every vector of channel `ch`'s plane (the last one part): `f(count, offset,
             /// s)`, `s` the denominators of [`Lrn::denominators`] for the first `count` lanes.
@@ -271,87 +266,5 @@ mod avx2_steps {
         let half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5));
         let newton = |y: __m256| _mm256_mul_ps(y, _mm256_fnmadd_ps(half_x, _mm256_mul_ps(y, y), _mm256_set1_ps(1.5)));
         newton(newton(_mm256_rsqrt_ps(x)))
-    }
-}
-
-impl CustomOp1 for Lrn {
-    fn name(&self) -> &'static str {
-        "lrn"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = super::nchw("lrn", layout)?;
-        let x = super::contiguous_f32("lrn", storage, layout)?;
-        let plane = h * w;
-        let mut y = super::zeros(x.len());
-        // One task per (image, channel) plane: enough work for every core at any batch size.
-        y.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
-            || vec![0f32; plane],
-            |scale, (i, out)| normalise_plane(self, &x[(i / c) * c * plane..][..c * plane], i % c, scale, out),
-        );
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, grad_y)?))
-    }
-}
-
-impl Lrn {
-    /// The input gradient given the input `x` and the output gradient.
-    pub(super) fn backward(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
-        x.apply_op2_no_bwd(&grad_y.contiguous()?, &LrnBackward(*self))
-    }
-}
-
-/// dL/dx of LRN given x and dL/dy:
-/// `g_j s_j^-beta - 2 beta alpha/size x_j sum_{i: j in W(i)} g_i x_i s_i^(-beta-1)`.
-struct LrnBackward(Lrn);
-
-impl CustomOp2 for LrnBackward {
-    fn name(&self) -> &'static str {
-        "lrn-backward"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let p = self.0;
-        let (n, c, h, w) = super::nchw("lrn-backward", xl)?;
-        let x = super::contiguous_f32("lrn-backward", xs, xl)?;
-        let g = super::contiguous_f32("lrn-backward", gs, gl)?;
-        let plane = h * w;
-        let (below, above) = p.reach();
-        let coeff = 2.0 * p.beta * p.alpha / p.size as f32;
-        // Pass 1, per plane: s^-beta and t_i = g_i x_i s_i^(-beta-1).
-        let mut pow = super::zeros(x.len());
-        let mut t = super::zeros(x.len());
-        pow.par_chunks_mut(plane).zip(t.par_chunks_mut(plane)).enumerate().take(n * c).for_each_init(
-            || vec![0f32; plane],
-            |scale, (i, (pow, t))| {
-                let at = i * plane..(i + 1) * plane;
-                let img = &x[(i / c) * c * plane..][..c * plane];
-                backward_factors(&p, img, i % c, &g[at], scale, pow, t)
-            },
-        );
-        // Pass 2, per plane: channel j is in the window of channels i in [j - above, j + below].
-        let mut grad = super::zeros(x.len());
-        grad.par_chunks_mut(plane).enumerate().take(n * c).for_each_init(
-            || vec![0f32; plane],
-            |acc, (i, out)| {
-                let (img, j) = (i / c, i % c);
-                acc.fill(0.0);
-                for ci in j.saturating_sub(above)..=(j + below).min(c - 1) {
-                    let src = &t[(img * c + ci) * plane..][..plane];
-                    for (a, &v) in acc.iter_mut().zip(src) {
-                        *a += v;
-                    }
-                }
-                let at = i * plane..(i + 1) * plane;
-                for (q, o) in out.iter_mut().enumerate() {
-                    let k = at.start + q;
-                    *o = g[k] * pow[k] - coeff * x[k] * acc[q];
-                }
-            },
-        );
-        Ok((CpuStorage::F32(grad), xl.shape().clone()))
     }
 }
