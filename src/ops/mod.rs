@@ -9,18 +9,23 @@
 //! * [`conv2d`]: convolution + bias as im2col and packed GEMM (3x3 and 5x5 stride 1 by Winograd),
 //!   forward and backward (Candle's CPU convolution backward runs without GEMM and always
 //!   computes the input gradient), [`conv2d_relu`] with the ReLU fused in, and
-//!   [`conv2d_prepared`] for weights that no longer change ([`Prepared`]).
+//!   [`conv2d_prepared`] for a layer that keeps its state ([`Prepared`]).
 //! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
-//!   Candle each gradient once; [`linear_prepared`] for weights that no longer change.
+//!   Candle each gradient once; [`linear_prepared`] for a layer that keeps its state.
 //! * [`Isa`]: the CPU's instruction-set level, asked once; every kernel with a level-specific
 //!   form asks it.
 //! * [`backward`]: `loss.backward()` with the gradients of those two ops' parameters put in
 //!   the store directly rather than added to zeros.
 //!
-//! The CPU kernels take contiguous f32 NCHW tensors; the public functions make their input
+//! Each op is a module: `mod.rs` holds its API and its Candle custom ops, whose `cpu_fwd` hands
+//! contiguous f32 data to the op's `cpu` module (`conv/cpu/{mod.rs: im2col and the choice of
+//! form, direct.rs, winograd.rs}`, `linear/cpu/{dot,lane,strip,outer}_form.rs`, `lrn/cpu.rs`,
+//! `max_pool/cpu.rs`). Kernels with a form per instruction-set level are written once, in a
+//! macro stamped out for AVX-512 and for AVX2 + FMA from `cpu::simd`'s vectors, beside the
+//! portable loop; what they share is in `ops/cpu`. The public functions make their input
 //! contiguous first, so callers never have to. On other devices (CUDA) LRN and max-pooling run
 //! as compositions of Candle tensor ops (`*_tensor_ops`, tested against the same fixtures on
-//! the CPU) and the convolution as Candle's `conv2d`.
+//! the CPU) and the convolution as Candle's `conv2d`, until the ops get their `cuda_fwd`.
 
 mod adaptive_pool;
 mod backward;
