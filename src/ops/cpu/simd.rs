@@ -49,6 +49,10 @@ pub(crate) fn first_lanes(count: usize) -> u16 {
 
 /// [`crate::ops::gemm::relu_in_place`]'s rule on 16 lanes, for kernels that apply the ReLU as their sums
 /// leave the registers: `maxps(0, v)` is `v` for `v >= 0`, `-0` and NaN, else 0.
+///
+/// # Safety
+/// The CPU must have the target feature this function is compiled for; the sizes it
+/// reads and writes are asserted here or by its caller.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]

@@ -47,6 +47,10 @@ mod avx512 {
     /// below), transposed into `width` rows of `height` (masked stores). After the unpacks and
     /// in-lane shuffles, lane `l` of `r[4g + q]` holds column `4l + q` of rows `4g..4g + 4`;
     /// the two 128-bit lane shuffles then gather each column's four lanes into one register.
+    ///
+    /// # Safety
+    /// The CPU must have the target feature this function is compiled for; the sizes it
+    /// reads and writes are asserted here or by its caller.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block(
         src: *const f32,

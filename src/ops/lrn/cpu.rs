@@ -144,6 +144,10 @@ macro_rules! lrn_kernels {
 
             /// For every vector of channel `ch`'s plane (the last one part): `f(count, offset,
             /// s)`, `s` the denominators of [`Lrn::denominators`] for the first `count` lanes.
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn each_vector(
@@ -217,7 +221,8 @@ macro_rules! lrn_kernels {
 lrn_kernels!(avx512, avx512, avx512_steps, "avx512f");
 lrn_kernels!(avx2, avx2, avx2_steps, "avx2,fma");
 
-/// The steps [`lrn_kernels`] takes at AVX-512: `rsqrt14` (14 bits) and one Newton step.
+/// The steps [`lrn_kernels`] takes at AVX-512: `rsqrt14` (14 bits) and one Newton step. Each
+/// function's `unsafe`: the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 mod avx512_steps {
     use std::arch::x86_64::*;
@@ -243,7 +248,8 @@ mod avx512_steps {
     }
 }
 
-/// The same at AVX2: `rsqrtps` (12 bits) and two Newton steps, as close as AVX-512's one.
+/// The same at AVX2: `rsqrtps` (12 bits) and two Newton steps, as close as AVX-512's one. Each
+/// function's `unsafe`: the CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 mod avx2_steps {
     use std::arch::x86_64::*;

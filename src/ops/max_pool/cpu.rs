@@ -231,7 +231,8 @@ pool_kernels!(avx512, avx512, avx512_steps, "avx512f");
 pool_kernels!(avx2, avx2, avx2_steps, "avx2,fma");
 
 /// The steps [`pool_kernels`] takes differently with AVX-512: comparisons into mask registers,
-/// windows' columns gathered by one two-vector permute.
+/// windows' columns gathered by one two-vector permute. Each function's `unsafe`: the CPU must
+/// have AVX-512F (and the pointers hold the lanes they touch).
 #[cfg(target_arch = "x86_64")]
 mod avx512_steps {
     use std::arch::x86_64::*;
@@ -302,7 +303,8 @@ mod avx512_steps {
 }
 
 /// The same steps with AVX2: comparisons into vectors of all-ones lanes and `blendv`; the
-/// windows' columns by an in-lane shuffle and a cross-lane permute of 64-bit pairs.
+/// windows' columns by an in-lane shuffle and a cross-lane permute of 64-bit pairs. Each
+/// function's `unsafe`: the CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 mod avx2_steps {
     use std::arch::x86_64::*;

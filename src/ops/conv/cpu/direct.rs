@@ -505,6 +505,10 @@ macro_rules! level_kernels {
             /// for a run of input channels at a time ([`WEIGHTS_IN_L1`]), each piece's sums kept
             /// in `stage` from one run to the next: the same additions in the same order as one
             /// pass over all the channels.
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn pieces<const V: usize, const P: usize>(
@@ -534,6 +538,10 @@ macro_rules! level_kernels {
             /// One register block: `V` channel vectors at the `P` pixels side by side whose
             /// first window starts at `at`, over `taps`: from zero if `first`, else from the
             /// sums in `out`; if `last`, with the bias (and the ReLU if `relu`).
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[inline]
             #[target_feature(enable = $feature)]
             #[allow(clippy::too_many_arguments)]
@@ -605,6 +613,9 @@ macro_rules! level_kernels {
                 }
             }
 
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn tap_blocks<const V: usize, const E: usize>(

@@ -506,6 +506,10 @@ fn pieces_by_index<'a>(
 
 /// `row[q * pl + j] = src[4 (j - js.start) + q]` for the four phases `q` and `j` in `js` (a
 /// multiple of 16 long): each 64 values of `src` deinterleaved in registers, 16 of each phase.
+///
+/// # Safety
+/// The CPU must have the target feature this function is compiled for; the sizes it
+/// reads and writes are asserted here or by its caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn deinterleave4(src: &[f32], row: &mut [f32], pl: usize, js: Range<usize>) {

@@ -35,6 +35,10 @@ pub(crate) fn matmul_wt(n: usize, o: usize, k: usize, x: &[f32], w: &[f32], y: &
 }
 
 /// `part[r, i] = Σ_k rows[r, k] · x[i, k]`, in register blocks of rows by images.
+///
+/// # Safety
+/// The CPU must have the target feature this function is compiled for; the sizes it
+/// reads and writes are asserted here or by its caller.
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_times_x(rows: &[f32], x: &[f32], x_ld: usize, n: usize, k: usize, part: &mut [f32]) {
     let m = rows.len() / k;
@@ -79,6 +83,10 @@ struct Slab<'a> {
 }
 
 /// Rows `r..r + R` of w against every image.
+///
+/// # Safety
+/// The CPU must have the target feature this function is compiled for; the sizes it
+/// reads and writes are asserted here or by its caller.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn images<const R: usize>(s: Slab, r: usize, part: &mut [f32]) {
@@ -100,6 +108,10 @@ unsafe fn images<const R: usize>(s: Slab, r: usize, part: &mut [f32]) {
 
 /// Adds to `part[r.., i..]` (R rows by C images) the dot products over the slab's block
 /// of k, 16 lanes at a time (the tail masked), each lane summed at the end.
+///
+/// # Safety
+/// The CPU must have the target feature this function is compiled for; the sizes it
+/// reads and writes are asserted here or by its caller.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn block<const R: usize, const C: usize>(s: Slab, r: usize, i: usize, part: &mut [f32]) {
@@ -144,6 +156,10 @@ unsafe fn block<const R: usize, const C: usize>(s: Slab, r: usize, i: usize, par
 }
 
 /// Adds to `acc` the products of the lanes of `mask` of the vectors at `w(row)` and `x(c)`.
+///
+/// # Safety
+/// The CPU must have the target feature this function is compiled for; the sizes it
+/// reads and writes are asserted here or by its caller.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn partial<const R: usize, const C: usize>(

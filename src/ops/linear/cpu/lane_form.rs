@@ -45,6 +45,10 @@ macro_rules! lane_form {
             }
 
             /// `part[r, image] = Σ_k rows[r, k] · xt[k, image]`.
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[target_feature(enable = $feature)]
             unsafe fn rows_times_xt(rows: &[f32], xt: &[f32], width: usize, k: usize, part: &mut [f32]) {
                 let m = rows.len() / k;
@@ -64,6 +68,10 @@ macro_rules! lane_form {
 
             /// Adds to `part[r.., ..]` rows `r..r + R` of `w` against the `V` vectors of images,
             /// each [`K_BLOCK`] of k summed from zero in order.
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn block<const V: usize, const R: usize>(

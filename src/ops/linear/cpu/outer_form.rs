@@ -131,6 +131,10 @@ macro_rules! outer_form {
             impl Block<'_> {
                 /// [`Block::run`] on the first `min(rows, ROWS)` rows: the register block, or the rows
                 /// left at the end of `a`.
+                ///
+                /// # Safety
+                /// The CPU must have the target feature this function is compiled for; the sizes it
+                /// reads and writes are asserted here or by its caller.
                 #[target_feature(enable = $feature)]
                 unsafe fn run_rows(
                     &self,
@@ -149,6 +153,10 @@ macro_rules! outer_form {
 
                 /// [`Block::run_rows`] for a block of all [`COLUMNS`] (`WHOLE`: plain loads and
                 /// stores) or fewer (masked: AVX2's masked stores are slow on AMD's cores).
+                ///
+                /// # Safety
+                /// The CPU must have the target feature this function is compiled for; the sizes it
+                /// reads and writes are asserted here or by its caller.
                 #[inline]
                 #[target_feature(enable = $feature)]
                 unsafe fn run_rows_of<const WHOLE: bool>(
@@ -169,6 +177,10 @@ macro_rules! outer_form {
 
                 /// `c[r, ..cols] (+)= Σ_j a[r, j] b[j, ..cols]` for `r < R` (rows of `c` `c_ld` apart),
                 /// adding to `c` if `accumulate` (else `c` may be uninitialised: it is only written).
+                ///
+                /// # Safety
+                /// The CPU must have the target feature this function is compiled for; the sizes it
+                /// reads and writes are asserted here or by its caller.
                 #[inline]
                 #[target_feature(enable = $feature)]
                 unsafe fn run<const R: usize, const WHOLE: bool>(

@@ -62,6 +62,10 @@ macro_rules! strip_form {
             /// The strips against `C` images over the values `ks` of k: for each k, a vector of
             /// rows of each strip times each image's value broadcast, one accumulator per strip
             /// and image, taken from `sums` (`[image, row]`) and put back.
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this function is compiled for; the sizes it
+            /// reads and writes are asserted here or by its caller.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn block<const C: usize>(
