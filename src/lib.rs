@@ -43,6 +43,7 @@ pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod preset;
 pub mod train;
 pub mod weights;
 
