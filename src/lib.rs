@@ -37,6 +37,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+mod flags;
 pub mod init;
 pub mod model;
 pub mod onnx;
