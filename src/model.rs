@@ -278,7 +278,7 @@ impl AlexNet {
 
     /// The `k` largest of `probabilities` (one per class) as named predictions.
     pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
-        crate::eval::top_k(probabilities, k)
+        crate::classes::top_k(probabilities, k)
             .into_iter()
             .map(|i| Prediction {
                 index: i,
