@@ -42,8 +42,9 @@ impl std::fmt::Display for Init {
 }
 
 impl Init {
-    /// The preset's own initialisation: the paper's for `paper`, Caffe's solver's for `caffe`,
-    /// PyTorch's defaults for `torchvision` and the CIFAR-10 nets.
+    /// The preset's own initialisation ([`crate::preset::PresetFacts::init`]): the paper's for
+    /// `paper`, Caffe's solver's for `caffe`, PyTorch's defaults for `torchvision` and the
+    /// CIFAR-10 nets.
     pub fn default_for(preset: Preset, seed: u64) -> Self {
         match preset.facts().init {
             InitScheme::Paper => Init::Paper { seed },

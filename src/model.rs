@@ -9,6 +9,9 @@
 //!   two towers with every layer scaled to 28x28 crops of 32x32 images ([`CIFAR_TOWERS`]), and
 //!   `fig1-relu` / `fig1-tanh`, the four-layer net of the paper's Figure 1 (`SmallNet`).
 //!
+//! Which net a preset builds, with which sizes and LRN constants, is a row of the presets'
+//! table ([`crate::preset::PRESETS`]); the constructors here build it.
+//!
 //! Weight keys are the source's own names, so the constructors below *are* the weight map:
 //! Caffe's `conv1` ... `fc8` (grouped layout: conv2 is `[256, 48, 5, 5]`, the first half of
 //! the output channels being tower A's) and torchvision's `features.0` ... `classifier.6`.
