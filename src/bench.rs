@@ -9,8 +9,8 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::Serialize;
 
-use crate::cli::at_least_one;
 use crate::device::DeviceArgs;
+use crate::flags::at_least_one;
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};

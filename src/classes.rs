@@ -6,6 +6,15 @@ pub fn imagenet_classes() -> Vec<(&'static str, &'static str)> {
     include_str!("../data/imagenet1k_classes.tsv").lines().filter_map(|line| line.split_once('\t')).collect()
 }
 
+/// Indices of the `k` largest values (all of them if fewer), largest first; ties: lower index first.
+/// (Here, not in `eval`, so that `model` can name its predictions without importing `eval`.)
+pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
 /// The classes of a model's outputs, in output order: each with the ID a data set labels it by
 /// (an ImageNet WNID, or a training folder's name) and the name people read.
 #[derive(Debug, Clone, PartialEq, Eq)]

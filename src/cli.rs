@@ -15,6 +15,7 @@ use crate::data::dataset::Dataset;
 use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::DeviceArgs;
 use crate::eval::{evaluate, EvalOptions};
+use crate::flags::{at_least_one, fraction, non_negative, positive};
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
@@ -448,41 +449,6 @@ impl TransformArgs {
         let crop = self.crop_size.unwrap_or(if self.transform == TransformKind::Torchvision { 224 } else { 227 });
         let mean = self.mean.as_deref().map(Mean::load).transpose()?;
         Ok(Transform::new(self.transform, crop, mean))
-    }
-}
-
-/// For counts that must be positive (batch sizes, image limits, step intervals): 0 is refused
-/// when the flags are read, not discovered as a crash later.
-pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// For rates and factors (`--lr`, `--gamma`): NaN, infinities, 0 and negative values are
-/// refused, as they would train NaN or nothing at all.
-fn positive(s: &str) -> Result<f64, String> {
-    number_where(s, |v| v.is_finite() && v > 0.0, "a finite number above 0")
-}
-
-/// For penalties and spreads (`--weight-decay`, `--pca-std`): finite and at least 0.
-fn non_negative(s: &str) -> Result<f64, String> {
-    number_where(s, |v| v.is_finite() && v >= 0.0, "a finite number of at least 0")
-}
-
-/// For `--momentum` and error fractions: in [0, 1).
-fn fraction(s: &str) -> Result<f64, String> {
-    number_where(s, |v| (0.0..1.0).contains(&v), "at least 0 and below 1")
-}
-
-/// `s` as a number that passes `ok`, else an error saying it must be `what`.
-fn number_where(s: &str, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if ok(v) => Ok(v),
-        Ok(v) => Err(format!("must be {what}, not {v}")),
-        Err(e) => Err(e.to_string()),
     }
 }
 

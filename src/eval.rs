@@ -9,6 +9,7 @@ use anyhow::bail;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+pub use crate::classes::top_k;
 use crate::classes::Classes;
 use crate::data::dataset::{Dataset, Layout};
 use crate::data::transform::Transform;
@@ -202,14 +203,6 @@ impl Hits {
         let n = self.seen.max(1) as f64;
         (self.top1 as f64 / n, self.top5 as f64 / n)
     }
-}
-
-/// Indices of the `k` largest values (all of them if fewer), largest first; ties: lower index first.
-pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..p.len()).collect();
-    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    order
 }
 
 pub fn progress_bar(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {

@@ -10,8 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::model::Preset;
-use crate::weights::caffe_layer_name;
+use crate::preset::{caffe_layer_name, InitScheme, Preset};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
@@ -43,15 +42,14 @@ impl std::fmt::Display for Init {
 }
 
 impl Init {
-    /// The preset's own initialisation: the paper's for `paper`, Caffe's solver's for `caffe`,
-    /// PyTorch's defaults for `torchvision` and the CIFAR-10 nets.
+    /// The preset's own initialisation ([`crate::preset::PresetFacts::init`]): the paper's for
+    /// `paper`, Caffe's solver's for `caffe`, PyTorch's defaults for `torchvision` and the
+    /// CIFAR-10 nets.
     pub fn default_for(preset: Preset, seed: u64) -> Self {
-        match preset {
-            Preset::Paper => Init::Paper { seed },
-            Preset::Caffe => Init::Caffe { seed },
-            Preset::Torchvision | Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => {
-                Init::Torchvision { seed }
-            }
+        match preset.facts().init {
+            InitScheme::Paper => Init::Paper { seed },
+            InitScheme::Caffe => Init::Caffe { seed },
+            InitScheme::Torchvision => Init::Torchvision { seed },
         }
     }
 

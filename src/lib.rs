@@ -4,6 +4,8 @@
 //! preprocesses it exactly as the weights' own pipeline did,
 //! [`model::AlexNet::forward`] runs the net (its architecture is all in `model.rs`), and
 //! [`classes`] names the result. Parameters come from [`weights`] (files) or [`init`] (fresh).
+//! What each preset is (its input, weight names, preprocessing, initialisation, recipe and
+//! net) is one table, [`preset::PRESETS`].
 //!
 //! The short way, with any weights `alexnet` reads (a file, `hf://OWNER/REPO/FILE`, or
 //! `torchvision` for the official file, fetched once):
@@ -37,12 +39,14 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+mod flags;
 pub mod init;
 pub mod model;
 pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod preset;
 pub mod train;
 pub mod weights;
 

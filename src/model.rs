@@ -9,6 +9,9 @@
 //!   two towers with every layer scaled to 28x28 crops of 32x32 images ([`CIFAR_TOWERS`]), and
 //!   `fig1-relu` / `fig1-tanh`, the four-layer net of the paper's Figure 1 (`SmallNet`).
 //!
+//! Which net a preset builds, with which sizes and LRN constants, is a row of the presets'
+//! table ([`crate::preset::PRESETS`]); the constructors here build it.
+//!
 //! Weight keys are the source's own names, so the constructors below *are* the weight map:
 //! Caffe's `conv1` ... `fc8` (grouped layout: conv2 is `[256, 48, 5, 5]`, the first half of
 //! the output channels being tower A's) and torchvision's `features.0` ... `classifier.6`.
@@ -31,71 +34,10 @@ use crate::init::Init;
 use crate::ops::{
     adaptive_avg_pool2d, conv2d_prepared, linear_prepared, lrn, lrn_max_pool2d, max_pool2d, Lrn, Prepared,
 };
+use crate::preset::NetKind;
 use crate::weights::{Identity, Params, WeightFile};
 
-/// Which AlexNet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Preset {
-    /// Two towers, the paper's LRN (k=2, alpha=1e-4 on the sum), 227x227 input.
-    Paper,
-    /// Two towers, Caffe's LRN (k=1, alpha=1e-4/n): runs `bvlc_alexnet` weights. 227x227 input.
-    Caffe,
-    /// torchvision's single-tower net (`alexnet-owt-7be5be79.pth`), any input >= 63x63.
-    Torchvision,
-    /// The paper's two towers scaled to CIFAR-10 (28x28 crops), the paper's LRN.
-    CifarTowers,
-    /// The four-layer net of the paper's Figure 1 (three 5x5 convs, one fc), ReLU, 32x32.
-    Fig1Relu,
-    /// The same with tanh units.
-    Fig1Tanh,
-}
-
-impl Preset {
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::Paper => "paper",
-            Preset::Caffe => "caffe",
-            Preset::Torchvision => "torchvision",
-            Preset::CifarTowers => "cifar-towers",
-            Preset::Fig1Relu => "fig1-relu",
-            Preset::Fig1Tanh => "fig1-tanh",
-        }
-    }
-
-    /// The number of classes of the preset's usual data set.
-    pub fn default_classes(self) -> usize {
-        match self {
-            Preset::Paper | Preset::Caffe | Preset::Torchvision => 1000,
-            Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => 10,
-        }
-    }
-
-    /// The preprocessing the preset's published weights were trained with (see
-    /// [`Transform::for_preset`]).
-    pub fn transform(self) -> Transform {
-        Transform::for_preset(self)
-    }
-
-    /// The key of the last layer's weight, whose rows are the classes.
-    pub fn classifier_weight(self) -> &'static str {
-        match self {
-            Preset::Paper | Preset::Caffe | Preset::CifarTowers => "fc8.weight",
-            Preset::Torchvision => "classifier.6.weight",
-            Preset::Fig1Relu | Preset::Fig1Tanh => "fc.weight",
-        }
-    }
-
-    /// The input side the preset was trained at.
-    pub fn input_size(self) -> usize {
-        match self {
-            Preset::Paper | Preset::Caffe => 227,
-            Preset::Torchvision => 224,
-            Preset::CifarTowers => 28,
-            Preset::Fig1Relu | Preset::Fig1Tanh => 32,
-        }
-    }
-}
+pub use crate::preset::{Preset, TowerGeometry, CIFAR_TOWERS, PAPER_TOWERS};
 
 /// Eval, or training with dropout masks drawn from `seed` (so a step is reproducible).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,16 +195,12 @@ impl AlexNet {
         placement: &Placement,
     ) -> anyhow::Result<Self> {
         params.expect_naming(preset)?;
-        let net = match preset {
-            Preset::Paper => Net::Towers(TwoTowers::new(params, placement, &PAPER_TOWERS, classes, Lrn::paper())?),
-            Preset::Caffe => Net::Towers(TwoTowers::new(params, placement, &PAPER_TOWERS, classes, Lrn::caffe())?),
-            Preset::CifarTowers => {
-                Net::Towers(TwoTowers::new(params, placement, &CIFAR_TOWERS, classes, Lrn::paper())?)
+        let net = match preset.facts().net {
+            NetKind::Towers { geometry, lrn } => {
+                Net::Towers(TwoTowers::new(params, placement, geometry, classes, lrn.lrn())?)
             }
-            Preset::Torchvision => Net::Single(Torchvision::new(params, &placement.towers[0], classes)?),
-            Preset::Fig1Relu | Preset::Fig1Tanh => {
-                Net::Small(SmallNet::new(params, &placement.towers[0], classes, preset == Preset::Fig1Tanh)?)
-            }
+            NetKind::Torchvision => Net::Single(Torchvision::new(params, &placement.towers[0], classes)?),
+            NetKind::Figure1 { tanh } => Net::Small(SmallNet::new(params, &placement.towers[0], classes, tanh)?),
         };
         params.finish(preset)?;
         Ok(AlexNet { preset, net, classes: Classes::unnamed(classes), transform: Transform::for_preset(preset) })
@@ -343,7 +281,7 @@ impl AlexNet {
 
     /// The `k` largest of `probabilities` (one per class) as named predictions.
     pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
-        crate::eval::top_k(probabilities, k)
+        crate::classes::top_k(probabilities, k)
             .into_iter()
             .map(|i| Prediction {
                 index: i,
@@ -669,45 +607,6 @@ struct TwoTowers {
     lrn_scope: LrnScope,
     /// The state of both towers' conv1 run as one layer ([`TwoTowers::conv1`]).
     conv1_prepared: Arc<Prepared>,
-}
-
-/// The sizes of a two-tower net: for conv1..conv5 the whole layer's (output channels, kernel,
-/// stride, padding), the width of fc6 and fc7, and the input side.
-pub struct TowerGeometry {
-    pub convs: [(usize, usize, usize, usize); 5],
-    pub fc: usize,
-    pub input: usize,
-}
-
-/// The paper's net (figure 2).
-pub const PAPER_TOWERS: TowerGeometry = TowerGeometry {
-    convs: [(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)],
-    fc: 4096,
-    input: 227,
-};
-
-/// The same structure for 28x28 crops of CIFAR-10: conv1 5x5 stride 1 (a 32x32 image has no
-/// room for 11x11 stride 4), every width divided by 1.5 to 2 (64-128-192-192-128), fc 512;
-/// the 3/2 pools give 28 -> 13 -> 6 -> 2, so fc6 sees 128x2x2.
-pub const CIFAR_TOWERS: TowerGeometry = TowerGeometry {
-    convs: [(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)],
-    fc: 512,
-    input: 28,
-};
-
-impl TowerGeometry {
-    /// conv1's whole weight, `[out, 3, k, k]`: what tells the two-tower presets' files apart.
-    pub fn first_filter_shape(&self) -> [usize; 4] {
-        let (out, k, _, _) = self.convs[0];
-        [out, 3, k, k]
-    }
-
-    /// Side of pool5's output.
-    fn pool5_side(&self) -> usize {
-        let pool = |x: usize| (x - 3) / 2 + 1;
-        let (_, k, stride, pad) = self.convs[0];
-        pool(pool(pool((self.input + 2 * pad - k) / stride + 1)))
-    }
 }
 
 const LAYER_NAMES: [&str; 8] = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"];

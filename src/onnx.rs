@@ -33,8 +33,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::Tensor;
 
-use crate::model::{AlexNet, LrnScope, Preset, TowerGeometry, CIFAR_TOWERS, PAPER_TOWERS};
+use crate::model::{AlexNet, LrnScope};
 use crate::ops::Lrn;
+use crate::preset::{NetKind, TowerGeometry};
 use crate::weights::write_atomically;
 
 /// The ONNX IR version written (ONNX 1.10 and later read it).
@@ -197,10 +198,9 @@ fn layers(model: &AlexNet) -> anyhow::Result<Vec<(String, Layer)>> {
             ("fc8", Gemm { key: "fc8" }),
         ]))
     };
-    Ok(match model.preset {
-        Preset::Paper | Preset::Caffe => two_towers(&PAPER_TOWERS)?,
-        Preset::CifarTowers => two_towers(&CIFAR_TOWERS)?,
-        Preset::Torchvision => named(vec![
+    Ok(match model.preset.facts().net {
+        NetKind::Towers { geometry, .. } => two_towers(geometry)?,
+        NetKind::Torchvision => named(vec![
             ("conv1", conv("features.0", 4, 2)),
             ("relu1", Relu),
             ("pool1", MaxPool),
@@ -221,8 +221,8 @@ fn layers(model: &AlexNet) -> anyhow::Result<Vec<(String, Layer)>> {
             ("relu7", Relu),
             ("fc8", Gemm { key: "classifier.6" }),
         ]),
-        Preset::Fig1Relu | Preset::Fig1Tanh => {
-            let act = || if model.preset == Preset::Fig1Tanh { Tanh } else { Relu };
+        NetKind::Figure1 { tanh } => {
+            let act = || if tanh { Tanh } else { Relu };
             named(vec![
                 ("conv1", conv("conv1", 1, 2)),
                 ("act1", act()),

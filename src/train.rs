@@ -23,6 +23,7 @@ use crate::eval::{predict, progress_bar, Hits};
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
+pub use crate::preset::Recipe;
 use crate::weights::{remove_stale_temporaries, save_safetensors, Params, WeightFile, MOMENTUM_PREFIX};
 
 /// How the learning rate changes.
@@ -125,41 +126,7 @@ impl Freeze {
             "fc7" => 2,
             _ => 3, // the last layer, fc8 (fc in the Figure 1 net), always trains
         };
-        depth(crate::weights::caffe_layer_name(key)) <= self as usize
-    }
-}
-
-/// Training recipes: the defaults of every training setting, in one table ([`TrainConfig::recipe`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Recipe {
-    /// Batch 128, SGD momentum 0.9, weight decay 5e-4 (not on biases) with the paper's update,
-    /// lr 0.01 divided by 10 when validation error stops improving (at most 3 times), dropout,
-    /// random crops, flips, PCA colour augmentation (alpha std 0.1), 90 epochs.
-    Paper,
-    /// bvlc_alexnet's solver: batch 256, lr 0.01 x0.1 every 20 epochs (100,000 iterations),
-    /// momentum 0.9, weight decay 5e-4 (not on biases), crops and flips, 90 epochs.
-    Caffe,
-    /// torchvision's reference: batch 256, lr 0.01 x0.1 every 30 epochs, PyTorch's momentum
-    /// rule, weight decay 1e-4 on everything, crops and flips, 90 epochs.
-    Torchvision,
-    /// The paper's Figure 1: "no regularization of any kind": no weight decay, no dropout,
-    /// no augmentation, constant lr.
-    Fig1,
-    /// Fine-tuning pretrained weights (the default with --from): batch 64, lr 0.001 (a new
-    /// last layer 10x), PyTorch's momentum rule, weight decay 5e-4 (not on biases), x0.1
-    /// every 4 epochs, crops and flips, dropout, 10 epochs.
-    Finetune,
-}
-
-impl Recipe {
-    /// The recipe a run takes unless told: fine-tuning's for pretrained weights, the paper's
-    /// Figure 1 for its nets, else the paper's.
-    pub fn default_for(preset: Preset, fine_tuning: bool) -> Self {
-        match preset {
-            _ if fine_tuning => Recipe::Finetune,
-            Preset::Fig1Relu | Preset::Fig1Tanh => Recipe::Fig1,
-            _ => Recipe::Paper,
-        }
+        depth(crate::preset::caffe_layer_name(key)) <= self as usize
     }
 }
 
@@ -192,8 +159,7 @@ impl TrainConfig {
             random_crop: augment,
             flip: augment,
             pca_std: if augment && recipe == Recipe::Paper { 0.1 } else { 0.0 },
-            // the paper's 0..255 range for its nets; about torchvision's normalisation elsewhere
-            input_scale: if matches!(preset, Preset::Paper | Preset::Caffe) { 1.0 } else { 1.0 / 57.6 },
+            input_scale: preset.facts().train_input_scale,
             val_crops: 1,
             limit: None,
             target_train_error: None,
@@ -317,7 +283,7 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         base,
         crop: config.preset.input_size(),
         scale: config.input_scale,
-        bgr: config.preset == Preset::Caffe,
+        bgr: config.preset.facts().bgr,
         flip: config.flip,
         pca_std: config.pca_std,
         random_crop: config.random_crop,
@@ -585,10 +551,7 @@ impl ScheduleState {
 
 /// The side of the image crops are taken from: the paper's 256, or CIFAR-10's 32.
 pub fn base_side(preset: Preset) -> u32 {
-    match preset {
-        Preset::Paper | Preset::Caffe | Preset::Torchvision => 256,
-        Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => 32,
-    }
+    preset.facts().base_side
 }
 
 /// The statistics file next to the data, computed first if it is not there yet.

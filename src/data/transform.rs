@@ -18,31 +18,13 @@ use anyhow::{bail, Context};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::model::Preset;
+use crate::preset::Preset;
+pub use crate::preset::TransformKind;
 
 const TORCHVISION_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const TORCHVISION_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// Caffe's ImageNet mean pixel in RGB order (Caffe writes it B 104.00699, G 116.66877, R 122.67891).
 pub const CAFFE_MEAN_RGB: [f32; 3] = [122.67891, 116.66877, 104.00699];
-
-/// Which preprocessing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransformKind {
-    Torchvision,
-    Caffe,
-    Paper,
-}
-
-impl TransformKind {
-    pub fn for_preset(preset: Preset) -> Self {
-        match preset {
-            Preset::Caffe => TransformKind::Caffe,
-            Preset::Paper => TransformKind::Paper,
-            _ => TransformKind::Torchvision,
-        }
-    }
-}
 
 /// What is subtracted from 0..255 pixels (caffe and paper).
 #[derive(Debug, Clone)]
@@ -102,6 +84,14 @@ pub struct Transform {
     pub bgr: bool,
 }
 
+impl Preset {
+    /// The preprocessing the preset's published weights were trained with (see
+    /// [`Transform::for_preset`]).
+    pub fn transform(self) -> Transform {
+        Transform::for_preset(self)
+    }
+}
+
 /// A preprocessed image: `[3, side, side]` f32, channels in the order the net expects.
 pub type Chw = Vec<f32>;
 
@@ -117,13 +107,12 @@ impl Transform {
     /// ([`crate::weights::WeightFile::identify`]); without it, the paper's on 32x32 images,
     /// Caffe's mean pixel and `train`'s default scale for them.
     pub fn for_preset(preset: Preset) -> Self {
-        match preset {
-            Preset::CifarTowers | Preset::Fig1Relu | Preset::Fig1Tanh => Transform {
-                base: 32,
-                scale: 1.0 / 57.6,
-                ..Transform::new(TransformKind::Paper, preset.input_size(), None)
-            },
-            _ => Transform::new(TransformKind::for_preset(preset), preset.input_size(), None),
+        let facts = preset.facts();
+        Transform {
+            base: facts.base_side,
+            scale: facts.transform_scale,
+            bgr: facts.bgr,
+            ..Transform::new(facts.transform, facts.input_size, None)
         }
     }
 

@@ -24,66 +24,13 @@ use sha2::{Digest, Sha256};
 use crate::classes::Classes;
 use crate::data::transform::Transform;
 use crate::init::Init;
+use crate::preset::{Preset, CIFAR_TOWERS};
 use serde::Serialize;
 
-use crate::model::{Preset, CIFAR_TOWERS};
+pub use crate::preset::{caffe_layer_name, Naming};
 
 /// Where a training checkpoint keeps the optimiser's momentum buffers: `momentum/<key>`.
 pub const MOMENTUM_PREFIX: &str = "momentum/";
-
-/// The two naming schemes weight files come in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Naming {
-    /// `features.0.weight` ... `classifier.6.bias`: the `torchvision` preset.
-    Torchvision,
-    /// `conv1.weight` ... `fc8.bias`, grouped layout: the `paper` and `caffe` presets.
-    Caffe,
-}
-
-impl Naming {
-    pub fn of(preset: Preset) -> Self {
-        match preset {
-            Preset::Torchvision => Naming::Torchvision,
-            _ => Naming::Caffe,
-        }
-    }
-
-    /// The naming a set of keys uses, if it is one of ours.
-    pub fn detect<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Self> {
-        let keys: Vec<&str> = keys.into_iter().collect();
-        if keys.iter().any(|k| k.starts_with("features.") || k.starts_with("classifier.")) {
-            Some(Naming::Torchvision)
-        } else if keys.iter().any(|k| k.starts_with("conv") || k.starts_with("fc")) {
-            Some(Naming::Caffe)
-        } else {
-            None
-        }
-    }
-
-    fn presets(self) -> &'static str {
-        match self {
-            Naming::Torchvision => "the torchvision preset",
-            Naming::Caffe => "the paper and caffe presets",
-        }
-    }
-}
-
-/// The Caffe layer name of a torchvision or Caffe key or prefix:
-/// `features.3.weight` -> `conv2`, `fc6.bias` -> `fc6`.
-pub fn caffe_layer_name(key: &str) -> &str {
-    let prefix = key.strip_suffix(".weight").or_else(|| key.strip_suffix(".bias")).unwrap_or(key);
-    match prefix {
-        "features.0" => "conv1",
-        "features.3" => "conv2",
-        "features.6" => "conv3",
-        "features.8" => "conv4",
-        "features.10" => "conv5",
-        "classifier.1" => "fc6",
-        "classifier.4" => "fc7",
-        "classifier.6" => "fc8",
-        other => other,
-    }
-}
 
 /// The formats a weight file can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
