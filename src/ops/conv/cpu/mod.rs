@@ -234,17 +234,21 @@ impl Geometry {
             row[p + self.w..].fill(0.0);
             return;
         }
-        // stride 4 (conv1) with AVX-512: the values j where every phase lies inside the image
-        // (0 <= 4j - p, 4j + 3 - p < w), 16 of each phase at a time from 64 of the row; value by
-        // value, conv1's split took 130 us an image, a fifth of the time beside its kernel
+        // stride 4 (conv1) with AVX-512 or AVX2: the values j where every phase lies inside the
+        // image (0 <= 4j - p, 4j + 3 - p < w), a vector of each phase at a time from four of the
+        // row; value by value, conv1's split took 130 us an image, a fifth of the time beside
+        // its kernel
         let mut together = 0..0;
         #[cfg(target_arch = "x86_64")]
-        if s == 4 && crate::ops::Isa::avx512() {
+        if s == 4 && crate::ops::Isa::avx2() {
+            type Deinterleave = unsafe fn(&[f32], &mut [f32], usize, Range<usize>);
+            let (lanes, deinterleave): (usize, Deinterleave) =
+                if crate::ops::Isa::avx512() { (16, deinterleave4_avx512) } else { (8, deinterleave4_avx2) };
             let (from, to) = (p.div_ceil(4), ((self.w + p) / 4).min(pl));
-            together = from..from + to.saturating_sub(from) / 16 * 16;
-            // SAFETY: AVX-512F is present; the reads lie inside `src` and the writes inside
-            // `row` (asserted inside).
-            unsafe { deinterleave4(&src[(4 * together.start).saturating_sub(p)..], row, pl, together.clone()) };
+            together = from..from + to.saturating_sub(from) / lanes * lanes;
+            // SAFETY: the CPU has the function's level; the reads lie inside `src` and the
+            // writes inside `row` (asserted inside).
+            unsafe { deinterleave(&src[(4 * together.start).saturating_sub(p)..], row, pl, together.clone()) };
         }
         for (q, phase) in row.chunks_mut(pl).enumerate() {
             // phase q's values j in [first, end) are inside the image (q + s*j - p < w),
@@ -512,7 +516,7 @@ fn pieces_by_index<'a>(
 /// reads and writes are asserted here or by its caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn deinterleave4(src: &[f32], row: &mut [f32], pl: usize, js: Range<usize>) {
+unsafe fn deinterleave4_avx512(src: &[f32], row: &mut [f32], pl: usize, js: Range<usize>) {
     use std::arch::x86_64::*;
     assert!(js.len().is_multiple_of(16) && src.len() >= 4 * js.len() && row.len() >= 3 * pl + js.end);
     for (block, j) in js.step_by(16).enumerate() {
@@ -527,6 +531,35 @@ unsafe fn deinterleave4(src: &[f32], row: &mut [f32], pl: usize, js: Range<usize
             let (first, second) = (_mm512_permutex2var_ps(a, index, b), _mm512_permutex2var_ps(c, index, d));
             let phase = _mm512_shuffle_f32x4::<0x44>(first, second);
             _mm512_storeu_ps(row.as_mut_ptr().add(q * pl + j), phase);
+        }
+    }
+}
+
+/// [`deinterleave4_avx512`] with AVX2, 8 of each phase from each 32 values: a 4 x 4 transpose in
+/// each 128-bit half leaves phase `q` of the groups of four 0, 2, 4, 6 in the low half of
+/// `phases[q]` and of 1, 3, 5, 7 in its high half, which one permute puts in order.
+///
+/// # Safety
+/// The CPU must have AVX2; the sizes are asserted here.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn deinterleave4_avx2(src: &[f32], row: &mut [f32], pl: usize, js: Range<usize>) {
+    use std::arch::x86_64::*;
+    assert!(js.len().is_multiple_of(8) && src.len() >= 4 * js.len() && row.len() >= 3 * pl + js.end);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (block, j) in js.step_by(8).enumerate() {
+        let at = src.as_ptr().add(32 * block);
+        let [a, b, c, d] = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(at.add(i)));
+        let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        let phases = [
+            _mm256_shuffle_ps::<0x44>(t0, t2),
+            _mm256_shuffle_ps::<0xEE>(t0, t2),
+            _mm256_shuffle_ps::<0x44>(t1, t3),
+            _mm256_shuffle_ps::<0xEE>(t1, t3),
+        ];
+        for (q, phase) in phases.into_iter().enumerate() {
+            _mm256_storeu_ps(row.as_mut_ptr().add(q * pl + j), _mm256_permutevar8x32_ps(phase, order));
         }
     }
 }
