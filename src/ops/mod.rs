@@ -108,6 +108,7 @@ impl Prepared {
 
     /// `form` for the weights at their current version if it is kept, or made now when frozen
     /// or when a pass at this version asked before; None: read the weights as stored this time.
+    #[cfg(target_arch = "x86_64")]
     fn kept_once_reused(&self, form: &Kept, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
         let mut kept = self.current(form);
         if kept.value.is_none() && (kept.passes > 1 || self.frozen.load(Ordering::Acquire)) {
@@ -118,6 +119,7 @@ impl Prepared {
 
     /// `form` for the weights at their current version once frozen (kept, or made now); None
     /// before.
+    #[cfg(target_arch = "x86_64")]
     fn kept_once_frozen(&self, form: &Kept, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
         if !self.frozen.load(Ordering::Acquire) {
             return None;
@@ -164,7 +166,7 @@ fn nchw(op: &str, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::Prepared;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -238,6 +238,7 @@ impl Geometry {
         // image (0 <= 4j - p, 4j + 3 - p < w), a vector of each phase at a time from four of the
         // row; value by value, conv1's split took 130 us an image, a fifth of the time beside
         // its kernel
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set by the x86 kernels
         let mut together = 0..0;
         #[cfg(target_arch = "x86_64")]
         if s == 4 && crate::ops::Isa::avx2() {

@@ -286,6 +286,7 @@ fn kernel_grads<F: Minimal<M, R, A>, const M: usize, const R: usize, const A: us
     pairs: usize,
 ) -> Vec<f32> {
     let mut taps = vec![0f32; R * R * pairs]; // taps[(r, s), pair]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set by the x86 kernels
     let mut first = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::ops::Isa::avx512() {
@@ -331,6 +332,7 @@ fn transform_weights<F: Minimal<M, R, A>, const M: usize, const R: usize, const 
     let (avx512, avx2) = (crate::ops::Isa::avx512(), crate::ops::Isa::avx2());
     let mut u = crate::ops::cpu::parallel::zeros(A * A * pairs);
     u.par_chunks_mut(A * pairs).enumerate().for_each(|(i, u_row)| {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set by the x86 kernels
         let mut first = 0;
         // a vector of kernels at a time, all of one input channel
         #[cfg(target_arch = "x86_64")]
