@@ -120,8 +120,9 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// The images: class folders (val/n01440764/...), or a flat folder with a label file
-        /// (one WNID per line) or the devkit's ILSVRC2012_validation_ground_truth.txt and meta.mat.
+        /// The images: class folders (val/n01440764/...), a flat folder with a label file
+        /// (one WNID per line) or the devkit's ILSVRC2012_validation_ground_truth.txt and
+        /// meta.mat, or the shards `alexnet prepare` wrote from any of them.
         #[arg(long)]
         data: PathBuf,
         /// Label file for a flat folder (default: found beside the images).
@@ -259,10 +260,11 @@ pub struct TrainArgs {
     /// finetune recipe, else 1).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     head_lr_mult: Option<f64>,
-    /// Training images: `DIR/<class>/<image>`, any number of classes.
+    /// Training images: `DIR/<class>/<image>`, any number of classes, or the shards
+    /// `alexnet prepare` wrote from such a folder.
     #[arg(long)]
     data: PathBuf,
-    /// Validation images, same layout and class names.
+    /// Validation images, same layout and class names (or their shards).
     #[arg(long)]
     val: Option<PathBuf>,
     /// Where checkpoints, log.jsonl and final.safetensors go.
