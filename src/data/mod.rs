@@ -70,9 +70,9 @@ fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
     .flatten()
 }
 
-/// `img` as a baseline JPEG at `quality` (1-100) through mozjpeg's libjpeg-turbo profile: the
-/// bytes libjpeg-turbo (and so Pillow's `save(quality=Q)`) writes, the same every time, and a
-/// file every JPEG reader opens (no progressive scans, which decode slower).
+/// `img` as a baseline JPEG at `quality` (1-100) through mozjpeg's libjpeg-turbo profile
+/// (`JCP_FASTEST`: libjpeg's standard tables, no trellis or progressive scans, which decode
+/// slower): the same bytes every time, a file every JPEG reader opens.
 pub fn encode_jpeg(img: &RgbImage, quality: u8) -> anyhow::Result<Vec<u8>> {
     silence_libjpeg_panics();
     std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
