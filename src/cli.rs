@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::bench::{self, BenchArgs};
 use crate::data::augment::Stats;
 use crate::data::dataset::Dataset;
+use crate::data::shards::{prepare, PrepareOptions};
 use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::DeviceArgs;
 use crate::eval::{evaluate, EvalOptions};
@@ -120,8 +121,9 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// The images: class folders (val/n01440764/...), or a flat folder with a label file
-        /// (one WNID per line) or the devkit's ILSVRC2012_validation_ground_truth.txt and meta.mat.
+        /// The images: class folders (val/n01440764/...), a flat folder with a label file
+        /// (one WNID per line) or the devkit's ILSVRC2012_validation_ground_truth.txt and
+        /// meta.mat, or the shards `alexnet prepare` wrote from any of them.
         #[arg(long)]
         data: PathBuf,
         /// Label file for a flat folder (default: found beside the images).
@@ -162,6 +164,38 @@ enum Command {
         /// Stop at the first unreadable image instead of skipping it.
         #[arg(long)]
         strict: bool,
+    },
+    /// The paper's preparation, done once: every image's shorter side resized to --size, the
+    /// centre square kept, re-encoded as baseline JPEG into WebDataset tar shards (KEY.jpg +
+    /// KEY.cls) with an index; `train` and `eval` read the folder as they read images. A rerun
+    /// keeps the shards already complete.
+    Prepare {
+        /// The images: class folders (DIR/<class>/<image>, labelled by the folders' names), or
+        /// a flat folder with a label file or the devkit's ground truth (labelled by ImageNet's
+        /// WNIDs), as `eval --data` reads them.
+        #[arg(long)]
+        data: PathBuf,
+        /// Label file for a flat folder (default: found beside the images).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// The devkit's meta.mat, to map ground-truth IDs to WNIDs (default: found beside them).
+        #[arg(long)]
+        meta: Option<PathBuf>,
+        /// Where the shards, their indexes and shards.json go (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The side of the prepared square images (the paper's 256).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535), default_value_t = 256)]
+        size: u32,
+        /// JPEG quality of the prepared images, 1 to 100 (libjpeg's scale, as Pillow's).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100), default_value_t = 90)]
+        quality: u8,
+        /// The most bytes a shard holds (one image larger than that gets a shard of its own).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(4096..), default_value_t = 1 << 30)]
+        shard_bytes: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Write freshly initialised weights (seeded) as safetensors in the preset's names.
     Init {
@@ -227,10 +261,11 @@ pub struct TrainArgs {
     /// finetune recipe, else 1).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     head_lr_mult: Option<f64>,
-    /// Training images: `DIR/<class>/<image>`, any number of classes.
+    /// Training images: `DIR/<class>/<image>`, any number of classes, or the shards
+    /// `alexnet prepare` wrote from such a folder.
     #[arg(long)]
     data: PathBuf,
-    /// Validation images, same layout and class names.
+    /// Validation images, same layout and class names (or their shards).
     #[arg(long)]
     val: Option<PathBuf>,
     /// Where checkpoints, log.jsonl and final.safetensors go.
@@ -553,6 +588,26 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if let Some(path) = predictions {
                 report.write_predictions(&path, net.classes())?;
+            }
+            Ok(())
+        }
+        Command::Prepare { data, labels, meta, out, size, quality, shard_bytes, quiet } => {
+            let opts = PrepareOptions { data, labels, meta, out, size, quality, shard_bytes, quiet };
+            let start = std::time::Instant::now();
+            let done = prepare(&opts)?;
+            let mb = |bytes: u64| bytes as f64 / 1e6;
+            println!(
+                "{} images ({} skipped) in {} shards in {} ({} kept from an earlier run), {:.1} s",
+                done.images,
+                done.skipped.len(),
+                done.shards,
+                opts.out.display(),
+                done.kept,
+                start.elapsed().as_secs_f64()
+            );
+            println!("shards {:.1} MB; source images {:.1} MB", mb(done.shard_bytes), mb(done.source_bytes));
+            for (source, reason) in &done.skipped {
+                println!("skipped     {source}: {reason}");
             }
             Ok(())
         }

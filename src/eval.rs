@@ -12,8 +12,8 @@ use serde::Serialize;
 pub use crate::classes::top_k;
 use crate::classes::Classes;
 use crate::data::dataset::{Dataset, Layout};
+use crate::data::loader;
 use crate::data::transform::Transform;
-use crate::data::{decode, loader};
 use crate::model::{AlexNet, Mode};
 
 /// What `eval` needs beyond the model.
@@ -97,7 +97,7 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
     let transform = opts.transform.clone();
     let ten = opts.ten_crop;
     let batches = loader::spawn(dataset.samples, opts.batch_size, 2, move |_, sample| {
-        let img = decode(&sample.path)?;
+        let img = sample.decode()?;
         let crops = transform.apply(&img, ten)?;
         Ok(crops.concat())
     });

@@ -644,7 +644,7 @@ fn validate(
 
 /// The four corners, the centre and their mirrors, from the base image.
 fn ten_views(t: &TrainTransform, s: &Sample) -> anyhow::Result<Vec<Vec<f32>>> {
-    let img = crate::data::augment::base_image(&s.path, t.base)?;
+    let img = crate::data::augment::base_image(s, t.base)?;
     let mut views = Vec::with_capacity(10);
     for flip in [false, true] {
         for corner in 0..5 {

@@ -89,7 +89,7 @@ fn pca_statistics_match_numpy() {
     let f = fixture("train/stats.safetensors");
     let names = std::fs::read_to_string(fixture_path("train/stats_images.txt")).unwrap();
     let samples: Vec<Sample> =
-        names.lines().map(|n| Sample { path: shared_data(&format!("imagenet-sample/{n}")), label: 0 }).collect();
+        names.lines().map(|n| Sample::file(shared_data(&format!("imagenet-sample/{n}")), 0)).collect();
     let stats = Stats::compute(&samples, 256, &indicatif::ProgressBar::hidden()).unwrap();
     let mean = Tensor::from_vec(stats.mean_image.clone(), (3, 256, 256), &Device::Cpu).unwrap();
     assert_matches_summary("mean image", &mean, &f, "mean_image", 1e-6);
@@ -221,7 +221,7 @@ fn pca_colour_shift_is_sized_for_pixels_in_0_1() {
         stats: std::sync::Arc::new(stats),
     };
     let pca = TrainTransform { pca_std: 0.1, ..base.clone() };
-    let sample = Sample { path: shared_data("photos/chelsea.png"), label: 0 };
+    let sample = Sample::file(shared_data("photos/chelsea.png"), 0);
     let largest = (0..20)
         .map(|pos| {
             let (a, b) = (base.train(&sample, 1, 0, pos).unwrap(), pca.train(&sample, 1, 0, pos).unwrap());

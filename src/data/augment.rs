@@ -17,12 +17,12 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
 use super::dataset::Sample;
-use super::decode;
 use super::transform::{centre_square, Chw, Mean, Transform, TransformKind};
 
-/// The image every crop is taken from (see [`centre_square`]).
-pub fn base_image(path: &Path, side: u32) -> anyhow::Result<RgbImage> {
-    centre_square(&decode(path)?, side).with_context(|| format!("image {}", path.display()))
+/// The image every crop is taken from (see [`centre_square`]); an image `alexnet prepare`
+/// already made `side` x `side` is taken as it is.
+pub fn base_image(sample: &Sample, side: u32) -> anyhow::Result<RgbImage> {
+    centre_square(&sample.decode()?, side).with_context(|| format!("image {}", sample.path.display()))
 }
 
 /// What `alexnet data-stats` computes over the training images' base images (0..255 RGB).
@@ -50,7 +50,7 @@ impl Stats {
         let partial = samples
             .par_iter()
             .map(|s| -> anyhow::Result<ImageMoments> {
-                let img = base_image(&s.path, side)?;
+                let img = base_image(s, side)?;
                 let mut sum = vec![0f64; 3 * n_px];
                 let (mut m1, mut m2) = ([0f64; 3], [[0f64; 3]; 3]);
                 for (i, p) in img.pixels().enumerate() {
@@ -202,7 +202,7 @@ impl TrainTransform {
 
     /// The training view of image `sample` at `position` of `epoch`'s order.
     pub fn train(&self, sample: &Sample, seed: u64, epoch: usize, position: usize) -> anyhow::Result<Chw> {
-        let img = base_image(&sample.path, self.base)?;
+        let img = base_image(sample, self.base)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64) << 40 ^ position as u64 ^ 0xA1E7_0000_0000_0000);
         let range = self.base as usize - self.crop;
         let (y0, x0) = if self.random_crop {
@@ -229,7 +229,7 @@ impl TrainTransform {
 
     /// The validation view: the centre crop, no flip, no colour shift.
     pub fn val(&self, sample: &Sample) -> anyhow::Result<Chw> {
-        let img = base_image(&sample.path, self.base)?;
+        let img = base_image(sample, self.base)?;
         let off = (self.base as usize - self.crop) / 2;
         Ok(self.render(&img, (off, off), false, [0.0; 3]))
     }

@@ -7,6 +7,9 @@
 //!     are ILSVRC2012_IDs in the devkit's `meta.mat` order (not sorted WNID order), mapped
 //!     to WNIDs through `meta.mat`.
 //!
+//! (d) a folder of WebDataset shards that `alexnet prepare` wrote from any of these (its
+//!     `shards.json`; see [`super::shards`]).
+//!
 //! The layout is detected; `--labels` (and `--meta`) override. Class indices are positions in
 //! the model's class list (for ImageNet, sorted WNIDs).
 
@@ -14,13 +17,36 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use image::RgbImage;
 use serde::Serialize;
+
+use super::shards::{self, Member};
 
 /// One image and its class index.
 #[derive(Debug, Clone)]
 pub struct Sample {
+    /// The image file; for an image in a shard `SHARD.tar/KEY.jpg`, so that every message
+    /// about it (skipped, predicted) names the shard and the member.
     pub path: PathBuf,
     pub label: usize,
+    /// Where the image's bytes lie in its shard; None for an image file.
+    pub member: Option<Member>,
+}
+
+impl Sample {
+    /// An image file of class `label`.
+    pub fn file(path: PathBuf, label: usize) -> Self {
+        Sample { path, label, member: None }
+    }
+
+    /// The image as 8-bit RGB, from its file or its shard, through the one decoder
+    /// ([`super::decode_bytes`]), so that both give the same pixels.
+    pub fn decode(&self) -> anyhow::Result<RgbImage> {
+        match &self.member {
+            None => super::decode(&self.path),
+            Some(member) => super::decode_bytes(&member.read()?, &self.path),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -28,7 +54,12 @@ pub struct Sample {
 pub enum Layout {
     ImageFolder,
     LabelFile(PathBuf),
-    Devkit { ground_truth: PathBuf, meta: PathBuf },
+    Devkit {
+        ground_truth: PathBuf,
+        meta: PathBuf,
+    },
+    /// Shards and the index `alexnet prepare` wrote (the index's path).
+    Shards(PathBuf),
 }
 
 pub struct Dataset {
@@ -64,6 +95,15 @@ impl Dataset {
         if !dir.is_dir() {
             bail!("data folder {} does not exist", dir.display())
         }
+        if let Some(set) = shards::ShardSet::find(dir)? {
+            if labels.is_some() || meta.is_some() {
+                bail!(
+                    "{} holds shards, which carry their labels; --labels and --meta are for flat folders",
+                    dir.display()
+                )
+            }
+            return set.dataset(classes);
+        }
         let dataset = match labels.map(Path::to_path_buf).or_else(|| find_label_file(dir)) {
             Some(labels) => Self::flat(dir, &labels, classes, meta)?,
             None => Self::image_folder(dir, classes)?,
@@ -79,6 +119,11 @@ impl Dataset {
     pub fn discover(dir: &Path) -> anyhow::Result<(Self, Vec<String>)> {
         if !dir.is_dir() {
             bail!("data folder {} does not exist", dir.display())
+        }
+        if let Some(set) = shards::ShardSet::find(dir)? {
+            let classes = set.classes.clone();
+            let names: Vec<&str> = classes.iter().map(String::as_str).collect();
+            return Ok((set.dataset(&names)?, classes));
         }
         let classes: Vec<String> = sorted_entries(dir)?
             .into_iter()
@@ -96,8 +141,24 @@ impl Dataset {
         Ok((dataset, classes))
     }
 
+    /// Any data set of named classes, as `alexnet prepare` reads it: a flat folder with a label
+    /// file (or `labels`, `meta`) is labelled by ImageNet's WNIDs, class folders by their
+    /// names ([`Dataset::discover`]). The data set and its class names.
+    pub fn discover_any(dir: &Path, labels: Option<&Path>, meta: Option<&Path>) -> anyhow::Result<(Self, Vec<String>)> {
+        if labels.is_none() && meta.is_none() && (!dir.is_dir() || find_label_file(dir).is_none()) {
+            return Self::discover(dir);
+        }
+        let wnids: Vec<&str> = crate::classes::imagenet_classes().into_iter().map(|(wnid, _)| wnid).collect();
+        let dataset = Self::open(dir, &wnids, labels, meta)?;
+        Ok((dataset, wnids.into_iter().map(String::from).collect()))
+    }
+
     /// Layout (a): class folders; a folder whose name is not a known class is an error.
+    /// Shards (d) of such folders are read as well.
     pub fn image_folder(dir: &Path, classes: &[&str]) -> anyhow::Result<Self> {
+        if let Some(set) = shards::ShardSet::find(dir)? {
+            return set.dataset(classes);
+        }
         let index: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (*c, i)).collect();
         let mut samples = Vec::new();
         for class_dir in sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()) {
@@ -111,7 +172,7 @@ impl Dataset {
                 )
             };
             for path in sorted_entries(&class_dir)?.into_iter().filter(|p| is_image(p)) {
-                samples.push(Sample { path, label });
+                samples.push(Sample::file(path, label));
             }
         }
         Ok(Dataset { samples, layout: Layout::ImageFolder })
@@ -166,7 +227,7 @@ impl Dataset {
                     line + 1
                 )
             };
-            samples.push(Sample { path, label });
+            samples.push(Sample::file(path, label));
         }
         Ok(Dataset { samples, layout })
     }

@@ -1,11 +1,13 @@
 //! Images in, tensors out: decoding ([`decode`]), the exact preprocessing of each preset
 //! ([`transform`]), labelled image sets in every ImageNet layout ([`dataset`]) and the
-//! parallel, bounded loading pipeline that feeds the net ([`loader`]).
+//! parallel, bounded loading pipeline that feeds the net ([`loader`]), and the paper's
+//! 256x256 images prepared once into WebDataset shards ([`shards`]).
 
 pub mod augment;
 pub mod dataset;
 pub mod loader;
 mod matfile;
+pub mod shards;
 pub mod transform;
 
 use std::path::Path;
@@ -23,7 +25,12 @@ pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 /// integer IDCT, fancy upsampling), so the pixels are PIL's, not merely close to them.
 pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    decode_bytes(&bytes, path)
+}
+
+/// [`decode`] for an image already read (a member of a shard): `path` names it in errors.
+pub fn decode_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<RgbImage> {
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()?
         .into_dimensions()
         .with_context(|| format!("cannot decode image {}", path.display()))?;
@@ -33,16 +40,16 @@ pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
             path.display()
         )
     }
-    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
         // PIL refuses these ("image file is truncated"); Rust's decoder would fill in grey.
         anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())
     }
     if bytes.starts_with(&[0xFF, 0xD8]) {
-        if let Some(img) = decode_jpeg(&bytes) {
+        if let Some(img) = decode_jpeg(bytes) {
             return Ok(img);
         }
     }
-    let img = image::load_from_memory(&bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
+    let img = image::load_from_memory(bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok(img.to_rgb8())
 }
 
@@ -61,6 +68,24 @@ fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
     })
     .ok()
     .flatten()
+}
+
+/// `img` as a baseline JPEG at `quality` (1-100) through mozjpeg's libjpeg-turbo profile
+/// (`JCP_FASTEST`: libjpeg's standard tables, no trellis or progressive scans, which decode
+/// slower): the same bytes every time, a file every JPEG reader opens.
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> anyhow::Result<Vec<u8>> {
+    silence_libjpeg_panics();
+    std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        compress.set_fastest_defaults();
+        compress.set_quality(quality as f32);
+        compress.set_size(img.width() as usize, img.height() as usize);
+        let mut started = compress.start_compress(Vec::new())?;
+        started.write_scanlines(img.as_raw())?;
+        started.finish()
+    })
+    .map_err(|_| anyhow::anyhow!("libjpeg could not encode a {}x{} image", img.width(), img.height()))?
+    .context("cannot encode JPEG")
 }
 
 /// libjpeg errors arrive as panics inside mozjpeg; they are handled, so keep them off stderr.
