@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 batch=${1:-64}
-bin=target/release/alexnet
+bin=${BIN:-target/release/alexnet}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for f in ../shared/data/imagenet-sample/*.JPEG; do
