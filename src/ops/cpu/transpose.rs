@@ -4,6 +4,25 @@
 //! stores) instead of 256 strided loads, the edges as blocks with masked loads and stores;
 //! with AVX2, 8 x 8 blocks (8 loads, 24 shuffles, 8 stores); other CPUs take the plain loop.
 
+/// The step every block transpose here starts with: in each 128-bit lane, each block of four
+/// rows `r[4g..4g + 4]` transposed (`groups` of them), through the scratch `t`. Afterwards lane
+/// `l` of `r[4g + q]` holds column `4l + q` of those rows.
+macro_rules! transpose_4x4_in_lanes {
+    ($r:ident, $t:ident, $groups:literal, $unpacklo:ident, $unpackhi:ident, $shuffle:ident) => {
+        for i in 0..2 * $groups {
+            $t[2 * i] = $unpacklo($r[2 * i], $r[2 * i + 1]);
+            $t[2 * i + 1] = $unpackhi($r[2 * i], $r[2 * i + 1]);
+        }
+        for g in 0..$groups {
+            $r[4 * g] = $shuffle::<0x44>($t[4 * g], $t[4 * g + 2]);
+            $r[4 * g + 1] = $shuffle::<0xEE>($t[4 * g], $t[4 * g + 2]);
+            $r[4 * g + 2] = $shuffle::<0x44>($t[4 * g + 1], $t[4 * g + 3]);
+            $r[4 * g + 3] = $shuffle::<0xEE>($t[4 * g + 1], $t[4 * g + 3]);
+        }
+    };
+}
+pub(crate) use transpose_4x4_in_lanes;
+
 /// `dst[j * dst_ld + i] = src[i * src_ld + j]` for `i < rows`, `j < cols`.
 pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], src_ld: usize, dst: &mut [f32], dst_ld: usize) {
     if rows == 0 || cols == 0 {
@@ -68,16 +87,7 @@ mod avx512 {
             _mm512_maskz_loadu_ps(mask, src.wrapping_add(i * src_ld))
         });
         let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        for g in 0..4 {
-            r[4 * g] = _mm512_shuffle_ps::<0x44>(t[4 * g], t[4 * g + 2]);
-            r[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * g], t[4 * g + 2]);
-            r[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[4 * g + 1], t[4 * g + 3]);
-            r[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * g + 1], t[4 * g + 3]);
-        }
+        transpose_4x4_in_lanes!(r, t, 4, _mm512_unpacklo_ps, _mm512_unpackhi_ps, _mm512_shuffle_ps);
         for q in 0..4 {
             t[q] = _mm512_shuffle_f32x4::<0x88>(r[q], r[q + 4]);
             t[q + 4] = _mm512_shuffle_f32x4::<0xDD>(r[q], r[q + 4]);
@@ -126,16 +136,7 @@ mod avx2 {
             *row = if whole { load(from) } else { load_masked(from, columns) };
         }
         let mut t = [zero(); 8];
-        for i in 0..4 {
-            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        for g in 0..2 {
-            r[4 * g] = _mm256_shuffle_ps::<0x44>(t[4 * g], t[4 * g + 2]);
-            r[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t[4 * g], t[4 * g + 2]);
-            r[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t[4 * g + 1], t[4 * g + 3]);
-            r[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t[4 * g + 1], t[4 * g + 3]);
-        }
+        transpose_4x4_in_lanes!(r, t, 2, _mm256_unpacklo_ps, _mm256_unpackhi_ps, _mm256_shuffle_ps);
         for q in 0..4 {
             t[q] = _mm256_permute2f128_ps::<0x20>(r[q], r[q + 4]);
             t[q + 4] = _mm256_permute2f128_ps::<0x31>(r[q], r[q + 4]);

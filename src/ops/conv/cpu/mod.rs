@@ -550,15 +550,16 @@ unsafe fn deinterleave4_avx2(src: &[f32], row: &mut [f32], pl: usize, js: Range<
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (block, j) in js.step_by(8).enumerate() {
         let at = src.as_ptr().add(32 * block);
-        let [a, b, c, d] = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(at.add(i)));
-        let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-        let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
-        let phases = [
-            _mm256_shuffle_ps::<0x44>(t0, t2),
-            _mm256_shuffle_ps::<0xEE>(t0, t2),
-            _mm256_shuffle_ps::<0x44>(t1, t3),
-            _mm256_shuffle_ps::<0xEE>(t1, t3),
-        ];
+        let mut phases = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(at.add(i)));
+        let mut scratch = [_mm256_setzero_ps(); 4];
+        crate::ops::cpu::transpose::transpose_4x4_in_lanes!(
+            phases,
+            scratch,
+            1,
+            _mm256_unpacklo_ps,
+            _mm256_unpackhi_ps,
+            _mm256_shuffle_ps
+        );
         for (q, phase) in phases.into_iter().enumerate() {
             _mm256_storeu_ps(row.as_mut_ptr().add(q * pl + j), _mm256_permutevar8x32_ps(phase, order));
         }
