@@ -1,8 +1,10 @@
 //! `alexnet bench`: forward (or training-step) throughput in images/s and peak memory,
 //! median of repeated runs after warm-up, on reference-pattern weights; `--layers` adds each
-//! layer's time (of the forward pass, also within a training step). Peers are compared by
-//! `scripts/bench_peers.py`.
+//! layer's time (of the forward pass, also within a training step); `--data DIR` times the input
+//! pipeline alone instead. Peers are compared by `scripts/bench_peers.py` and
+//! `scripts/bench_data_peers.py`.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -41,9 +43,31 @@ pub struct BenchArgs {
     /// training mode: dropout, and right after the last step's update).
     #[arg(long)]
     layers: bool,
+    /// Time the input pipeline alone on the images in this folder (any layout `eval` and
+    /// `train` read, shards included) instead of the network: decoding and the `--pipeline`
+    /// transforms, images/s over the whole folder at each batch size, the batches dropped. It
+    /// runs on rayon's threads, as `eval` and `train` do: `RAYON_NUM_THREADS` sets the workers.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// With `--data`: `eval` (the preset's inference transform: resize, centre crop, mean) and
+    /// `train` (the paper's: a random crop of the 256x256 base image, a flip and the PCA colour
+    /// shift; the mean image and components from the folder, computed once and saved as `train`
+    /// does), comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "eval,train")]
+    pipeline: Vec<Pipeline>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    json: Option<PathBuf>,
+}
+
+/// What `--data` runs on each image: its decoding and transform, the values' count returned.
+type Prepare = dyn Fn(usize, &crate::data::dataset::Sample) -> anyhow::Result<usize> + Send + Sync;
+
+/// An input pipeline `--data` times.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pipeline {
+    Eval,
+    Train,
 }
 
 #[derive(Serialize)]
@@ -67,6 +91,9 @@ struct LayerTime {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(data) = &args.data {
+        return run_data(args, data);
+    }
     let placement = args.device.placement(LrnScope::Layer)?;
     let device = placement.towers[0].clone();
     let mut results = Vec::new();
@@ -150,11 +177,93 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             results.push(m);
         }
     }
+    write_json(args, &results)
+}
+
+/// `--json`: the measurements, written atomically.
+fn write_json(args: &BenchArgs, results: &[Measurement]) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&results)?;
+        let json = serde_json::to_string_pretty(results)?;
         crate::weights::write_atomically(path, |out| std::io::Write::write_all(out, json.as_bytes()))?;
     }
     Ok(())
+}
+
+/// `--data`: each pipeline over every image of `data` per run, through the loader `eval` and
+/// `train` use, for each preset and batch size; images/s from the median run.
+fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
+    use crate::data::augment::TrainTransform;
+    use crate::data::dataset::Dataset;
+    use crate::data::loader;
+    use std::sync::Arc;
+
+    let (dataset, _) = Dataset::discover_any(data, None, None)?;
+    let images = dataset.samples.len();
+    anyhow::ensure!(images > 0, "{} holds no images", data.display());
+    println!("{images} images, {} workers (rayon's threads)", rayon::current_num_threads());
+    println!("{:<12} {:<10} {:>6} {:>12} {:>10}", "preset", "pipeline", "batch", "median s", "images/s");
+    let mut results = Vec::new();
+    for &preset in &args.preset {
+        for &pipeline in &args.pipeline {
+            // one closure type for both pipelines: the batches are dropped, only their making counts
+            let prepare: Arc<Prepare> = match pipeline {
+                Pipeline::Eval => {
+                    let transform = preset.transform();
+                    Arc::new(move |_, sample| Ok(transform.apply(&sample.decode()?, false)?.len()))
+                }
+                Pipeline::Train => {
+                    let facts = preset.facts();
+                    let base = facts.base_side;
+                    let stats = crate::train::load_or_compute_stats(data, &dataset.samples, base, true)?;
+                    let transform = TrainTransform {
+                        base,
+                        crop: facts.input_size,
+                        scale: facts.train_input_scale,
+                        bgr: facts.bgr,
+                        flip: true,
+                        pca_std: 0.1,
+                        random_crop: true,
+                        stats: Arc::new(stats),
+                    };
+                    Arc::new(move |i, sample| Ok(transform.train(sample, 0, 0, i)?.len()))
+                }
+            };
+            let name = match pipeline {
+                Pipeline::Eval => "data-eval",
+                Pipeline::Train => "data-train",
+            };
+            for &batch in &args.batch_sizes {
+                let mut times = Vec::with_capacity(args.runs);
+                for i in 0..args.warmup + args.runs {
+                    let start = Instant::now();
+                    let prepare = prepare.clone();
+                    let batches = loader::spawn(dataset.samples.clone(), batch, 2, move |i, s| prepare(i, s));
+                    for b in batches {
+                        if let Some((path, reason)) = b.failures.first() {
+                            anyhow::bail!("cannot load {}: {reason}", path.display())
+                        }
+                    }
+                    if i >= args.warmup {
+                        times.push(start.elapsed().as_secs_f64());
+                    }
+                }
+                times.sort_by(f64::total_cmp);
+                let median_s = times[times.len() / 2];
+                let m = Measurement {
+                    preset,
+                    mode: name,
+                    batch,
+                    median_s,
+                    images_per_s: images as f64 / median_s,
+                    peak_rss_mib: peak_rss_mib(),
+                    layers: Vec::new(),
+                };
+                println!("{:<12} {:<10} {:>6} {:>12.3} {:>10.1}", preset.name(), name, batch, median_s, m.images_per_s);
+                results.push(m);
+            }
+        }
+    }
+    write_json(args, &results)
 }
 
 /// Each layer's median time over the traced runs (`(name, macs, seconds)` per layer), and its

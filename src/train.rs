@@ -555,7 +555,7 @@ pub fn base_side(preset: Preset) -> u32 {
 }
 
 /// The statistics file next to the data, computed first if it is not there yet.
-fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool) -> anyhow::Result<Stats> {
+pub(crate) fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool) -> anyhow::Result<Stats> {
     let path = Stats::path_for(data);
     if path.exists() {
         let stats = Stats::load(&path)?;

@@ -12,6 +12,7 @@
 //! EXIF orientation is ignored, as PIL's `Image.open(...).convert("RGB")` in torchvision's
 //! loaders ignores it; greyscale and CMYK images become RGB as in `convert("RGB")`.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -119,6 +120,11 @@ impl Transform {
     /// The centre crop (`ten == false`) or the ten crops: four corners, centre, then the same
     /// five mirrored (torchvision's `TenCrop` order, also Caffe's `oversample`).
     pub fn apply(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>> {
+        if !ten && matches!(self.kind, TransformKind::Torchvision) {
+            // the centre crop alone resized: the same pixels, a fraction of the work
+            let crop = pil_resize_shorter_centre(img, self.base, self.crop as u32)?;
+            return Ok(vec![Planes::from_rgb(&crop, torchvision_value, false).data]);
+        }
         let base = self.base(img)?;
         let (h, w, s) = (base.h, base.w, self.crop);
         if h < s || w < s {
@@ -217,11 +223,7 @@ impl Transform {
         Ok(match self.kind {
             TransformKind::Torchvision => {
                 let resized = pil_resize_shorter(img, self.base)?;
-                Planes::from_rgb(
-                    &resized,
-                    |c, _, _, v| (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c],
-                    false,
-                )
+                Planes::from_rgb(&resized, torchvision_value, false)
             }
             TransformKind::Caffe => {
                 let squashed = cv_resize(img, self.base, self.base);
@@ -249,6 +251,11 @@ struct RecordedTransform {
 
 /// The largest base side a recorded pipeline may ask for (the paper's is 256).
 const MAX_RECORDED_BASE: u32 = 1024;
+
+/// torchvision's `ToTensor` and `Normalize` of channel `c`'s 8-bit value `v`.
+fn torchvision_value(c: usize, _y: usize, _x: usize, v: u8) -> f32 {
+    (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c]
+}
 
 /// `round(twice / 2)` with Python's round-half-to-even (torchvision's crop offsets).
 fn round_half_even(twice: usize) -> usize {
@@ -305,10 +312,23 @@ pub fn centre_square(img: &RgbImage, side: u32) -> anyhow::Result<RgbImage> {
     if img.dimensions() == (side, side) {
         return Ok(img.clone());
     }
-    let resized = pil_resize_shorter(img, side)?;
-    let (w, h) = resized.dimensions();
-    let (x0, y0) = (round_half_even((w - side) as usize) as u32, round_half_even((h - side) as usize) as u32);
-    Ok(image::imageops::crop_imm(&resized, x0, y0, side, side).to_image())
+    pil_resize_shorter_centre(img, side, side)
+}
+
+/// torchvision's `Resize(size)` then `CenterCrop(crop)`, with only the crop computed: the
+/// resize's passes make the crop's pixels alone (and the horizontal pass only the input rows
+/// they read), the same bits as the whole resize cropped. (Resize(256) then CenterCrop(224) of
+/// a 500x375 photo computes 224x224 of its 341x256 pixels.) An error as [`pil_resize_shorter`]'s,
+/// or where the crop is larger than the resized image.
+pub fn pil_resize_shorter_centre(img: &RgbImage, size: u32, crop: u32) -> anyhow::Result<RgbImage> {
+    let (nw, nh) = shorter_side_to(img, size)?;
+    if nw < crop || nh < crop {
+        bail!("image is {nw}x{nh} after resizing, smaller than the {crop}x{crop} crop")
+    }
+    let x0 = round_half_even((nw - crop) as usize);
+    let y0 = round_half_even((nh - crop) as usize);
+    let window = (y0..y0 + crop as usize, x0..x0 + crop as usize);
+    Ok(pil_resize_window(img, nw, nh, window))
 }
 
 /// The most pixels a resize may make: Pillow's `MAX_IMAGE_PIXELS`. Only thin images reach it
@@ -320,6 +340,12 @@ pub const MAX_RESIZED_PIXELS: u64 = 89_478_485;
 /// `int(size * long / short)`; an error where that would exceed [`MAX_RESIZED_PIXELS`]
 /// (Pillow's resize intermediate is never larger than its input or output).
 pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> anyhow::Result<RgbImage> {
+    let (nw, nh) = shorter_side_to(img, size)?;
+    Ok(pil_resize(img, nw, nh))
+}
+
+/// The size [`pil_resize_shorter`] resizes `img` to, checked.
+fn shorter_side_to(img: &RgbImage, size: u32) -> anyhow::Result<(u32, u32)> {
     let (w, h) = img.dimensions();
     let (short, long) = (w.min(h) as u64, w.max(h) as u64);
     if short == 0 {
@@ -332,8 +358,7 @@ pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> anyhow::Result<RgbImage>
              more than the {MAX_RESIZED_PIXELS} allowed (Pillow's MAX_IMAGE_PIXELS)"
         )
     }
-    let (nw, nh) = if w <= h { (size, resized_long as u32) } else { (resized_long as u32, size) };
-    Ok(pil_resize(img, nw, nh))
+    Ok(if w <= h { (size, resized_long as u32) } else { (resized_long as u32, size) })
 }
 
 /// Pillow's `Image.resize((w, h), BILINEAR)` for 8-bit RGB, step for step (Resample.c):
@@ -341,36 +366,58 @@ pub fn pil_resize_shorter(img: &RgbImage, size: u32) -> anyhow::Result<RgbImage>
 /// normalised, turned into 22-bit fixed point, accumulated with a rounding bias and clipped;
 /// the horizontal pass is stored as 8 bits before the vertical pass.
 pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    pil_resize_window(img, out_w, out_h, (0..out_h as usize, 0..out_w as usize))
+}
+
+/// [`pil_resize`]'s output pixels in the window `(rows, columns)` of the `out_w` x `out_h`
+/// result, and only those computed: each pass makes only the window's rows or columns (the
+/// horizontal pass, where it runs first, only the input rows the vertical pass reads for them),
+/// each output pixel from the same taps in the same order.
+fn pil_resize_window(img: &RgbImage, out_w: u32, out_h: u32, (rows, cols): (Range<usize>, Range<usize>)) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
     let (in_w, in_h, ow, oh) = (in_w as usize, in_h as usize, out_w as usize, out_h as usize);
-    let horizontal = |src: &[u8], h: usize| -> Vec<u8> {
-        let mut out = vec![0u8; ow * h * 3];
-        resize_rows(src, in_w, &PilCoeffs::new(in_w, ow), &mut out);
-        out
-    };
-    let vertical = |src: &[u8], w: usize| -> Vec<u8> {
-        let mut out = vec![0u8; w * oh * 3];
-        resize_columns(src, w, &PilCoeffs::new(in_h, oh), &mut out);
-        out
-    };
+    assert!(rows.end <= oh && cols.end <= ow);
     let src = img.as_raw();
-    let pixels = match (ow != in_w, oh != in_h) {
-        (false, false) => src.clone(),
-        (true, false) => horizontal(src, in_h),
-        (false, true) => vertical(src, in_w),
-        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
-        (true, true) if ow > in_w && oh < in_h => horizontal(&vertical(src, in_w), oh),
-        (true, true) => vertical(&horizontal(src, in_h), ow),
+    let (cw, ch) = (cols.len(), rows.len());
+    // a pass that leaves a side as it is keeps the window's part of it
+    let crop = |pixels: &[u8], w: usize, rows: Range<usize>, cols: Range<usize>| -> Vec<u8> {
+        rows.flat_map(|y| pixels[(y * w + cols.start) * 3..(y * w + cols.end) * 3].iter().copied()).collect()
     };
-    RgbImage::from_raw(out_w, out_h, pixels).expect("buffer matches the size")
+    let horizontal = |src: &[u8], h: usize, cols: Range<usize>| -> Vec<u8> {
+        let mut out = vec![0u8; cols.len() * h * 3];
+        resize_rows(src, in_w, &PilCoeffs::new(in_w, ow), cols, &mut out);
+        out
+    };
+    let vertical = |src: &[u8], w: usize, first_row: usize, rows: Range<usize>| -> Vec<u8> {
+        let mut out = vec![0u8; w * rows.len() * 3];
+        resize_columns(src, w, &PilCoeffs::new(in_h, oh), first_row, rows, &mut out);
+        out
+    };
+    let pixels = match (ow != in_w, oh != in_h) {
+        (false, false) => crop(src, in_w, rows, cols),
+        (true, false) => horizontal(&crop(src, in_w, rows, 0..in_w), ch, cols),
+        (false, true) => vertical(&crop(src, in_w, 0..in_h, cols), cw, 0, rows),
+        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
+        (true, true) if ow > in_w && oh < in_h => horizontal(&vertical(src, in_w, 0, rows), ch, cols),
+        (true, true) => {
+            // the input rows the window's output rows read
+            let taps = PilCoeffs::new(in_h, oh);
+            let first = rows.clone().map(|y| taps.bounds[y].0).min().unwrap_or(0);
+            let end = rows.clone().map(|y| taps.bounds[y].0 + taps.bounds[y].1).max().unwrap_or(0);
+            let band = &src[first * in_w * 3..end.max(first) * in_w * 3];
+            vertical(&horizontal(band, end.saturating_sub(first), cols), cw, first, rows)
+        }
+    };
+    RgbImage::from_raw(cw as u32, ch as u32, pixels).expect("buffer matches the size")
 }
 
 crate::ops::cpu::simd::wide_fn! {
-    /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`.
-    fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, out: &mut [u8]) {
-        let ow = coeffs.bounds.len();
+    /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`,
+    /// the output columns `cols` of each.
+    fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, cols: Range<usize>, out: &mut [u8]) {
+        let ow = cols.len();
         for (row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(ow * 3)) {
-            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+            for (x, px) in cols.clone().zip(out_row.chunks_exact_mut(3)) {
                 let (start, k) = coeffs.taps(x);
                 let mut acc = [PIL_ROUND; 3];
                 for (p, &w) in row[start * 3..].chunks_exact(3).zip(k) {
@@ -385,12 +432,14 @@ crate::ops::cpu::simd::wide_fn! {
 }
 
 crate::ops::cpu::simd::wide_fn! {
-    /// Pillow's vertical pass: rows of `w` RGB pixels, each output row a weighted sum of
-    /// input rows (whole rows at a time, so it vectorises).
-    fn resize_columns(src: &[u8], w: usize, coeffs: &PilCoeffs, out: &mut [u8]) {
+    /// Pillow's vertical pass: rows of `w` RGB pixels (the input's from row `first_row` on),
+    /// each output row of `rows` a weighted sum of input rows (whole rows at a time, so it
+    /// vectorises).
+    fn resize_columns(src: &[u8], w: usize, coeffs: &PilCoeffs, first_row: usize, rows: Range<usize>, out: &mut [u8]) {
         let mut acc = vec![0i32; w * 3];
-        for (y, out_row) in out.chunks_exact_mut(w * 3).enumerate() {
+        for (y, out_row) in rows.zip(out.chunks_exact_mut(w * 3)) {
             let (start, k) = coeffs.taps(y);
+            let start = start - first_row;
             acc.fill(PIL_ROUND);
             for (i, &wt) in k.iter().enumerate() {
                 let row = &src[(start + i) * w * 3..(start + i + 1) * w * 3];
@@ -516,5 +565,27 @@ fn read_npy(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
         Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32).collect())
     } else {
         bail!("dtype must be <f4 or <f8 (header: {})", crate::weights::printable(header))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window's resize gives the whole resize's pixels: shrinking both sides, growing both,
+    /// growing one (Pillow's vertical-first order) and leaving one as it is, portrait and
+    /// landscape, odd offsets.
+    #[test]
+    fn the_centre_crop_alone_is_the_whole_resize_cropped() {
+        for (w, h, size, crop) in
+            [(500, 375, 256, 224), (375, 500, 256, 224), (97, 61, 256, 224), (300, 40, 64, 60), (256, 300, 256, 227)]
+        {
+            let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (y * 3) as u8]));
+            let whole = pil_resize_shorter(&img, size).unwrap();
+            let (nw, nh) = whole.dimensions();
+            let (x0, y0) = (round_half_even((nw - crop) as usize) as u32, round_half_even((nh - crop) as usize) as u32);
+            let want = image::imageops::crop_imm(&whole, x0, y0, crop, crop).to_image();
+            assert_eq!(pil_resize_shorter_centre(&img, size, crop).unwrap(), want, "{w}x{h} -> {size}, crop {crop}");
+        }
     }
 }
