@@ -207,13 +207,18 @@ impl Transform {
         })
     }
 
-    /// Decodes and preprocesses `paths` into one `[N (x10), 3, crop, crop]` CPU batch.
+    /// Decodes and preprocesses `paths` into one `[N (x10), 3, crop, crop]` CPU batch, the images
+    /// spread over the cores (the 250 sample JPEGs on one core took 1.0-1.4 s).
     pub fn batch(&self, paths: &[std::path::PathBuf], ten: bool) -> anyhow::Result<candle_core::Tensor> {
-        let mut pixels = Vec::new();
-        for path in paths {
-            let crops = self.apply(&super::decode(path)?, ten).with_context(|| path.display().to_string())?;
-            pixels.extend(crops.concat());
-        }
+        use rayon::prelude::*;
+        let images: Vec<Vec<f32>> = paths
+            .par_iter()
+            .map(|path| {
+                let crops = self.apply(&super::decode(path)?, ten).with_context(|| path.display().to_string())?;
+                Ok(crops.concat())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let pixels = images.concat();
         let (n, s) = (paths.len() * if ten { 10 } else { 1 }, self.crop);
         Ok(candle_core::Tensor::from_vec(pixels, (n, 3, s, s), &candle_core::Device::Cpu)?)
     }
