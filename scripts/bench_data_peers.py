@@ -28,23 +28,11 @@ import tarfile
 import tempfile
 import time
 
+from peer_venv import ensure_venv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SAMPLES = os.path.join(ROOT, "..", "shared", "data", "imagenet-sample")
-
-
-def ensure_venv(venv):
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        pass
-    python = os.path.join(venv, "bin", "python")
-    if not os.path.exists(python):
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "torch", "torchvision"], check=True)
-    os.execv(python, [python, *sys.argv])
 
 
 def make_data(work, copies, binary):
@@ -134,7 +122,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    ensure_venv(os.path.abspath(args.venv))
+    ensure_venv(os.path.abspath(args.venv), ["torch", "torchvision"])
     import torch
     torch.set_num_threads(1)  # each DataLoader worker decodes on one thread, as ours do
     binary = os.path.join(ROOT, "target", "release", "alexnet")

@@ -30,22 +30,10 @@ import sys
 import tempfile
 import time
 
+from peer_venv import ensure_venv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def ensure_venv(venv):
-    try:
-        import onnxruntime  # noqa: F401
-        import torch  # noqa: F401
-        return
-    except ImportError:
-        pass
-    python = os.path.join(venv, "bin", "python")
-    if not os.path.exists(python):
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", "torch", "torchvision", "onnxruntime", "onnx"], check=True)
-    os.execv(python, [python, *sys.argv])
 
 
 def paper_net():
@@ -175,7 +163,7 @@ def main():
     for level in args.levels:
         if level not in LEVEL_ENV:
             ap.error(f"--levels: {level!r} is not one of {', '.join(LEVEL_ENV)}")
-    ensure_venv(os.path.abspath(args.venv))
+    ensure_venv(os.path.abspath(args.venv), ["onnxruntime", "torch"])
     if args.peers_only:
         print(json.dumps(peers(args)))
         return

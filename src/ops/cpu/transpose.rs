@@ -7,6 +7,7 @@
 /// The step every block transpose here starts with: in each 128-bit lane, each block of four
 /// rows `r[4g..4g + 4]` transposed (`groups` of them), through the scratch `t`. Afterwards lane
 /// `l` of `r[4g + q]` holds column `4l + q` of those rows.
+#[cfg(target_arch = "x86_64")]
 macro_rules! transpose_4x4_in_lanes {
     ($r:ident, $t:ident, $groups:literal, $unpacklo:ident, $unpackhi:ident, $shuffle:ident) => {
         for i in 0..2 * $groups {
@@ -21,6 +22,7 @@ macro_rules! transpose_4x4_in_lanes {
         }
     };
 }
+#[cfg(target_arch = "x86_64")]
 pub(crate) use transpose_4x4_in_lanes;
 
 /// `dst[j * dst_ld + i] = src[i * src_ld + j]` for `i < rows`, `j < cols`.
