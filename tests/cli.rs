@@ -136,6 +136,22 @@ fn bench_layers_of_a_training_step() {
     assert!(results[0]["images_per_s"].as_f64().unwrap() > 0.0);
 }
 
+/// `bench --data` times both input pipelines over every image of a folder; an empty folder is a
+/// clear error.
+#[test]
+fn bench_data_times_the_input_pipelines() {
+    let data = image_folder(2, 2);
+    let results = bench_fig1(&["--data", data.path().to_str().unwrap()], "bench-data.json");
+    let modes: Vec<&str> = results.as_array().unwrap().iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["data-eval", "data-train"]);
+    assert!(results.as_array().unwrap().iter().all(|m| m["images_per_s"].as_f64().unwrap() > 0.0));
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::create_dir(empty.path().join("class0")).unwrap();
+    let out = alexnet(&["bench", "--data", empty.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no images"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn bad_weights_are_clear_errors() {
     let infer = |preset: &str, weights: &str| {
