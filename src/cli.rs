@@ -281,8 +281,8 @@ enum Command {
         /// The pool: a file `alexnet features` wrote.
         #[arg(long)]
         features: PathBuf,
-        /// Query images; their features are computed with the pool's weights and layer (as
-        /// its file records them).
+        /// Query images; their features are computed as the pool's were (its file records the
+        /// weights, preset, LRN scope and layer).
         #[arg(long, num_args = 1.., required_unless_present = "query_features", conflicts_with = "query_features")]
         query: Vec<PathBuf>,
         /// Query features instead: another file `alexnet features` wrote.
@@ -728,7 +728,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let queries = match query_features {
                 Some(path) => FeatureSet::load(&path)?,
                 None => {
-                    let net = AlexNet::load_as(&pool.weights, None, &device.placement(LrnScope::Layer)?)
+                    let placement = device.placement(pool.lrn_scope)?;
+                    let net = AlexNet::load_as(&pool.weights, Some(pool.preset), &placement)
                         .with_context(|| format!("the weights {} records", features.display()))?;
                     let (samples, _) = figures::samples(&query, None)?;
                     FeatureSet::extract(&net, &pool.weights, pool.layer, samples, None, batch_size, true)?

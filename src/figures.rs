@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
+use clap::ValueEnum;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
 use crate::data::dataset::{Dataset, Sample};
 use crate::data::loader;
 use crate::data::transform::centre_square;
-use crate::model::{AlexNet, Layer};
+use crate::model::{AlexNet, Layer, LrnScope, Preset};
 
 /// Kernels a row of the filter picture: the paper's Figure 3 shows 16 of tower A's 48 a row.
 const KERNELS_A_ROW: usize = 16;
@@ -170,6 +171,9 @@ pub struct FeatureSet {
     /// What the features were computed with (anything `--weights` takes), so that queries can
     /// be computed the same way.
     pub weights: String,
+    /// The net those weights were run as, and where its LRN windows looked (two-tower presets).
+    pub preset: Preset,
+    pub lrn_scope: LrnScope,
     pub layer: Layer,
     /// The images that could not be read, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
@@ -223,7 +227,9 @@ impl FeatureSet {
             bail!("no image could be read ({} skipped)", skipped.len())
         }
         let labels = classes.is_some().then_some(labels);
-        Ok(FeatureSet { rows, dim, files, labels, classes, weights: weights.to_string(), layer, skipped })
+        let lrn_scope = model.lrn().map_or(LrnScope::default(), |(_, scope)| scope);
+        let weights = weights.to_string();
+        Ok(FeatureSet { rows, dim, files, labels, classes, weights, preset: model.preset, lrn_scope, layer, skipped })
     }
 
     /// Writes tensor `features` `[N, D]` f32 (and `labels` `[N]` u32 where known) with the
@@ -237,6 +243,8 @@ impl FeatureSet {
         let mut metadata = HashMap::from([
             ("files".to_string(), serde_json::to_string(&self.files)?),
             ("weights".to_string(), self.weights.clone()),
+            ("preset".to_string(), self.preset.name().to_string()),
+            ("lrn_scope".to_string(), value_name(self.lrn_scope)),
             ("layer".to_string(), self.layer.name().to_string()),
         ]);
         if let Some(classes) = &self.classes {
@@ -279,6 +287,11 @@ impl FeatureSet {
             .transpose()?;
         let layer = field("layer")?;
         let layer = Layer::from_name(layer).with_context(|| format!("{file}: unknown layer `{layer}`"))?;
+        let preset = field("preset")?;
+        let preset = Preset::from_str(preset, false).map_err(|e| anyhow::anyhow!("{file}: preset `{preset}`: {e}"))?;
+        let scope = field("lrn_scope")?;
+        let lrn_scope =
+            LrnScope::from_str(scope, false).map_err(|e| anyhow::anyhow!("{file}: LRN scope `{scope}`: {e}"))?;
         Ok(FeatureSet {
             rows: features.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
             dim,
@@ -286,6 +299,8 @@ impl FeatureSet {
             labels,
             classes,
             weights: field("weights")?.clone(),
+            preset,
+            lrn_scope,
             layer,
             skipped: Vec::new(),
         })
@@ -316,6 +331,11 @@ impl FeatureSet {
         let label = *self.labels.as_ref()?.get(i)?;
         Some(self.classes.as_ref().and_then(|c| c.get(label as usize).cloned()).unwrap_or_else(|| label.to_string()))
     }
+}
+
+/// A flag's value as the command line spells it (`layer`, `tower`).
+fn value_name(value: impl ValueEnum) -> String {
+    value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 /// The images an `alexnet features` run reads: files given one by one (unlabelled), or a data
