@@ -74,7 +74,7 @@ fn filters_draw_tower_a_above_tower_b_with_a_colour_measure_per_tower() {
 }
 
 #[test]
-fn features_keep_the_images_order_and_a_data_sets_labels() {
+fn features_keep_the_images_order_and_a_data_sets_labels_for_the_knn_accuracy() {
     let images = photos(4);
     let out = path("four.safetensors");
     features_of(&images, &out);
@@ -90,6 +90,24 @@ fn features_keep_the_images_order_and_a_data_sets_labels() {
     let set = FeatureSet::load(out.as_ref()).unwrap();
     assert_eq!(set.labels, Some(vec![0, 0, 1, 1]));
     assert_eq!(set.classes, Some(vec!["class0".to_string(), "class1".to_string()]));
+
+    // labelled on both sides: each image its own nearest neighbour, so the 1-NN vote is right
+    let json = run_ok(&[
+        "neighbours",
+        "--features",
+        &out,
+        "--query-features",
+        &out,
+        "-k",
+        "1",
+        "-o",
+        &path("self.png"),
+        "--json",
+        "-",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["knn_accuracy"], 1.0);
+    assert_eq!(report["queries"][3]["label"], "class1");
 }
 
 #[test]
