@@ -294,6 +294,10 @@ enum Command {
         /// The PNG to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// The picture shows the first N queries (the text, the JSON and the kNN accuracy
+        /// cover all).
+        #[arg(long, value_parser = at_least_one, default_value_t = 16)]
+        rows: usize,
         /// The side, in pixels, of each image's centre square in the picture.
         #[arg(long, value_parser = clap::value_parser!(u32).range(8..=1024), default_value_t = 96)]
         side: u32,
@@ -723,7 +727,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Neighbours { features, query, query_features, k, output, side, json, batch_size, device } => {
+        Command::Neighbours { features, query, query_features, k, output, rows, side, json, batch_size, device } => {
             let pool = FeatureSet::load(&features)?;
             let queries = match query_features {
                 Some(path) => FeatureSet::load(&path)?,
@@ -736,7 +740,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 }
             };
             let report = figures::neighbours(&pool, &queries, k)?;
-            crate::plot::save_png(&report.grid(side), &output)?;
+            crate::plot::save_png(&report.grid(side, rows), &output)?;
             match &json {
                 Some(path) => write_json(path, &report)?,
                 None => report.print(),

@@ -416,15 +416,18 @@ fn majority(votes: &[u32]) -> Option<u32> {
 }
 
 impl NeighbourReport {
-    /// The paper's Figure 4: a row a query, the query in the first column and its neighbours
-    /// beside it, nearest first, each image as its centre square at `side` pixels. An image
-    /// that cannot be read (moved since, or inside a shard) is left grey, with a warning.
-    pub fn grid(&self, side: u32) -> RgbImage {
+    /// The paper's Figure 4 for the first `rows` queries (a picture of all of a test set's
+    /// would be too large to open): a row a query, the query in the first column and its
+    /// neighbours beside it, nearest first, each image as its centre square at `side` pixels.
+    /// An image that cannot be read (moved since, or inside a shard) is left grey, with a
+    /// warning.
+    pub fn grid(&self, side: u32, rows: usize) -> RgbImage {
+        let shown = &self.queries[..rows.min(self.queries.len())];
         let cell = side + GAP;
         let width = GAP + cell * (1 + self.k as u32) + BLOCK_GAP;
-        let height = GAP + cell * self.queries.len() as u32;
+        let height = GAP + cell * shown.len() as u32;
         let mut img = RgbImage::from_pixel(width, height, WHITE);
-        for (row, q) in self.queries.iter().enumerate() {
+        for (row, q) in shown.iter().enumerate() {
             let y = GAP + row as u32 * cell;
             let files = std::iter::once(&q.query).chain(q.neighbours.iter().map(|n| &n.file));
             for (col, file) in files.enumerate() {
