@@ -16,9 +16,10 @@ use crate::data::shards::{prepare, PrepareOptions};
 use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::DeviceArgs;
 use crate::eval::{evaluate, EvalOptions};
+use crate::figures::{self, FeatureSet, Kernels};
 use crate::flags::{at_least_one, fraction, non_negative, positive};
 use crate::init::Init;
-use crate::model::{AlexNet, LrnScope, Mode, Placement, Preset};
+use crate::model::{AlexNet, Layer, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
 use crate::train::{
     base_side, train, Checkpoint, FineTune, Freeze, Outcome, Pretrained, Recipe, RunOptions, Schedule, TrainConfig,
@@ -235,6 +236,81 @@ enum Command {
     },
     /// Measure forward (or training-step) throughput on random weights.
     Bench(BenchArgs),
+    /// The paper's Figure 3: conv1's kernels as a picture (tower A's above tower B's for the
+    /// two-tower presets), each scaled to 0..255 by its own range, with a colour measure per tower.
+    Filters {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The PNG to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also write each tower's colour measure (per kernel, the share of its energy off the
+        /// luminance axis; their mean and median) as JSON to this file, or to stdout for `-`.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Write a layer's activations for every image as tensor `features` [N, D] of a
+    /// safetensors file, with the files' names (and labels, for a labelled data set).
+    Features {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The layer whose output (after its ReLU) to keep.
+        #[arg(long, value_enum, default_value = "fc7")]
+        layer: Layer,
+        /// Image files (unlabelled).
+        #[arg(required_unless_present = "data", conflicts_with = "data")]
+        images: Vec<PathBuf>,
+        /// A data set instead: class folders, a flat folder with a label file, or shards (as
+        /// `eval` and `train` read them); its labels are written too.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The safetensors file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Images a batch.
+        #[arg(short = 'b', long, value_parser = at_least_one, default_value_t = 64)]
+        batch_size: usize,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The paper's Figure 4: each query image beside its k nearest images of a feature pool by
+    /// Euclidean distance; prints their names and distances (and the kNN accuracy where both
+    /// sides are labelled).
+    Neighbours {
+        /// The pool: a file `alexnet features` wrote.
+        #[arg(long)]
+        features: PathBuf,
+        /// Query images; their features are computed as the pool's were (its file records the
+        /// weights, preset, LRN scope and layer).
+        #[arg(long, num_args = 1.., required_unless_present = "query_features", conflicts_with = "query_features")]
+        query: Vec<PathBuf>,
+        /// Query features instead: another file `alexnet features` wrote.
+        #[arg(long)]
+        query_features: Option<PathBuf>,
+        /// Neighbours a query.
+        #[arg(short, value_parser = at_least_one, default_value_t = 6)]
+        k: usize,
+        /// The PNG to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The picture shows the first N queries (the text, the JSON and the kNN accuracy
+        /// cover all).
+        #[arg(long, value_parser = at_least_one, default_value_t = 16)]
+        rows: usize,
+        /// The side, in pixels, of each image's centre square in the picture.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(8..=1024), default_value_t = 96)]
+        side: u32,
+        /// Write the neighbours and the kNN accuracy as JSON to this file, or to stdout for `-`
+        /// (then instead of the text).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Images a batch, for the queries' features.
+        #[arg(short = 'b', long, value_parser = at_least_one, default_value_t = 64)]
+        batch_size: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 #[derive(Args)]
@@ -635,7 +711,78 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::Plot { logs, output } => crate::plot::plot(&logs, &output),
         Command::Bench(args) => bench::run(&args),
+        Command::Filters { model, output, json } => filters(&model, &output, json.as_deref()),
+        Command::Features { model, layer, images, data, output, batch_size, quiet } => {
+            let net = model.load()?;
+            let (samples, classes) = figures::samples(&images, data.as_deref())?;
+            let set = FeatureSet::extract(&net, &model.weights, layer, samples, classes, batch_size, quiet)?;
+            set.save(&output)?;
+            eprintln!(
+                "wrote {} features [{}, {}] to {} ({} skipped)",
+                layer.name(),
+                set.files.len(),
+                set.dim,
+                output.display(),
+                set.skipped.len()
+            );
+            Ok(())
+        }
+        Command::Neighbours { features, query, query_features, k, output, rows, side, json, batch_size, device } => {
+            let pool = FeatureSet::load(&features)?;
+            let queries = match query_features {
+                Some(path) => FeatureSet::load(&path)?,
+                None => {
+                    let placement = device.placement(pool.lrn_scope)?;
+                    let net = AlexNet::load_as(&pool.weights, Some(pool.preset), &placement)
+                        .with_context(|| format!("the weights {} records", features.display()))?;
+                    let (samples, _) = figures::samples(&query, None)?;
+                    FeatureSet::extract(&net, &pool.weights, pool.layer, samples, None, batch_size, true)?
+                }
+            };
+            let report = figures::neighbours(&pool, &queries, k)?;
+            crate::plot::save_png(&report.grid(side, rows), &output)?;
+            match &json {
+                Some(path) => write_json(path, &report)?,
+                None => report.print(),
+            }
+            if json.as_deref() != Some(Path::new("-")) {
+                eprintln!("wrote {}", output.display());
+            }
+            Ok(())
+        }
     }
+}
+
+/// `value` as pretty JSON to `path`, atomically, or to stdout where `path` is `-`.
+fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(value)?;
+    if path == Path::new("-") {
+        println!("{json}");
+        return Ok(());
+    }
+    write_atomically(path, |out| out.write_all(json.as_bytes()))
+}
+
+fn filters(args: &ModelArgs, output: &Path, json: Option<&Path>) -> anyhow::Result<()> {
+    let model = args.load()?;
+    let kernels = Kernels::of(&model)?;
+    crate::plot::save_png(&kernels.picture(), output)?;
+    let towers = kernels.colour_report();
+    for t in &towers {
+        eprintln!(
+            "tower {}: {} kernels, colour share mean {:.3}, median {:.3}",
+            t.tower, t.kernels, t.mean_colour_share, t.median_colour_share
+        );
+    }
+    eprintln!("wrote {} conv1 kernels ({}x{}) to {}", kernels.count, kernels.height, kernels.width, output.display());
+    if let Some(path) = json {
+        let report = serde_json::json!({
+            "weights": args.weights, "preset": model.preset, "kernels": kernels.count,
+            "kernel_size": [kernels.height, kernels.width], "towers": towers,
+        });
+        write_json(path, &report)?;
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]

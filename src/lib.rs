@@ -39,6 +39,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod figures;
 mod flags;
 pub mod init;
 pub mod model;

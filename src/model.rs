@@ -146,7 +146,7 @@ pub struct AlexNet {
 
 /// A layer whose output [`AlexNet::features`] returns (after its ReLU, as the forward pass
 /// computes it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Layer {
     Conv1,
     Conv2,
@@ -160,6 +160,29 @@ pub enum Layer {
     Fc7,
     /// The last layer, before the softmax.
     Logits,
+}
+
+impl Layer {
+    /// The layer's name in the forward pass's trace and on the command line (`fc7`), which
+    /// feature files record.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Conv1 => "conv1",
+            Layer::Conv2 => "conv2",
+            Layer::Conv3 => "conv3",
+            Layer::Conv4 => "conv4",
+            Layer::Conv5 => "conv5",
+            Layer::Pool5 => "pool5",
+            Layer::Fc6 => "fc6",
+            Layer::Fc7 => "fc7",
+            Layer::Logits => "logits",
+        }
+    }
+
+    /// The layer [`Layer::name`] names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        <Self as clap::ValueEnum>::from_str(name, false).ok()
+    }
 }
 
 /// A class and its probability, as [`AlexNet::classify`] gives it.
@@ -295,17 +318,10 @@ impl AlexNet {
     /// The output of `layer` for a preprocessed `[N, 3, H, W]` batch (for transfer learning:
     /// [`Layer::Fc7`]'s 4096 values an image), on the model's device.
     pub fn features(&self, batch: &Tensor, layer: Layer) -> anyhow::Result<Tensor> {
-        let name = match layer {
-            Layer::Conv1 => "conv1",
-            Layer::Conv2 => "conv2",
-            Layer::Conv3 => "conv3",
-            Layer::Conv4 => "conv4",
-            Layer::Conv5 => "conv5",
-            Layer::Pool5 => "pool5",
-            Layer::Fc6 => "fc6",
-            Layer::Fc7 => "fc7",
-            Layer::Logits => return self.forward(batch, Mode::Eval),
-        };
+        if layer == Layer::Logits {
+            return self.forward(batch, Mode::Eval);
+        }
+        let name = layer.name();
         let (_, steps) = self.forward_traced(batch, Mode::Eval)?;
         let step = steps.into_iter().find(|s| s.name == name);
         step.map(|s| s.output).ok_or_else(|| anyhow::anyhow!("the {} preset has no layer {name}", self.preset.name()))

@@ -63,8 +63,14 @@ pub fn plot(logs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     for (i, (title, log_y, series)) in panels.iter().enumerate() {
         draw_panel(&mut img, i as u32 * PANEL_H, title, *log_y, series);
     }
+    save_png(&img, out)
+}
+
+/// Writes `img` as a PNG, atomically ([`crate::weights::write_atomically`]): the plots and the
+/// figures all leave either the whole picture or none.
+pub fn save_png(img: &RgbImage, out: &Path) -> anyhow::Result<()> {
     let mut png = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut png, image::ImageFormat::Png).context("cannot encode the plot")?;
+    img.write_to(&mut png, image::ImageFormat::Png).context("cannot encode the picture")?;
     crate::weights::write_atomically(out, |file| std::io::Write::write_all(file, png.get_ref()))
 }
 
