@@ -182,11 +182,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// `--json`: the measurements, written atomically.
 fn write_json(args: &BenchArgs, results: &[Measurement]) -> anyhow::Result<()> {
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(results)?;
-        crate::weights::write_atomically(path, |out| std::io::Write::write_all(out, json.as_bytes()))?;
+    match &args.json {
+        Some(path) => crate::weights::write_json(path, &results),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `--data`: each pipeline over every image of `data` per run, through the loader `eval` and

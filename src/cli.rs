@@ -1,6 +1,5 @@
 //! The `alexnet` command line.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -24,7 +23,7 @@ use crate::optim::UpdateRule;
 use crate::train::{
     base_side, train, Checkpoint, FineTune, Freeze, Outcome, Pretrained, Recipe, RunOptions, Schedule, TrainConfig,
 };
-use crate::weights::{fetch, save_safetensors, sha256_file, write_atomically, Identity, Params, WeightFile};
+use crate::weights::{fetch, save_safetensors, sha256_file, write_json, Identity, Params, WeightFile};
 
 #[derive(Parser)]
 #[command(
@@ -122,17 +121,8 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// The images: class folders (val/n01440764/...), a flat folder with a label file
-        /// (one WNID per line) or the devkit's ILSVRC2012_validation_ground_truth.txt and
-        /// meta.mat, or the shards `alexnet prepare` wrote from any of them.
-        #[arg(long)]
-        data: PathBuf,
-        /// Label file for a flat folder (default: found beside the images).
-        #[arg(long)]
-        labels: Option<PathBuf>,
-        /// The devkit's meta.mat, to map ground-truth IDs to WNIDs (default: found beside them).
-        #[arg(long)]
-        meta: Option<PathBuf>,
+        #[command(flatten)]
+        images: ImageSetArgs,
         /// 1 (centre crop) or 10 (corners, centre, mirrored; softmax averaged, as the paper).
         #[arg(long, default_value_t = 1, value_parser = crops_parser)]
         crops: usize,
@@ -171,17 +161,8 @@ enum Command {
     /// KEY.cls) with an index; `train` and `eval` read the folder as they read images. A rerun
     /// keeps the shards already complete.
     Prepare {
-        /// The images: class folders (DIR/<class>/<image>, labelled by the folders' names), or
-        /// a flat folder with a label file or the devkit's ground truth (labelled by ImageNet's
-        /// WNIDs), as `eval --data` reads them.
-        #[arg(long)]
-        data: PathBuf,
-        /// Label file for a flat folder (default: found beside the images).
-        #[arg(long)]
-        labels: Option<PathBuf>,
-        /// The devkit's meta.mat, to map ground-truth IDs to WNIDs (default: found beside them).
-        #[arg(long)]
-        meta: Option<PathBuf>,
+        #[command(flatten)]
+        images: ImageSetArgs,
         /// Where the shards, their indexes and shards.json go (created if missing).
         #[arg(long)]
         out: PathBuf,
@@ -541,6 +522,23 @@ impl InitScheme {
     }
 }
 
+/// A labelled set of images, as `eval` and `prepare` read them.
+#[derive(Args)]
+struct ImageSetArgs {
+    /// The images: class folders (DIR/<class>/<image>, labelled by the folders' names), a flat
+    /// folder with a label file (one WNID per line) or the devkit's
+    /// ILSVRC2012_validation_ground_truth.txt and meta.mat (labelled by ImageNet's WNIDs), or
+    /// the shards `alexnet prepare` wrote from any of them.
+    #[arg(long)]
+    data: PathBuf,
+    /// Label file for a flat folder (default: found beside the images).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// The devkit's meta.mat, to map ground-truth IDs to WNIDs (default: found beside them).
+    #[arg(long)]
+    meta: Option<PathBuf>,
+}
+
 /// Preprocessing flags.
 #[derive(Args, Clone)]
 pub struct TransformArgs {
@@ -626,9 +624,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Preprocess { transform, images, crops, output } => preprocess(&transform, &images, crops, &output),
         Command::Eval {
             model,
-            data,
-            labels,
-            meta,
+            images: ImageSetArgs { data, labels, meta },
             crops,
             batch_size,
             limit,
@@ -656,8 +652,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let report = evaluate(&net, &opts, &model.weights, sha)?;
             report.print();
             if let Some(path) = json {
-                let json = serde_json::to_string_pretty(&report)?;
-                write_atomically(&path, |out| out.write_all(json.as_bytes()))?;
+                write_json(&path, &report)?;
             }
             if let Some(path) = results_file {
                 report.write_timm_csv(&path)?;
@@ -667,7 +662,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Prepare { data, labels, meta, out, size, quality, shard_bytes, quiet } => {
+        Command::Prepare { images: ImageSetArgs { data, labels, meta }, out, size, quality, shard_bytes, quiet } => {
             let opts = PrepareOptions { data, labels, meta, out, size, quality, shard_bytes, quiet };
             let start = std::time::Instant::now();
             let done = prepare(&opts)?;
@@ -751,16 +746,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// `value` as pretty JSON to `path`, atomically, or to stdout where `path` is `-`.
-fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
-    let json = serde_json::to_string_pretty(value)?;
-    if path == Path::new("-") {
-        println!("{json}");
-        return Ok(());
-    }
-    write_atomically(path, |out| out.write_all(json.as_bytes()))
 }
 
 fn filters(args: &ModelArgs, output: &Path, json: Option<&Path>) -> anyhow::Result<()> {

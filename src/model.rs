@@ -100,7 +100,8 @@ pub struct Param {
     pub key: String,
     /// The tower halves (split along the output axis), or the single tensor.
     pub parts: Vec<Var>,
-    /// The states of the layers that read it: whoever writes `parts` calls
+    /// The states of the layers that keep forms of it (a weight's; a bias is read as it is, so
+    /// none): whoever writes `parts` calls
     /// [`Prepared::weights_changed`] on each (as [`crate::optim::Sgd`] does).
     pub states: Vec<Arc<Prepared>>,
 }
@@ -839,12 +840,8 @@ impl TwoTowers {
             if i == 0 {
                 states.push(self.conv1_prepared.clone()); // both towers' conv1 as one layer
             }
-            params.push(Param {
-                key: format!("{name}.weight"),
-                parts: vec![wa.clone(), wb.clone()],
-                states: states.clone(),
-            });
-            params.push(Param { key: format!("{name}.bias"), parts: vec![ba.clone(), bb.clone()], states });
+            params.push(Param { key: format!("{name}.weight"), parts: vec![wa.clone(), wb.clone()], states });
+            params.push(Param { key: format!("{name}.bias"), parts: vec![ba.clone(), bb.clone()], states: vec![] });
         }
         params
     }
@@ -989,9 +986,13 @@ impl SmallNet {
 fn single_tower_parameters(layers: &[(&str, &dyn Parametric)]) -> Vec<Param> {
     let mut params = Vec::new();
     for (key, layer) in layers {
-        let ([w, b], states) = (layer.vars(), vec![layer.state().clone()]);
-        params.push(Param { key: format!("{key}.weight"), parts: vec![w.clone()], states: states.clone() });
-        params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()], states });
+        let [w, b] = layer.vars();
+        params.push(Param {
+            key: format!("{key}.weight"),
+            parts: vec![w.clone()],
+            states: vec![layer.state().clone()],
+        });
+        params.push(Param { key: format!("{key}.bias"), parts: vec![b.clone()], states: vec![] });
     }
     params
 }

@@ -123,15 +123,11 @@ impl OnnxModel {
     pub fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
         out.write_all(&self.head)?;
         out.write_all(&self.graph)?;
-        let mut bytes = Vec::new();
         for (prefix, tensor) in &self.initializers {
             out.write_all(prefix)?;
-            let values = tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(std::io::Error::other)?;
-            for chunk in values.chunks(1 << 16) {
-                bytes.clear();
-                bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-                out.write_all(&bytes)?;
-            }
+            // the tensor's bytes as safetensors writes them (little-endian f32, a CPU tensor's
+            // own storage borrowed where it is contiguous)
+            out.write_all(&safetensors::View::data(tensor))?;
         }
         Ok(())
     }

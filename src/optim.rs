@@ -46,6 +46,13 @@ pub struct Slot {
     pub states: Vec<Arc<Prepared>>,
 }
 
+impl Slot {
+    /// A slot with zero velocity and the usual learning rate.
+    fn new(var: Var, is_bias: bool, states: Vec<Arc<Prepared>>) -> Result<Slot> {
+        Ok(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0, states })
+    }
+}
+
 pub struct Sgd {
     pub config: SgdConfig,
     pub slots: Vec<Slot>,
@@ -56,10 +63,7 @@ impl Sgd {
     /// parameters no layer reads; a model's go through [`Sgd::for_params`], so that its layers
     /// hear of each update (they keep forms of their weights made for one version of them).
     pub fn new(config: SgdConfig, vars: Vec<(Var, bool)>) -> Result<Self> {
-        let slots = vars
-            .into_iter()
-            .map(|(var, is_bias)| Ok(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0, states: vec![] }))
-            .collect::<Result<_>>()?;
+        let slots = vars.into_iter().map(|(var, is_bias)| Slot::new(var, is_bias, vec![])).collect::<Result<_>>()?;
         Ok(Sgd { config, slots })
     }
 
@@ -70,7 +74,7 @@ impl Sgd {
         for Param { key, parts, states } in params {
             for var in parts {
                 let (is_bias, states) = (key.ends_with(".bias"), states.clone());
-                slots.push(Slot { velocity: var.zeros_like()?, var, is_bias, lr_mult: 1.0, states });
+                slots.push(Slot::new(var, is_bias, states)?);
             }
         }
         Ok(Sgd { config, slots })

@@ -300,12 +300,10 @@ impl Naming {
         }
     }
 
-    /// The presets whose files use this naming, in words (for error messages).
-    pub(crate) fn presets(self) -> &'static str {
-        match self {
-            Naming::Torchvision => "the torchvision preset",
-            Naming::Caffe => "the paper and caffe presets",
-        }
+    /// The presets whose files use this naming, from the table (for error messages).
+    pub(crate) fn presets(self) -> String {
+        let names: Vec<&str> = PRESETS.iter().filter(|f| f.naming == self).map(|f| f.name).collect();
+        format!("the {} preset{}", names.join(", "), if names.len() > 1 { "s" } else { "" })
     }
 }
 

@@ -19,14 +19,9 @@ fn path_str(p: &Path) -> &str {
 
 /// The CRC-32 of a PNG chunk (its type and data).
 fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
+    let mut crc = flate2::Crc::new();
+    crc.update(bytes);
+    crc.sum()
 }
 
 /// A PNG whose header claims `w` x `h` RGB pixels and whose data is a few bytes: a

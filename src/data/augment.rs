@@ -22,7 +22,11 @@ use super::transform::{centre_square, Chw, Mean, Transform, TransformKind};
 /// The image every crop is taken from (see [`centre_square`]); an image `alexnet prepare`
 /// already made `side` x `side` is taken as it is.
 pub fn base_image(sample: &Sample, side: u32) -> anyhow::Result<RgbImage> {
-    centre_square(&sample.decode()?, side).with_context(|| format!("image {}", sample.path.display()))
+    let img = sample.decode()?;
+    if img.dimensions() == (side, side) {
+        return Ok(img); // not through `centre_square`, which would copy it
+    }
+    centre_square(&img, side).with_context(|| format!("image {}", sample.path.display()))
 }
 
 /// What `alexnet data-stats` computes over the training images' base images (0..255 RGB).

@@ -145,11 +145,13 @@ impl Dataset {
     /// file (or `labels`, `meta`) is labelled by ImageNet's WNIDs, class folders by their
     /// names ([`Dataset::discover`]). The data set and its class names.
     pub fn discover_any(dir: &Path, labels: Option<&Path>, meta: Option<&Path>) -> anyhow::Result<(Self, Vec<String>)> {
-        if labels.is_none() && meta.is_none() && (!dir.is_dir() || find_label_file(dir).is_none()) {
+        // the label file looked for once, and handed on
+        let labels = labels.map(Path::to_path_buf).or_else(|| if dir.is_dir() { find_label_file(dir) } else { None });
+        if labels.is_none() && meta.is_none() {
             return Self::discover(dir);
         }
         let wnids: Vec<&str> = crate::classes::imagenet_classes().into_iter().map(|(wnid, _)| wnid).collect();
-        let dataset = Self::open(dir, &wnids, labels, meta)?;
+        let dataset = Self::open(dir, &wnids, labels.as_deref(), meta)?;
         Ok((dataset, wnids.into_iter().map(String::from).collect()))
     }
 

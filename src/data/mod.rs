@@ -17,7 +17,7 @@ use image::RgbImage;
 
 /// The most pixels an image may have: where Pillow stops with a `DecompressionBombError`
 /// (twice its `MAX_IMAGE_PIXELS`), checked from the header before anything is decoded.
-pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+pub const MAX_IMAGE_PIXELS: u64 = 2 * transform::MAX_RESIZED_PIXELS;
 
 /// Decodes an image file to 8-bit RGB the way PIL's `Image.open(path).convert("RGB")` does:
 /// greyscale is replicated, alpha dropped, EXIF orientation ignored. The format is taken from

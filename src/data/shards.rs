@@ -27,9 +27,9 @@ use anyhow::{bail, Context};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::augment::base_image;
 use super::dataset::{Dataset, Layout, Sample};
 use super::encode_jpeg;
-use super::transform::centre_square;
 use crate::weights::{printable, remove_stale_temporaries, write_atomically};
 
 /// The index of a folder of shards.
@@ -417,7 +417,7 @@ impl Encoder<'_> {
                 .into_par_iter()
                 .map(|p| {
                     let sample = &self.samples[p];
-                    let jpeg = sample.decode().and_then(|img| encode_jpeg(&centre_square(&img, size)?, quality));
+                    let jpeg = base_image(sample, size).and_then(|img| encode_jpeg(&img, quality));
                     (p, jpeg.map_err(|e| format!("{e:#}")))
                 })
                 .collect::<Vec<_>>()

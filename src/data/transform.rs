@@ -393,24 +393,27 @@ fn pil_resize_window(img: &RgbImage, out_w: u32, out_h: u32, (rows, cols): (Rang
         resize_rows(src, in_w, &PilCoeffs::new(in_w, ow), cols, &mut out);
         out
     };
-    let vertical = |src: &[u8], w: usize, first_row: usize, rows: Range<usize>| -> Vec<u8> {
+    // the vertical pass's taps, made where it runs (the horizontal-first order also reads
+    // them to find the input rows it needs)
+    let vertical_taps = || PilCoeffs::new(in_h, oh);
+    let vertical = |taps: &PilCoeffs, src: &[u8], w: usize, first_row: usize, rows: Range<usize>| -> Vec<u8> {
         let mut out = vec![0u8; w * rows.len() * 3];
-        resize_columns(src, w, &PilCoeffs::new(in_h, oh), first_row, rows, &mut out);
+        resize_columns(src, w, taps, first_row, rows, &mut out);
         out
     };
     let pixels = match (ow != in_w, oh != in_h) {
         (false, false) => crop(src, in_w, rows, cols),
         (true, false) => horizontal(&crop(src, in_w, rows, 0..in_w), ch, cols),
-        (false, true) => vertical(&crop(src, in_w, 0..in_h, cols), cw, 0, rows),
+        (false, true) => vertical(&vertical_taps(), &crop(src, in_w, 0..in_h, cols), cw, 0, rows),
         // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
-        (true, true) if ow > in_w && oh < in_h => horizontal(&vertical(src, in_w, 0, rows), ch, cols),
+        (true, true) if ow > in_w && oh < in_h => horizontal(&vertical(&vertical_taps(), src, in_w, 0, rows), ch, cols),
         (true, true) => {
             // the input rows the window's output rows read
-            let taps = PilCoeffs::new(in_h, oh);
+            let taps = vertical_taps();
             let first = rows.clone().map(|y| taps.bounds[y].0).min().unwrap_or(0);
             let end = rows.clone().map(|y| taps.bounds[y].0 + taps.bounds[y].1).max().unwrap_or(0);
             let band = &src[first * in_w * 3..end.max(first) * in_w * 3];
-            vertical(&horizontal(band, end.saturating_sub(first), cols), cw, first, rows)
+            vertical(&taps, &horizontal(band, end.saturating_sub(first), cols), cw, first, rows)
         }
     };
     RgbImage::from_raw(cw as u32, ch as u32, pixels).expect("buffer matches the size")

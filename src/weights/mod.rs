@@ -233,10 +233,10 @@ impl WeightFile {
         self.tensors.keys().map(String::as_str)
     }
 
-    fn take(&mut self, key: &str, shape: &[usize], preset: &str) -> anyhow::Result<Tensor> {
+    fn take(&mut self, key: &str, shape: &[usize], presets: &str) -> anyhow::Result<Tensor> {
         let file = self.path.display();
         let Some(tensor) = self.tensors.get(key) else {
-            bail!("{file}: tensor `{key}` (shape {shape:?}) is missing; the {preset} preset needs it")
+            bail!("{file}: tensor `{key}` (shape {shape:?}) is missing; {presets} need it")
         };
         if tensor.dims() != shape {
             let found = tensor.dims();
@@ -248,7 +248,7 @@ impl WeightFile {
             } else {
                 ""
             };
-            bail!("{file}: tensor `{key}` has shape {found:?}, but the {preset} preset expects {shape:?}{why}")
+            bail!("{file}: tensor `{key}` has shape {found:?}, but {presets} expect {shape:?}{why}")
         }
         self.used.insert(key.to_string());
         Ok(tensor.clone())
@@ -309,9 +309,9 @@ impl Params {
             Params::Init(init) => Ok(init.layer(prefix, shape)?),
             Params::FileWithFreshLayer { fresh, init, .. } if fresh == prefix => Ok(init.layer(prefix, shape)?),
             Params::File(file) | Params::FileWithFreshLayer { file, .. } => {
-                let preset = file_preset_hint(prefix);
-                let weight = file.take(&format!("{prefix}.weight"), shape, preset)?;
-                let bias = file.take(&format!("{prefix}.bias"), &shape[..1], preset)?;
+                let presets = Naming::detect([prefix]).unwrap_or(Naming::Caffe).presets();
+                let weight = file.take(&format!("{prefix}.weight"), shape, &presets)?;
+                let bias = file.take(&format!("{prefix}.bias"), &shape[..1], &presets)?;
                 Ok((weight, bias))
             }
         }
@@ -362,15 +362,6 @@ impl Params {
     }
 }
 
-/// Which presets use a key's naming, for error messages.
-fn file_preset_hint(prefix: &str) -> &'static str {
-    if prefix.starts_with("features.") || prefix.starts_with("classifier.") {
-        "torchvision"
-    } else {
-        "paper/caffe"
-    }
-}
-
 /// Writes `tensors` (and string `metadata`) as safetensors to `path`, atomically
 /// ([`write_atomically`]); the tensors stream to it one by one, no second copy of them in memory.
 pub fn save_safetensors(
@@ -406,6 +397,16 @@ pub fn save_safetensors(
         }
         Ok(())
     })
+}
+
+/// `value` as pretty JSON to `path`, atomically, or to stdout where `path` is `-`.
+pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(value)?;
+    if path == Path::new("-") {
+        println!("{json}");
+        return Ok(());
+    }
+    write_atomically(path, |out| std::io::Write::write_all(out, json.as_bytes()))
 }
 
 /// Writes a file through a temporary file in the same folder (`.NAME.tmpPID`), synced and

@@ -41,32 +41,13 @@ macro_rules! wide_fn {
 }
 pub(crate) use wide_fn;
 
-/// The AVX-512 mask of the first `count` of 16 lanes (all 16 from 16 on): the tail of a row.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn first_lanes(count: usize) -> u16 {
-    ((1u32 << count.min(16)) - 1) as u16
-}
-
-/// [`crate::ops::gemm::relu_in_place`]'s rule on 16 lanes, for kernels that apply the ReLU as their sums
-/// leave the registers: `maxps(0, v)` is `v` for `v >= 0`, `-0` and NaN, else 0.
-///
-/// # Safety
-/// The CPU must have the target feature this function is compiled for; the sizes it
-/// reads and writes are asserted here or by its caller.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn relu_lanes(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    _mm512_max_ps(_mm512_setzero_ps(), v)
-}
-
 /// Generates a level's module: `$vector` of `$lanes` f32, its intrinsics, and its way of
 /// loading and storing only the first lanes of a vector (a row's tail).
 macro_rules! level {
     ($(#[$meta:meta])* $name:ident, $feature:literal, $vector:ty, $lanes:literal,
      zero: $zero:ident, splat: $splat:ident, load: $load:ident, store: $store:ident,
-     fmadd: $fmadd:ident, add: $add:ident, max: $max:ident, masked: $masked:ident) => {
+     fmadd: $fmadd:ident, add: $add:ident, sub: $sub:ident, mul: $mul:ident, div: $div:ident,
+     max: $max:ident, masked: $masked:ident) => {
         $(#[$meta])*
         #[cfg(target_arch = "x86_64")]
         #[allow(dead_code)] // each kernel uses what it needs
@@ -120,8 +101,27 @@ macro_rules! level {
                 $add(a, b)
             }
 
-            /// The ReLU's rule ([`super::relu_lanes`]): `maxps(0, v)` is `v` for `v >= 0`,
-            /// `-0` and NaN, else 0.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn sub(a: Vector, b: Vector) -> Vector {
+                $sub(a, b)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn mul(a: Vector, b: Vector) -> Vector {
+                $mul(a, b)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn div(a: Vector, b: Vector) -> Vector {
+                $div(a, b)
+            }
+
+            /// [`crate::ops::gemm::relu_in_place`]'s rule, for kernels that apply the ReLU as
+            /// their sums leave the registers: `maxps(0, v)` is `v` for `v >= 0`, `-0` and NaN,
+            /// else 0.
             #[inline]
             #[target_feature(enable = $feature)]
             pub(crate) unsafe fn relu(v: Vector) -> Vector {
@@ -186,14 +186,16 @@ level!(
     /// AVX-512F: 16 lanes, tails by mask registers.
     avx512, "avx512f", __m512, 16,
     zero: _mm512_setzero_ps, splat: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
-    fmadd: _mm512_fmadd_ps, add: _mm512_add_ps, max: _mm512_max_ps, masked: masked_avx512
+    fmadd: _mm512_fmadd_ps, add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, div: _mm512_div_ps,
+    max: _mm512_max_ps, masked: masked_avx512
 );
 
 level!(
     /// AVX2 with FMA: 8 lanes, tails by `vmaskmovps`.
     avx2, "avx2,fma", __m256, 8,
     zero: _mm256_setzero_ps, splat: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
-    fmadd: _mm256_fmadd_ps, add: _mm256_add_ps, max: _mm256_max_ps, masked: masked_avx2
+    fmadd: _mm256_fmadd_ps, add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, div: _mm256_div_ps,
+    max: _mm256_max_ps, masked: masked_avx2
 );
 
 /// The masked loads and stores of each level.
@@ -206,7 +208,7 @@ mod masked_avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn first(count: usize) -> Mask {
-        crate::ops::cpu::simd::first_lanes(count)
+        ((1u32 << count.min(16)) - 1) as u16
     }
 
     #[inline]

@@ -81,7 +81,8 @@ mod avx512 {
         height: usize,
         width: usize,
     ) {
-        let (columns, rows) = (crate::ops::cpu::simd::first_lanes(width), crate::ops::cpu::simd::first_lanes(height));
+        let (columns, rows) =
+            (crate::ops::cpu::simd::avx512::first(width), crate::ops::cpu::simd::avx512::first(height));
         // every row and column takes the same instructions, the missing ones masked off (a
         // mask of 0 touches no memory): no branches in the block
         let mut r: [__m512; 16] = std::array::from_fn(|i| {

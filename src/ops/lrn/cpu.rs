@@ -138,7 +138,7 @@ macro_rules! lrn_kernels {
     ($name:ident, $level:ident, $steps:ident, $feature:literal) => {
         #[cfg(target_arch = "x86_64")]
         mod $name {
-            use super::$steps::{mul, rsqrt};
+            use super::$steps::rsqrt;
             use super::Lrn;
             use crate::ops::cpu::simd::$level::*;
 
@@ -169,7 +169,7 @@ macro_rules! lrn_kernels {
                         let v = load_first(img.as_ptr().add(j * plane + at), count);
                         sum = add(sum, mul(v, v));
                     }
-                    f(count, at, add(mul(super::$steps::div(sum, size), alpha), k));
+                    f(count, at, add(mul(div(sum, size), alpha), k));
                 }
             }
 
@@ -229,18 +229,6 @@ mod avx512_steps {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-        _mm512_mul_ps(a, b)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn div(a: __m512, b: __m512) -> __m512 {
-        _mm512_div_ps(a, b)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rsqrt(x: __m512) -> __m512 {
         let y = _mm512_rsqrt14_ps(x);
         let half_x = _mm512_mul_ps(x, _mm512_set1_ps(0.5));
@@ -253,18 +241,6 @@ mod avx512_steps {
 #[cfg(target_arch = "x86_64")]
 mod avx2_steps {
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-        _mm256_mul_ps(a, b)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn div(a: __m256, b: __m256) -> __m256 {
-        _mm256_div_ps(a, b)
-    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]

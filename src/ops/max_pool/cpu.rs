@@ -141,7 +141,7 @@ fn column_maxima(rows: &[f32], columns: &mut [f32]) {
 }
 
 /// The 3/2 pooling's kernels (the paper's and torchvision's pools), written once for a vector
-/// width: AVX-512 (16 windows at a time) and AVX2 + FMA (8), from [`crate::ops::simd`] and the
+/// width: AVX-512 (16 windows at a time) and AVX2 + FMA (8), from [`crate::ops::cpu::simd`] and the
 /// few steps the two levels take differently ([`avx512_steps`], [`avx2_steps`]). Both keep the
 /// scalar rule's order and choices bit for bit.
 macro_rules! pool_kernels {
@@ -298,7 +298,7 @@ mod avx512_steps {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn store_indices(to: *mut u32, arg: Indices, count: usize) {
-        _mm512_mask_storeu_epi32(to.cast(), crate::ops::cpu::simd::first_lanes(count), arg)
+        _mm512_mask_storeu_epi32(to.cast(), crate::ops::cpu::simd::avx512::first(count), arg)
     }
 }
 

@@ -355,6 +355,8 @@ struct Kernel {
     /// Where each tap `(ci, ky, kx)`'s input lies from a window's start in the split image: a
     /// block's pixels, side by side in an output row, then read side by side too.
     taps: Vec<usize>,
+    /// The largest of `taps`: how far past a window's start the kernel reads.
+    reach: usize,
     /// Values of the split image per output row.
     row_step: usize,
     ow: usize,
@@ -370,8 +372,9 @@ impl Kernel {
         // tap: for conv4's 3456 taps those took 15-20 us a call)
         let channel: Vec<usize> =
             (0..g.k).flat_map(|ky| (0..g.k).map(move |kx| ky * row + (kx % s) * pl + kx / s)).collect();
-        let taps = (0..g.c).flat_map(|ci| channel.iter().map(move |t| ci * plane + t)).collect();
-        Kernel { c: g.c, taps, row_step: s * row, ow: g.ow, relu }
+        let taps: Vec<usize> = (0..g.c).flat_map(|ci| channel.iter().map(move |t| ci * plane + t)).collect();
+        let reach = taps.iter().copied().max().unwrap_or(0);
+        Kernel { c: g.c, taps, reach, row_step: s * row, ow: g.ow, relu }
     }
 
     /// `stage[p, v * lanes + lane]` for a block of `vectors` channel vectors (`weights` and
@@ -439,7 +442,7 @@ const fn lcm(a: usize, b: usize) -> usize {
 }
 
 /// The register blocks of [`forward`] and [`weight_grad`], written once, for a level's module
-/// of [`crate::ops::simd`] (`$name`, its vectors and intrinsics) and its target feature:
+/// of [`crate::ops::cpu::simd`] (`$name`, its vectors and intrinsics) and its target feature:
 /// - `pieces`: for 1, 2 and 3 channel vectors, the widths a piece of a row may take, `1..=P`
 ///   (`PIECE`, the widest, is the last): `V x P` accumulators, `V` weight vectors and one
 ///   broadcast in the level's registers;
@@ -475,7 +478,7 @@ macro_rules! level_kernels {
                 stage: &mut [f32],
             ) {
                 let ow = kernel.ow;
-                let furthest = (oys.end.max(1) - 1) * kernel.row_step + ow - 1 + kernel.taps.iter().max().unwrap_or(&0);
+                let furthest = (oys.end.max(1) - 1) * kernel.row_step + ow - 1 + kernel.reach;
                 assert!((1..=3).contains(&vectors) && furthest < image.len() && bias.len() == vectors * LANES);
                 assert!(
                     weights.len() == kernel.taps.len() * vectors * LANES
@@ -599,7 +602,8 @@ macro_rules! level_kernels {
             ) {
                 let (oh, ow) = (kernel.oh, kernel.ow);
                 let furthest =
-                    kernel.taps.iter().max().map_or(0, |&t| t + ((oh - 1) * kernel.row_len + ow - 1) * kernel.stride);
+                    // the taps rise with their index: the last lies furthest
+                    kernel.taps.last().map_or(0, |&t| t + ((oh - 1) * kernel.row_len + ow - 1) * kernel.stride);
                 assert!(
                     (1..=3).contains(&vectors)
                         && furthest < image.len()

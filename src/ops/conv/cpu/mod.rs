@@ -474,7 +474,7 @@ fn for_each_plane_share(y: &mut [f32], plane: usize, spread: bool, f: impl Fn(us
 /// `f(scratch, task)` for each task in turn on this core with one `init()`, or spread over the
 /// cores when `spread` (a batch too small to give every core images of its own: [`par_tasks`]).
 ///
-/// [`par_tasks`]: crate::ops::par_tasks
+/// [`par_tasks`]: crate::ops::cpu::parallel::par_tasks
 fn for_each_task<T: Send, S>(
     tasks: impl IntoIterator<Item = T>,
     spread: bool,

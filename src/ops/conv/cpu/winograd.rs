@@ -13,7 +13,7 @@
 //! small point sets, the one with the smallest rounding error in float32 (1.4e-6 of the
 //! largest output for a conv2-like layer, against 3.6e-6 for the usual 0, ±1, ±2, and 2e-7 for
 //! a direct sum: `scripts/winograd_matrices.py`). The backward pass reuses the forward for the
-//! input gradient (conv.rs), and [`weight_grad`] runs the same algorithm the other way round.
+//! input gradient (`input_grad_winograd` in conv/cpu/mod.rs), and [`weight_grad`] runs the same algorithm the other way round.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -651,21 +651,20 @@ fn transform_output<F: Minimal<M, R, A>, const M: usize, const R: usize, const A
 /// on one value ([`Lanes`]), for each level's module below.
 #[cfg(target_arch = "x86_64")]
 macro_rules! vector_transforms {
-    ($feature:literal, $vector:ty, $width:literal, $setzero:ident, $add:ident, $sub:ident, $mul:ident,
-     $set1:ident, $load:ident, $store:ident) => {
+    ($level:ident, $feature:literal) => {
         /// A vector of channels. Values of this type exist only inside the functions below,
         /// which run where the CPU has the module's target feature.
         #[derive(Clone, Copy)]
-        struct Vector($vector);
+        struct Vector(crate::ops::cpu::simd::$level::Vector);
 
         /// Channels to a vector.
-        pub(super) const WIDTH: usize = $width;
+        pub(super) const WIDTH: usize = crate::ops::cpu::simd::$level::LANES;
 
         impl Default for Vector {
             #[inline(always)]
             fn default() -> Vector {
                 // SAFETY: see `Vector`.
-                Vector(unsafe { $setzero() })
+                Vector(unsafe { crate::ops::cpu::simd::$level::zero() })
             }
         }
 
@@ -673,17 +672,19 @@ macro_rules! vector_transforms {
             #[inline(always)]
             fn add(self, other: Vector) -> Vector {
                 // SAFETY: see `Vector`.
-                Vector(unsafe { $add(self.0, other.0) })
+                Vector(unsafe { crate::ops::cpu::simd::$level::add(self.0, other.0) })
             }
             #[inline(always)]
             fn sub(self, other: Vector) -> Vector {
                 // SAFETY: see `Vector`.
-                Vector(unsafe { $sub(self.0, other.0) })
+                Vector(unsafe { crate::ops::cpu::simd::$level::sub(self.0, other.0) })
             }
             #[inline(always)]
             fn scale(self, factor: f32) -> Vector {
                 // SAFETY: see `Vector`.
-                Vector(unsafe { $mul(self.0, $set1(factor)) })
+                Vector(unsafe {
+                    crate::ops::cpu::simd::$level::mul(self.0, crate::ops::cpu::simd::$level::splat(factor))
+                })
             }
         }
 
@@ -704,8 +705,12 @@ macro_rules! vector_transforms {
             assert!(o.is_multiple_of(WIDTH) && pairs.is_multiple_of(o) && u_row.len() == A * pairs);
             for first in (0..pairs).step_by(WIDTH) {
                 let block = &taps[first / o * R * R * o + first % o..];
-                let g = |r: usize, s: usize| Vector($load(block[(r * R + s) * o..][..WIDTH].as_ptr()));
-                let store = |j: usize, value: Vector| $store(u_row.as_mut_ptr().add(j * pairs + first), value.0);
+                let g = |r: usize, s: usize| {
+                    Vector(crate::ops::cpu::simd::$level::load(block[(r * R + s) * o..][..WIDTH].as_ptr()))
+                };
+                let store = |j: usize, value: Vector| {
+                    crate::ops::cpu::simd::$level::store(u_row.as_mut_ptr().add(j * pairs + first), value.0)
+                };
                 super::transform_kernel::<Vector, F, M, R, A>(i, g, store);
             }
         }
@@ -724,11 +729,14 @@ macro_rules! vector_transforms {
             let pairs = taps.len() / (R * R);
             assert!(count.is_multiple_of(WIDTH) && count <= pairs && sums.len() == A * A * pairs);
             for first in (0..count).step_by(WIDTH) {
-                let s = |xi: usize| Vector($load(sums.as_ptr().add(xi * pairs + first)));
+                let s = |xi: usize| Vector(crate::ops::cpu::simd::$level::load(sums.as_ptr().add(xi * pairs + first)));
                 let block = transform_tile::<Vector, KernelGrad<F, M, R, A>, R, A>(s);
                 for (r, row) in block.iter().enumerate() {
                     for (t, value) in row.iter().enumerate() {
-                        $store(taps.as_mut_ptr().add((r * R + t) * pairs + first), value.0);
+                        crate::ops::cpu::simd::$level::store(
+                            taps.as_mut_ptr().add((r * R + t) * pairs + first),
+                            value.0,
+                        );
                     }
                 }
             }
@@ -750,8 +758,11 @@ macro_rules! vector_transforms {
         ) {
             assert!(patch.len() >= (COLS - 1) * (row + pixel) + WIDTH && out.len() == ROWS * ROWS);
             assert!(out.iter().all(|part| part.len() >= at + WIDTH));
-            let d = |r: usize, s: usize| Vector($load(patch.as_ptr().add(r * row + s * pixel)));
-            let store = |xi: usize, value: Vector| $store(out[xi].as_mut_ptr().add(at), value.0);
+            let d = |r: usize, s: usize| {
+                Vector(crate::ops::cpu::simd::$level::load(patch.as_ptr().add(r * row + s * pixel)))
+            };
+            let store =
+                |xi: usize, value: Vector| crate::ops::cpu::simd::$level::store(out[xi].as_mut_ptr().add(at), value.0);
             super::transform_patch::<Vector, K, ROWS, COLS>(d, store);
         }
     };
@@ -760,21 +771,10 @@ macro_rules! vector_transforms {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{transform_tile, Geometry, KernelGrad, Lanes, Matrix, Minimal, OutputT};
-    use crate::ops::cpu::simd::{first_lanes, relu_lanes};
+    use crate::ops::cpu::simd::avx512 as level;
     use std::arch::x86_64::*;
 
-    vector_transforms!(
-        "avx512f",
-        __m512,
-        16,
-        _mm512_setzero_ps,
-        _mm512_add_ps,
-        _mm512_sub_ps,
-        _mm512_mul_ps,
-        _mm512_set1_ps,
-        _mm512_loadu_ps,
-        _mm512_storeu_ps
-    );
+    vector_transforms!(avx512, "avx512f");
 
     /// [`super::transform_output`] with 16 output channels to a vector (they lie side by side
     /// in each row of `M`), each output of a tile scattered to its place in the 16 planes.
@@ -805,7 +805,7 @@ mod avx512 {
         for tile in 0..tiles {
             let (oy, ox) = (M * (tile / tiles_x), M * (tile % tiles_x));
             for c0 in (0..b.len()).step_by(16) {
-                let lanes = first_lanes(b.len() - c0);
+                let lanes = level::first(b.len() - c0);
                 let bias = _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(c0));
                 let at = (first + tile) * g.o + c0;
                 let m = |xi: usize| Vector(_mm512_maskz_loadu_ps(lanes, m.as_ptr().add(xi * plane + at)));
@@ -814,7 +814,7 @@ mod avx512 {
                     for (s, value) in row.iter().enumerate().take(g.ow - ox) {
                         let mut value = _mm512_add_ps(value.0, bias);
                         if relu {
-                            value = relu_lanes(value);
+                            value = level::relu(value);
                         }
                         let pixel = _mm512_set1_epi32(((oy + r) * g.ow + ox + s) as i32);
                         let index = _mm512_add_epi32(planes, pixel);
@@ -833,18 +833,7 @@ mod avx2 {
     use super::{transform_tile, Geometry, KernelGrad, Lanes, Matrix, Minimal, OutputT};
     use std::arch::x86_64::*;
 
-    vector_transforms!(
-        "avx2,fma",
-        __m256,
-        8,
-        _mm256_setzero_ps,
-        _mm256_add_ps,
-        _mm256_sub_ps,
-        _mm256_mul_ps,
-        _mm256_set1_ps,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps
-    );
+    vector_transforms!(avx2, "avx2,fma");
 
     /// [`super::transform_output`] for the output channels `b` from the first on in groups of
     /// 8 (the caller takes any last few): each output of a tile, bias added (and the ReLU),
@@ -879,8 +868,7 @@ mod avx2 {
                     for (s, value) in row.iter().enumerate().take(g.ow - ox) {
                         let mut value = _mm256_add_ps(value.0, bias);
                         if relu {
-                            // `maxps(0, v)`: as `relu_lanes`, `v` for v >= 0, -0 and NaN
-                            value = _mm256_max_ps(_mm256_setzero_ps(), value);
+                            value = crate::ops::cpu::simd::avx2::relu(value);
                         }
                         let mut lanes = [0f32; WIDTH];
                         _mm256_storeu_ps(lanes.as_mut_ptr(), value);

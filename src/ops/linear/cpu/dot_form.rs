@@ -125,7 +125,7 @@ unsafe fn block<const R: usize, const C: usize>(s: Slab, r: usize, i: usize, par
     // if the loads started at 0, so the result does not depend on w's address.
     let lead = (LINE - w_at(0, 0) as usize % LINE) % LINE / 4;
     if lead > 0 {
-        let mask = crate::ops::cpu::simd::first_lanes(lead.min(len)) << (LANES - lead);
+        let mask = crate::ops::cpu::simd::avx512::first(lead.min(len)) << (LANES - lead);
         let back = |p: *const f32| p.wrapping_sub(LANES - lead); // only lanes of `mask` are read
         partial(&mut acc, mask, |row| back(w_at(row, 0)), |c| back(x_at(c, 0)));
     }
@@ -144,7 +144,7 @@ unsafe fn block<const R: usize, const C: usize>(s: Slab, r: usize, i: usize, par
         at += LANES;
     }
     if at < len {
-        partial(&mut acc, crate::ops::cpu::simd::first_lanes(len - at), |row| w_at(row, at), |c| x_at(c, at));
+        partial(&mut acc, crate::ops::cpu::simd::avx512::first(len - at), |row| w_at(row, at), |c| x_at(c, at));
     }
     let turn: [i32; LANES] = std::array::from_fn(|lane| ((lane + LANES - lead) % LANES) as i32);
     let turn = _mm512_loadu_si512(turn.as_ptr().cast());
