@@ -90,6 +90,9 @@ pub struct Step {
 /// and the parity tests.
 struct Trace {
     steps: Vec<Step>,
+    /// Only this layer's step is kept ([`AlexNet::features`]): the others' outputs are not
+    /// made (for the two-tower nets each is both towers joined, a copy).
+    keep: Option<&'static str>,
     /// When the previous layer's output was recorded (or the pass began).
     since: Instant,
 }
@@ -323,8 +326,10 @@ impl AlexNet {
             return self.forward(batch, Mode::Eval);
         }
         let name = layer.name();
-        let (_, steps) = self.forward_traced(batch, Mode::Eval)?;
-        let step = steps.into_iter().find(|s| s.name == name);
+        self.check_input(batch)?;
+        let mut trace = Some(Trace { steps: Vec::new(), keep: Some(name), since: Instant::now() });
+        self.run(batch, Mode::Eval, &mut trace)?;
+        let step = trace.into_iter().flat_map(|t| t.steps).find(|s| s.name == name);
         step.map(|s| s.output).ok_or_else(|| anyhow::anyhow!("the {} preset has no layer {name}", self.preset.name()))
     }
 
@@ -337,7 +342,7 @@ impl AlexNet {
     /// Like [`AlexNet::forward`], also returning every layer's output.
     pub fn forward_traced(&self, x: &Tensor, mode: Mode) -> anyhow::Result<(Tensor, Vec<Step>)> {
         self.check_input(x)?;
-        let mut trace = Some(Trace { steps: Vec::new(), since: Instant::now() });
+        let mut trace = Some(Trace { steps: Vec::new(), keep: None, since: Instant::now() });
         let logits = self.run(x, mode, &mut trace)?;
         Ok((logits, trace.map(|t| t.steps).unwrap_or_default()))
     }
@@ -594,7 +599,7 @@ fn record(
     output: impl FnOnce() -> CandleResult<Tensor>,
     cost: (usize, u64),
 ) -> CandleResult<()> {
-    if let Some(trace) = trace {
+    if let Some(trace) = trace.as_mut().filter(|t| t.keep.is_none_or(|keep| keep == name)) {
         let seconds = trace.since.elapsed().as_secs_f64();
         trace.steps.push(Step { name, sees, output: output()?, params: cost.0, macs: cost.1, seconds });
         trace.since = Instant::now();
