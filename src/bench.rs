@@ -191,9 +191,10 @@ fn write_json(args: &BenchArgs, results: &[Measurement]) -> anyhow::Result<()> {
 /// `--data`: each pipeline over every image of `data` per run, through the loader `eval` and
 /// `train` use, for each preset and batch size; images/s from the median run.
 fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
-    use crate::data::augment::TrainTransform;
+    use crate::data::augment::Stats;
     use crate::data::dataset::Dataset;
     use crate::data::loader;
+    use crate::train::base_side;
     use std::sync::Arc;
 
     let (dataset, _) = Dataset::discover_any(data, None, None)?;
@@ -211,19 +212,11 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
                     Arc::new(move |_, sample| Ok(transform.apply(&sample.decode()?, false)?.len()))
                 }
                 Pipeline::Train => {
-                    let facts = preset.facts();
-                    let base = facts.base_side;
-                    let stats = crate::train::load_or_compute_stats(data, &dataset.samples, base, true)?;
-                    let transform = TrainTransform {
-                        base,
-                        crop: facts.input_size,
-                        scale: facts.train_input_scale,
-                        bgr: facts.bgr,
-                        flip: true,
-                        pca_std: 0.1,
-                        random_crop: true,
-                        stats: Arc::new(stats),
-                    };
+                    // the paper's recipe's transform; the data's statistics computed here, not
+                    // saved into the folder being measured
+                    let config = crate::train::TrainConfig::recipe(crate::train::Recipe::Paper, preset);
+                    let hidden = indicatif::ProgressBar::hidden();
+                    let transform = config.transform(Stats::compute(&dataset.samples, base_side(preset), &hidden)?);
                     Arc::new(move |i, sample| Ok(transform.train(sample, 0, 0, i)?.len()))
                 }
             };

@@ -132,6 +132,20 @@ impl Freeze {
 
 impl TrainConfig {
     /// Every setting as `recipe` has it for `preset` (seed 0, the whole data set, from scratch).
+    /// The training transform this run's augmentation asks for, from the data's `stats`.
+    pub fn transform(&self, stats: Stats) -> TrainTransform {
+        TrainTransform {
+            base: base_side(self.preset),
+            crop: self.preset.input_size(),
+            scale: self.input_scale,
+            bgr: self.preset.facts().bgr,
+            flip: self.flip,
+            pca_std: self.pca_std,
+            random_crop: self.random_crop,
+            stats: Arc::new(stats),
+        }
+    }
+
     pub fn recipe(recipe: Recipe, preset: Preset) -> Self {
         let (batch_size, lr, weight_decay, rule, decay_biases, schedule, step_epochs, augment) = match recipe {
             Recipe::Paper => (128, 0.01, 5e-4, UpdateRule::Paper, false, Schedule::Plateau, 30, true),
@@ -277,18 +291,8 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         }
         None => None,
     };
-    let base = base_side(config.preset);
-    let stats = load_or_compute_stats(&opts.data, &dataset.samples, base, opts.quiet)?;
-    let transform = TrainTransform {
-        base,
-        crop: config.preset.input_size(),
-        scale: config.input_scale,
-        bgr: config.preset.facts().bgr,
-        flip: config.flip,
-        pca_std: config.pca_std,
-        random_crop: config.random_crop,
-        stats: Arc::new(stats),
-    };
+    let stats = load_or_compute_stats(&opts.data, &dataset.samples, base_side(config.preset), opts.quiet)?;
+    let transform = config.transform(stats);
 
     // ---- model and optimiser (fresh, or from a checkpoint) -------------------------------
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
@@ -555,7 +559,7 @@ pub fn base_side(preset: Preset) -> u32 {
 }
 
 /// The statistics file next to the data, computed first if it is not there yet.
-pub(crate) fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool) -> anyhow::Result<Stats> {
+fn load_or_compute_stats(data: &Path, samples: &[Sample], base: u32, quiet: bool) -> anyhow::Result<Stats> {
     let path = Stats::path_for(data);
     if path.exists() {
         let stats = Stats::load(&path)?;
