@@ -12,7 +12,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::device::DeviceArgs;
-use crate::flags::at_least_one;
+use crate::flags::{at_least_one, Workers};
 use crate::init::Init;
 use crate::model::{AlexNet, LrnScope, Mode, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
@@ -45,23 +45,23 @@ pub struct BenchArgs {
     layers: bool,
     /// Time the input pipeline alone on the images in this folder (any layout `eval` and
     /// `train` read, shards included) instead of the network: decoding and the `--pipeline`
-    /// transforms, images/s over the whole folder at each batch size, the batches dropped. It
-    /// runs on rayon's threads, as `eval` and `train` do: `RAYON_NUM_THREADS` sets the workers.
+    /// transforms (the loader's workers) and the input layer that makes each batch the net's
+    /// f32 input (on rayon's threads, as the net), images/s over the whole folder at each batch
+    /// size, the inputs dropped. `--workers` sets the decoding workers.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
     /// With `--data`: `eval` (the preset's inference transform: resize, centre crop, mean) and
     /// `train` (the paper's: a random crop of the 256x256 base image, a flip and the PCA colour
-    /// shift; the mean image and components from the folder, computed once and saved as `train`
-    /// does), comma-separated.
+    /// shift; the mean image and components computed from the folder, not saved into it),
+    /// comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "eval,train")]
     pipeline: Vec<Pipeline>,
+    #[command(flatten)]
+    workers: Workers,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
 }
-
-/// What `--data` runs on each image: its decoding and transform, the values' count returned.
-type Prepare = dyn Fn(usize, &crate::data::dataset::Sample) -> anyhow::Result<usize> + Send + Sync;
 
 /// An input pipeline `--data` times.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -193,23 +193,27 @@ fn write_json(args: &BenchArgs, results: &[Measurement]) -> anyhow::Result<()> {
 fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
     use crate::data::augment::Stats;
     use crate::data::dataset::Dataset;
-    use crate::data::loader;
+    use crate::data::loader::Batches;
+    use crate::ops::Augment;
     use crate::train::base_side;
-    use std::sync::Arc;
 
     let (dataset, _) = Dataset::discover_any(data, None, None)?;
     let images = dataset.samples.len();
     anyhow::ensure!(images > 0, "{} holds no images", data.display());
-    println!("{images} images, {} workers (rayon's threads)", rayon::current_num_threads());
+    let workers = args.workers.count();
+    println!("{images} images, {workers} decoding workers, {} compute threads", rayon::current_num_threads());
     println!("{:<12} {:<10} {:>6} {:>12} {:>10}", "preset", "pipeline", "batch", "median s", "images/s");
     let mut results = Vec::new();
     for &preset in &args.preset {
         for &pipeline in &args.pipeline {
-            // one closure type for both pipelines: the batches are dropped, only their making counts
-            let prepare: Arc<Prepare> = match pipeline {
+            // a pass: the loader's batches for a batch size, and the input layer that finishes them
+            let pass: Box<dyn Fn(usize) -> (Batches, Augment)> = match pipeline {
                 Pipeline::Eval => {
                     let transform = preset.transform();
-                    Arc::new(move |_, sample| Ok(transform.apply(&sample.decode()?, false)?.len()))
+                    let samples = dataset.samples.clone();
+                    Box::new(move |batch| {
+                        (transform.load(samples.clone(), batch, false, workers), transform.input_layer())
+                    })
                 }
                 Pipeline::Train => {
                     // the paper's recipe's transform; the data's statistics computed here, not
@@ -217,7 +221,10 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
                     let config = crate::train::TrainConfig::recipe(crate::train::Recipe::Paper, preset);
                     let hidden = indicatif::ProgressBar::hidden();
                     let transform = config.transform(Stats::compute(&dataset.samples, base_side(preset), &hidden)?);
-                    Arc::new(move |i, sample| Ok(transform.train(sample, 0, 0, i)?.len()))
+                    let samples = dataset.samples.clone();
+                    Box::new(move |batch| {
+                        (transform.load_train(samples.clone(), batch, 0, 0, 0, workers), transform.input_layer())
+                    })
                 }
             };
             let name = match pipeline {
@@ -228,12 +235,12 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
                 let mut times = Vec::with_capacity(args.runs);
                 for i in 0..args.warmup + args.runs {
                     let start = Instant::now();
-                    let prepare = prepare.clone();
-                    let batches = loader::spawn(dataset.samples.clone(), batch, 2, move |i, s| prepare(i, s));
+                    let (batches, input_layer) = pass(batch);
                     for b in batches {
                         if let Some((path, reason)) = b.failures.first() {
                             anyhow::bail!("cannot load {}: {reason}", path.display())
                         }
+                        b.input(&input_layer, &candle_core::Device::Cpu)?;
                     }
                     if i >= args.warmup {
                         times.push(start.elapsed().as_secs_f64());

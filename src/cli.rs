@@ -16,7 +16,7 @@ use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::DeviceArgs;
 use crate::eval::{evaluate, EvalOptions};
 use crate::figures::{self, FeatureSet, Kernels};
-use crate::flags::{at_least_one, fraction, non_negative, positive};
+use crate::flags::{at_least_one, fraction, non_negative, positive, Workers};
 use crate::init::Init;
 use crate::model::{AlexNet, Layer, LrnScope, Mode, Placement, Preset};
 use crate::optim::UpdateRule;
@@ -129,6 +129,8 @@ enum Command {
         /// Images a batch.
         #[arg(short = 'b', long, value_parser = at_least_one, default_value_t = 64)]
         batch_size: usize,
+        #[command(flatten)]
+        workers: Workers,
         /// Evaluate only the first N images.
         #[arg(long, value_parser = at_least_one)]
         limit: Option<usize>,
@@ -338,6 +340,8 @@ pub struct TrainArgs {
     /// Images a step (default: paper and fig1 128, caffe and torchvision 256, finetune 64).
     #[arg(short = 'b', long, value_parser = at_least_one)]
     batch_size: Option<usize>,
+    #[command(flatten)]
+    workers: Workers,
     /// Learning rate (default: 0.01; finetune 0.001).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     lr: Option<f64>,
@@ -490,6 +494,7 @@ impl TrainArgs {
             save_every: self.save_every.or(resumed.as_ref().and_then(|c| c.meta.save_every)),
             keep: self.keep,
             log_every: self.log_every.max(1),
+            workers: self.workers.count(),
             quiet: self.quiet,
             placement: self.device.placement(LrnScope::Layer)?,
         };
@@ -627,6 +632,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             images: ImageSetArgs { data, labels, meta },
             crops,
             batch_size,
+            workers,
             limit,
             transform,
             mean,
@@ -646,8 +652,18 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                     mean.as_deref().map(Mean::load).transpose()?,
                 ),
             };
-            let opts =
-                EvalOptions { data, labels, meta, ten_crop: crops == 10, batch_size, limit, transform, quiet, strict };
+            let opts = EvalOptions {
+                data,
+                labels,
+                meta,
+                ten_crop: crops == 10,
+                batch_size,
+                workers: workers.count(),
+                limit,
+                transform,
+                quiet,
+                strict,
+            };
             let sha = sha256_file(&fetch::resolve(&model.weights)?)?;
             let report = evaluate(&net, &opts, &model.weights, sha)?;
             report.print();

@@ -12,7 +12,6 @@ use serde::Serialize;
 pub use crate::classes::top_k;
 use crate::classes::Classes;
 use crate::data::dataset::{Dataset, Layout};
-use crate::data::loader;
 use crate::data::transform::Transform;
 use crate::model::{AlexNet, Mode};
 
@@ -23,6 +22,8 @@ pub struct EvalOptions {
     pub meta: Option<PathBuf>,
     pub ten_crop: bool,
     pub batch_size: usize,
+    /// Decoding workers (see [`crate::data::loader`]).
+    pub workers: usize,
     pub limit: Option<usize>,
     pub transform: Transform,
     pub quiet: bool,
@@ -93,22 +94,16 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
     }
     let samples = dataset.samples.clone();
     let crops = if opts.ten_crop { 10 } else { 1 };
-    let side = opts.transform.crop;
-    let transform = opts.transform.clone();
-    let ten = opts.ten_crop;
-    let batches = loader::spawn(dataset.samples, opts.batch_size, 2, move |_, sample| {
-        let img = sample.decode()?;
-        let crops = transform.apply(&img, ten)?;
-        Ok(crops.concat())
-    });
+    let batches = opts.transform.load(dataset.samples, opts.batch_size, opts.ten_crop, opts.workers);
+    let input_layer = opts.transform.input_layer();
 
     let progress = progress_bar(samples.len() as u64, "images", opts.quiet);
     let start = Instant::now();
     let mut hits = Hits::default();
     let mut skipped = Vec::new();
     let mut predictions = Vec::with_capacity(samples.len());
-    for batch in batches {
-        for (path, reason) in batch.failures {
+    for mut batch in batches {
+        for (path, reason) in std::mem::take(&mut batch.failures) {
             if opts.strict {
                 bail!("{}: {reason} (--strict)", path.display())
             }
@@ -120,8 +115,8 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
             continue;
         }
         let n = batch.items.len();
-        let views: Vec<f32> = batch.items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-        for ((i, _), p) in batch.items.iter().zip(predict(model, views, n, crops, side)?) {
+        let x = batch.input(&input_layer, model.device())?;
+        for ((i, _), p) in batch.items.iter().zip(predict(model, &x, n, crops)?) {
             let label = samples[*i].label;
             let top5 = hits.add(&p, label);
             predictions.push(Prediction { path: samples[*i].path.clone(), label, top5 });
@@ -174,9 +169,8 @@ pub fn evaluate(model: &AlexNet, opts: &EvalOptions, weights: &str, sha256: Stri
 
 /// The paper's prediction for `n` images of `crops` views each (`views`: their pixels one view
 /// after another): the softmax averaged over each image's views, as rows on the CPU.
-pub fn predict(model: &AlexNet, views: Vec<f32>, n: usize, crops: usize, side: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-    let x = Tensor::from_vec(views, (n * crops, 3, side, side), &Device::Cpu)?.to_device(model.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&model.forward(&x, Mode::Eval)?)?;
+pub fn predict(model: &AlexNet, x: &Tensor, n: usize, crops: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    let probs = candle_nn::ops::softmax_last_dim(&model.forward(x, Mode::Eval)?)?;
     Ok(probs.reshape((n, crops, ()))?.mean(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
 }
 

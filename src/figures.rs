@@ -192,17 +192,15 @@ impl FeatureSet {
         batch_size: usize,
         quiet: bool,
     ) -> anyhow::Result<Self> {
-        let transform = model.transform().clone();
-        let side = transform.crop;
+        let transform = model.transform();
+        let input_layer = transform.input_layer();
         let progress = crate::eval::progress_bar(samples.len() as u64, "images", quiet);
         let all = samples.clone();
-        let batches = loader::spawn(samples, batch_size, 2, move |_, sample| {
-            Ok(transform.apply(&sample.decode()?, false)?.remove(0))
-        });
+        let batches = transform.load(samples, batch_size, false, loader::default_workers());
         let (mut rows, mut files, mut labels, mut skipped, mut dim) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
-        for batch in batches {
-            for (path, reason) in batch.failures {
+        for mut batch in batches {
+            for (path, reason) in std::mem::take(&mut batch.failures) {
                 progress.suspend(|| eprintln!("skipping {}: {reason}", path.display()));
                 skipped.push((path, reason));
                 progress.inc(1);
@@ -211,8 +209,7 @@ impl FeatureSet {
                 continue;
             }
             let n = batch.items.len();
-            let pixels: Vec<f32> = batch.items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-            let x = Tensor::from_vec(pixels, (n, 3, side, side), &Device::Cpu)?.to_device(model.device())?;
+            let x = batch.input(&input_layer, model.device())?;
             let out = model.features(&x, layer)?.to_device(&Device::Cpu)?.flatten_from(1)?;
             dim = out.dims()[1];
             rows.extend(out.flatten_all()?.to_vec1::<f32>()?);

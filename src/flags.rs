@@ -1,8 +1,7 @@
 //! Value parsers for command-line flags, shared by `cli` and `bench`: a number that is out of
 //! range is refused when the flags are read, not discovered as a crash or a NaN later.
 //!
-//! A leaf module (it depends on nothing of the crate), so that both command modules can use it
-//! without importing each other.
+//! Both command modules use it, so neither imports the other.
 
 /// For counts that must be positive (batch sizes, image limits, step intervals): 0 is refused
 /// when the flags are read, not discovered as a crash later.
@@ -36,5 +35,21 @@ fn number_where(s: &str, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, St
         Ok(v) if ok(v) => Ok(v),
         Ok(v) => Err(format!("must be {what}, not {v}")),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `-j, --workers`: the loader's decoding threads, as PyTorch's ImageNet example names them.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct Workers {
+    /// Decoding workers: threads of their own beside the compute threads, each decoding and
+    /// resizing the next image (default: one a core).
+    #[arg(short = 'j', long = "workers", value_parser = at_least_one)]
+    workers: Option<usize>,
+}
+
+impl Workers {
+    /// The number asked for, or one a core.
+    pub fn count(&self) -> usize {
+        self.workers.unwrap_or_else(crate::data::loader::default_workers)
     }
 }

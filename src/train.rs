@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use crate::classes::Classes;
 use crate::data::augment::{Stats, TrainTransform};
 use crate::data::dataset::{Dataset, Sample};
-use crate::data::loader;
 use crate::eval::{predict, progress_bar, Hits};
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
@@ -208,6 +207,8 @@ pub struct RunOptions {
     pub save_every: Option<usize>,
     pub keep: usize,
     pub log_every: usize,
+    /// Decoding workers (see [`crate::data::loader`]).
+    pub workers: usize,
     pub quiet: bool,
     /// Where the towers run; logits, labels and the loss live on tower A's device.
     pub placement: Placement,
@@ -230,6 +231,7 @@ impl RunOptions {
             save_every: None,
             keep: 3,
             log_every: 10,
+            workers: crate::data::loader::default_workers(),
             quiet: false,
             placement: Placement::on(&Device::Cpu),
         }
@@ -293,6 +295,7 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
     };
     let stats = load_or_compute_stats(&opts.data, &dataset.samples, base_side(config.preset), opts.quiet)?;
     let transform = config.transform(stats);
+    let input_layer = transform.input_layer();
 
     // ---- model and optimiser (fresh, or from a checkpoint) -------------------------------
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
@@ -399,11 +402,8 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         let done = step - epoch * steps_per_epoch;
         let first = done * config.batch_size;
         let todo: Vec<Sample> = order[first.min(order.len())..].iter().map(|&i| dataset.samples[i].clone()).collect();
-        let t = transform.clone();
-        let seed = config.seed;
-        let batches = loader::spawn(todo, config.batch_size, 2, move |i, sample| {
-            Ok((t.train(sample, seed, epoch, first + i)?, sample.label))
-        });
+        let todo_labels: Vec<usize> = todo.iter().map(|s| s.label).collect();
+        let batches = transform.load_train(todo, config.batch_size, config.seed, epoch, first, opts.workers);
         let progress = progress_bar((steps_per_epoch - done) as u64, "batches", opts.quiet);
         let (mut window_loss, mut window_n, mut window_top1, mut window_top5, mut window_images) =
             (0.0, 0usize, 0usize, 0usize, 0usize);
@@ -414,7 +414,9 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
                 bail!("cannot load training image {}: {reason}", path.display())
             }
             let n = batch.items.len();
-            let (x, labels) = to_tensors(&batch.items, config.preset.input_size(), device)?;
+            let x = batch.input(&input_layer, device)?;
+            let labels: Vec<u32> = batch.items.iter().map(|(i, _)| todo_labels[*i] as u32).collect();
+            let labels = Tensor::from_vec(labels, n, device)?;
             let mode = if config.dropout {
                 Mode::Train { seed: config.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) }
             } else {
@@ -440,8 +442,8 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
             step += 1;
 
             let mut hits = Hits::default();
-            for (row, (_, (_, label))) in logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?.iter().zip(&batch.items) {
-                hits.add(row, *label);
+            for (row, (i, _)) in logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?.iter().zip(&batch.items) {
+                hits.add(row, todo_labels[*i]);
             }
             let (top1, top5) = (hits.top1, hits.top5);
             (epoch_top1, epoch_n, epoch_loss) = (epoch_top1 + top1, epoch_n + n, epoch_loss + loss_value * n as f64);
@@ -497,7 +499,7 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
             ..Default::default()
         };
         if let Some(val) = &val_samples {
-            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size)?;
+            let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, opts.workers)?;
             (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
             if !opts.quiet {
                 eprintln!(
@@ -610,13 +612,6 @@ fn balanced_subset(samples: Vec<Sample>, limit: usize) -> Vec<Sample> {
     ranked.into_iter().take(limit).map(|(_, s)| s).collect()
 }
 
-fn to_tensors(items: &[(usize, (Vec<f32>, usize))], side: usize, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
-    let n = items.len();
-    let pixels: Vec<f32> = items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
-    let labels: Vec<u32> = items.iter().map(|(_, (_, l))| *l as u32).collect();
-    Ok((Tensor::from_vec(pixels, (n, 3, side, side), device)?, Tensor::from_vec(labels, n, device)?))
-}
-
 /// Top-1 and top-5 accuracy on the validation images (centre crop, or the ten crops).
 fn validate(
     model: &AlexNet,
@@ -624,38 +619,20 @@ fn validate(
     t: &TrainTransform,
     crops: usize,
     batch: usize,
+    workers: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let t = t.clone();
-    let ten = crops == 10;
-    let batches = loader::spawn(samples.to_vec(), batch, 2, move |_, s| {
-        let views = if ten { ten_views(&t, s)? } else { vec![t.val(s)?] };
-        Ok((views.concat(), s.label))
-    });
-    let side = model.preset.input_size();
+    let input_layer = t.input_layer();
     let mut hits = Hits::default();
-    for b in batches {
+    for b in t.load_val(samples.to_vec(), batch, crops == 10, workers) {
         if let Some((path, reason)) = b.failures.first() {
             bail!("cannot load validation image {}: {reason}", path.display())
         }
-        let m = b.items.len();
-        let views: Vec<f32> = b.items.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
-        for (p, (_, (_, label))) in predict(model, views, m, crops, side)?.iter().zip(&b.items) {
-            hits.add(p, *label);
+        let x = b.input(&input_layer, model.device())?;
+        for (p, (i, _)) in predict(model, &x, b.items.len(), crops)?.iter().zip(&b.items) {
+            hits.add(p, samples[*i].label);
         }
     }
     Ok(hits.accuracy())
-}
-
-/// The four corners, the centre and their mirrors, from the base image.
-fn ten_views(t: &TrainTransform, s: &Sample) -> anyhow::Result<Vec<Vec<f32>>> {
-    let img = crate::data::augment::base_image(s, t.base)?;
-    let mut views = Vec::with_capacity(10);
-    for flip in [false, true] {
-        for corner in 0..5 {
-            views.push(t.corner_view(&img, corner, flip));
-        }
-    }
-    Ok(views)
 }
 
 // ---- checkpoints -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 //! resumed run continues exactly.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
@@ -17,7 +18,9 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
 use super::dataset::Sample;
+use super::loader::{self, Batches, FrameShape};
 use super::transform::{centre_square, Chw, Mean, Transform, TransformKind};
+use crate::ops::{Augment, MeanValues, Normalise, View};
 
 /// The image every crop is taken from (see [`centre_square`]); an image `alexnet prepare`
 /// already made `side` x `side` is taken as it is.
@@ -204,9 +207,20 @@ impl TrainTransform {
         }
     }
 
-    /// The training view of image `sample` at `position` of `epoch`'s order.
-    pub fn train(&self, sample: &Sample, seed: u64, epoch: usize, position: usize) -> anyhow::Result<Chw> {
-        let img = base_image(sample, self.base)?;
+    /// What the loader makes of each image: its base image, which the views crop.
+    pub fn frame_shape(&self) -> FrameShape {
+        FrameShape { side: self.base as usize, per_image: 1 }
+    }
+
+    /// `sample`'s base image written into `out`.
+    pub fn frame(&self, sample: &Sample, out: &mut [u8]) -> anyhow::Result<()> {
+        out.copy_from_slice(base_image(sample, self.base)?.as_raw());
+        Ok(())
+    }
+
+    /// The training view of the image at `position` of `epoch`'s order: its random crop, flip
+    /// and colour shift.
+    pub fn train_view(&self, seed: u64, epoch: usize, position: usize) -> View {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64) << 40 ^ position as u64 ^ 0xA1E7_0000_0000_0000);
         let range = self.base as usize - self.crop;
         let (y0, x0) = if self.random_crop {
@@ -228,39 +242,143 @@ impl TrainTransform {
         } else {
             [0f32; 3]
         };
-        Ok(self.render(&img, (y0, x0), flip, shift))
+        View { frame: 0, y0, x0, flip, shift }
     }
 
-    /// The validation view: the centre crop, no flip, no colour shift.
-    pub fn val(&self, sample: &Sample) -> anyhow::Result<Chw> {
-        let img = base_image(sample, self.base)?;
-        let off = (self.base as usize - self.crop) / 2;
-        Ok(self.render(&img, (off, off), false, [0.0; 3]))
-    }
-
-    /// Crop `corner` (0-3: top-left, top-right, bottom-left, bottom-right; 4: centre) of a
-    /// base image, mirrored if `flip` (the paper's ten test patches).
-    pub fn corner_view(&self, img: &RgbImage, corner: usize, flip: bool) -> Chw {
+    /// The validation views: the centre crop, or the paper's ten patches (the four corners and
+    /// the centre, then the same mirrored).
+    pub fn val_views(&self, ten: bool) -> Vec<View> {
         let r = self.base as usize - self.crop;
-        let at = [(0, 0), (0, r), (r, 0), (r, r), (r / 2, r / 2)][corner];
-        self.render(img, at, flip, [0.0; 3])
+        let centre = View::at(0, r / 2, r / 2);
+        if !ten {
+            return vec![centre];
+        }
+        let five = [View::at(0, 0, 0), View::at(0, 0, r), View::at(0, r, 0), View::at(0, r, r), centre];
+        five.iter().copied().chain(five.iter().map(|v| View { flip: true, ..*v })).collect()
     }
 
-    fn render(&self, img: &RgbImage, (y0, x0): (usize, usize), flip: bool, shift: [f32; 3]) -> Chw {
-        let (s, b) = (self.crop, self.base as usize);
-        let mean = &self.stats.mean_image;
+    /// The input layer that makes the views the net's input: the training set's mean image
+    /// subtracted, the scale, the channel order.
+    pub fn input_layer(&self) -> Augment {
+        let mean = MeanValues::Image(Arc::new(self.stats.mean_image.clone()));
+        Augment { crop: self.crop, normalise: Normalise::Subtract { mean, scale: self.scale }, bgr: self.bgr }
+    }
+
+    /// The training images `samples`, the first at `first` of `epoch`'s order, as batches of
+    /// base images with each one's training view, on `workers` decoding threads.
+    pub fn load_train(
+        &self,
+        samples: Vec<Sample>,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first: usize,
+        workers: usize,
+    ) -> Batches {
+        let t = self.clone();
+        loader::spawn(
+            samples,
+            batch_size,
+            self.frame_shape(),
+            workers,
+            || (),
+            move |_, i, sample, out| {
+                t.frame(sample, out)?;
+                Ok(vec![t.train_view(seed, epoch, first + i)])
+            },
+        )
+    }
+
+    /// The validation images `samples` as batches of base images with their validation views
+    /// (the centre crop, or the ten patches).
+    pub fn load_val(&self, samples: Vec<Sample>, batch_size: usize, ten: bool, workers: usize) -> Batches {
+        let t = self.clone();
+        loader::spawn(
+            samples,
+            batch_size,
+            self.frame_shape(),
+            workers,
+            || (),
+            move |_, _, sample, out| {
+                t.frame(sample, out)?;
+                Ok(t.val_views(ten))
+            },
+        )
+    }
+
+    /// One image's training view as the net's input (what the loader and the input layer make
+    /// of it in a batch).
+    pub fn train(&self, sample: &Sample, seed: u64, epoch: usize, position: usize) -> anyhow::Result<Chw> {
+        self.one(sample, self.train_view(seed, epoch, position))
+    }
+
+    /// One image's validation view (the centre crop) as the net's input.
+    pub fn val(&self, sample: &Sample) -> anyhow::Result<Chw> {
+        self.one(sample, self.val_views(false)[0])
+    }
+
+    fn one(&self, sample: &Sample, view: View) -> anyhow::Result<Chw> {
+        let mut frame = vec![0u8; self.frame_shape().bytes()];
+        self.frame(sample, &mut frame)?;
+        Ok(self.input_layer().apply_slice(&frame, self.base as usize, &[view])?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The render before the input layer took it over: the reference its bits are held to.
+    fn reference(t: &TrainTransform, img: &RgbImage, (y0, x0): (usize, usize), flip: bool, shift: [f32; 3]) -> Chw {
+        let (s, b) = (t.crop, t.base as usize);
+        let mean = &t.stats.mean_image;
         let mut out = vec![0f32; 3 * s * s];
         for y in 0..s {
             for x in 0..s {
                 let sx = if flip { x0 + s - 1 - x } else { x0 + x };
                 let p = img.get_pixel(sx as u32, (y0 + y) as u32);
                 for c in 0..3 {
-                    let plane = if self.bgr { 2 - c } else { c };
+                    let plane = if t.bgr { 2 - c } else { c };
                     let v = p[c] as f32 + shift[c] - mean[(c * b + y0 + y) * b + sx];
-                    out[(plane * s + y) * s + x] = v * self.scale;
+                    out[(plane * s + y) * s + x] = v * t.scale;
                 }
             }
         }
         out
+    }
+
+    /// Training and validation views through the input layer give the reference's bits: random
+    /// crops, flips and colour shifts, RGB and BGR, the ten patches.
+    #[test]
+    fn views_give_the_reference_bits() {
+        let base = 40u32;
+        let img = RgbImage::from_fn(base, base, |x, y| image::Rgb([(x * 5 + y) as u8, (x * y) as u8, (200 - y) as u8]));
+        let stats = Stats {
+            side: base as usize,
+            mean_image: (0..3 * 40 * 40).map(|i| (i % 97) as f32 * 1.25).collect(),
+            eigvecs: [[0.58, -0.7, 0.4], [0.57, 0.01, -0.8], [0.58, 0.7, 0.4]],
+            eigvals: [0.2, 0.02, 0.005].map(|v| v * 255.0 * 255.0),
+        };
+        for bgr in [false, true] {
+            let t = TrainTransform {
+                base,
+                crop: 32,
+                scale: 1.0 / 57.6,
+                bgr,
+                flip: true,
+                pca_std: 0.1,
+                random_crop: true,
+                stats: Arc::new(stats.clone()),
+            };
+            let layer = t.input_layer();
+            let mut views: Vec<View> = (0..40).map(|position| t.train_view(3, 1, position)).collect();
+            views.extend(t.val_views(true));
+            assert!(views.iter().any(|v| v.flip) && views.iter().any(|v| v.shift != [0.0; 3]));
+            for v in views {
+                let want = reference(&t, &img, (v.y0, v.x0), v.flip, v.shift);
+                let got = layer.apply_slice(img.as_raw(), base as usize, &[v]).unwrap();
+                assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{v:?}");
+            }
+        }
     }
 }

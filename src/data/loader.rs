@@ -1,77 +1,242 @@
-//! The loading pipeline: items are decoded and transformed in parallel (rayon), a batch at a
-//! time, on a producer thread that stays at most `prefetch` batches ahead of the consumer, so
-//! the net rarely waits and memory stays bounded whatever the data set's size.
+//! The loading pipeline: decoding workers, threads of their own apart from the compute pool,
+//! each taking the next image as soon as it finishes one, and writing its frames (8-bit RGB,
+//! decoded and resized) into a buffer recycled from batch to batch. The images are put back in
+//! order as batches, at most `prefetch` batches ahead of the consumer, so memory stays bounded
+//! whatever the data set's size; the consumer turns a batch into the net's input with the
+//! input layer ([`crate::ops::Augment`]) where the net runs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use rayon::prelude::*;
+use candle_core::{Device, Tensor};
 
 use super::dataset::Sample;
+use crate::ops::{Augment, View};
 
-/// A batch of prepared items (with their positions in the sample list) and the items that
-/// failed, with the reason.
-pub struct Batch<T> {
-    pub items: Vec<(usize, T)>,
+/// What one image becomes: `per_image` frames of `side` x `side` RGB bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameShape {
+    pub side: usize,
+    pub per_image: usize,
+}
+
+impl FrameShape {
+    /// Bytes of one image's frames.
+    pub fn bytes(&self) -> usize {
+        self.per_image * self.side * self.side * 3
+    }
+}
+
+/// How many decoding workers a loader starts by default: one a core, as the compute pool has.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A batch of loaded images in order: each one's position in the sample list, its views of
+/// its frames, and the images that failed with the reason. Its frame buffers go back to the
+/// loader when it is dropped.
+pub struct Batch {
+    pub items: Vec<(usize, Vec<View>)>,
     pub failures: Vec<(PathBuf, String)>,
+    frames: Vec<Vec<u8>>,
+    shape: FrameShape,
+    pool: Arc<Shared>,
 }
 
-/// Starts preparing `samples` with `prepare(position, sample)` in batches of `batch_size`.
-pub fn spawn<T, F>(samples: Vec<Sample>, batch_size: usize, prefetch: usize, prepare: F) -> Batches<T>
+impl Batch {
+    /// The net's input for the batch, `[views, 3, crop, crop]` f32 on `device`: the frames go
+    /// there as u8 and `augment` makes them the input.
+    pub fn input(&self, augment: &Augment, device: &Device) -> anyhow::Result<Tensor> {
+        let FrameShape { side, per_image } = self.shape;
+        let views: Vec<View> = (self.items.iter().enumerate())
+            .flat_map(|(i, (_, views))| views.iter().map(move |v| View { frame: i * per_image + v.frame, ..*v }))
+            .collect();
+        let frames = Tensor::from_vec(self.frames.concat(), (self.frames.len() * per_image, side, side, 3), device)?;
+        Ok(augment.apply(&frames, &views)?)
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.pool.lock().buffers.append(&mut self.frames);
+    }
+}
+
+/// Starts loading `samples` in batches of `batch_size` on `workers` threads: each image's
+/// frames (`shape`) written by `prepare(scratch, position, sample, frames)` into its buffer,
+/// which returns the image's views of them; `scratch` is the worker's own, made by `init`.
+pub fn spawn<S, I, F>(
+    samples: Vec<Sample>,
+    batch_size: usize,
+    shape: FrameShape,
+    workers: usize,
+    init: I,
+    prepare: F,
+) -> Batches
 where
-    T: Send + 'static,
-    F: Fn(usize, &Sample) -> anyhow::Result<T> + Send + Sync + 'static,
+    I: Fn() -> S + Send + Sync + 'static,
+    F: Fn(&mut S, usize, &Sample, &mut [u8]) -> anyhow::Result<Vec<View>> + Send + Sync + 'static,
 {
-    let (tx, rx) = sync_channel(prefetch.max(1));
-    let prepare = Arc::new(prepare);
-    std::thread::spawn(move || {
-        let positions: Vec<usize> = (0..samples.len()).collect();
-        for chunk in positions.chunks(batch_size.max(1)) {
-            let results: Vec<(usize, anyhow::Result<T>)> =
-                chunk.par_iter().map(|&i| (i, prepare(i, &samples[i]))).collect();
-            let mut batch = Batch { items: Vec::with_capacity(chunk.len()), failures: Vec::new() };
-            for (i, result) in results {
-                match result {
-                    Ok(item) => batch.items.push((i, item)),
-                    Err(e) => batch.failures.push((samples[i].path.clone(), format!("{e:#}"))),
-                }
-            }
-            if tx.send(batch).is_err() {
-                return; // the consumer stopped
-            }
-        }
+    const PREFETCH: usize = 2;
+    let batch_size = batch_size.max(1);
+    let batches = samples.len().div_ceil(batch_size);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            next: 0,
+            consumed: 0,
+            pending: BTreeMap::new(),
+            buffers: Vec::new(),
+            stopped: false,
+        }),
+        ready: Condvar::new(),
+        space: Condvar::new(),
     });
-    Batches(rx)
+    let work = Arc::new((samples, init, prepare));
+    for _ in 0..workers.max(1).min(work.0.len()) {
+        let (shared, work) = (shared.clone(), work.clone());
+        std::thread::spawn(move || {
+            let (samples, init, prepare) = &*work;
+            let mut scratch = init();
+            while let Some((position, mut buffer)) = shared.next_image(samples.len(), batch_size, PREFETCH) {
+                buffer.resize(shape.bytes(), 0); // a recycled buffer keeps its length: no zeroing
+                let sample = &samples[position];
+                // a panic would leave its batch incomplete and the consumer waiting: an error
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    prepare(&mut scratch, position, sample, &mut buffer)
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the image panicked")))
+                .map_err(|e| (sample.path.clone(), format!("{e:#}")));
+                shared.finish(position, batch_size, samples.len(), buffer, result);
+            }
+        });
+    }
+    Batches { shared, batches, shape }
 }
 
-/// The prepared batches, in order. A thread of rayon's pool (the binary's main thread is one)
-/// waiting for the next batch runs the pool's pending jobs meanwhile, the batches' own preparing
-/// among them: blocked, it would leave that work to the pool's other threads alone.
-pub struct Batches<T>(Receiver<Batch<T>>);
+/// The loaded batches, in order.
+pub struct Batches {
+    shared: Arc<Shared>,
+    batches: usize,
+    shape: FrameShape,
+}
 
-impl<T> Iterator for Batches<T> {
-    type Item = Batch<T>;
+impl Iterator for Batches {
+    type Item = Batch;
 
-    fn next(&mut self) -> Option<Batch<T>> {
-        if rayon::current_thread_index().is_none() {
-            return self.0.recv().ok();
+    fn next(&mut self) -> Option<Batch> {
+        let mut state = self.shared.lock();
+        if state.consumed == self.batches {
+            return None;
         }
         loop {
-            match self.0.try_recv() {
-                Ok(batch) => return Some(batch),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                // nothing to run: wait a little for the batch instead
-                match self.0.recv_timeout(Duration::from_micros(200)) {
-                    Ok(batch) => return Some(batch),
-                    Err(RecvTimeoutError::Disconnected) => return None,
-                    Err(RecvTimeoutError::Timeout) => {}
+            let index = state.consumed;
+            if state.pending.get(&index).is_some_and(|b| b.remaining == 0) {
+                let done = state.pending.remove(&index).expect("present");
+                state.consumed += 1;
+                self.shared.space.notify_all();
+                drop(state);
+                let mut batch = Batch {
+                    items: Vec::with_capacity(done.slots.len()),
+                    failures: Vec::new(),
+                    frames: Vec::with_capacity(done.slots.len()),
+                    shape: self.shape,
+                    pool: self.shared.clone(),
+                };
+                for (i, slot) in done.slots.into_iter().enumerate() {
+                    let (buffer, result) = slot.expect("every image of a finished batch is in");
+                    match result {
+                        Ok(views) => {
+                            batch.items.push((index * done.batch_size + i, views));
+                            batch.frames.push(buffer);
+                        }
+                        Err(failure) => {
+                            batch.failures.push(failure);
+                            self.shared.lock().buffers.push(buffer);
+                        }
+                    }
                 }
+                return Some(batch);
             }
+            state = self.shared.ready.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for Batches {
+    /// The workers stop after the image each is on.
+    fn drop(&mut self) {
+        self.shared.lock().stopped = true;
+        self.shared.space.notify_all();
+    }
+}
+
+/// The state the workers and the consumer share.
+struct Shared {
+    state: Mutex<State>,
+    /// A batch is complete.
+    ready: Condvar,
+    /// The consumer took a batch: the workers may go further ahead.
+    space: Condvar,
+}
+
+type Loaded = Result<Vec<View>, (PathBuf, String)>;
+
+struct State {
+    /// The next position to hand out.
+    next: usize,
+    /// Batches the consumer has taken.
+    consumed: usize,
+    /// Batches being loaded, by index.
+    pending: BTreeMap<usize, Pending>,
+    /// Frame buffers to reuse.
+    buffers: Vec<Vec<u8>>,
+    stopped: bool,
+}
+
+struct Pending {
+    batch_size: usize,
+    slots: Vec<Option<(Vec<u8>, Loaded)>>,
+    remaining: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next image's position and a buffer for its frames, once its batch is within
+    /// `prefetch` of the consumer's; None when every image is handed out or the consumer stopped.
+    fn next_image(&self, len: usize, batch_size: usize, prefetch: usize) -> Option<(usize, Vec<u8>)> {
+        let mut state = self.lock();
+        loop {
+            if state.stopped || state.next >= len {
+                return None;
+            }
+            if state.next / batch_size < state.consumed + prefetch {
+                let position = state.next;
+                state.next += 1;
+                let buffer = state.buffers.pop().unwrap_or_default();
+                return Some((position, buffer));
+            }
+            state = self.space.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Puts the image at `position` into its batch, and wakes the consumer when that completes.
+    fn finish(&self, position: usize, batch_size: usize, len: usize, buffer: Vec<u8>, result: Loaded) {
+        let mut state = self.lock();
+        let index = position / batch_size;
+        let images = batch_size.min(len - index * batch_size);
+        let batch = state.pending.entry(index).or_insert_with(|| Pending {
+            batch_size,
+            slots: (0..images).map(|_| None).collect(),
+            remaining: images,
+        });
+        batch.slots[position - index * batch_size] = Some((buffer, result));
+        batch.remaining -= 1;
+        if batch.remaining == 0 {
+            self.ready.notify_all();
         }
     }
 }

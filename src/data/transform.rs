@@ -14,11 +14,15 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use image::RgbImage;
 use serde::Serialize;
 
+use super::dataset::Sample;
+use super::loader::{self, Batches, FrameShape};
+use crate::ops::{Augment, MeanValues, Normalise, View};
 use crate::preset::Preset;
 pub use crate::preset::TransformKind;
 
@@ -58,13 +62,6 @@ impl Mean {
             rest[plane..].swap_with_slice(b); // swap the B and R planes
         }
         Ok(Mean::Image { side: 256, values: rgb })
-    }
-
-    fn at(&self, c: usize, y: usize, x: usize) -> f32 {
-        match self {
-            Mean::Pixel(p) => p[c],
-            Mean::Image { side, values } => values[(c * side + y) * side + x],
-        }
     }
 }
 
@@ -118,15 +115,45 @@ impl Transform {
     }
 
     /// The centre crop (`ten == false`) or the ten crops: four corners, centre, then the same
-    /// five mirrored (torchvision's `TenCrop` order, also Caffe's `oversample`).
+    /// five mirrored (torchvision's `TenCrop` order, also Caffe's `oversample`), each
+    /// `[3, crop, crop]`: [`Transform::frames`] through [`Transform::input_layer`].
     pub fn apply(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>> {
-        if !ten && matches!(self.kind, TransformKind::Torchvision) {
-            // the centre crop alone resized: the same pixels, a fraction of the work
-            let crop = pil_resize_shorter_centre(img, self.base, self.crop as u32)?;
-            return Ok(vec![Planes::from_rgb(&crop, torchvision_value, false).data]);
+        let shape = self.frame_shape(ten);
+        let mut frames = vec![0u8; shape.bytes()];
+        let views = self.frames(img, ten, &mut frames)?;
+        let input = self.input_layer().apply_slice(&frames, shape.side, &views)?;
+        Ok(input.chunks_exact(3 * self.crop * self.crop).map(<[f32]>::to_vec).collect())
+    }
+
+    /// What [`Transform::frames`] makes of each image: torchvision's crops themselves (its
+    /// resized image is not square), or the square base image the other pipelines crop.
+    pub fn frame_shape(&self, ten: bool) -> FrameShape {
+        match (self.kind, ten) {
+            // the four corners, the centre, and the centre of the mirrored image (one pixel
+            // off the centre where the offsets round unevenly)
+            (TransformKind::Torchvision, true) => FrameShape { side: self.crop, per_image: 6 },
+            (TransformKind::Torchvision, false) => FrameShape { side: self.crop, per_image: 1 },
+            (TransformKind::Caffe | TransformKind::Paper, _) => FrameShape { side: self.base as usize, per_image: 1 },
         }
-        let base = self.base(img)?;
-        let (h, w, s) = (base.h, base.w, self.crop);
+    }
+
+    /// The resize's part of the pipeline: `img`'s frames (see [`Transform::frame_shape`])
+    /// written into `out`, and the views of them the net sees (one, or ten), which
+    /// [`Transform::input_layer`] makes the net's input.
+    pub fn frames(&self, img: &RgbImage, ten: bool, out: &mut [u8]) -> anyhow::Result<Vec<View>> {
+        let s = self.crop;
+        if self.kind == TransformKind::Torchvision && !ten {
+            // the centre crop alone resized: the same pixels, a fraction of the work
+            let crop = pil_resize_shorter_centre(img, self.base, s as u32)?;
+            out.copy_from_slice(crop.as_raw());
+            return Ok(vec![View::at(0, 0, 0)]);
+        }
+        let base = match self.kind {
+            TransformKind::Torchvision => pil_resize_shorter(img, self.base)?,
+            TransformKind::Caffe => cv_resize(img, self.base, self.base),
+            TransformKind::Paper => centre_square(img, self.base)?,
+        };
+        let (h, w) = (base.height() as usize, base.width() as usize);
         if h < s || w < s {
             bail!("image is {w}x{h} after resizing, smaller than the {s}x{s} crop")
         }
@@ -136,23 +163,41 @@ impl Transform {
             // Caffe: (h - s) / 2 in integers
             TransformKind::Caffe | TransformKind::Paper => ((h - s) / 2, (w - s) / 2),
         };
-        if !ten {
-            return Ok(vec![base.crop(centre, s, false)]);
-        }
         let five = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), centre];
-        let mut crops: Vec<Chw> = five.iter().map(|&at| base.crop(at, s, false)).collect();
-        match self.kind {
-            // TenCrop: the same five crops of the mirrored image, so the mirrored "top-left"
-            // is the mirror of the top-right crop.
-            TransformKind::Torchvision => {
-                let (cy, cx) = centre;
-                let at = [(0, w - s), (0, 0), (h - s, w - s), (h - s, 0), (cy, w - s - cx)];
-                crops.extend(at.iter().map(|&p| base.crop(p, s, true)));
+        if self.kind != TransformKind::Torchvision {
+            out.copy_from_slice(base.as_raw());
+            let at = |&(y, x): &(usize, usize)| View::at(0, y, x);
+            if !ten {
+                return Ok(vec![at(&centre)]);
             }
-            // Caffe's oversample: each of the five crops, mirrored.
-            TransformKind::Caffe | TransformKind::Paper => crops.extend(five.iter().map(|&p| base.crop(p, s, true))),
+            // Caffe's oversample: the five crops, then each of them mirrored
+            let mirrored = five.iter().map(|p| View { flip: true, ..at(p) });
+            return Ok(five.iter().map(at).chain(mirrored).collect());
         }
-        Ok(crops)
+        // TenCrop: the five crops, then the same five of the mirrored image, so the mirrored
+        // "top-left" is the mirror of the top-right crop
+        let (cy, cx) = centre;
+        let frames = five.into_iter().chain([(cy, w - s - cx)]);
+        for ((y0, x0), frame) in frames.zip(out.chunks_exact_mut(s * s * 3)) {
+            for (y, row) in (y0..y0 + s).zip(frame.chunks_exact_mut(s * 3)) {
+                row.copy_from_slice(&base.as_raw()[(y * w + x0) * 3..][..s * 3]);
+            }
+        }
+        let mirrored = [1, 0, 3, 2, 5].map(|frame| View { flip: true, ..View::at(frame, 0, 0) });
+        Ok((0..5).map(|frame| View::at(frame, 0, 0)).chain(mirrored).collect())
+    }
+
+    /// The input layer that finishes the pipeline: torchvision's `ToTensor` + `Normalize`, or
+    /// the mean subtracted and the scale (and Caffe's BGR order).
+    pub fn input_layer(&self) -> Augment {
+        let normalise = match (self.kind, &self.mean) {
+            (TransformKind::Torchvision, _) => Normalise::Torchvision { mean: TORCHVISION_MEAN, std: TORCHVISION_STD },
+            (_, Mean::Pixel(p)) => Normalise::Subtract { mean: MeanValues::Pixel(*p), scale: self.scale },
+            (_, Mean::Image { values, .. }) => {
+                Normalise::Subtract { mean: MeanValues::Image(Arc::new(values.clone())), scale: self.scale }
+            }
+        };
+        Augment { crop: self.crop, normalise, bgr: self.bgr }
     }
 
     /// The pipeline as JSON for a weight file's metadata (`input`), so that a model `train`
@@ -207,38 +252,33 @@ impl Transform {
         })
     }
 
-    /// Decodes and preprocesses `paths` into one `[N (x10), 3, crop, crop]` CPU batch, the images
-    /// spread over the cores (the 250 sample JPEGs on one core took 1.0-1.4 s).
-    pub fn batch(&self, paths: &[std::path::PathBuf], ten: bool) -> anyhow::Result<candle_core::Tensor> {
-        use rayon::prelude::*;
-        let images: Vec<Vec<f32>> = paths
-            .par_iter()
-            .map(|path| {
-                let crops = self.apply(&super::decode(path)?, ten).with_context(|| path.display().to_string())?;
-                Ok(crops.concat())
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let pixels = images.concat();
-        let (n, s) = (paths.len() * if ten { 10 } else { 1 }, self.crop);
-        Ok(candle_core::Tensor::from_vec(pixels, (n, 3, s, s), &candle_core::Device::Cpu)?)
+    /// `samples` through the pipeline's resize part on `workers` decoding threads, in order, in
+    /// batches of `batch_size` (see [`super::loader`]); [`Transform::input_layer`] finishes them.
+    pub fn load(&self, samples: Vec<Sample>, batch_size: usize, ten: bool, workers: usize) -> Batches {
+        let transform = self.clone();
+        loader::spawn(
+            samples,
+            batch_size,
+            self.frame_shape(ten),
+            workers,
+            || (),
+            move |_, _, sample, out| transform.frames(&sample.decode()?, ten, out),
+        )
     }
 
-    /// The resized, normalised image before cropping.
-    fn base(&self, img: &RgbImage) -> anyhow::Result<Planes> {
-        Ok(match self.kind {
-            TransformKind::Torchvision => {
-                let resized = pil_resize_shorter(img, self.base)?;
-                Planes::from_rgb(&resized, torchvision_value, false)
+    /// Decodes and preprocesses `paths` into one `[N (x10), 3, crop, crop]` CPU batch, the images
+    /// spread over the loader's workers; the first image that fails is the error.
+    pub fn batch(&self, paths: &[std::path::PathBuf], ten: bool) -> anyhow::Result<candle_core::Tensor> {
+        let samples = paths.iter().map(|p| Sample::file(p.clone(), 0)).collect();
+        let input_layer = self.input_layer();
+        let mut inputs = Vec::new();
+        for batch in self.load(samples, paths.len(), ten, loader::default_workers()) {
+            if let Some((path, reason)) = batch.failures.first() {
+                bail!("{}: {reason}", path.display())
             }
-            TransformKind::Caffe => {
-                let squashed = cv_resize(img, self.base, self.base);
-                Planes::from_rgb(&squashed, |c, y, x, v| (v as f32 - self.mean.at(c, y, x)) * self.scale, self.bgr)
-            }
-            TransformKind::Paper => {
-                let square = centre_square(img, self.base)?;
-                Planes::from_rgb(&square, |c, y, x, v| (v as f32 - self.mean.at(c, y, x)) * self.scale, self.bgr)
-            }
-        })
+            inputs.push(batch.input(&input_layer, &candle_core::Device::Cpu)?);
+        }
+        Ok(candle_core::Tensor::cat(&inputs, 0)?)
     }
 }
 
@@ -257,11 +297,6 @@ struct RecordedTransform {
 /// The largest base side a recorded pipeline may ask for (the paper's is 256).
 const MAX_RECORDED_BASE: u32 = 1024;
 
-/// torchvision's `ToTensor` and `Normalize` of channel `c`'s 8-bit value `v`.
-fn torchvision_value(c: usize, _y: usize, _x: usize, v: u8) -> f32 {
-    (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c]
-}
-
 /// `round(twice / 2)` with Python's round-half-to-even (torchvision's crop offsets).
 fn round_half_even(twice: usize) -> usize {
     let (q, r) = (twice / 2, twice % 2);
@@ -269,44 +304,6 @@ fn round_half_even(twice: usize) -> usize {
         q + 1
     } else {
         q
-    }
-}
-
-/// A float image in channel planes.
-struct Planes {
-    h: usize,
-    w: usize,
-    data: Vec<f32>,
-}
-
-impl Planes {
-    /// `f(rgb channel, y, x, value)`; `bgr` stores the channels in reverse order.
-    fn from_rgb(img: &RgbImage, f: impl Fn(usize, usize, usize, u8) -> f32, bgr: bool) -> Self {
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let mut data = vec![0f32; 3 * h * w];
-        for (x, y, p) in img.enumerate_pixels() {
-            let (x, y) = (x as usize, y as usize);
-            for c in 0..3 {
-                let plane = if bgr { 2 - c } else { c };
-                data[(plane * h + y) * w + x] = f(c, y, x, p[c]);
-            }
-        }
-        Planes { h, w, data }
-    }
-
-    fn crop(&self, (y0, x0): (usize, usize), s: usize, mirror: bool) -> Chw {
-        let mut out = Vec::with_capacity(3 * s * s);
-        for c in 0..3 {
-            for y in y0..y0 + s {
-                let row = &self.data[(c * self.h + y) * self.w + x0..][..s];
-                if mirror {
-                    out.extend(row.iter().rev());
-                } else {
-                    out.extend_from_slice(row);
-                }
-            }
-        }
-        out
     }
 }
 
@@ -580,6 +577,127 @@ fn read_npy(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
 mod tests {
     use super::*;
 
+    /// The pipelines as they were before the input layer ([`Augment`]) took over their
+    /// per-pixel work: f32 planes normalised whole, then cropped. The reference the input
+    /// layer's bits are held to.
+    mod reference {
+        use super::*;
+
+        pub trait Reference {
+            fn reference(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>>;
+        }
+
+        impl Reference for Transform {
+            /// The centre crop (`ten == false`) or the ten crops: four corners, centre, then the same
+            /// five mirrored (torchvision's `TenCrop` order, also Caffe's `oversample`).
+            fn reference(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>> {
+                if !ten && matches!(self.kind, TransformKind::Torchvision) {
+                    // the centre crop alone resized: the same pixels, a fraction of the work
+                    let crop = pil_resize_shorter_centre(img, self.base, self.crop as u32)?;
+                    return Ok(vec![Planes::from_rgb(&crop, torchvision_value, false).data]);
+                }
+                let base = base(self, img)?;
+                let (h, w, s) = (base.h, base.w, self.crop);
+                if h < s || w < s {
+                    bail!("image is {w}x{h} after resizing, smaller than the {s}x{s} crop")
+                }
+                let centre = match self.kind {
+                    // torchvision: int(round((h - s) / 2)) with Python's round-half-to-even
+                    TransformKind::Torchvision => (round_half_even(h - s), round_half_even(w - s)),
+                    // Caffe: (h - s) / 2 in integers
+                    TransformKind::Caffe | TransformKind::Paper => ((h - s) / 2, (w - s) / 2),
+                };
+                if !ten {
+                    return Ok(vec![base.crop(centre, s, false)]);
+                }
+                let five = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), centre];
+                let mut crops: Vec<Chw> = five.iter().map(|&at| base.crop(at, s, false)).collect();
+                match self.kind {
+                    // TenCrop: the same five crops of the mirrored image, so the mirrored "top-left"
+                    // is the mirror of the top-right crop.
+                    TransformKind::Torchvision => {
+                        let (cy, cx) = centre;
+                        let at = [(0, w - s), (0, 0), (h - s, w - s), (h - s, 0), (cy, w - s - cx)];
+                        crops.extend(at.iter().map(|&p| base.crop(p, s, true)));
+                    }
+                    // Caffe's oversample: each of the five crops, mirrored.
+                    TransformKind::Caffe | TransformKind::Paper => {
+                        crops.extend(five.iter().map(|&p| base.crop(p, s, true)))
+                    }
+                }
+                Ok(crops)
+            }
+        }
+
+        /// The resized, normalised image before cropping.
+        fn base(t: &Transform, img: &RgbImage) -> anyhow::Result<Planes> {
+            Ok(match t.kind {
+                TransformKind::Torchvision => {
+                    let resized = pil_resize_shorter(img, t.base)?;
+                    Planes::from_rgb(&resized, torchvision_value, false)
+                }
+                TransformKind::Caffe => {
+                    let squashed = cv_resize(img, t.base, t.base);
+                    Planes::from_rgb(&squashed, |c, y, x, v| (v as f32 - mean_at(&t.mean, c, y, x)) * t.scale, t.bgr)
+                }
+                TransformKind::Paper => {
+                    let square = centre_square(img, t.base)?;
+                    Planes::from_rgb(&square, |c, y, x, v| (v as f32 - mean_at(&t.mean, c, y, x)) * t.scale, t.bgr)
+                }
+            })
+        }
+
+        fn mean_at(mean: &Mean, c: usize, y: usize, x: usize) -> f32 {
+            match mean {
+                Mean::Pixel(p) => p[c],
+                Mean::Image { side, values } => values[(c * side + y) * side + x],
+            }
+        }
+
+        /// torchvision's `ToTensor` and `Normalize` of channel `c`'s 8-bit value `v`.
+        fn torchvision_value(c: usize, _y: usize, _x: usize, v: u8) -> f32 {
+            (v as f32 / 255.0 - TORCHVISION_MEAN[c]) / TORCHVISION_STD[c]
+        }
+
+        /// A float image in channel planes.
+        struct Planes {
+            h: usize,
+            w: usize,
+            data: Vec<f32>,
+        }
+
+        impl Planes {
+            /// `f(rgb channel, y, x, value)`; `bgr` stores the channels in reverse order.
+            fn from_rgb(img: &RgbImage, f: impl Fn(usize, usize, usize, u8) -> f32, bgr: bool) -> Self {
+                let (w, h) = (img.width() as usize, img.height() as usize);
+                let mut data = vec![0f32; 3 * h * w];
+                for (x, y, p) in img.enumerate_pixels() {
+                    let (x, y) = (x as usize, y as usize);
+                    for c in 0..3 {
+                        let plane = if bgr { 2 - c } else { c };
+                        data[(plane * h + y) * w + x] = f(c, y, x, p[c]);
+                    }
+                }
+                Planes { h, w, data }
+            }
+
+            fn crop(&self, (y0, x0): (usize, usize), s: usize, mirror: bool) -> Chw {
+                let mut out = Vec::with_capacity(3 * s * s);
+                for c in 0..3 {
+                    for y in y0..y0 + s {
+                        let row = &self.data[(c * self.h + y) * self.w + x0..][..s];
+                        if mirror {
+                            out.extend(row.iter().rev());
+                        } else {
+                            out.extend_from_slice(row);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+
     /// The window's resize gives the whole resize's pixels: shrinking both sides, growing both,
     /// growing one (Pillow's vertical-first order) and leaving one as it is, portrait and
     /// landscape, odd offsets.
@@ -594,6 +712,39 @@ mod tests {
             let (x0, y0) = (round_half_even((nw - crop) as usize) as u32, round_half_even((nh - crop) as usize) as u32);
             let want = image::imageops::crop_imm(&whole, x0, y0, crop, crop).to_image();
             assert_eq!(pil_resize_shorter_centre(&img, size, crop).unwrap(), want, "{w}x{h} -> {size}, crop {crop}");
+        }
+    }
+
+    /// The input layer gives the bits of the pipelines it replaced, for every kind, with a mean
+    /// pixel and a mean image, one crop and ten, on images whose crop offsets round unevenly.
+    #[test]
+    fn the_input_layer_gives_the_reference_bits() {
+        use reference::Reference;
+        let image_mean =
+            Mean::Image { side: 256, values: (0..3 * 256 * 256).map(|i| (i % 251) as f32 * 0.5).collect() };
+        let transforms = [
+            Preset::Torchvision.transform(),
+            Preset::Caffe.transform(),
+            Preset::Paper.transform(),
+            Transform { scale: 0.25, ..Transform::new(TransformKind::Paper, 227, Some(image_mean.clone())) },
+            Transform::new(TransformKind::Caffe, 227, Some(image_mean)),
+        ];
+        for (w, h) in [(500, 375), (375, 500), (301, 257), (256, 256)] {
+            let img =
+                RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (y * 3 + x / 5) as u8]));
+            for t in &transforms {
+                for ten in [false, true] {
+                    let (new, old) = (t.apply(&img, ten).unwrap(), t.reference(&img, ten).unwrap());
+                    assert_eq!(new.len(), old.len());
+                    for (a, b) in new.iter().zip(&old) {
+                        assert!(
+                            a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{:?} {w}x{h} ten {ten}",
+                            t.kind
+                        );
+                    }
+                }
+            }
         }
     }
 }

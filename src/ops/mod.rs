@@ -6,6 +6,8 @@
 //!   `max_pool2d_with_stride` has none when kernel != stride); ties go where PyTorch sends them.
 //! * [`lrn_max_pool2d`]: LRN then max-pooling in one pass, for inference.
 //! * [`adaptive_avg_pool2d`]: torchvision's `AdaptiveAvgPool2d`.
+//! * [`Augment`]: the input layer, 8-bit frames to the net's input (crop, mirror, colour
+//!   shift, mean, scale), so batches stay u8 until the device.
 //! * [`conv2d`]: convolution + bias as im2col and packed GEMM (3x3 and 5x5 stride 1 by Winograd),
 //!   forward and backward (Candle's CPU convolution backward runs without GEMM and always
 //!   computes the input gradient), [`conv2d_relu`] with the ReLU fused in, and
@@ -28,6 +30,7 @@
 //! the CPU) and the convolution as Candle's `conv2d`, until the ops get their `cuda_fwd`.
 
 mod adaptive_pool;
+mod augment;
 mod backward;
 mod conv;
 pub(crate) mod cpu;
@@ -38,6 +41,7 @@ mod lrn_pool;
 mod max_pool;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
+pub use augment::{frames_tensor, Augment, MeanValues, Normalise, View};
 pub use backward::backward;
 pub use conv::{conv2d, conv2d_prepared, conv2d_relu};
 pub use cpu::isa::{rerun_tests_below_the_best_level, Isa, ISA_VARIABLE};
