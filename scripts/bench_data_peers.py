@@ -16,7 +16,8 @@ same bytes; WebDataset is not installed). Two comparisons, as issue 25 sets them
   Normalize against `alexnet bench --data SHARDS --pipeline train --preset torchvision`.
 
 PyTorch: DataLoader(num_workers=W, persistent_workers=True), each run one pass over the set after
-a warm-up pass, the median of `--runs`; this crate: RAYON_NUM_THREADS=W, the same. images/s.
+a warm-up pass, the median of `--runs`; this crate: `--workers W` decoding workers and
+RAYON_NUM_THREADS=W for the input layer (PyTorch's workers normalise too), the same. images/s.
 """
 import argparse
 import json
@@ -108,7 +109,8 @@ def our_rate(binary, folder, pipeline, workers, batch, runs):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.json")
         subprocess.run([binary, "bench", "--preset", "torchvision", "--data", folder, "--pipeline", pipeline,
-                        "--batch-sizes", str(batch), "--runs", str(runs), "--warmup", "1", "--json", path],
+                        "--batch-sizes", str(batch), "--runs", str(runs), "--warmup", "1", "--json", path,
+                        "--workers", str(workers)],
                        check=True, stdout=subprocess.DEVNULL, env={**os.environ, "RAYON_NUM_THREADS": str(workers)})
         return json.load(open(path))[0]["images_per_s"]
 

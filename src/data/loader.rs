@@ -52,6 +52,13 @@ impl Batch {
         let views: Vec<View> = (self.items.iter().enumerate())
             .flat_map(|(i, (_, views))| views.iter().map(move |v| View { frame: i * per_image + v.frame, ..*v }))
             .collect();
+        let s = augment.crop;
+        if device.is_cpu() {
+            // read where the workers wrote them
+            let frames: Vec<&[u8]> = self.frames.iter().flat_map(|f| f.chunks_exact(side * side * 3)).collect();
+            let input = augment.apply_frames(&frames, side, &views)?;
+            return Ok(Tensor::from_vec(input, (views.len(), 3, s, s), device)?);
+        }
         let frames = Tensor::from_vec(self.frames.concat(), (self.frames.len() * per_image, side, side, 3), device)?;
         Ok(augment.apply(&frames, &views)?)
     }

@@ -62,9 +62,9 @@ fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
         let decompress = mozjpeg::Decompress::new_mem(bytes).ok()?;
         let mut started = decompress.rgb().ok()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
-        let pixels = started.read_scanlines::<[u8; 3]>().ok()?;
+        let pixels = started.read_scanlines::<u8>().ok()?;
         started.finish().ok()?;
-        RgbImage::from_raw(w, h, pixels.concat())
+        RgbImage::from_raw(w, h, pixels)
     })
     .ok()
     .flatten()

@@ -72,20 +72,26 @@ impl Augment {
         out.to_device(&device)
     }
 
-    /// [`Augment::apply`] on frames already in memory (`frames.len()` a multiple of
-    /// `side * side * 3`), without making tensors: one image's views.
-    pub fn apply_slice(&self, frames: &[u8], side: usize, views: &[View]) -> Result<Vec<f32>> {
+    /// [`Augment::apply`] on frames in memory, each `side` x `side` RGB bytes, wherever they
+    /// lie: a batch's images in the loader's buffers, without copying them into a tensor.
+    pub fn apply_frames(&self, frames: &[&[u8]], side: usize, views: &[View]) -> Result<Vec<f32>> {
+        if let Some(f) = frames.iter().find(|f| f.len() != side * side * 3) {
+            candle_core::bail!("augment: a frame of {} bytes is not {side}x{side} RGB", f.len())
+        }
         self.check(frames.len(), side, views)?;
         Ok(cpu::forward(self, frames, side, views))
     }
 
-    /// The views lie inside the frames, and a mean image has the frames' side.
-    fn check(&self, frame_bytes: usize, side: usize, views: &[View]) -> Result<()> {
-        let per_frame = side * side * 3;
-        let frames = frame_bytes.checked_div(per_frame).unwrap_or(0);
-        if per_frame == 0 || frame_bytes % per_frame != 0 {
-            candle_core::bail!("augment: {frame_bytes} bytes are not whole {side}x{side} RGB frames")
+    /// [`Augment::apply_frames`] on frames one after another in `frames`.
+    pub fn apply_slice(&self, frames: &[u8], side: usize, views: &[View]) -> Result<Vec<f32>> {
+        if side == 0 || frames.len() % (side * side * 3) != 0 {
+            candle_core::bail!("augment: {} bytes are not whole {side}x{side} RGB frames", frames.len())
         }
+        self.apply_frames(&frames.chunks_exact(side * side * 3).collect::<Vec<_>>(), side, views)
+    }
+
+    /// The views lie inside the `frames` frames, and a mean image has their side.
+    fn check(&self, frames: usize, side: usize, views: &[View]) -> Result<()> {
         if let Normalise::Subtract { mean: MeanValues::Image(m), .. } = &self.normalise {
             if m.len() != 3 * side * side {
                 candle_core::bail!("augment: the mean image has {} values, not 3x{side}x{side}", m.len())
@@ -128,9 +134,8 @@ impl CustomOp1 for Call<'_> {
             Some((start, end)) => &data[start..end],
             None => candle_core::bail!("augment: frames must be contiguous"),
         };
-        self.augment.check(frames.len(), side, self.views)?;
         let s = self.augment.crop;
-        let out = cpu::forward(self.augment, frames, side, self.views);
+        let out = self.augment.apply_slice(frames, side, self.views)?;
         Ok((CpuStorage::F32(out), Shape::from((self.views.len(), 3, s, s))))
     }
 }
