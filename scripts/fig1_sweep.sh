@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Figure 1 the paper's way (issue 26): the four-layer net with ReLU and with tanh units on all
+# 50,000 CIFAR-10 training images, no regularisation (recipe fig1), until an epoch's training
+# error is below 25%, for each learning rate of a sweep (5 rates, ~3x apart), under two
+# conditions:
+#   pytorch: PyTorch's fan-in initialisation, inputs (pixel - mean image) / 57.6
+#   paper:   the paper's initialisation (weights N(0, 0.01); biases 1 in conv2, as the paper's
+#            rule names it, else 0), inputs pixel - mean image on the 0..255 scale
+# Each run goes to target/runs/fig1/<unit>-<condition>-lr<rate> and its log to
+# results/fig1/<unit>-<condition>-lr<rate>.jsonl. Rerunning skips finished runs and resumes an
+# interrupted one from its newest checkpoint, so the sweep can be stopped (Ctrl-C) and continued.
+#   scripts/fig1_sweep.sh [CONDITION...]        (default: paper pytorch)
+# EPOCHS caps every run (default 40); run it niced beside other work. A run whose loss became
+# non-finite is marked `diverged` (its message in <run>.stderr) and not retried.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release/alexnet
+[ -d target/cifar10/train ] || { mkdir -p target/cifar10 && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C target/cifar10; }
+mkdir -p results/fig1 target/runs/fig1
+rates() {
+  case "$1" in
+    pytorch) echo 0.001 0.003 0.01 0.03 0.1 ;;
+    paper) echo 0.0001 0.0003 0.001 0.003 0.01 ;;  # inputs 57.6x larger: the rates shift down
+  esac
+}
+for condition in "${@:-paper pytorch}"; do
+  for unit in relu tanh; do
+    for lr in $(rates "$condition"); do
+      name="$unit-$condition-lr$lr"
+      out="target/runs/fig1/$name"
+      if [ -f "$out/final.safetensors" ] || [ -f "$out/diverged" ]; then
+        echo "$name: done"
+      elif ls "$out"/checkpoint-*.safetensors >/dev/null 2>&1; then
+        echo "$name: resuming"
+        $bin train --data target/cifar10/train --out "$out" --resume "$out" --keep 1 --quiet
+      else
+        echo "$name: starting"
+        init=()
+        [ "$condition" = paper ] && init=(--init paper --input-scale 1)
+        # a rate too high for the net ends with a non-finite loss: recorded, and the sweep goes on
+        $bin train --preset "fig1-$unit" --data target/cifar10/train --out "$out" --lr "$lr" \
+          --epochs "${EPOCHS:-40}" --target-train-error 0.25 "${init[@]}" --keep 1 --quiet \
+          2> >(tee "$out.stderr" >&2) || { mkdir -p "$out" && touch "$out/diverged"; }
+      fi
+      cp "$out/log.jsonl" "results/fig1/$name.jsonl"
+    done
+  done
+done
