@@ -643,17 +643,17 @@ impl PilCoeffs {
         let ksize = support.ceil() as usize * 2 + 1;
         let mut bounds = Vec::with_capacity(out_size);
         let mut k = vec![0i32; out_size * ksize];
+        let mut weights = Vec::with_capacity(ksize); // one buffer for every output's window
         for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
-            let weights: Vec<f64> = (0..xmax)
-                .map(|x| {
-                    let t = ((x + xmin) as f64 - center + 0.5) * ss;
-                    (1.0 - t.abs()).max(0.0)
-                })
-                .collect();
+            weights.clear();
+            weights.extend((0..xmax).map(|x| {
+                let t = ((x + xmin) as f64 - center + 0.5) * ss;
+                (1.0 - t.abs()).max(0.0)
+            }));
             let total: f64 = weights.iter().sum();
             for (x, w) in weights.iter().enumerate() {
                 let w = if total != 0.0 { w / total } else { *w };
