@@ -421,23 +421,20 @@ fn pil_resize_window(img: &RgbImage, out_w: u32, out_h: u32, (rows, cols): (Rang
 
 /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`, the
 /// output columns `cols` of each. With AVX2 or AVX-512, a vector's rows at a time (see
-/// [`resize_kernels`]), the rows left over one by one; the same bytes at every level.
+/// [`resize_kernels`]); the same bytes at every level.
 fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, cols: Range<usize>, out: &mut [u8]) {
-    #[allow(unused_mut)] // only x86-64 has row blocks
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::ops::Isa::avx2() {
         let blocks = if crate::ops::Isa::avx512() { avx512::resize_rows } else { avx2::resize_rows };
         // SAFETY: the CPU has the kernel's level.
-        done = unsafe { blocks(src, in_w, coeffs, cols.clone(), out) };
+        return unsafe { blocks(src, in_w, coeffs, cols, out) };
     }
-    let ow = cols.len();
-    resize_rows_one_by_one(&src[done * in_w * 3..], in_w, coeffs, cols, &mut out[done * ow * 3..]);
+    resize_rows_one_by_one(src, in_w, coeffs, cols, out)
 }
 
 crate::ops::cpu::simd::wide_fn! {
-    /// [`resize_rows`] a row at a time, a pixel at a time: the rows no vector block takes, and
-    /// the reference the blocks are tested against.
+    /// [`resize_rows`] a row at a time, a pixel at a time: without AVX2, and the reference the
+    /// row blocks are tested against.
     fn resize_rows_one_by_one(src: &[u8], in_w: usize, coeffs: &PilCoeffs, cols: Range<usize>, out: &mut [u8]) {
         let ow = cols.len();
         for (row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(ow * 3)) {
@@ -472,8 +469,10 @@ macro_rules! resize_kernels {
             use crate::ops::cpu::transpose::transpose;
             use std::ops::Range;
 
-            /// [`super::resize_rows`] of the whole blocks of `LANES` rows at the top of `src`;
-            /// the number of rows done.
+            /// [`super::resize_rows`]: the rows a block of `LANES` at a time, the last block's
+            /// missing rows lanes whose sums are dropped; the output columns `CHUNK` at a time,
+            /// so that the scratch stays small (in L1, and a bounded size however wide the
+            /// image).
             ///
             /// # Safety
             /// The CPU must have the level's feature.
@@ -484,33 +483,52 @@ macro_rules! resize_kernels {
                 coeffs: &PilCoeffs,
                 cols: Range<usize>,
                 out: &mut [u8],
-            ) -> usize {
+            ) {
+                /// Output pixels to a chunk: a multiple of 4, so that each chunk's bytes start on
+                /// a word.
+                const CHUNK: usize = 64;
                 let ow = cols.len();
-                // the bytes of a row the output columns read, and the words they make
-                let Some(first) = cols.clone().map(|x| coeffs.bounds[x].0 * 3).min() else { return 0 };
-                let end = cols.clone().map(|x| (coeffs.bounds[x].0 + coeffs.bounds[x].1) * 3).max().unwrap_or(first);
-                let (words_in, words_out) = ((end - first).div_ceil(4), (ow * 3).div_ceil(4));
+                // each chunk's input bytes, from the first to the end of the last its pixels read
+                let reads = |x: usize| coeffs.bounds[x].0 * 3..(coeffs.bounds[x].0 + coeffs.bounds[x].1) * 3;
+                let chunks: Vec<(Range<usize>, Range<usize>)> = (cols.start..cols.end)
+                    .step_by(CHUNK)
+                    .map(|x0| {
+                        let chunk = x0..(x0 + CHUNK).min(cols.end);
+                        let from = chunk.clone().map(|x| reads(x).start).min().unwrap_or(0);
+                        let to = chunk.clone().map(|x| reads(x).end).max().unwrap_or(from);
+                        (chunk, from..to)
+                    })
+                    .collect();
+                let Some(first) = chunks.iter().map(|(_, bytes)| bytes.start).min() else { return };
+                let end = chunks.iter().map(|(_, bytes)| bytes.end).max().unwrap_or(first);
+                // every chunk's words, from the word its first byte is in
+                let chunk_words = |bytes: &Range<usize>| (bytes.start - first) / 4..(bytes.end - first).div_ceil(4);
+                let most = chunks.iter().map(|(_, bytes)| chunk_words(bytes).len()).max().unwrap_or(0);
+                let words_in = (end - first).div_ceil(4);
                 let mut packed = vec![0i32; LANES * words_in];
-                let mut words = vec![0i32; words_in * LANES];
-                let mut across = vec![0i32; words_in * 4 * LANES];
-                let mut sums = vec![0i32; words_out * LANES];
-                let mut along = vec![0i32; LANES * words_out];
-                let blocks = src.chunks_exact(LANES * in_w * 3).zip(out.chunks_exact_mut(LANES * ow * 3));
-                let mut done = 0;
+                let mut words = vec![0i32; most * LANES];
+                let mut across = vec![0i32; most * 4 * LANES];
+                let mut sums = vec![0i32; (CHUNK * 3).div_ceil(4) * LANES];
+                let mut along = vec![0i32; LANES * (CHUNK * 3).div_ceil(4)];
+                let blocks = src.chunks(LANES * in_w * 3).zip(out.chunks_mut(LANES * ow * 3));
                 for (rows, out_rows) in blocks {
                     for (p, row) in packed.chunks_exact_mut(words_in).zip(rows.chunks_exact(in_w * 3)) {
                         pack_words(&row[first..end], p);
                     }
-                    transpose(LANES, words_in, &packed, words_in, &mut words, LANES);
-                    split_words(&words, &mut across);
-                    sum_taps(&across, coeffs, cols.clone(), first, &mut sums);
-                    transpose(words_out, LANES, &sums, LANES, &mut along, words_out);
-                    for (o, a) in out_rows.chunks_exact_mut(ow * 3).zip(along.chunks_exact(words_out)) {
-                        unpack_words(a, o);
+                    for (chunk, bytes) in &chunks {
+                        let span = chunk_words(bytes);
+                        let words = &mut words[..span.len() * LANES];
+                        transpose(LANES, span.len(), &packed[span.start..], words_in, words, LANES);
+                        split_words(words, &mut across);
+                        sum_taps(&across, coeffs, chunk.clone(), first + 4 * span.start, &mut sums);
+                        let (at, len) = ((chunk.start - cols.start) * 3, chunk.len() * 3);
+                        let words_out = len.div_ceil(4);
+                        transpose(words_out, LANES, &sums, LANES, &mut along, words_out);
+                        for (o, a) in out_rows.chunks_exact_mut(ow * 3).zip(along.chunks_exact(words_out)) {
+                            unpack_words(a, &mut o[at..at + len]);
+                        }
                     }
-                    done += LANES;
                 }
-                done
             }
 
             /// `bytes` as little-endian words into `words`, the last one padded with zeros.
