@@ -416,10 +416,23 @@ fn pil_resize_window(img: &RgbImage, out_w: u32, out_h: u32, (rows, cols): (Rang
     RgbImage::from_raw(cw as u32, ch as u32, pixels).expect("buffer matches the size")
 }
 
+/// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`, the
+/// output columns `cols` of each. With AVX2 or AVX-512, a vector's rows at a time (see
+/// [`resize_kernels`]); the same bytes at every level.
+fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, cols: Range<usize>, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::Isa::avx2() {
+        let blocks = if crate::ops::Isa::avx512() { avx512::resize_rows } else { avx2::resize_rows };
+        // SAFETY: the CPU has the kernel's level.
+        return unsafe { blocks(src, in_w, coeffs, cols, out) };
+    }
+    resize_rows_one_by_one(src, in_w, coeffs, cols, out)
+}
+
 crate::ops::cpu::simd::wide_fn! {
-    /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`,
-    /// the output columns `cols` of each.
-    fn resize_rows(src: &[u8], in_w: usize, coeffs: &PilCoeffs, cols: Range<usize>, out: &mut [u8]) {
+    /// [`resize_rows`] a row at a time, a pixel at a time: without AVX2, and the reference the
+    /// row blocks are tested against.
+    fn resize_rows_one_by_one(src: &[u8], in_w: usize, coeffs: &PilCoeffs, cols: Range<usize>, out: &mut [u8]) {
         let ow = cols.len();
         for (row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(ow * 3)) {
             for (x, px) in cols.clone().zip(out_row.chunks_exact_mut(3)) {
@@ -435,6 +448,169 @@ crate::ops::cpu::simd::wide_fn! {
         }
     }
 }
+
+/// The horizontal pass a block of `LANES` rows at a time, one row to a lane, so that each
+/// output pixel's taps and coefficients serve a whole vector (a pixel at a time, its 3
+/// channels' taps, one byte each, 3 bytes apart, left the vector units idle). The bytes the
+/// columns read go through the transpose as 4-byte words, a quarter of the values, split into
+/// one i32 per byte after it (`[byte][row]`); each output byte is a sum of whole vectors, in
+/// [`resize_rows_one_by_one`]'s order and i32 arithmetic (so the same bytes), clipped, and
+/// packed four to a word again for the transpose back to rows. (Widened to i32 before the
+/// transposes, the widening and transposes took most of the time.)
+macro_rules! resize_kernels {
+    ($name:ident, $level:ident, $feature:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            use super::{PilCoeffs, PIL_PRECISION_BITS, PIL_ROUND};
+            use crate::ops::cpu::simd::$level::*;
+            use crate::ops::cpu::transpose::transpose;
+            use std::ops::Range;
+
+            /// [`super::resize_rows`]: the rows a block of `LANES` at a time, the last block's
+            /// missing rows lanes whose sums are dropped; the output columns `CHUNK` at a time,
+            /// so that the scratch stays small (in L1, and a bounded size however wide the
+            /// image).
+            ///
+            /// # Safety
+            /// The CPU must have the level's feature.
+            #[target_feature(enable = $feature)]
+            pub(in super::super) unsafe fn resize_rows(
+                src: &[u8],
+                in_w: usize,
+                coeffs: &PilCoeffs,
+                cols: Range<usize>,
+                out: &mut [u8],
+            ) {
+                /// Output pixels to a chunk: a multiple of 4, so that each chunk's bytes start on
+                /// a word.
+                const CHUNK: usize = 64;
+                let ow = cols.len();
+                // each chunk's input bytes, from the first to the end of the last its pixels read
+                let reads = |x: usize| coeffs.bounds[x].0 * 3..(coeffs.bounds[x].0 + coeffs.bounds[x].1) * 3;
+                let chunks: Vec<(Range<usize>, Range<usize>)> = (cols.start..cols.end)
+                    .step_by(CHUNK)
+                    .map(|x0| {
+                        let chunk = x0..(x0 + CHUNK).min(cols.end);
+                        let from = chunk.clone().map(|x| reads(x).start).min().unwrap_or(0);
+                        let to = chunk.clone().map(|x| reads(x).end).max().unwrap_or(from);
+                        (chunk, from..to)
+                    })
+                    .collect();
+                let Some(first) = chunks.iter().map(|(_, bytes)| bytes.start).min() else { return };
+                let end = chunks.iter().map(|(_, bytes)| bytes.end).max().unwrap_or(first);
+                // every chunk's words, from the word its first byte is in
+                let chunk_words = |bytes: &Range<usize>| (bytes.start - first) / 4..(bytes.end - first).div_ceil(4);
+                let most = chunks.iter().map(|(_, bytes)| chunk_words(bytes).len()).max().unwrap_or(0);
+                let words_in = (end - first).div_ceil(4);
+                let mut packed = vec![0i32; LANES * words_in];
+                let mut words = vec![0i32; most * LANES];
+                let mut across = vec![0i32; most * 4 * LANES];
+                let mut sums = vec![0i32; (CHUNK * 3).div_ceil(4) * LANES];
+                let mut along = vec![0i32; LANES * (CHUNK * 3).div_ceil(4)];
+                let blocks = src.chunks(LANES * in_w * 3).zip(out.chunks_mut(LANES * ow * 3));
+                for (rows, out_rows) in blocks {
+                    for (p, row) in packed.chunks_exact_mut(words_in).zip(rows.chunks_exact(in_w * 3)) {
+                        pack_words(&row[first..end], p);
+                    }
+                    for (chunk, bytes) in &chunks {
+                        let span = chunk_words(bytes);
+                        let words = &mut words[..span.len() * LANES];
+                        transpose(LANES, span.len(), &packed[span.start..], words_in, words, LANES);
+                        split_words(words, &mut across);
+                        sum_taps(&across, coeffs, chunk.clone(), first + 4 * span.start, &mut sums);
+                        let (at, len) = ((chunk.start - cols.start) * 3, chunk.len() * 3);
+                        let words_out = len.div_ceil(4);
+                        transpose(words_out, LANES, &sums, LANES, &mut along, words_out);
+                        for (o, a) in out_rows.chunks_exact_mut(ow * 3).zip(along.chunks_exact(words_out)) {
+                            unpack_words(a, &mut o[at..at + len]);
+                        }
+                    }
+                }
+            }
+
+            /// `bytes` as little-endian words into `words`, the last one padded with zeros.
+            #[inline(always)]
+            fn pack_words(bytes: &[u8], words: &mut [i32]) {
+                let (whole, rest) = bytes.as_chunks::<4>();
+                for (w, b) in words.iter_mut().zip(whole) {
+                    *w = i32::from_le_bytes(*b);
+                }
+                if !rest.is_empty() {
+                    let mut last = [0u8; 4];
+                    last[..rest.len()].copy_from_slice(rest);
+                    words[whole.len()] = i32::from_le_bytes(last);
+                }
+            }
+
+            /// The bytes of little-endian `words` into `bytes`, as many as it holds.
+            #[inline(always)]
+            fn unpack_words(words: &[i32], bytes: &mut [u8]) {
+                let (whole, rest) = bytes.as_chunks_mut::<4>();
+                for (b, w) in whole.iter_mut().zip(words) {
+                    *b = w.to_le_bytes();
+                }
+                if !rest.is_empty() {
+                    let n = rest.len();
+                    rest.copy_from_slice(&words[whole.len()].to_le_bytes()[..n]);
+                }
+            }
+
+            /// Lane `r` of vector `4w + b` of `across`: byte `b` (little-endian) of `words`'
+            /// vector `w`'s lane `r`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn split_words(words: &[i32], across: &mut [i32]) {
+                let byte = splat_i32(0xFF);
+                for (w, bytes) in words.chunks_exact(LANES).zip(across.chunks_exact_mut(4 * LANES)) {
+                    let w = load_i32(w.as_ptr());
+                    for (b, to) in bytes.chunks_exact_mut(LANES).enumerate() {
+                        store_i32(to.as_mut_ptr(), and_i32(shift_right_i32(w, 8 * b as u32), byte));
+                    }
+                }
+            }
+
+            /// Each output pixel of `cols` from `across` (`[byte - first][row]`), its channels
+            /// clipped to 0..=255 and packed four bytes (little-endian) to an i32 into `sums`
+            /// (`[word][row]`, the bytes `(x - cols.start) * 3 + channel`).
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn sum_taps(across: &[i32], coeffs: &PilCoeffs, cols: Range<usize>, first: usize, sums: &mut [i32]) {
+                let (round, low, high) = (splat_i32(PIL_ROUND), splat_i32(0), splat_i32(255));
+                let mut word = low;
+                let mut j = 0; // the output byte
+                for x in cols {
+                    let (start, k) = coeffs.taps(x);
+                    let taps = across[(start * 3 - first) * LANES..][..k.len() * 3 * LANES].as_ptr();
+                    let mut acc = [round; 3];
+                    for (i, &w) in k.iter().enumerate() {
+                        let w = splat_i32(w);
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            *a = add_i32(*a, mul_i32(load_i32(taps.add((i * 3 + c) * LANES)), w));
+                        }
+                    }
+                    for a in acc {
+                        let clipped = clamp_i32(shift_right_i32(a, PIL_PRECISION_BITS), low, high);
+                        word = if j % 4 == 0 {
+                            clipped
+                        } else {
+                            or_i32(word, shift_left_i32(clipped, 8 * (j % 4) as u32))
+                        };
+                        if j % 4 == 3 {
+                            store_i32(sums[j / 4 * LANES..][..LANES].as_mut_ptr(), word);
+                        }
+                        j += 1;
+                    }
+                }
+                if j % 4 != 0 {
+                    store_i32(sums[j / 4 * LANES..][..LANES].as_mut_ptr(), word);
+                }
+            }
+        }
+    };
+}
+
+resize_kernels!(avx512, avx512, "avx512f");
+resize_kernels!(avx2, avx2, "avx2,fma");
 
 crate::ops::cpu::simd::wide_fn! {
     /// Pillow's vertical pass: rows of `w` RGB pixels (the input's from row `first_row` on),
@@ -482,17 +658,17 @@ impl PilCoeffs {
         let ksize = support.ceil() as usize * 2 + 1;
         let mut bounds = Vec::with_capacity(out_size);
         let mut k = vec![0i32; out_size * ksize];
+        let mut weights = Vec::with_capacity(ksize); // one buffer for every output's window
         for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
-            let weights: Vec<f64> = (0..xmax)
-                .map(|x| {
-                    let t = ((x + xmin) as f64 - center + 0.5) * ss;
-                    (1.0 - t.abs()).max(0.0)
-                })
-                .collect();
+            weights.clear();
+            weights.extend((0..xmax).map(|x| {
+                let t = ((x + xmin) as f64 - center + 0.5) * ss;
+                (1.0 - t.abs()).max(0.0)
+            }));
             let total: f64 = weights.iter().sum();
             for (x, w) in weights.iter().enumerate() {
                 let w = if total != 0.0 { w / total } else { *w };
@@ -694,6 +870,39 @@ mod tests {
                     }
                 }
                 out
+            }
+        }
+    }
+
+    /// The horizontal pass's row blocks (at this run's level: the test binary runs again at
+    /// every level the CPU has) give the bytes of the pass a pixel at a time: shrinking and
+    /// growing, odd widths, images and windows narrower than a vector, row counts on either
+    /// side of the blocks' 8 and 16, pseudo-random images and ones of only 0s and 255s.
+    #[test]
+    fn the_row_blocks_give_the_pixel_at_a_time_bytes() {
+        let mut state = 0x2545_f491u32;
+        let mut next = move || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        };
+        let row_counts = [1, 7, 8, 9, 15, 16, 17, 33, 40];
+        let mut case = 0;
+        for in_w in [1, 2, 3, 5, 7, 13, 31, 64, 97, 333, 500] {
+            for out_w in [1, 3, 7, 16, 17, 100, 224, 341, 700] {
+                let coeffs = PilCoeffs::new(in_w, out_w);
+                let windows = [0..out_w, out_w / 4..out_w / 4 + out_w.div_ceil(2), out_w - 1..out_w, 0..1];
+                for cols in windows {
+                    case += 1;
+                    let rows = row_counts[case % row_counts.len()];
+                    let extremes = case % 3 == 0;
+                    let src: Vec<u8> =
+                        (0..rows * in_w * 3).map(|_| if extremes { (next() & 1) * 255 } else { next() }).collect();
+                    let mut got = vec![0u8; rows * cols.len() * 3];
+                    let mut want = got.clone();
+                    resize_rows(&src, in_w, &coeffs, cols.clone(), &mut got);
+                    resize_rows_one_by_one(&src, in_w, &coeffs, cols.clone(), &mut want);
+                    assert_eq!(got, want, "{in_w} -> {out_w} pixels, columns {cols:?}, {rows} rows");
+                }
             }
         }
     }

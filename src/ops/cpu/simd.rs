@@ -1,4 +1,4 @@
-//! A vector of f32 lanes at each x86-64 level, under the same names: the kernels that have a
+//! A vector of f32 lanes (and one of i32) at each x86-64 level, under the same names: the kernels that have a
 //! form for each level are written once, in a macro that stamps out a module per level, and that
 //! module `use`s one of these (`use crate::ops::cpu::simd::avx2::*`). Every function carries its
 //! level's target feature and is `#[inline]`, so it melts into a kernel built for that feature
@@ -42,12 +42,17 @@ macro_rules! wide_fn {
 pub(crate) use wide_fn;
 
 /// Generates a level's module: `$vector` of `$lanes` f32, its intrinsics, and its way of
-/// loading and storing only the first lanes of a vector (a row's tail).
+/// loading and storing only the first lanes of a vector (a row's tail); `$integers`, the same
+/// lanes as i32, and the few integer intrinsics the exact kernels use.
 macro_rules! level {
     ($(#[$meta:meta])* $name:ident, $feature:literal, $vector:ty, $lanes:literal,
      zero: $zero:ident, splat: $splat:ident, load: $load:ident, store: $store:ident,
      fmadd: $fmadd:ident, add: $add:ident, sub: $sub:ident, mul: $mul:ident, div: $div:ident,
-     max: $max:ident, masked: $masked:ident) => {
+     max: $max:ident, masked: $masked:ident,
+     integers: $integers:ty, splat_i32: $splat_i32:ident, load_i32: $load_i32:ident, store_i32: $store_i32:ident,
+     add_i32: $add_i32:ident, mul_i32: $mul_i32:ident, shift_right_i32: $sra_i32:ident,
+     shift_left_i32: $sll_i32:ident, and_i32: $and_i32:ident, or_i32: $or_i32:ident,
+     min_i32: $min_i32:ident, max_i32: $max_i32:ident) => {
         $(#[$meta])*
         #[cfg(target_arch = "x86_64")]
         #[allow(dead_code)] // each kernel uses what it needs
@@ -60,6 +65,8 @@ macro_rules! level {
             pub(crate) const FEATURE: &str = $feature;
             pub(crate) const LANES: usize = $lanes;
             pub(crate) type Vector = $vector;
+            /// `LANES` i32, for the kernels that compute in integers (exact at every level).
+            pub(crate) type Integers = $integers;
 
             /// # Safety (every function here)
             /// The CPU must have this level's target feature; pointers must be valid for the
@@ -128,6 +135,71 @@ macro_rules! level {
                 $max($zero(), v)
             }
 
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn splat_i32(value: i32) -> Integers {
+                $splat_i32(value)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn load_i32(from: *const i32) -> Integers {
+                $load_i32(from.cast())
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn store_i32(to: *mut i32, v: Integers) {
+                $store_i32(to.cast(), v)
+            }
+
+            /// Lane by lane, wrapping.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn add_i32(a: Integers, b: Integers) -> Integers {
+                $add_i32(a, b)
+            }
+
+            /// The low 32 bits of each lane's product.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn mul_i32(a: Integers, b: Integers) -> Integers {
+                $mul_i32(a, b)
+            }
+
+            /// Each lane shifted right by `bits`, the sign bit shifted in (Rust's `>>` on i32).
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn shift_right_i32(v: Integers, bits: u32) -> Integers {
+                $sra_i32(v, _mm_cvtsi32_si128(bits as i32))
+            }
+
+            /// Each lane shifted left by `bits`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn shift_left_i32(v: Integers, bits: u32) -> Integers {
+                $sll_i32(v, _mm_cvtsi32_si128(bits as i32))
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn and_i32(a: Integers, b: Integers) -> Integers {
+                $and_i32(a, b)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn or_i32(a: Integers, b: Integers) -> Integers {
+                $or_i32(a, b)
+            }
+
+            /// Each lane clamped to `low..=high`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(crate) unsafe fn clamp_i32(v: Integers, low: Integers, high: Integers) -> Integers {
+                $min_i32($max_i32(v, low), high)
+            }
+
             /// Asks for the cache line at `at` to be brought into L1.
             #[inline]
             #[target_feature(enable = $feature)]
@@ -187,7 +259,11 @@ level!(
     avx512, "avx512f", __m512, 16,
     zero: _mm512_setzero_ps, splat: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
     fmadd: _mm512_fmadd_ps, add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, div: _mm512_div_ps,
-    max: _mm512_max_ps, masked: masked_avx512
+    max: _mm512_max_ps, masked: masked_avx512,
+    integers: __m512i, splat_i32: _mm512_set1_epi32, load_i32: _mm512_loadu_si512, store_i32: _mm512_storeu_si512,
+    add_i32: _mm512_add_epi32, mul_i32: _mm512_mullo_epi32, shift_right_i32: _mm512_sra_epi32,
+    shift_left_i32: _mm512_sll_epi32, and_i32: _mm512_and_si512, or_i32: _mm512_or_si512,
+    min_i32: _mm512_min_epi32, max_i32: _mm512_max_epi32
 );
 
 level!(
@@ -195,7 +271,11 @@ level!(
     avx2, "avx2,fma", __m256, 8,
     zero: _mm256_setzero_ps, splat: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
     fmadd: _mm256_fmadd_ps, add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, div: _mm256_div_ps,
-    max: _mm256_max_ps, masked: masked_avx2
+    max: _mm256_max_ps, masked: masked_avx2,
+    integers: __m256i, splat_i32: _mm256_set1_epi32, load_i32: _mm256_loadu_si256, store_i32: _mm256_storeu_si256,
+    add_i32: _mm256_add_epi32, mul_i32: _mm256_mullo_epi32, shift_right_i32: _mm256_sra_epi32,
+    shift_left_i32: _mm256_sll_epi32, and_i32: _mm256_and_si256, or_i32: _mm256_or_si256,
+    min_i32: _mm256_min_epi32, max_i32: _mm256_max_epi32
 );
 
 /// The masked loads and stores of each level.

@@ -25,8 +25,15 @@ macro_rules! transpose_4x4_in_lanes {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use transpose_4x4_in_lanes;
 
+/// A 32-bit value [`transpose`] moves: the blocks load, shuffle and store f32 lanes, which
+/// only move bits, so i32 values (the resize's exact sums) go through them unchanged.
+pub(crate) trait Word: Copy {}
+impl Word for f32 {}
+impl Word for i32 {}
+
 /// `dst[j * dst_ld + i] = src[i * src_ld + j]` for `i < rows`, `j < cols`.
-pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], src_ld: usize, dst: &mut [f32], dst_ld: usize) {
+pub(crate) fn transpose<T: Word>(rows: usize, cols: usize, src: &[T], src_ld: usize, dst: &mut [T], dst_ld: usize) {
+    const { assert!(std::mem::size_of::<T>() == 4) };
     if rows == 0 || cols == 0 {
         return;
     }
@@ -44,9 +51,11 @@ pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], src_ld: usize, ds
                 let (height, width) = (size.min(rows - i), size.min(cols - j));
                 // SAFETY: the CPU has the block's level; the block reads `height` rows of
                 // `width` values inside `src` and writes `width` rows of `height` values inside
-                // `dst` (asserted above), the rest masked off.
+                // `dst` (asserted above), the rest masked off; a `T` is 4 bytes (asserted), moved
+                // as an f32's bits.
                 unsafe {
                     let (from, to) = (src[i * src_ld + j..].as_ptr(), dst[j * dst_ld + i..].as_mut_ptr());
+                    let (from, to) = (from.cast::<f32>(), to.cast::<f32>());
                     block(from, src_ld, to, dst_ld, height, width)
                 }
             }
