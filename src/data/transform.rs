@@ -120,7 +120,7 @@ impl Transform {
     pub fn apply(&self, img: &RgbImage, ten: bool) -> anyhow::Result<Vec<Chw>> {
         let shape = self.frame_shape(ten);
         let mut frames = vec![0u8; shape.bytes()];
-        let views = self.frames(img, ten, &mut frames)?;
+        let views = self.frames(img, ten, &mut ResizeScratch::default(), &mut frames)?;
         let input = self.input_layer().apply_slice(&frames, shape.side, &views)?;
         Ok(input.chunks_exact(3 * self.crop * self.crop).map(<[f32]>::to_vec).collect())
     }
@@ -140,12 +140,17 @@ impl Transform {
     /// The resize's part of the pipeline: `img`'s frames (see [`Transform::frame_shape`])
     /// written into `out`, and the views of them the net sees (one, or ten), which
     /// [`Transform::input_layer`] makes the net's input.
-    pub fn frames(&self, img: &RgbImage, ten: bool, out: &mut [u8]) -> anyhow::Result<Vec<View>> {
+    pub fn frames(
+        &self,
+        img: &RgbImage,
+        ten: bool,
+        scratch: &mut ResizeScratch,
+        out: &mut [u8],
+    ) -> anyhow::Result<Vec<View>> {
         let s = self.crop;
         if self.kind == TransformKind::Torchvision && !ten {
             // the centre crop alone resized: the same pixels, a fraction of the work
-            let crop = pil_resize_shorter_centre(img, self.base, s as u32)?;
-            out.copy_from_slice(crop.as_raw());
+            pil_resize_shorter_centre_into(img, self.base, s as u32, scratch, out)?;
             return Ok(vec![View::at(0, 0, 0)]);
         }
         let base = match self.kind {
@@ -261,8 +266,8 @@ impl Transform {
             batch_size,
             self.frame_shape(ten),
             workers,
-            || (),
-            move |_, _, sample, out| transform.frames(&sample.decode()?, ten, out),
+            ResizeScratch::default,
+            move |scratch, _, sample, out| transform.frames(&sample.decode()?, ten, scratch, out),
         )
     }
 
@@ -323,6 +328,20 @@ pub fn centre_square(img: &RgbImage, side: u32) -> anyhow::Result<RgbImage> {
 /// a 500x375 photo computes 224x224 of its 341x256 pixels.) An error as [`pil_resize_shorter`]'s,
 /// or where the crop is larger than the resized image.
 pub fn pil_resize_shorter_centre(img: &RgbImage, size: u32, crop: u32) -> anyhow::Result<RgbImage> {
+    let mut out = vec![0u8; crop as usize * crop as usize * 3];
+    pil_resize_shorter_centre_into(img, size, crop, &mut ResizeScratch::default(), &mut out)?;
+    Ok(RgbImage::from_raw(crop, crop, out).expect("buffer matches the size"))
+}
+
+/// [`pil_resize_shorter_centre`] written into `out` (`crop` x `crop` RGB), with a worker's
+/// `scratch`: what the loader's workers run, allocating nothing an image once warm.
+pub fn pil_resize_shorter_centre_into(
+    img: &RgbImage,
+    size: u32,
+    crop: u32,
+    scratch: &mut ResizeScratch,
+    out: &mut [u8],
+) -> anyhow::Result<()> {
     let (nw, nh) = shorter_side_to(img, size)?;
     if nw < crop || nh < crop {
         bail!("image is {nw}x{nh} after resizing, smaller than the {crop}x{crop} crop")
@@ -330,7 +349,8 @@ pub fn pil_resize_shorter_centre(img: &RgbImage, size: u32, crop: u32) -> anyhow
     let x0 = round_half_even((nw - crop) as usize);
     let y0 = round_half_even((nh - crop) as usize);
     let window = (y0..y0 + crop as usize, x0..x0 + crop as usize);
-    Ok(pil_resize_window(img, nw, nh, window))
+    pil_resize_window(img, nw, nh, window, scratch, out);
+    Ok(())
 }
 
 /// The most pixels a resize may make: Pillow's `MAX_IMAGE_PIXELS`. Only thin images reach it
@@ -368,52 +388,90 @@ fn shorter_side_to(img: &RgbImage, size: u32) -> anyhow::Result<(u32, u32)> {
 /// normalised, turned into 22-bit fixed point, accumulated with a rounding bias and clipped;
 /// the horizontal pass is stored as 8 bits before the vertical pass.
 pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
-    pil_resize_window(img, out_w, out_h, (0..out_h as usize, 0..out_w as usize))
+    let mut out = vec![0u8; out_w as usize * out_h as usize * 3];
+    pil_resize_window(
+        img,
+        out_w,
+        out_h,
+        (0..out_h as usize, 0..out_w as usize),
+        &mut ResizeScratch::default(),
+        &mut out,
+    );
+    RgbImage::from_raw(out_w, out_h, out).expect("buffer matches the size")
+}
+
+/// What a worker keeps from one resize to the next: each pass's taps for the sizes it last
+/// resized between (a data set's photos come in a few sizes, and a prepared set's in one) and
+/// the buffer between the two passes.
+#[derive(Default)]
+pub struct ResizeScratch {
+    horizontal: Option<((usize, usize), PilCoeffs)>,
+    vertical: Option<((usize, usize), PilCoeffs)>,
+    between: Vec<u8>,
+}
+
+/// The taps in `kept` if they are for `in_size` -> `out_size`, else made now and kept.
+fn taps_for(kept: &mut Option<((usize, usize), PilCoeffs)>, in_size: usize, out_size: usize) -> &PilCoeffs {
+    if kept.as_ref().is_none_or(|(sizes, _)| *sizes != (in_size, out_size)) {
+        *kept = Some(((in_size, out_size), PilCoeffs::new(in_size, out_size)));
+    }
+    &kept.as_ref().expect("just made").1
 }
 
 /// [`pil_resize`]'s output pixels in the window `(rows, columns)` of the `out_w` x `out_h`
 /// result, and only those computed: each pass makes only the window's rows or columns (the
 /// horizontal pass, where it runs first, only the input rows the vertical pass reads for them),
 /// each output pixel from the same taps in the same order.
-fn pil_resize_window(img: &RgbImage, out_w: u32, out_h: u32, (rows, cols): (Range<usize>, Range<usize>)) -> RgbImage {
+fn pil_resize_window(
+    img: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    (rows, cols): (Range<usize>, Range<usize>),
+    scratch: &mut ResizeScratch,
+    out: &mut [u8],
+) {
     let (in_w, in_h) = img.dimensions();
     let (in_w, in_h, ow, oh) = (in_w as usize, in_h as usize, out_w as usize, out_h as usize);
-    assert!(rows.end <= oh && cols.end <= ow);
-    let src = img.as_raw();
     let (cw, ch) = (cols.len(), rows.len());
+    assert!(rows.end <= oh && cols.end <= ow && out.len() == cw * ch * 3);
+    let src = img.as_raw();
+    let ResizeScratch { horizontal, vertical, between } = scratch;
     // a pass that leaves a side as it is keeps the window's part of it
-    let crop = |pixels: &[u8], w: usize, rows: Range<usize>, cols: Range<usize>| -> Vec<u8> {
-        rows.flat_map(|y| pixels[(y * w + cols.start) * 3..(y * w + cols.end) * 3].iter().copied()).collect()
-    };
-    let horizontal = |src: &[u8], h: usize, cols: Range<usize>| -> Vec<u8> {
-        let mut out = vec![0u8; cols.len() * h * 3];
-        resize_rows(src, in_w, &PilCoeffs::new(in_w, ow), cols, &mut out);
-        out
-    };
-    // the vertical pass's taps, made where it runs (the horizontal-first order also reads
-    // them to find the input rows it needs)
-    let vertical_taps = || PilCoeffs::new(in_h, oh);
-    let vertical = |taps: &PilCoeffs, src: &[u8], w: usize, first_row: usize, rows: Range<usize>| -> Vec<u8> {
-        let mut out = vec![0u8; w * rows.len() * 3];
-        resize_columns(src, w, taps, first_row, rows, &mut out);
-        out
-    };
-    let pixels = match (ow != in_w, oh != in_h) {
-        (false, false) => crop(src, in_w, rows, cols),
-        (true, false) => horizontal(&crop(src, in_w, rows, 0..in_w), ch, cols),
-        (false, true) => vertical(&vertical_taps(), &crop(src, in_w, 0..in_h, cols), cw, 0, rows),
-        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
-        (true, true) if ow > in_w && oh < in_h => horizontal(&vertical(&vertical_taps(), src, in_w, 0, rows), ch, cols),
-        (true, true) => {
-            // the input rows the window's output rows read
-            let taps = vertical_taps();
-            let first = rows.clone().map(|y| taps.bounds[y].0).min().unwrap_or(0);
-            let end = rows.clone().map(|y| taps.bounds[y].0 + taps.bounds[y].1).max().unwrap_or(0);
-            let band = &src[first * in_w * 3..end.max(first) * in_w * 3];
-            vertical(&taps, &horizontal(band, end.saturating_sub(first), cols), cw, first, rows)
+    let crop = |pixels: &[u8], w: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]| {
+        for (y, row) in rows.zip(out.chunks_exact_mut(cols.len() * 3)) {
+            row.copy_from_slice(&pixels[(y * w + cols.start) * 3..(y * w + cols.end) * 3]);
         }
     };
-    RgbImage::from_raw(cw as u32, ch as u32, pixels).expect("buffer matches the size")
+    match (ow != in_w, oh != in_h) {
+        (false, false) => crop(src, in_w, rows, cols, out),
+        (true, false) => resize_rows(
+            &src[rows.start * in_w * 3..rows.end * in_w * 3],
+            in_w,
+            taps_for(horizontal, in_w, ow),
+            cols,
+            out,
+        ),
+        (false, true) => {
+            between.resize(in_h * cw * 3, 0);
+            crop(src, in_w, 0..in_h, cols, between);
+            resize_columns(between, cw, taps_for(vertical, in_h, oh), 0, rows, out)
+        }
+        // Pillow (13) runs the vertical pass first when it shrinks and the horizontal grows.
+        (true, true) if ow > in_w && oh < in_h => {
+            between.resize(ch * in_w * 3, 0);
+            resize_columns(src, in_w, taps_for(vertical, in_h, oh), 0, rows, between);
+            resize_rows(between, in_w, taps_for(horizontal, in_w, ow), cols, out)
+        }
+        (true, true) => {
+            // only the input rows the window's output rows read
+            let taps = taps_for(vertical, in_h, oh);
+            let first = rows.clone().map(|y| taps.bounds[y].0).min().unwrap_or(0);
+            let end = rows.clone().map(|y| taps.bounds[y].0 + taps.bounds[y].1).max().unwrap_or(0).max(first);
+            between.resize((end - first) * cw * 3, 0);
+            resize_rows(&src[first * in_w * 3..end * in_w * 3], in_w, taps_for(horizontal, in_w, ow), cols, between);
+            resize_columns(between, cw, taps, first, rows, out)
+        }
+    }
 }
 
 /// Pillow's horizontal pass: every row of `src` (`in_w` RGB pixels) resampled into `out`, the
