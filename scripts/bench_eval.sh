@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end `alexnet eval` throughput against the forward pass alone, at the same batch size.
 #   scripts/bench_eval.sh [BATCH]
+# RAYON_NUM_THREADS sets the compute threads of both, WORKERS the decoding workers of `eval`
+# (default: one a core).
 # The data: the 250 JPEGs of ../shared/data/imagenet-sample, each linked 4 times (1000 images),
 # so that the first batch's wait (nothing to overlap with yet) does not dominate.
 set -euo pipefail
@@ -16,7 +18,7 @@ for f in ../shared/data/imagenet-sample/*.JPEG; do
 done
 "$bin" init --preset torchvision --scheme reference "$work/w.safetensors" 2>/dev/null
 "$bin" bench --preset torchvision --batch-sizes "$batch" --runs 5 --json "$work/bench.json" >/dev/null
-"$bin" eval --weights "$work/w.safetensors" --data "$work/val" --batch-size "$batch" --quiet --json "$work/eval.json" >/dev/null
+"$bin" eval --weights "$work/w.safetensors" --data "$work/val" --batch-size "$batch" ${WORKERS:+--workers "$WORKERS"} --quiet --json "$work/eval.json" >/dev/null
 python3 - "$work" "$batch" <<'PY'
 import json, sys
 work, batch = sys.argv[1], sys.argv[2]

@@ -45,22 +45,18 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The net's input for the batch, `[views, 3, crop, crop]` f32 on `device`: the frames go
-    /// there as u8 and `augment` makes them the input.
+    /// The net's input for the batch, `[views, 3, crop, crop]` f32 on `device`: `augment` reads
+    /// the frames where the workers wrote them. (Until the input layer has its CUDA kernel, its
+    /// output goes to another device as f32, one transfer; then the u8 frames will.)
     pub fn input(&self, augment: &Augment, device: &Device) -> anyhow::Result<Tensor> {
         let FrameShape { side, per_image } = self.shape;
         let views: Vec<View> = (self.items.iter().enumerate())
             .flat_map(|(i, (_, views))| views.iter().map(move |v| View { frame: i * per_image + v.frame, ..*v }))
             .collect();
+        let frames: Vec<&[u8]> = self.frames.iter().flat_map(|f| f.chunks_exact(side * side * 3)).collect();
+        let input = augment.apply_frames(&frames, side, &views)?;
         let s = augment.crop;
-        if device.is_cpu() {
-            // read where the workers wrote them
-            let frames: Vec<&[u8]> = self.frames.iter().flat_map(|f| f.chunks_exact(side * side * 3)).collect();
-            let input = augment.apply_frames(&frames, side, &views)?;
-            return Ok(Tensor::from_vec(input, (views.len(), 3, s, s), device)?);
-        }
-        let frames = Tensor::from_vec(self.frames.concat(), (self.frames.len() * per_image, side, side, 3), device)?;
-        Ok(augment.apply(&frames, &views)?)
+        Ok(Tensor::from_vec(input, (views.len(), 3, s, s), &Device::Cpu)?.to_device(device)?)
     }
 }
 

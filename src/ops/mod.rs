@@ -41,7 +41,7 @@ mod lrn_pool;
 mod max_pool;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
-pub use augment::{frames_tensor, Augment, MeanValues, Normalise, View};
+pub use augment::{Augment, MeanValues, Normalise, View};
 pub use backward::backward;
 pub use conv::{conv2d, conv2d_prepared, conv2d_relu};
 pub use cpu::isa::{rerun_tests_below_the_best_level, Isa, ISA_VARIABLE};

@@ -140,12 +140,25 @@ impl CustomOp1 for Call<'_> {
     }
 }
 
-/// `frames` (`F` frames of `side` x `side` RGB bytes, frame after frame) as the u8 tensor
-/// on `device` that [`Augment::apply`] takes.
-pub fn frames_tensor(frames: &[u8], side: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let per_frame = side * side * 3;
-    if per_frame == 0 || frames.len() % per_frame != 0 {
-        candle_core::bail!("augment: {} bytes are not whole {side}x{side} RGB frames", frames.len())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The op on a u8 tensor gives what the frames read in place give, and views outside the
+    /// frames are errors.
+    #[test]
+    fn the_tensor_op_is_the_in_place_kernel() {
+        let (side, crop) = (9, 5);
+        let frames: Vec<u8> = (0..2 * side * side * 3).map(|i| (i * 31 % 256) as u8).collect();
+        let mean = MeanValues::Image(Arc::new((0..3 * side * side).map(|i| i as f32 * 0.1).collect()));
+        let layer = Augment { crop, normalise: Normalise::Subtract { mean, scale: 0.5 }, bgr: true };
+        let views = [View::at(1, 4, 0), View { flip: true, shift: [1.0, -2.0, 0.5], ..View::at(0, 2, 3) }];
+        let tensor = Tensor::from_slice(&frames, (2, side, side, 3), &candle_core::Device::Cpu).unwrap();
+        let got = layer.apply(&tensor, &views).unwrap();
+        assert_eq!(got.dims(), [2, 3, crop, crop]);
+        let want = layer.apply_slice(&frames, side, &views).unwrap();
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert!(layer.apply(&tensor, &[View::at(2, 0, 0)]).is_err());
+        assert!(layer.apply(&tensor, &[View::at(0, 5, 0)]).is_err());
     }
-    Tensor::from_slice(frames, (frames.len() / per_frame, side, side, 3), device)
 }
