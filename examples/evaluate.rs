@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
         meta: None,
         ten_crop: false,
         batch_size: 64,
+        workers: alexnet::data::loader::default_workers(), // decoding threads beside the compute ones
         limit: None,
         transform: model.transform().clone(),
         quiet: false,

@@ -84,7 +84,7 @@ impl Augment {
 
     /// [`Augment::apply_frames`] on frames one after another in `frames`.
     pub fn apply_slice(&self, frames: &[u8], side: usize, views: &[View]) -> Result<Vec<f32>> {
-        if side == 0 || frames.len() % (side * side * 3) != 0 {
+        if side == 0 || !frames.len().is_multiple_of(side * side * 3) {
             candle_core::bail!("augment: {} bytes are not whole {side}x{side} RGB frames", frames.len())
         }
         self.apply_frames(&frames.chunks_exact(side * side * 3).collect::<Vec<_>>(), side, views)
