@@ -113,7 +113,9 @@ pub struct Member {
 impl Member {
     /// The member's bytes, read with its tar header, whose name and size must be the index's:
     /// a shard rewritten since it was indexed is an error, never another image. Reads by
-    /// offset (`pread`), so that threads share the file.
+    /// offset (`pread`), so that threads share the file: one call and one copy an image, and not
+    /// a memory map, where a shard cut short while mapped would end the process with SIGBUS
+    /// rather than this error.
     pub fn read(&self) -> anyhow::Result<Vec<u8>> {
         let shard = self.shard.path.display();
         // `size` was checked against the shard's length and MAX_MEMBER_BYTES when it was opened
