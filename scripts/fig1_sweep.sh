@@ -14,7 +14,7 @@
 # non-finite is marked `diverged` (its message in <run>.stderr) and not retried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/alexnet
+bin=${BIN:-target/release/alexnet}  # BIN: a copy, so that rebuilding during a sweep is safe
 [ -d target/cifar10/train ] || { mkdir -p target/cifar10 && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C target/cifar10; }
 mkdir -p results/fig1 target/runs/fig1
 rates() {
