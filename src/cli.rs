@@ -23,7 +23,9 @@ use crate::optim::UpdateRule;
 use crate::train::{
     base_side, train, Checkpoint, FineTune, Freeze, Outcome, Pretrained, Recipe, RunOptions, Schedule, TrainConfig,
 };
-use crate::weights::{fetch, save_safetensors, sha256_file, write_json, Identity, Params, WeightFile};
+use crate::weights::{
+    fetch, save_safetensors, sha256_file, write_json, write_safetensors_streamed, Identity, Params, WeightFile,
+};
 
 #[derive(Parser)]
 #[command(
@@ -972,8 +974,34 @@ fn inspect(spec: &str, json: bool) -> anyhow::Result<()> {
 }
 
 fn preprocess(args: &TransformArgs, images: &[PathBuf], crops: usize, output: &Path) -> anyhow::Result<()> {
-    let x = args.build()?.batch(images, crops == 10)?;
-    eprintln!("writing input {:?} to {}", x.dims(), output.display());
-    save_safetensors(&[("input".to_string(), x)], &Default::default(), output)?;
-    Ok(())
+    use std::io::Write;
+    let transform = args.build()?;
+    let (n, s) = (images.len() * crops, transform.crop);
+    // each batch written as it comes from the loader, the next one decoded meanwhile: the
+    // memory a batch's, however many images
+    let samples = images.iter().map(|p| crate::data::dataset::Sample::file(p.clone(), 0)).collect();
+    let batches = transform.load(samples, 64, crops == 10, crate::data::loader::default_workers());
+    let input_layer = transform.input_layer();
+    let mut failed = None;
+    let entry = ("input", safetensors::Dtype::F32, &[n, 3, s, s][..]);
+    let written = write_safetensors_streamed(&[entry], &Default::default(), output, |out| {
+        for batch in batches {
+            let input = match batch.failures.first() {
+                Some((path, reason)) => Err(anyhow::anyhow!("{}: {reason}", path.display())),
+                None => batch.input(&input_layer, &Device::Cpu),
+            };
+            match input {
+                Ok(x) => out.write_all(&safetensors::View::data(&x))?,
+                Err(e) => {
+                    failed = Some(e);
+                    return Err(std::io::Error::other("an image could not be preprocessed"));
+                }
+            }
+        }
+        Ok(())
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => written.inspect(|()| eprintln!("wrote input [{n}, 3, {s}, {s}] to {}", output.display())),
+    }
 }

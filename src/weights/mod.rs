@@ -371,29 +371,54 @@ pub fn save_safetensors(
 ) -> anyhow::Result<()> {
     use safetensors::View;
     use std::io::Write;
+    let entries: Vec<(&str, safetensors::Dtype, &[usize])> =
+        tensors.iter().map(|(name, t)| (name.as_str(), View::dtype(t), t.dims())).collect();
+    write_safetensors_streamed(&entries, metadata, path, |out| {
+        for (_, tensor) in tensors {
+            out.write_all(&tensor.data())?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes safetensors whose tensors (`entries`: name, dtype, shape) `data` writes, their bytes
+/// one after another in order, atomically: for tensors made while they are written, never all
+/// in memory at once (`preprocess`). Writing fewer or more bytes than the shapes say is an error.
+pub fn write_safetensors_streamed(
+    entries: &[(&str, safetensors::Dtype, &[usize])],
+    metadata: &HashMap<String, String>,
+    path: &Path,
+    data: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
     // The header: each tensor's dtype, shape and byte range, in the order written.
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".to_string(), serde_json::to_value(metadata)?);
     }
     let mut offset = 0usize;
-    for (name, tensor) in tensors {
+    for &(name, dtype, shape) in entries {
         if name == "__metadata__" || header.contains_key(name) {
             bail!("cannot write tensor `{name}` to {}: the name is taken", path.display())
         }
-        let end = offset + tensor.data_len();
-        let entry =
-            serde_json::json!({ "dtype": View::dtype(tensor), "shape": tensor.dims(), "data_offsets": [offset, end] });
-        header.insert(name.clone(), entry);
+        let bits = shape.iter().try_fold(dtype.bitsize(), |n, &d| n.checked_mul(d));
+        let bytes = bits.map(|b| b.div_ceil(8));
+        let end = bytes.and_then(|b| offset.checked_add(b)).context("a tensor's size overflows")?;
+        let entry = serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, end] });
+        header.insert(name.to_string(), entry);
         offset = end;
     }
     let mut header = serde_json::to_vec(&header)?;
     header.resize(header.len().next_multiple_of(8), b' '); // the data starts 8-byte aligned
+    let total = 8 + header.len() as u64 + offset as u64;
     write_atomically(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        for (_, tensor) in tensors {
-            out.write_all(&tensor.data())?;
+        data(out)?;
+        out.flush()?;
+        let written = out.get_ref().metadata()?.len();
+        if written != total {
+            return Err(std::io::Error::other(format!("{written} bytes written where the header says {total}")));
         }
         Ok(())
     })
