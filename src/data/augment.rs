@@ -19,7 +19,8 @@ use rayon::prelude::*;
 
 use super::dataset::Sample;
 use super::loader::{self, Batches, FrameShape};
-use super::transform::{centre_square, Chw, Mean, Transform, TransformKind};
+use super::transform::{centre_square, pil_resize_shorter_centre_into, Chw, Mean, Transform, TransformKind};
+use super::Scratch;
 use crate::ops::{Augment, MeanValues, Normalise, View};
 
 /// The image every crop is taken from (see [`centre_square`]); an image `alexnet prepare`
@@ -212,9 +213,17 @@ impl TrainTransform {
         FrameShape { side: self.base as usize, per_image: 1 }
     }
 
-    /// `sample`'s base image written into `out`.
-    pub fn frame(&self, sample: &Sample, out: &mut [u8]) -> anyhow::Result<()> {
-        out.copy_from_slice(base_image(sample, self.base)?.as_raw());
+    /// `sample`'s base image written into `out`, through a worker's `scratch`.
+    pub fn frame(&self, sample: &Sample, scratch: &mut Scratch, out: &mut [u8]) -> anyhow::Result<()> {
+        let img = sample.decode_with(scratch)?;
+        let side = self.base;
+        if img.dimensions() == (side, side) {
+            out.copy_from_slice(img.as_raw()); // prepared, or CIFAR-10's own size
+        } else {
+            pil_resize_shorter_centre_into(&img, side, side, &mut scratch.resize, out)
+                .with_context(|| format!("image {}", sample.path.display()))?;
+        }
+        scratch.recycle(img);
         Ok(())
     }
 
@@ -281,9 +290,9 @@ impl TrainTransform {
             batch_size,
             self.frame_shape(),
             workers,
-            || (),
-            move |_, i, sample, out| {
-                t.frame(sample, out)?;
+            Scratch::default,
+            move |scratch, i, sample, out| {
+                t.frame(sample, scratch, out)?;
                 Ok(vec![t.train_view(seed, epoch, first + i)])
             },
         )
@@ -298,9 +307,9 @@ impl TrainTransform {
             batch_size,
             self.frame_shape(),
             workers,
-            || (),
-            move |_, _, sample, out| {
-                t.frame(sample, out)?;
+            Scratch::default,
+            move |scratch, _, sample, out| {
+                t.frame(sample, scratch, out)?;
                 Ok(t.val_views(ten))
             },
         )
@@ -319,7 +328,7 @@ impl TrainTransform {
 
     fn one(&self, sample: &Sample, view: View) -> anyhow::Result<Chw> {
         let mut frame = vec![0u8; self.frame_shape().bytes()];
-        self.frame(sample, &mut frame)?;
+        self.frame(sample, &mut Scratch::default(), &mut frame)?;
         Ok(self.input_layer().apply_slice(&frame, self.base as usize, &[view])?)
     }
 }

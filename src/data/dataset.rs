@@ -42,10 +42,23 @@ impl Sample {
     /// The image as 8-bit RGB, from its file or its shard, through the one decoder
     /// ([`super::decode_bytes`]), so that both give the same pixels.
     pub fn decode(&self) -> anyhow::Result<RgbImage> {
-        match &self.member {
-            None => super::decode(&self.path),
-            Some(member) => super::decode_bytes(&member.read()?, &self.path),
-        }
+        self.decode_with(&mut super::Scratch::default())
+    }
+
+    /// [`Sample::decode`] through a worker's buffers (give the pixels back with
+    /// [`super::Scratch::recycle`]).
+    pub fn decode_with(&self, scratch: &mut super::Scratch) -> anyhow::Result<RgbImage> {
+        let super::Scratch { bytes, pixels, .. } = scratch;
+        bytes.clear();
+        let bytes = match &self.member {
+            None => {
+                let read = std::fs::File::open(&self.path).and_then(|mut f| std::io::Read::read_to_end(&mut f, bytes));
+                read.with_context(|| format!("cannot read image {}", self.path.display()))?;
+                &bytes[..]
+            }
+            Some(member) => member.read_into(bytes)?,
+        };
+        super::decode_bytes_into(bytes, &self.path, std::mem::take(pixels))
     }
 }
 

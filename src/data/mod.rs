@@ -30,6 +30,27 @@ pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
 
 /// [`decode`] for an image already read (a member of a shard): `path` names it in errors.
 pub fn decode_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<RgbImage> {
+    decode_bytes_into(bytes, path, Vec::new())
+}
+
+/// A loader worker's buffers, reused image after image: for the file's bytes and the decoded
+/// pixels (see [`dataset::Sample::decode_with`]), and the resize's.
+#[derive(Default)]
+pub struct Scratch {
+    bytes: Vec<u8>,
+    pixels: Vec<u8>,
+    pub resize: transform::ResizeScratch,
+}
+
+impl Scratch {
+    /// Takes back the pixels of an image [`dataset::Sample::decode_with`] decoded, for the next.
+    pub fn recycle(&mut self, img: RgbImage) {
+        self.pixels = img.into_raw();
+    }
+}
+
+/// [`decode_bytes`] into `pixels` (a buffer to reuse; JPEGs are decoded into it).
+fn decode_bytes_into(bytes: &[u8], path: &Path, pixels: Vec<u8>) -> anyhow::Result<RgbImage> {
     let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()?
         .into_dimensions()
@@ -45,7 +66,7 @@ pub fn decode_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<RgbImage> {
         anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())
     }
     if bytes.starts_with(&[0xFF, 0xD8]) {
-        if let Some(img) = decode_jpeg(bytes) {
+        if let Some(img) = decode_jpeg(bytes, pixels) {
             return Ok(img);
         }
     }
@@ -53,16 +74,19 @@ pub fn decode_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
-/// RGB or greyscale JPEG through libjpeg (mozjpeg's build of libjpeg-turbo); None for what it
-/// cannot turn into RGB (CMYK) or rejects, which then goes to the `image` crate's decoder.
-fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
+/// RGB or greyscale JPEG through libjpeg (mozjpeg's build of libjpeg-turbo), into `pixels`;
+/// None for what it cannot turn into RGB (CMYK) or rejects, which then goes to the `image`
+/// crate's decoder.
+fn decode_jpeg(bytes: &[u8], mut pixels: Vec<u8>) -> Option<RgbImage> {
     silence_libjpeg_panics();
     // mozjpeg reports libjpeg errors by unwinding; catch them here.
-    std::panic::catch_unwind(|| -> Option<RgbImage> {
+    std::panic::catch_unwind(move || -> Option<RgbImage> {
         let decompress = mozjpeg::Decompress::new_mem(bytes).ok()?;
         let mut started = decompress.rgb().ok()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
-        let pixels = started.read_scanlines::<u8>().ok()?;
+        // the size was checked against MAX_IMAGE_PIXELS from the header
+        pixels.resize(w as usize * h as usize * 3, 0);
+        started.read_scanlines_into::<u8>(&mut pixels).ok()?;
         started.finish().ok()?;
         RgbImage::from_raw(w, h, pixels)
     })

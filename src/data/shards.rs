@@ -111,16 +111,18 @@ pub struct Member {
 }
 
 impl Member {
-    /// The member's bytes, read with its tar header, whose name and size must be the index's:
+    /// The member's bytes, read into `buffer` (reused from image to image) with its tar header,
+    /// whose name and size must be the index's:
     /// a shard rewritten since it was indexed is an error, never another image. Reads by
     /// offset (`pread`), so that threads share the file: one call and one copy an image, and not
     /// a memory map, where a shard cut short while mapped would end the process with SIGBUS
     /// rather than this error.
-    pub fn read(&self) -> anyhow::Result<Vec<u8>> {
+    pub fn read_into<'a>(&self, buffer: &'a mut Vec<u8>) -> anyhow::Result<&'a [u8]> {
         let shard = self.shard.path.display();
         // `size` was checked against the shard's length and MAX_MEMBER_BYTES when it was opened
-        let mut bytes = vec![0u8; (BLOCK + self.size) as usize];
-        if let Err(e) = self.shard.file.read_exact_at(&mut bytes, self.offset - BLOCK) {
+        buffer.resize((BLOCK + self.size) as usize, 0);
+        let bytes = &mut buffer[..];
+        if let Err(e) = self.shard.file.read_exact_at(bytes, self.offset - BLOCK) {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 bail!(
                     "shard {shard} ends inside its member {} (it was cut short since it was indexed); \
@@ -141,8 +143,7 @@ impl Member {
                 self.offset
             )
         }
-        bytes.drain(..BLOCK as usize);
-        Ok(bytes)
+        Ok(&buffer[BLOCK as usize..])
     }
 }
 

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::dataset::Sample;
 use super::loader::{self, Batches, FrameShape};
+use super::Scratch;
 use crate::ops::{Augment, MeanValues, Normalise, View};
 use crate::preset::Preset;
 pub use crate::preset::TransformKind;
@@ -266,8 +267,13 @@ impl Transform {
             batch_size,
             self.frame_shape(ten),
             workers,
-            ResizeScratch::default,
-            move |scratch, _, sample, out| transform.frames(&sample.decode()?, ten, scratch, out),
+            Scratch::default,
+            move |scratch, _, sample, out| {
+                let img = sample.decode_with(scratch)?;
+                let views = transform.frames(&img, ten, &mut scratch.resize, out);
+                scratch.recycle(img);
+                views
+            },
         )
     }
 
