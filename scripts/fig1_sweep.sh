@@ -10,8 +10,9 @@
 # results/fig1/<unit>-<condition>-lr<rate>.jsonl. Rerunning skips finished runs and resumes an
 # interrupted one from its newest checkpoint, so the sweep can be stopped (Ctrl-C) and continued.
 #   scripts/fig1_sweep.sh [CONDITION...]        (default: paper pytorch)
-# EPOCHS caps every run (default 40); run it niced beside other work. A run whose loss became
-# non-finite is marked `diverged` (its message in <run>.stderr) and not retried.
+# EPOCHS caps every run (default 40; see the order below); run it niced beside other work. A
+# run whose loss became non-finite is marked `diverged` (its message in <run>.stderr) and not
+# retried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-target/release/alexnet}  # BIN: a copy, so that rebuilding during a sweep is safe
@@ -23,26 +24,48 @@ rates() {
     paper) echo 0.0001 0.0003 0.001 0.003 0.01 ;;  # inputs 57.6x larger: the rates shift down
   esac
 }
-for condition in "${@:-paper pytorch}"; do
+# The epoch at which a run's log first shows an epoch's training error below 25% (empty if none).
+epochs_to_mark() {
+  [ -f "$1" ] || return 0
+  python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    e = d.get("epoch_train_top1_error")
+    if e is not None and e < 0.25:
+        print(int(d["epoch"])); break' "$1"
+}
+# The middle rate first, then outwards: once one rate reaches the mark in B epochs, the others
+# of that unit and condition run at most 2B epochs (enough to say they are slower), so the
+# sweep spends its time near the best rate.
+order=(2 3 1 4 0)
+for condition in ${@:-paper pytorch}; do
   for unit in relu tanh; do
-    for lr in $(rates "$condition"); do
+    read -r -a lrs <<< "$(rates "$condition")"
+    best=""
+    for i in "${order[@]}"; do
+      lr=${lrs[$i]}
       name="$unit-$condition-lr$lr"
       out="target/runs/fig1/$name"
+      cap=${EPOCHS:-40}
+      [ -n "$best" ] && cap=$((2 * best < cap ? 2 * best : cap))
       if [ -f "$out/final.safetensors" ] || [ -f "$out/diverged" ]; then
         echo "$name: done"
       elif ls "$out"/checkpoint-*.safetensors >/dev/null 2>&1; then
         echo "$name: resuming"
         $bin train --data target/cifar10/train --out "$out" --resume "$out" --keep 1 --quiet
       else
-        echo "$name: starting"
+        echo "$name: starting, at most $cap epochs"
         init=()
         [ "$condition" = paper ] && init=(--init paper --input-scale 1)
         # a rate too high for the net ends with a non-finite loss: recorded, and the sweep goes on
         $bin train --preset "fig1-$unit" --data target/cifar10/train --out "$out" --lr "$lr" \
-          --epochs "${EPOCHS:-40}" --target-train-error 0.25 "${init[@]}" --keep 1 --quiet \
+          --epochs "$cap" --target-train-error 0.25 "${init[@]}" --keep 1 --quiet \
           2> >(tee "$out.stderr" >&2) || { mkdir -p "$out" && touch "$out/diverged"; }
       fi
-      cp "$out/log.jsonl" "results/fig1/$name.jsonl"
+      [ -f "$out/log.jsonl" ] && cp "$out/log.jsonl" "results/fig1/$name.jsonl"
+      reached=$(epochs_to_mark "$out/log.jsonl")
+      if [ -n "$reached" ] && { [ -z "$best" ] || [ "$reached" -lt "$best" ]; }; then best=$reached; fi
     done
   done
 done
