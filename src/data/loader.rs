@@ -243,3 +243,119 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn samples(n: usize) -> Vec<Sample> {
+        (0..n).map(|i| Sample::file(PathBuf::from(format!("image-{i}")), i % 3)).collect()
+    }
+
+    /// An image's frame holds its position, so that a batch shows where each image landed.
+    fn one_byte_frames(n: usize, batch: usize, workers: usize, fail: fn(usize) -> bool) -> Batches {
+        let shape = FrameShape { side: 1, per_image: 1 };
+        spawn(
+            samples(n),
+            batch,
+            shape,
+            workers,
+            || (),
+            move |_, i, _, out| {
+                if i % 7 == 3 {
+                    std::thread::sleep(Duration::from_millis(2)); // images finish out of order
+                }
+                if fail(i) {
+                    anyhow::bail!("image {i} is unreadable")
+                }
+                out.fill(i as u8);
+                Ok(vec![View::at(0, 0, 0)])
+            },
+        )
+    }
+
+    /// With several workers finishing out of order, every image arrives once, in order, in
+    /// batches of the asked size (the last one shorter), its frame its own; failures are
+    /// reported in their batch with the image's path, and the buffers are recycled.
+    #[test]
+    fn images_come_back_in_order_whatever_order_the_workers_finish_in() {
+        let (n, batch) = (103, 10);
+        let mut next = 0;
+        for (b, got) in one_byte_frames(n, batch, 4, |i| i % 25 == 24).enumerate() {
+            let expected: Vec<usize> = (b * batch..((b + 1) * batch).min(n)).collect();
+            let loaded: Vec<usize> = got.items.iter().map(|(i, _)| *i).collect();
+            let failed: Vec<String> = got.failures.iter().map(|(p, _)| p.display().to_string()).collect();
+            assert_eq!(loaded.len() + failed.len(), expected.len());
+            for &i in &expected {
+                assert_eq!(loaded.contains(&i), i % 25 != 24, "image {i}");
+            }
+            assert!(loaded.windows(2).all(|w| w[0] < w[1]));
+            let should_fail: Vec<String> =
+                expected.iter().filter(|&&i| i % 25 == 24).map(|i| format!("image-{i}")).collect();
+            assert_eq!(failed, should_fail);
+            for ((i, _), frame) in got.items.iter().zip(&got.frames) {
+                assert_eq!(frame, &[*i as u8; 3]);
+            }
+            next += expected.len();
+        }
+        assert_eq!(next, n);
+    }
+
+    /// The workers go at most two batches ahead of the consumer, whatever the data set's size.
+    #[test]
+    fn the_workers_stay_two_batches_ahead() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let started = Arc::new(AtomicUsize::new(0));
+        let counted = started.clone();
+        let shape = FrameShape { side: 1, per_image: 1 };
+        let mut batches = spawn(
+            samples(1000),
+            10,
+            shape,
+            3,
+            || (),
+            move |_, _, _, _| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                Ok(vec![View::at(0, 0, 0)])
+            },
+        );
+        // however long the workers get, they stop at the two batches' images
+        let settled = |want: usize| {
+            let start = std::time::Instant::now();
+            while started.load(Ordering::Relaxed) < want && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            started.load(Ordering::Relaxed)
+        };
+        assert_eq!(settled(20), 20);
+        batches.next();
+        assert_eq!(settled(30), 30);
+    }
+
+    /// A consumer that stops early does not wait for the rest, and a worker that panics is an
+    /// error for that image, not a consumer waiting forever.
+    #[test]
+    fn stopping_early_and_panics_end_cleanly() {
+        let mut batches = one_byte_frames(1000, 8, 2, |_| false);
+        assert_eq!(batches.next().map(|b| b.items.len()), Some(8));
+        drop(batches); // the workers stop after their current image
+        let shape = FrameShape { side: 1, per_image: 1 };
+        let panicking = spawn(
+            samples(5),
+            2,
+            shape,
+            2,
+            || (),
+            |_, i, _, _| {
+                if i == 2 {
+                    panic!("a bug");
+                }
+                Ok(vec![View::at(0, 0, 0)])
+            },
+        );
+        let failures: Vec<usize> = panicking.map(|b| b.failures.len()).collect();
+        assert_eq!(failures, [0, 1, 0]);
+    }
+}
