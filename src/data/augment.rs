@@ -284,35 +284,29 @@ impl TrainTransform {
         first: usize,
         workers: usize,
     ) -> Batches {
-        let t = self.clone();
-        loader::spawn(
-            samples,
-            batch_size,
-            self.frame_shape(),
-            workers,
-            Scratch::default,
-            move |scratch, i, sample, out| {
-                t.frame(sample, scratch, out)?;
-                Ok(vec![t.train_view(seed, epoch, first + i)])
-            },
-        )
+        self.load(samples, batch_size, workers, move |t, i| vec![t.train_view(seed, epoch, first + i)])
     }
 
     /// The validation images `samples` as batches of base images with their validation views
     /// (the centre crop, or the ten patches).
     pub fn load_val(&self, samples: Vec<Sample>, batch_size: usize, ten: bool, workers: usize) -> Batches {
+        self.load(samples, batch_size, workers, move |t, _| t.val_views(ten))
+    }
+
+    /// `samples` as batches of base images, with `views(self, position)` of each.
+    fn load(
+        &self,
+        samples: Vec<Sample>,
+        batch_size: usize,
+        workers: usize,
+        views: impl Fn(&Self, usize) -> Vec<View> + Send + Sync + 'static,
+    ) -> Batches {
         let t = self.clone();
-        loader::spawn(
-            samples,
-            batch_size,
-            self.frame_shape(),
-            workers,
-            Scratch::default,
-            move |scratch, _, sample, out| {
-                t.frame(sample, scratch, out)?;
-                Ok(t.val_views(ten))
-            },
-        )
+        let prepare = move |scratch: &mut Scratch, i, sample: &Sample, out: &mut [u8]| {
+            t.frame(sample, scratch, out)?;
+            Ok(views(&t, i))
+        };
+        loader::spawn(samples, batch_size, self.frame_shape(), workers, Scratch::default, prepare)
     }
 
     /// One image's training view as the net's input (what the loader and the input layer make
