@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [weights, data, out] = args.as_slice() else { anyhow::bail!("usage: fine_tune WEIGHTS DATA OUT") };
     let pretrained = Pretrained::open(weights, None)?;
-    let preset = pretrained.preset;
+    let preset = pretrained.identity.preset;
     let mut config = TrainConfig::recipe(Recipe::Finetune, preset);
     config.epochs = 5;
     config.finetune = Some(FineTune {
@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         head_lr_mult: 10.0,
         new_head: false, // decided from the classes when the run starts
     });
-    let opts = RunOptions { pretrained: Some(pretrained.file), ..RunOptions::new(data.into(), out.into(), preset, 0) };
+    let opts = RunOptions { pretrained: Some(pretrained), ..RunOptions::new(data.into(), out.into(), preset, 0) };
     match train(config, opts)? {
         Outcome::Finished(weights) => println!("fine-tuned weights: {}", weights.display()),
         Outcome::Interrupted(checkpoint) => println!("interrupted; resume from {}", checkpoint.display()),

@@ -53,18 +53,18 @@ def make_data(work, copies, binary):
         if not name.endswith(".tar"):
             continue
         with tarfile.open(os.path.join(shards, name)) as tar:
-            labels = {}
-            for member in tar.getmembers():
+            # one pass: each image's JPEG comes just before its label (KEY.jpg, KEY.cls)
+            jpegs = {}
+            for member in tar:
                 key, ext = os.path.splitext(member.name)
-                if ext == ".cls":
-                    labels[key] = int(tar.extractfile(member).read())
-            for member in tar.getmembers():
-                key, ext = os.path.splitext(member.name)
+                data = tar.extractfile(member).read()
                 if ext == ".jpg":
-                    folder = os.path.join(prepared, classes[labels[key]])
+                    jpegs[key] = data
+                elif ext == ".cls":
+                    folder = os.path.join(prepared, classes[int(data)])
                     os.makedirs(folder, exist_ok=True)
-                    with open(os.path.join(folder, os.path.basename(member.name)), "wb") as out:
-                        out.write(tar.extractfile(member).read())
+                    with open(os.path.join(folder, os.path.basename(key) + ".jpg"), "wb") as out:
+                        out.write(jpegs.pop(key))
     return originals, shards, prepared
 
 

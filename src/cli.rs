@@ -443,7 +443,7 @@ impl TrainArgs {
         };
         let preset = match (&resumed, &pretrained, self.preset) {
             (Some(c), _, _) => c.meta.config.preset,
-            (None, Some(pretrained), _) => pretrained.preset,
+            (None, Some(pretrained), _) => pretrained.identity.preset,
             (None, None, Some(preset)) => preset,
             (None, None, None) => bail!("which net? pass --preset (or --from WEIGHTS to fine-tune, or --resume RUN)"),
         };
@@ -490,10 +490,10 @@ impl TrainArgs {
             out: self.out.clone(),
             init: self.init.map_or(Init::default_for(preset, self.seed), |s| s.init(self.seed)),
             expected_classes: self.classes,
-            pretrained: pretrained.map(|p| p.file),
-            resume: resume.clone(),
+            pretrained,
             lr_override: resume.as_ref().and(self.lr),
             save_every: self.save_every.or(resumed.as_ref().and_then(|c| c.meta.save_every)),
+            resume: resumed,
             keep: self.keep,
             log_every: self.log_every.max(1),
             workers: self.workers.count(),

@@ -2,7 +2,7 @@
 //! data and statistics, model and optimiser, then for each epoch: shuffle, load batches in
 //! the background, forward, loss, backward, SGD step, log, checkpoint; validate; adjust lr.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,7 @@ use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
 pub use crate::preset::Recipe;
-use crate::weights::{remove_stale_temporaries, save_safetensors, Params, WeightFile, MOMENTUM_PREFIX};
+use crate::weights::{remove_stale_temporaries, save_safetensors, Identity, Params, WeightFile, MOMENTUM_PREFIX};
 
 /// How the learning rate changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -88,10 +88,11 @@ pub struct FineTune {
 }
 
 /// The weights a fine-tuning run starts from, opened once: the file (its checkpoint momentum
-/// left out), the preset it is for, and its sha256 (which the weights the run writes record).
+/// left out), what it holds (preset, classes), and its sha256 (which the weights the run
+/// writes record).
 pub struct Pretrained {
     pub file: WeightFile,
-    pub preset: Preset,
+    pub identity: Identity,
     pub sha256: String,
 }
 
@@ -101,8 +102,8 @@ impl Pretrained {
     pub fn open(spec: &str, preset: Option<Preset>) -> anyhow::Result<Self> {
         let path = crate::weights::fetch::resolve(spec)?;
         let file = WeightFile::open(&path)?.model_weights();
-        let preset = file.identify(preset)?.preset;
-        Ok(Pretrained { file, preset, sha256: crate::weights::sha256_file(&path)? })
+        let identity = file.identify(preset)?;
+        Ok(Pretrained { file, identity, sha256: crate::weights::sha256_file(&path)? })
     }
 }
 
@@ -200,8 +201,9 @@ pub struct RunOptions {
     pub expected_classes: Option<usize>,
     /// A fine-tuning run's pretrained weights ([`Pretrained::open`]; `config.finetune` says
     /// which and how), unless it resumes.
-    pub pretrained: Option<WeightFile>,
-    pub resume: Option<PathBuf>,
+    pub pretrained: Option<Pretrained>,
+    /// The checkpoint to continue from ([`Checkpoint::load`]).
+    pub resume: Option<Checkpoint>,
     /// On resume: continue with this learning rate (the paper's manual division by 10).
     pub lr_override: Option<f64>,
     pub save_every: Option<usize>,
@@ -305,13 +307,19 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
     }
     let placement = &opts.placement;
     let device = &placement.towers[0];
-    let checkpoint = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
+    let checkpoint = opts.resume.take();
+    // the checkpoint's file read once: its weights for the model, its momentum for the optimiser
+    let mut momentum = BTreeMap::new();
     let head = config.preset.classifier_weight().trim_end_matches(".weight");
     let mut params = match (&checkpoint, &mut config.finetune) {
-        (Some(c), _) => Params::File(WeightFile::open(&c.path)?.model_weights()),
+        (Some(c), _) => {
+            let mut file = WeightFile::open(&c.path)?;
+            momentum = file.take_momentum();
+            Params::File(file)
+        }
         (None, Some(ft)) => {
-            let file = opts.pretrained.take().context("a fine-tuning run needs its weights (Pretrained::open)")?;
-            let pretrained = file.identify(Some(config.preset))?;
+            let Pretrained { file, identity: pretrained, .. } =
+                opts.pretrained.take().context("a fine-tuning run needs its weights (Pretrained::open)")?;
             // the last layer is kept only where it predicts the same classes
             ft.new_head = pretrained.classes.ids() != classes.iter().map(String::as_str).collect::<Vec<_>>();
             if !opts.quiet {
@@ -368,7 +376,7 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
     }
     let (mut epoch, mut step, mut sched) = match &checkpoint {
         Some(c) => {
-            c.restore_momentum(&model, &mut sgd)?;
+            c.restore_momentum(&momentum, &model, &mut sgd)?;
             let mut sched = c.meta.schedule.clone();
             sched.lr = opts.lr_override.unwrap_or(sched.lr);
             (c.meta.epoch, c.meta.step, sched)
@@ -739,8 +747,13 @@ impl Checkpoint {
         Ok(Checkpoint { path: path.to_path_buf(), meta: serde_json::from_str(json)? })
     }
 
-    fn restore_momentum(&self, model: &AlexNet, sgd: &mut Sgd) -> anyhow::Result<()> {
-        let tensors = candle_core::safetensors::load(&self.path, &Device::Cpu)?;
+    /// The optimiser's velocities from the checkpoint's `momentum/<name>` tensors.
+    fn restore_momentum(
+        &self,
+        tensors: &BTreeMap<String, Tensor>,
+        model: &AlexNet,
+        sgd: &mut Sgd,
+    ) -> anyhow::Result<()> {
         let index: HashMap<_, _> = sgd.slots.iter().enumerate().map(|(i, s)| (s.var.id(), i)).collect();
         // every trained parameter's (a frozen one has no slot)
         for p in model.parameters().into_iter().filter(|p| p.parts.iter().all(|v| index.contains_key(&v.id()))) {

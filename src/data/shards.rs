@@ -466,10 +466,8 @@ impl ShardWriter<'_> {
             for i in start..self.sources.len() {
                 let (source, label) = &self.sources[i];
                 match encoder.get(i) {
-                    Err(reason) => {
-                        self.progress.suspend(|| eprintln!("skipping {source}: {reason}"));
-                        index.skipped.push(SkippedImage { source: source.clone(), reason: reason.clone() });
-                    }
+                    // reported once, with those of shards kept from an earlier run, when all are written
+                    Err(reason) => index.skipped.push(SkippedImage { source: source.clone(), reason: reason.clone() }),
                     Ok(jpeg) => {
                         let class = label.to_string();
                         let bytes = member_bytes(jpeg.len()) + member_bytes(class.len());

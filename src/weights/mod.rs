@@ -221,8 +221,16 @@ impl WeightFile {
 
     /// The model's weights alone: a checkpoint's momentum buffers ([`MOMENTUM_PREFIX`]) left out.
     pub fn model_weights(mut self) -> Self {
-        self.tensors.retain(|k, _| !k.starts_with(MOMENTUM_PREFIX));
+        self.take_momentum();
         self
+    }
+
+    /// A checkpoint's momentum buffers (`momentum/<name>`), taken out of the file's tensors.
+    pub fn take_momentum(&mut self) -> BTreeMap<String, Tensor> {
+        let (momentum, weights) =
+            std::mem::take(&mut self.tensors).into_iter().partition(|(k, _)| k.starts_with(MOMENTUM_PREFIX));
+        self.tensors = weights;
+        momentum
     }
 
     pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
