@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::data::dataset::{Dataset, Sample};
 use crate::data::loader;
+use crate::data::shards::ShardSet;
 use crate::data::transform::centre_square;
 use crate::model::{AlexNet, Layer, LrnScope, Preset};
 
@@ -412,13 +413,40 @@ fn majority(votes: &[u32]) -> Option<u32> {
     })
 }
 
+/// Where the grid's images come from: files, or members of shards, each shard folder's
+/// indexes read once.
+#[derive(Default)]
+struct ImageSource {
+    /// Each shard folder's images by the paths `features` names them with.
+    shards: HashMap<PathBuf, HashMap<PathBuf, Sample>>,
+}
+
+impl ImageSource {
+    fn decode(&mut self, path: &Path) -> anyhow::Result<RgbImage> {
+        // a member's key may hold folders: SHARD.tar/class/KEY.jpg
+        let shard = path.ancestors().skip(1).find(|p| p.extension().is_some_and(|e| e == "tar") && !p.is_dir());
+        let Some(folder) = shard.and_then(Path::parent) else { return crate::data::decode(path) };
+        if !self.shards.contains_key(folder) {
+            let set = ShardSet::find(folder)?.with_context(|| {
+                format!("{} is in a shard, but {} holds no shards.json", path.display(), folder.display())
+            })?;
+            let by_path = set.samples().into_iter().map(|s| (s.path.clone(), s)).collect();
+            self.shards.insert(folder.to_path_buf(), by_path);
+        }
+        let sample =
+            self.shards[folder].get(path).with_context(|| format!("no image {} in its shard", path.display()))?;
+        sample.decode()
+    }
+}
+
 impl NeighbourReport {
     /// The paper's Figure 4 for the first `rows` queries (a picture of all of a test set's
     /// would be too large to open): a row a query, the query in the first column and its
-    /// neighbours beside it, nearest first, each image as its centre square at `side` pixels.
-    /// An image that cannot be read (moved since, or inside a shard) is left grey, with a
-    /// warning.
+    /// neighbours beside it, nearest first, each image as its centre square at `side` pixels:
+    /// image files, or images inside shards (`SHARD.tar/KEY.jpg`, as `features --data SHARDS`
+    /// names them). An image that cannot be read (moved since) is left grey, with a warning.
     pub fn grid(&self, side: u32, rows: usize) -> RgbImage {
+        let mut images = ImageSource::default();
         let shown = &self.queries[..rows.min(self.queries.len())];
         let cell = side + GAP;
         let width = GAP + cell * (1 + self.k as u32) + BLOCK_GAP;
@@ -429,7 +457,7 @@ impl NeighbourReport {
             let files = std::iter::once(&q.query).chain(q.neighbours.iter().map(|n| &n.file));
             for (col, file) in files.enumerate() {
                 let x = GAP + col as u32 * cell + if col > 0 { BLOCK_GAP } else { 0 };
-                let tile = crate::data::decode(file).and_then(|i| centre_square(&i, side)).unwrap_or_else(|e| {
+                let tile = images.decode(file).and_then(|i| centre_square(&i, side)).unwrap_or_else(|e| {
                     eprintln!("warning: {}: {e:#}; drawn grey", file.display());
                     RgbImage::from_pixel(side, side, Rgb([128, 128, 128]))
                 });

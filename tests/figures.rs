@@ -129,6 +129,30 @@ fn neighbours_rank_a_pooled_query_first_at_distance_0() {
     assert_eq!(image::image_dimensions(&grid).unwrap(), (2 + 4 * 98 + 8, 2 + 98));
 }
 
+/// Features of images inside shards name them `SHARD.tar/KEY.jpg`; the grid draws them from
+/// their shards, not grey.
+#[test]
+fn the_grid_draws_images_from_shards() {
+    let folder = image_folder(2, 2);
+    let shards = path("shards");
+    run_ok(&["prepare", "--data", folder.path().to_str().unwrap(), "--out", &shards, "--quiet"]);
+    let out = path("shards.safetensors");
+    run_ok(&["features", "--weights", &path("torchvision.safetensors"), "--data", &shards, "-o", &out, "--quiet"]);
+    let in_a_shard = |f: &PathBuf| f.ancestors().any(|a| a.extension().is_some_and(|e| e == "tar"));
+    assert!(FeatureSet::load(out.as_ref()).unwrap().files.iter().all(in_a_shard));
+    let grid = path("shards.png");
+    let args = ["neighbours", "--features", &out, "--query-features", &out, "-k", "2", "-o", &grid];
+    let result = alexnet(&args);
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success() && !err.contains("grey"), "{err}");
+    // each query's first neighbour is itself: the same tile, not grey
+    let img = image::open(&grid).unwrap().to_rgb8();
+    let tile =
+        |col: u32| image::imageops::crop_imm(&img, 2 + col * 98 + if col > 0 { 8 } else { 0 }, 2, 96, 96).to_image();
+    assert_eq!(tile(0), tile(1));
+    assert!(tile(0).pixels().any(|p| p.0 != [128, 128, 128]));
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let weights = path("torchvision.safetensors");

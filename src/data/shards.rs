@@ -229,6 +229,11 @@ impl ShardSet {
         Ok(Some(ShardSet { index, classes: set.classes, samples }))
     }
 
+    /// The shards' images, labelled by positions in [`ShardSet::classes`].
+    pub fn samples(self) -> Vec<Sample> {
+        self.samples
+    }
+
     /// The shards' images labelled by positions in `classes` (a model's, or a training set's):
     /// every class of the shards must be one of them.
     pub fn dataset(self, classes: &[&str]) -> anyhow::Result<Dataset> {
