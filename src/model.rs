@@ -224,7 +224,7 @@ impl AlexNet {
         params.expect_naming(preset)?;
         let net = match preset.facts().net {
             NetKind::Towers { geometry, lrn } => {
-                Net::Towers(TwoTowers::new(params, placement, geometry, classes, lrn.lrn())?)
+                Net::Towers(TwoTowers::new(params, placement, geometry, preset.input_size(), classes, lrn.lrn())?)
             }
             NetKind::Torchvision => Net::Single(Torchvision::new(params, &placement.towers[0], classes)?),
             NetKind::Figure1 { tanh } => Net::Small(SmallNet::new(params, &placement.towers[0], classes, tanh)?),
@@ -638,6 +638,7 @@ impl TwoTowers {
         params: &mut Params,
         placement: &Placement,
         g: &TowerGeometry,
+        input: usize,
         classes: usize,
         lrn: Lrn,
     ) -> anyhow::Result<Self> {
@@ -653,7 +654,7 @@ impl TwoTowers {
         let mut conv3 = conv(params, 2, "conv3", c2)?; // both towers
         let mut conv4 = conv(params, 3, "conv4", c3 / 2)?;
         let mut conv5 = conv(params, 4, "conv5", c4 / 2)?;
-        let mut fc6 = linear_layer(params, "fc6", [g.fc, c5 * g.pool5_side().pow(2)], d)?.into_iter();
+        let mut fc6 = linear_layer(params, "fc6", [g.fc, c5 * g.pool5_side(input).pow(2)], d)?.into_iter();
         let mut fc7 = linear_layer(params, "fc7", [g.fc, g.fc], d)?.into_iter();
         let mut fc8 = linear_layer(params, "fc8", [classes, g.fc], d)?.into_iter();
         let mut tower = |device: &Device| -> Option<Tower> {

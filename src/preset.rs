@@ -53,18 +53,23 @@ pub struct PresetFacts {
     /// The preprocessing its published weights were trained with (for the CIFAR-10 nets, which
     /// have none published, the paper's on 32x32 images).
     pub transform: TransformKind,
-    /// What the preprocessing multiplies (pixel - mean) by: 1 keeps the 0..255 range; the
-    /// CIFAR-10 nets' files without a recorded pipeline take `train`'s default scale for them.
-    pub transform_scale: f32,
-    /// Whether its input channels are in BGR order (Caffe's weights).
-    pub bgr: bool,
     /// Its own initialisation scheme (the paper's, Caffe's solver's, PyTorch's defaults).
     pub init: InitScheme,
     /// The training recipe a run from scratch takes unless told.
     pub recipe: Recipe,
-    /// What `train` multiplies (pixel - mean image) by: the paper's 0..255 range for its nets;
-    /// about torchvision's normalisation elsewhere.
+    /// What (pixel - mean) is multiplied by, in training and in the paper's and Caffe's
+    /// preprocessing (a CIFAR-10 net's file without a recorded pipeline takes it too): the
+    /// paper's 0..255 range for its nets; about torchvision's normalisation elsewhere (whose own
+    /// preprocessing divides by its std instead).
     pub train_input_scale: f32,
+}
+
+impl PresetFacts {
+    /// Whether its input channels are in BGR order: Caffe's weights, and a net of Caffe's
+    /// preset trained here.
+    pub fn bgr(&self) -> bool {
+        self.transform == TransformKind::Caffe
+    }
 }
 
 /// The table: one row per preset, in the enum's order.
@@ -79,8 +84,6 @@ pub const PRESETS: [PresetFacts; 6] = [
         classifier_weight: "fc8.weight",
         net: NetKind::Towers { geometry: &PAPER_TOWERS, lrn: LrnConstants::Paper },
         transform: TransformKind::Paper,
-        transform_scale: 1.0,
-        bgr: false,
         init: InitScheme::Paper,
         recipe: Recipe::Paper,
         train_input_scale: 1.0,
@@ -95,8 +98,6 @@ pub const PRESETS: [PresetFacts; 6] = [
         classifier_weight: "fc8.weight",
         net: NetKind::Towers { geometry: &PAPER_TOWERS, lrn: LrnConstants::Caffe },
         transform: TransformKind::Caffe,
-        transform_scale: 1.0,
-        bgr: true,
         init: InitScheme::Caffe,
         recipe: Recipe::Paper,
         train_input_scale: 1.0,
@@ -111,8 +112,6 @@ pub const PRESETS: [PresetFacts; 6] = [
         classifier_weight: "classifier.6.weight",
         net: NetKind::Torchvision,
         transform: TransformKind::Torchvision,
-        transform_scale: 1.0,
-        bgr: false,
         init: InitScheme::Torchvision,
         recipe: Recipe::Paper,
         train_input_scale: 1.0 / 57.6,
@@ -127,8 +126,6 @@ pub const PRESETS: [PresetFacts; 6] = [
         classifier_weight: "fc8.weight",
         net: NetKind::Towers { geometry: &CIFAR_TOWERS, lrn: LrnConstants::Paper },
         transform: TransformKind::Paper,
-        transform_scale: 1.0 / 57.6,
-        bgr: false,
         init: InitScheme::Torchvision,
         recipe: Recipe::Paper,
         train_input_scale: 1.0 / 57.6,
@@ -143,8 +140,6 @@ pub const PRESETS: [PresetFacts; 6] = [
         classifier_weight: "fc.weight",
         net: NetKind::Figure1 { tanh: false },
         transform: TransformKind::Paper,
-        transform_scale: 1.0 / 57.6,
-        bgr: false,
         init: InitScheme::Torchvision,
         recipe: Recipe::Fig1,
         train_input_scale: 1.0 / 57.6,
@@ -159,8 +154,6 @@ pub const PRESETS: [PresetFacts; 6] = [
         classifier_weight: "fc.weight",
         net: NetKind::Figure1 { tanh: true },
         transform: TransformKind::Paper,
-        transform_scale: 1.0 / 57.6,
-        bgr: false,
         init: InitScheme::Torchvision,
         recipe: Recipe::Fig1,
         train_input_scale: 1.0 / 57.6,
@@ -234,29 +227,22 @@ impl LrnConstants {
 }
 
 /// The sizes of a two-tower net: for conv1..conv5 the whole layer's (output channels, kernel,
-/// stride, padding), the width of fc6 and fc7, and the input side.
+/// stride, padding), and the width of fc6 and fc7 (the input side is its preset's).
 #[derive(Debug)]
 pub struct TowerGeometry {
     pub convs: [(usize, usize, usize, usize); 5],
     pub fc: usize,
-    pub input: usize,
 }
 
 /// The paper's net (figure 2).
-pub const PAPER_TOWERS: TowerGeometry = TowerGeometry {
-    convs: [(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)],
-    fc: 4096,
-    input: 227,
-};
+pub const PAPER_TOWERS: TowerGeometry =
+    TowerGeometry { convs: [(96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)], fc: 4096 };
 
 /// The same structure for 28x28 crops of CIFAR-10: conv1 5x5 stride 1 (a 32x32 image has no
 /// room for 11x11 stride 4), every width divided by 1.5 to 2 (64-128-192-192-128), fc 512;
 /// the 3/2 pools give 28 -> 13 -> 6 -> 2, so fc6 sees 128x2x2.
-pub const CIFAR_TOWERS: TowerGeometry = TowerGeometry {
-    convs: [(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)],
-    fc: 512,
-    input: 28,
-};
+pub const CIFAR_TOWERS: TowerGeometry =
+    TowerGeometry { convs: [(64, 5, 1, 2), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)], fc: 512 };
 
 impl TowerGeometry {
     /// conv1's whole weight, `[out, 3, k, k]`: what tells the two-tower presets' files apart.
@@ -265,11 +251,11 @@ impl TowerGeometry {
         [out, 3, k, k]
     }
 
-    /// Side of pool5's output.
-    pub(crate) fn pool5_side(&self) -> usize {
+    /// Side of pool5's output for an `input` x `input` image.
+    pub(crate) fn pool5_side(&self, input: usize) -> usize {
         let pool = |x: usize| (x - 3) / 2 + 1;
         let (_, k, stride, pad) = self.convs[0];
-        pool(pool(pool((self.input + 2 * pad - k) / stride + 1)))
+        pool(pool(pool((input + 2 * pad - k) / stride + 1)))
     }
 }
 

@@ -138,7 +138,7 @@ impl TrainConfig {
             base: base_side(self.preset),
             crop: self.preset.input_size(),
             scale: self.input_scale,
-            bgr: self.preset.facts().bgr,
+            bgr: self.preset.facts().bgr(),
             flip: self.flip,
             pca_std: self.pca_std,
             random_crop: self.random_crop,

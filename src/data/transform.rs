@@ -109,8 +109,8 @@ impl Transform {
         let facts = preset.facts();
         Transform {
             base: facts.base_side,
-            scale: facts.transform_scale,
-            bgr: facts.bgr,
+            scale: facts.train_input_scale,
+            bgr: facts.bgr(),
             ..Transform::new(facts.transform, facts.input_size, None)
         }
     }

@@ -160,7 +160,8 @@ impl WeightFile {
     pub fn preset_from_names(&self) -> Option<Preset> {
         match Naming::detect(self.keys())? {
             Naming::Torchvision => Some(Preset::Torchvision),
-            Naming::Caffe if self.tensors.contains_key("fc.weight") => None,
+            // the Figure 1 nets' last layer: ReLU or tanh, which the names cannot tell
+            Naming::Caffe if self.tensors.contains_key(Preset::Fig1Relu.classifier_weight()) => None,
             Naming::Caffe => match self.tensors.get("conv1.weight").map(Tensor::dims) {
                 Some(dims) if dims == CIFAR_TOWERS.first_filter_shape() => Some(Preset::CifarTowers),
                 _ => Some(Preset::Caffe),
