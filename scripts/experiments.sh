@@ -5,7 +5,7 @@
 # target/cifar10 (../shared/data/cifar10-jpeg.tar.gz extracted); made here if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/alexnet
+bin=${BIN:-target/release/alexnet}  # BIN: a copy, so that rebuilding during a run is safe
 if [ ! -d target/imagenet100 ]; then
   for f in $(ls ../shared/data/imagenet-sample/*.JPEG | head -100); do
     n=$(basename "$f" .JPEG); mkdir -p "target/imagenet100/$n"; ln -sf "$(realpath "$f")" "target/imagenet100/$n/"
