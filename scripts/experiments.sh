@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The training experiments of results/, with their exact commands.
-#   scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-converge|cifar-towers-resume
+#   scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-converge|cifar-figures|cifar-towers-resume
 # Data: target/imagenet100 (100 of ../shared/data/imagenet-sample, one class each) and
 # target/cifar10 (../shared/data/cifar10-jpeg.tar.gz extracted); made here if missing.
 set -euo pipefail
@@ -53,6 +53,23 @@ case "$1" in
         --out target/runs/cifar-towers-converge --epochs 45 --lr 0.01 --schedule plateau \
         --patience 3 --max-drops 3 --init reference --keep 2 --quiet
     fi ;;
+  cifar-figures)
+    # issue 26: the paper's Figures 3 and 4 from the converged run's weights (WEIGHTS): conv1's
+    # kernels with each tower's colour measure; fc7 features of the 50,000 training images (the
+    # pool) and the 10,000 test images (the queries); each query's 6 nearest training images by
+    # Euclidean distance (the first 16 queries drawn) and the 6-NN vote's accuracy
+    w=${WEIGHTS:-target/runs/cifar-towers-converge/final.safetensors}
+    res=${RES:-results/cifar-towers}
+    $bin filters --weights "$w" -o $res/fig3-conv1.png --json $res/fig3-colour.json
+    for split in train test; do
+      $bin features --weights "$w" --layer fc7 --data target/cifar10/$split \
+        -o target/runs/cifar-fc7-$split.safetensors --quiet
+    done
+    $bin neighbours --features target/runs/cifar-fc7-train.safetensors \
+      --query-features target/runs/cifar-fc7-test.safetensors -k 6 --side 64 \
+      -o $res/fig4-neighbours.png --json target/runs/cifar-fig4-neighbours.json >/dev/null
+    python3 -c 'import json, sys; print("kNN (k=6) accuracy of fc7:", json.load(open(sys.argv[1]))["knn_accuracy"])' \
+      target/runs/cifar-fig4-neighbours.json | tee $res/fig4-knn.txt ;;
   cifar-towers-resume)
     # continue the run above from checkpoint CKPT (Ctrl-C saves one), optionally at LR (the
     # paper's manual division by 10)

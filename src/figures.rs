@@ -319,8 +319,13 @@ impl FeatureSet {
                 (i, d.sqrt())
             })
             .collect();
-        distances.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        distances.truncate(k);
+        let order = |a: &(usize, f64), b: &(usize, f64)| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0));
+        // the k nearest found without sorting the whole pool (50,000 CIFAR-10 images a query)
+        if k < distances.len() {
+            distances.select_nth_unstable_by(k, order);
+            distances.truncate(k);
+        }
+        distances.sort_by(order);
         distances
     }
 
