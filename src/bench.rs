@@ -78,6 +78,9 @@ struct Measurement {
     median_s: f64,
     images_per_s: f64,
     peak_rss_mib: f64,
+    /// With `--data`: the loader's decoding workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<usize>,
     /// With `--layers`: each layer's median time.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     layers: Vec<LayerTime>,
@@ -154,6 +157,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 median_s,
                 images_per_s: batch as f64 / median_s,
                 peak_rss_mib: peak_rss_mib(),
+                workers: None,
                 layers: layer_medians(&layer_runs),
             };
             println!(
@@ -255,6 +259,7 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
                     median_s,
                     images_per_s: images as f64 / median_s,
                     peak_rss_mib: peak_rss_mib(),
+                    workers: Some(workers),
                     layers: Vec::new(),
                 };
                 println!("{:<12} {:<10} {:>6} {:>12.3} {:>10.1}", preset.name(), name, batch, median_s, m.images_per_s);
