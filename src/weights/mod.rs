@@ -85,13 +85,20 @@ impl WeightFile {
         let mut metadata = BTreeMap::new();
         let tensors: Vec<(String, Tensor)> = match format {
             Format::Safetensors => {
-                let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-                    .with_context(|| format!("{file}: invalid or truncated safetensors file"))?;
+                use candle_core::safetensors::Load;
+                let invalid = || format!("{file}: invalid or truncated safetensors file");
+                // the header parsed (and its offsets checked against the data) once
+                let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(invalid)?;
                 metadata.extend(header.metadata().clone().unwrap_or_default());
-                candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-                    .with_context(|| format!("{file}: invalid or truncated safetensors file"))?
-                    .into_iter()
-                    .collect()
+                let data = &bytes[8 + header_len..];
+                let mut tensors = Vec::with_capacity(header.tensors().len());
+                for (name, info) in header.tensors() {
+                    let (start, end) = info.data_offsets;
+                    let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &data[start..end])
+                        .with_context(invalid)?;
+                    tensors.push((name, view.load(&Device::Cpu).with_context(invalid)?));
+                }
+                tensors
             }
             Format::PyTorch => pth::load(path, &bytes)?,
             Format::Caffe => caffe::load(&bytes).with_context(|| format!("{file}: invalid or truncated caffemodel"))?,
