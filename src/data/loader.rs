@@ -1,7 +1,7 @@
 //! The loading pipeline: decoding workers, threads of their own apart from the compute pool,
 //! each taking the next image as soon as it finishes one, and writing its frames (8-bit RGB,
 //! decoded and resized) into a buffer recycled from batch to batch. The images are put back in
-//! order as batches, at most `prefetch` batches ahead of the consumer, so memory stays bounded
+//! order as batches, at most two batches ahead of the consumer, so memory stays bounded
 //! whatever the data set's size; the consumer turns a batch into the net's input with the
 //! input layer ([`crate::ops::Augment`]) where the net runs.
 
