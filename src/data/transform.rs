@@ -154,35 +154,39 @@ impl Transform {
             pil_resize_shorter_centre_into(img, self.base, s as u32, scratch, out)?;
             return Ok(vec![View::at(0, 0, 0)]);
         }
-        let base = match self.kind {
-            TransformKind::Torchvision => pil_resize_shorter(img, self.base)?,
-            TransformKind::Caffe => cv_resize(img, self.base, self.base),
-            TransformKind::Paper => centre_square(img, self.base)?,
-        };
+        let side = self.base as usize;
+        match self.kind {
+            TransformKind::Paper if img.dimensions() == (self.base, self.base) => out.copy_from_slice(img.as_raw()),
+            TransformKind::Paper => pil_resize_shorter_centre_into(img, self.base, self.base, scratch, out)?,
+            TransformKind::Caffe => out.copy_from_slice(cv_resize(img, self.base, self.base).as_raw()),
+            TransformKind::Torchvision => return self.ten_crops(&pil_resize_shorter(img, self.base)?, out),
+        }
+        if side < s {
+            bail!("image is {side}x{side} after resizing, smaller than the {s}x{s} crop")
+        }
+        // Caffe: (side - s) / 2 in integers; Caffe's oversample: the four corners and the
+        // centre, then each of them mirrored
+        let (r, c) = (side - s, (side - s) / 2);
+        let at = |&(y, x): &(usize, usize)| View::at(0, y, x);
+        if !ten {
+            return Ok(vec![at(&(c, c))]);
+        }
+        let five = [(0, 0), (0, r), (r, 0), (r, r), (c, c)];
+        let mirrored = five.iter().map(|p| View { flip: true, ..at(p) });
+        Ok(five.iter().map(at).chain(mirrored).collect())
+    }
+
+    /// torchvision's `TenCrop` of its resized image `base`: the five crops, then the same five
+    /// of the mirrored image, so the mirrored "top-left" is the mirror of the top-right crop.
+    fn ten_crops(&self, base: &RgbImage, out: &mut [u8]) -> anyhow::Result<Vec<View>> {
+        let s = self.crop;
         let (h, w) = (base.height() as usize, base.width() as usize);
         if h < s || w < s {
             bail!("image is {w}x{h} after resizing, smaller than the {s}x{s} crop")
         }
-        let centre = match self.kind {
-            // torchvision: int(round((h - s) / 2)) with Python's round-half-to-even
-            TransformKind::Torchvision => (round_half_even(h - s), round_half_even(w - s)),
-            // Caffe: (h - s) / 2 in integers
-            TransformKind::Caffe | TransformKind::Paper => ((h - s) / 2, (w - s) / 2),
-        };
-        let five = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), centre];
-        if self.kind != TransformKind::Torchvision {
-            out.copy_from_slice(base.as_raw());
-            let at = |&(y, x): &(usize, usize)| View::at(0, y, x);
-            if !ten {
-                return Ok(vec![at(&centre)]);
-            }
-            // Caffe's oversample: the five crops, then each of them mirrored
-            let mirrored = five.iter().map(|p| View { flip: true, ..at(p) });
-            return Ok(five.iter().map(at).chain(mirrored).collect());
-        }
-        // TenCrop: the five crops, then the same five of the mirrored image, so the mirrored
-        // "top-left" is the mirror of the top-right crop
-        let (cy, cx) = centre;
+        // int(round((h - s) / 2)) with Python's round-half-to-even
+        let (cy, cx) = (round_half_even(h - s), round_half_even(w - s));
+        let five = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), (cy, cx)];
         let frames = five.into_iter().chain([(cy, w - s - cx)]);
         for ((y0, x0), frame) in frames.zip(out.chunks_exact_mut(s * s * 3)) {
             for (y, row) in (y0..y0 + s).zip(frame.chunks_exact_mut(s * 3)) {
