@@ -724,8 +724,9 @@ mod tests {
     /// and 2 and partial Winograd tiles, strided 11x11 and 3x3; one, two and three vectors of
     /// output channels (the direct form's blocks) and counts off the 16 lanes; single images,
     /// batches that fill a chunk of images spread over the cores and batches of several chunks.
-    const SHAPES: [Sizes; 20] = [
+    const SHAPES: [Sizes; 21] = [
         (3, 5, 13, 13, 16, 3, 1, 1),
+        (2, 3, 16, 15, 32, 5, 1, 2), // an image's 3 channels at stride 1: the direct form's
         (4, 6, 10, 9, 17, 3, 1, 0),
         (5, 4, 9, 9, 20, 5, 1, 2),
         (2, 20, 9, 11, 8, 3, 1, 1),
@@ -807,7 +808,8 @@ mod tests {
     /// The direct kernels give the same bits at every level this CPU has (each output summed
     /// in one lane, in the same order, whatever the vectors' width and the register blocks):
     /// the forward with and without the ReLU and with packed weights, and the weight gradient
-    /// of strided convolutions. On [`SHAPES`] and a few more with channel counts off 8 and 16:
+    /// (which strides above 1 and an image's 3 channels take; here every shape's). On
+    /// [`SHAPES`] and a few more with channel counts off 8 and 16:
     /// conv1's 11x11 at stride 4, and 3x3 on 13x13 maps at stride 1.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -828,15 +830,12 @@ mod tests {
             let shape = format!("{n}x{c}x{h}x{w} * {o}x{k}x{k}, stride {stride}");
             let at = |level: direct::Level| {
                 let packed = direct::pack_weights_at(level, &g, &wt);
-                let mut got = vec![
+                vec![
                     bits(direct::forward_at(level, &g, &x, &wt, None, &b, false)),
                     bits(direct::forward_at(level, &g, &x, &wt, None, &b, true)),
                     bits(direct::forward_at(level, &g, &x, &wt, Some(&packed), &b, true)),
-                ];
-                if stride > 1 {
-                    got.push(bits(direct::weight_grad_at(level, &g, &x, &dy)));
-                }
-                got
+                    bits(direct::weight_grad_at(level, &g, &x, &dy)),
+                ]
             };
             let want = at(levels[0]);
             for &level in &levels[1..] {
@@ -875,8 +874,9 @@ mod tests {
 
     /// The gradients' fast paths against the GEMM forms: for stride 1, both by Winograd (the
     /// input gradient, `dX` as a convolution of `dY`, against `col2im(Wᵀ · dY)`, the weight
-    /// gradient against `Σ dY · P(X)`); for strides above 1, the direct weight gradient (blocks
-    /// of 16, 12 and 8 taps, the last partly unused) against `Σ dY · P(X)`.
+    /// gradient against `Σ dY · P(X)`); the direct weight gradient (blocks of 16, 12 and 8 taps,
+    /// the last partly unused), which strides above 1 and an image's 3 channels take, against
+    /// `Σ dY · P(X)` at every shape.
     #[test]
     fn gradient_paths_agree() {
         for (n, c, h, w, o, k, stride, pad) in SHAPES {
@@ -889,7 +889,7 @@ mod tests {
                 paths.push(("weight", weight_grad_gemm(&g, &x, &dy), winograd::weight_grad(&g, &x, &dy)));
             }
             #[cfg(target_arch = "x86_64")]
-            if direct::applies(&g) {
+            if direct::available() {
                 paths.push(("direct weight", weight_grad_gemm(&g, &x, &dy), direct::weight_grad(&g, &x, &dy)));
             }
             for (what, want, got) in paths {
