@@ -312,17 +312,9 @@ impl TrainTransform {
     /// One image's training view as the net's input (what the loader and the input layer make
     /// of it in a batch).
     pub fn train(&self, sample: &Sample, seed: u64, epoch: usize, position: usize) -> anyhow::Result<Chw> {
-        self.one(sample, self.train_view(seed, epoch, position))
-    }
-
-    /// One image's validation view (the centre crop) as the net's input.
-    pub fn val(&self, sample: &Sample) -> anyhow::Result<Chw> {
-        self.one(sample, self.val_views(false)[0])
-    }
-
-    fn one(&self, sample: &Sample, view: View) -> anyhow::Result<Chw> {
         let mut frame = vec![0u8; self.frame_shape().bytes()];
         self.frame(sample, &mut Scratch::default(), &mut frame)?;
+        let view = self.train_view(seed, epoch, position);
         Ok(self.input_layer().apply_slice(&frame, self.base as usize, &[view])?)
     }
 }
