@@ -195,8 +195,9 @@ pub struct TrainTransform {
 }
 
 impl TrainTransform {
-    /// The validation view's pipeline as an inference [`Transform`] (the same bits as
-    /// [`TrainTransform::val`]), which `train` records in the weights it writes.
+    /// The validation view's pipeline as an inference [`Transform`] (the same bits as the
+    /// centre view of [`TrainTransform::val_views`]), which `train` records in the weights it
+    /// writes.
     pub fn inference(&self) -> Transform {
         Transform {
             kind: TransformKind::Paper,
