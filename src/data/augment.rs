@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::dataset::Sample;
 use super::loader::{self, Batches, FrameShape};
-use super::transform::{centre_square, pil_resize_shorter_centre_into, Chw, Mean, Transform, TransformKind};
+use super::transform::{centre_square, centre_square_into, Chw, Mean, Transform, TransformKind};
 use super::Scratch;
 use crate::ops::{Augment, MeanValues, Normalise, View};
 
@@ -217,13 +217,8 @@ impl TrainTransform {
     /// `sample`'s base image written into `out`, through a worker's `scratch`.
     pub fn frame(&self, sample: &Sample, scratch: &mut Scratch, out: &mut [u8]) -> anyhow::Result<()> {
         let img = sample.decode_with(scratch)?;
-        let side = self.base;
-        if img.dimensions() == (side, side) {
-            out.copy_from_slice(img.as_raw()); // prepared, or CIFAR-10's own size
-        } else {
-            pil_resize_shorter_centre_into(&img, side, side, &mut scratch.resize, out)
-                .with_context(|| format!("image {}", sample.path.display()))?;
-        }
+        centre_square_into(&img, self.base, &mut scratch.resize, out)
+            .with_context(|| format!("image {}", sample.path.display()))?;
         scratch.recycle(img);
         Ok(())
     }

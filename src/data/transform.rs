@@ -156,8 +156,7 @@ impl Transform {
         }
         let side = self.base as usize;
         match self.kind {
-            TransformKind::Paper if img.dimensions() == (self.base, self.base) => out.copy_from_slice(img.as_raw()),
-            TransformKind::Paper => pil_resize_shorter_centre_into(img, self.base, self.base, scratch, out)?,
+            TransformKind::Paper => centre_square_into(img, self.base, scratch, out)?,
             TransformKind::Caffe => out.copy_from_slice(cv_resize(img, self.base, self.base).as_raw()),
             TransformKind::Torchvision => return self.ten_crops(&pil_resize_shorter(img, self.base)?, out),
         }
@@ -330,6 +329,20 @@ pub fn centre_square(img: &RgbImage, side: u32) -> anyhow::Result<RgbImage> {
         return Ok(img.clone());
     }
     pil_resize_shorter_centre(img, side, side)
+}
+
+/// [`centre_square`] written into `out` (`side` x `side` RGB) with a worker's `scratch`.
+pub fn centre_square_into(
+    img: &RgbImage,
+    side: u32,
+    scratch: &mut ResizeScratch,
+    out: &mut [u8],
+) -> anyhow::Result<()> {
+    if img.dimensions() == (side, side) {
+        out.copy_from_slice(img.as_raw());
+        return Ok(());
+    }
+    pil_resize_shorter_centre_into(img, side, side, scratch, out)
 }
 
 /// torchvision's `Resize(size)` then `CenterCrop(crop)`, with only the crop computed: the
