@@ -199,3 +199,20 @@ fn a_mutation_fuzzer_finds_no_panics_in_images_means_and_devkit_files() {
         alexnet::data::dataset::Dataset::open(dir.path(), &classes.ids(), Some(&labels), Some(path)).is_ok()
     });
 }
+
+/// A JPEG whose header claims more pixels than Pillow opens is refused from its header (libjpeg
+/// reads it, nothing is decoded), and one cut short is refused as PIL refuses it.
+#[test]
+fn jpeg_bombs_and_truncated_jpegs_are_clear_errors() {
+    let photo = std::fs::read(shared_data("imagenet-sample/n01440764_tench.JPEG")).unwrap();
+    let path = Path::new("x.jpg");
+    // the baseline frame header: FF C0, length (2), precision (1), height (2), width (2)
+    let sof = photo.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a baseline JPEG");
+    let mut bomb = photo.clone();
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0x4E, 0x20, 0x4E, 0x20]); // 20000 x 20000
+    let err = alexnet::data::decode_bytes(&bomb, path).unwrap_err().to_string();
+    assert!(err.contains("20000x20000, more than the"), "{err}");
+    let err = alexnet::data::decode_bytes(&photo[..photo.len() / 2], path).unwrap_err().to_string();
+    assert!(err.contains("is truncated"), "{err}");
+    assert!(alexnet::data::decode_bytes(&photo, path).is_ok());
+}

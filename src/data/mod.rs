@@ -51,47 +51,64 @@ impl Scratch {
 
 /// [`decode_bytes`] into `pixels` (a buffer to reuse; JPEGs are decoded into it).
 fn decode_bytes_into(bytes: &[u8], path: &Path, pixels: Vec<u8>) -> anyhow::Result<RgbImage> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        if !jpeg_is_complete(bytes) {
+            // PIL refuses these ("image file is truncated"); Rust's decoder would fill in grey.
+            anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())
+        }
+        match decode_jpeg(bytes, pixels) {
+            Jpeg::Decoded(img) => return Ok(img),
+            Jpeg::TooLarge(w, h) => bail_too_large(path, w, h)?,
+            Jpeg::NotHandled => {}
+        }
+    }
     let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()?
         .into_dimensions()
         .with_context(|| format!("cannot decode image {}", path.display()))?;
+    bail_too_large(path, w, h)?;
+    let img = image::load_from_memory(bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+/// The pixel limit, checked from the header before anything is decoded.
+fn bail_too_large(path: &Path, w: u32, h: u32) -> anyhow::Result<()> {
     if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
         anyhow::bail!(
             "image {} is {w}x{h}, more than the {MAX_IMAGE_PIXELS} pixels allowed (Pillow's limit)",
             path.display()
         )
     }
-    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
-        // PIL refuses these ("image file is truncated"); Rust's decoder would fill in grey.
-        anyhow::bail!("image {} is truncated (its JPEG data has no end-of-image marker)", path.display())
-    }
-    if bytes.starts_with(&[0xFF, 0xD8]) {
-        if let Some(img) = decode_jpeg(bytes, pixels) {
-            return Ok(img);
-        }
-    }
-    let img = image::load_from_memory(bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
-    Ok(img.to_rgb8())
+    Ok(())
 }
 
-/// RGB or greyscale JPEG through libjpeg (mozjpeg's build of libjpeg-turbo), into `pixels`;
-/// None for what it cannot turn into RGB (CMYK) or rejects, which then goes to the `image`
-/// crate's decoder.
-fn decode_jpeg(bytes: &[u8], mut pixels: Vec<u8>) -> Option<RgbImage> {
+enum Jpeg {
+    Decoded(RgbImage),
+    /// Its header's size, over [`MAX_IMAGE_PIXELS`]: nothing was decoded.
+    TooLarge(u32, u32),
+    /// What libjpeg cannot turn into RGB (CMYK) or rejects: for the `image` crate's decoder.
+    NotHandled,
+}
+
+/// RGB or greyscale JPEG through libjpeg (mozjpeg's build of libjpeg-turbo), into `pixels`.
+fn decode_jpeg(bytes: &[u8], mut pixels: Vec<u8>) -> Jpeg {
     silence_libjpeg_panics();
     // mozjpeg reports libjpeg errors by unwinding; catch them here.
-    std::panic::catch_unwind(move || -> Option<RgbImage> {
+    std::panic::catch_unwind(move || -> Option<Jpeg> {
         let decompress = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        let (w, h) = (decompress.width() as u32, decompress.height() as u32);
+        if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+            return Some(Jpeg::TooLarge(w, h));
+        }
         let mut started = decompress.rgb().ok()?;
-        let (w, h) = (started.width() as u32, started.height() as u32);
-        // the size was checked against MAX_IMAGE_PIXELS from the header
         pixels.resize(w as usize * h as usize * 3, 0);
         started.read_scanlines_into::<u8>(&mut pixels).ok()?;
         started.finish().ok()?;
-        RgbImage::from_raw(w, h, pixels)
+        RgbImage::from_raw(w, h, pixels).map(Jpeg::Decoded)
     })
     .ok()
     .flatten()
+    .unwrap_or(Jpeg::NotHandled)
 }
 
 /// `img` as a baseline JPEG at `quality` (1-100) through mozjpeg's libjpeg-turbo profile
@@ -125,10 +142,14 @@ fn silence_libjpeg_panics() {
     });
 }
 
-/// Whether a JPEG's last scan is followed by an end-of-image marker (FF D9). Inside
-/// entropy-coded data a 0xFF is always followed by 0x00 or a restart marker, so neither
-/// marker can occur by chance after the last start-of-scan (FF DA).
+/// Whether a JPEG's last scan is followed by an end-of-image marker (FF D9): whether, searching
+/// from the end, an FF D9 comes before any start-of-scan (FF DA). Inside entropy-coded data a
+/// 0xFF is always followed by 0x00 or a restart marker, so neither marker occurs there by
+/// chance; a complete file ends in FF D9, so the search usually stops at once.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
-    matches!((last(0xDA), last(0xD9)), (Some(sos), Some(eoi)) if eoi > sos)
+    let last_marker = bytes.windows(2).rev().find_map(|w| match w {
+        [0xFF, m @ (0xD9 | 0xDA)] => Some(*m),
+        _ => None,
+    });
+    last_marker == Some(0xD9)
 }
