@@ -362,7 +362,7 @@ pub struct TrainArgs {
     /// Plateau: epochs without improvement before dividing lr by 10.
     #[arg(long)]
     patience: Option<usize>,
-    /// Plateau: at most this many divisions.
+    /// Plateau: at most this many divisions; the next plateau after the last ends the run.
     #[arg(long)]
     max_drops: Option<usize>,
     /// Step: epochs between multiplications by --gamma.

@@ -30,7 +30,8 @@ use crate::weights::{remove_stale_temporaries, save_safetensors, Identity, Param
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Divide by 10 when the validation error has not improved for `patience` epochs
-    /// (the paper), at most `max_drops` times.
+    /// (the paper), at most `max_drops` times; after the last, the next such plateau ends the
+    /// run (the paper's rate "was reduced three times prior to termination").
     Plateau,
     /// Multiply by `gamma` every `step_epochs` epochs (Caffe, torchvision).
     Step,
@@ -518,8 +519,15 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
             }
         }
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
-        sched.advance(&config, epoch, line.val_top1_error);
+        let plateaued = sched.advance(&config, epoch, line.val_top1_error);
         save(&model, &sgd, epoch, step, &sched)?;
+        if plateaued {
+            eprintln!(
+                "epoch {epoch}: no better validation error for {} epochs after the last of {} drops; stopping",
+                config.patience, config.max_drops
+            );
+            break;
+        }
         if let (Some(target), Some(err)) = (config.target_train_error, train_error) {
             if err < target {
                 eprintln!(
@@ -537,7 +545,9 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
 }
 
 impl ScheduleState {
-    fn advance(&mut self, config: &TrainConfig, epoch: usize, val_error: Option<f64>) {
+    /// The rate for the next epoch, from the epoch just ended; true when the plateau rule
+    /// ends the run (no improvement for `patience` epochs after its last drop).
+    fn advance(&mut self, config: &TrainConfig, epoch: usize, val_error: Option<f64>) -> bool {
         match config.schedule {
             Schedule::Constant => {}
             Schedule::Step => {
@@ -546,20 +556,24 @@ impl ScheduleState {
                 }
             }
             Schedule::Plateau => {
-                let Some(err) = val_error else { return };
+                let Some(err) = val_error else { return false };
                 if self.best_val_error.is_none_or(|best| err < best) {
                     self.best_val_error = Some(err);
                     self.epochs_without_improvement = 0;
-                    return;
+                    return false;
                 }
                 self.epochs_without_improvement += 1;
-                if self.epochs_without_improvement >= config.patience && self.drops < config.max_drops {
+                if self.epochs_without_improvement >= config.patience {
+                    if self.drops >= config.max_drops {
+                        return true;
+                    }
                     self.lr /= 10.0;
                     self.drops += 1;
                     self.epochs_without_improvement = 0;
                 }
             }
         }
+        false
     }
 }
 
@@ -768,5 +782,33 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The paper's rule: divide by 10 after `patience` epochs without a better validation
+    /// error, at most `max_drops` times, and stop at the plateau after the last.
+    #[test]
+    fn the_plateau_rule_drops_three_times_then_stops() {
+        let config = TrainConfig { patience: 2, ..TrainConfig::recipe(Recipe::Paper, Preset::CifarTowers) };
+        let mut s = ScheduleState { lr: 0.01, best_val_error: None, epochs_without_improvement: 0, drops: 0 };
+        let errors = [0.5, 0.4, 0.41, 0.42, 0.3, 0.3, 0.31, 0.2, 0.25, 0.21, 0.22, 0.23, 0.24, 0.25];
+        let mut lrs = vec![];
+        for (epoch, &err) in errors.iter().enumerate() {
+            let stop = s.advance(&config, epoch + 1, Some(err));
+            lrs.push(s.lr);
+            if stop {
+                break;
+            }
+        }
+        let expected = [1e-2, 1e-2, 1e-2, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5];
+        assert_eq!(lrs.len(), expected.len(), "{lrs:?}");
+        for (lr, e) in lrs.iter().zip(expected) {
+            assert!((lr / e - 1.0).abs() < 1e-12, "{lrs:?}");
+        }
+        assert_eq!(s.drops, 3); // and stopped at the 12th epoch: its second without a better error since the third
     }
 }
