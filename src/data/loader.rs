@@ -85,6 +85,8 @@ where
     let batch_size = batch_size.max(1);
     let batches = samples.len().div_ceil(batch_size);
     let shared = Arc::new(Shared {
+        images: samples.len(),
+        batch_size,
         state: Mutex::new(State {
             next: 0,
             consumed: 0,
@@ -101,7 +103,7 @@ where
         std::thread::spawn(move || {
             let (samples, init, prepare) = &*work;
             let mut scratch = init();
-            while let Some((position, mut buffer)) = shared.next_image(samples.len(), batch_size, PREFETCH) {
+            while let Some((position, mut buffer)) = shared.next_image(PREFETCH) {
                 buffer.resize(shape.bytes(), 0); // a recycled buffer keeps its length: no zeroing
                 let sample = &samples[position];
                 // a panic would leave its batch incomplete and the consumer waiting: an error
@@ -110,7 +112,7 @@ where
                 }))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the image panicked")))
                 .map_err(|e| (sample.path.clone(), format!("{e:#}")));
-                shared.finish(position, batch_size, samples.len(), buffer, result);
+                shared.finish(position, buffer, result);
             }
         });
     }
@@ -150,7 +152,7 @@ impl Iterator for Batches {
                     let (buffer, result) = slot.expect("every image of a finished batch is in");
                     match result {
                         Ok(views) => {
-                            batch.items.push((index * done.batch_size + i, views));
+                            batch.items.push((index * self.shared.batch_size + i, views));
                             batch.frames.push(buffer);
                         }
                         Err(failure) => {
@@ -176,6 +178,9 @@ impl Drop for Batches {
 
 /// The state the workers and the consumer share.
 struct Shared {
+    /// How many images there are, in batches of `batch_size`.
+    images: usize,
+    batch_size: usize,
     state: Mutex<State>,
     /// A batch is complete.
     ready: Condvar,
@@ -198,7 +203,6 @@ struct State {
 }
 
 struct Pending {
-    batch_size: usize,
     slots: Vec<Option<(Vec<u8>, Loaded)>>,
     remaining: usize,
 }
@@ -210,13 +214,13 @@ impl Shared {
 
     /// The next image's position and a buffer for its frames, once its batch is within
     /// `prefetch` of the consumer's; None when every image is handed out or the consumer stopped.
-    fn next_image(&self, len: usize, batch_size: usize, prefetch: usize) -> Option<(usize, Vec<u8>)> {
+    fn next_image(&self, prefetch: usize) -> Option<(usize, Vec<u8>)> {
         let mut state = self.lock();
         loop {
-            if state.stopped || state.next >= len {
+            if state.stopped || state.next >= self.images {
                 return None;
             }
-            if state.next / batch_size < state.consumed + prefetch {
+            if state.next / self.batch_size < state.consumed + prefetch {
                 let position = state.next;
                 state.next += 1;
                 let buffer = state.buffers.pop().unwrap_or_default();
@@ -227,16 +231,15 @@ impl Shared {
     }
 
     /// Puts the image at `position` into its batch, and wakes the consumer when that completes.
-    fn finish(&self, position: usize, batch_size: usize, len: usize, buffer: Vec<u8>, result: Loaded) {
+    fn finish(&self, position: usize, buffer: Vec<u8>, result: Loaded) {
         let mut state = self.lock();
-        let index = position / batch_size;
-        let images = batch_size.min(len - index * batch_size);
-        let batch = state.pending.entry(index).or_insert_with(|| Pending {
-            batch_size,
-            slots: (0..images).map(|_| None).collect(),
-            remaining: images,
-        });
-        batch.slots[position - index * batch_size] = Some((buffer, result));
+        let index = position / self.batch_size;
+        let images = self.batch_size.min(self.images - index * self.batch_size);
+        let batch = state
+            .pending
+            .entry(index)
+            .or_insert_with(|| Pending { slots: (0..images).map(|_| None).collect(), remaining: images });
+        batch.slots[position - index * self.batch_size] = Some((buffer, result));
         batch.remaining -= 1;
         if batch.remaining == 0 {
             self.ready.notify_all();
