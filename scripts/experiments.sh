@@ -54,11 +54,11 @@ case "$1" in
         --patience 3 --max-drops 3 --init reference --keep 2 --quiet
     fi ;;
   cifar-figures)
-    # issue 26: the test accuracy (one crop and ten) and the paper's Figures 3 and 4 from the
-    # converged run's weights (WEIGHTS): conv1's
-    # kernels with each tower's colour measure; fc7 features of the 50,000 training images (the
-    # pool) and the 10,000 test images (the queries); each query's 6 nearest training images by
-    # Euclidean distance (the first 16 queries drawn) and the 6-NN vote's accuracy
+    # issue 26: from the converged run's weights (WEIGHTS), the test accuracy (one crop and ten)
+    # and the paper's Figures 3 and 4: conv1's kernels with each tower's colour measure; fc7
+    # features of the 50,000 training images (the pool) and the 10,000 test images (the
+    # queries); each query's 6 nearest training images by Euclidean distance (the first 16
+    # queries drawn) and the 6-NN vote's accuracy
     w=${WEIGHTS:-target/runs/cifar-towers-converge/final.safetensors}
     res=${RES:-results/cifar-towers}
     # test accuracy from one centre crop (as the log's validation) and from the paper's ten patches
