@@ -1,6 +1,6 @@
 """Makes the PyTorch fixtures the parity tests compare against (tests/fixtures/*.safetensors).
 
-    /path/to/venv/bin/python scripts/make_fixtures.py      # needs torch, torchvision, safetensors
+    /path/to/venv/bin/python scripts/make_fixtures.py [ops|activations|PRESET...]   # needs torch, torchvision, safetensors
 
 Weights and inputs are never stored: both sides regenerate them from the reference pattern
 (scripts/reference_pattern.py == src/init.rs). What is stored is small: full logits, and for
@@ -203,8 +203,32 @@ def ops_fixture():
     save_file(out, os.path.join(OUT, "ops.safetensors"))
 
 
+def activations_fixture():
+    """tanh forward and backward: on the reference pattern over [-6, 6] and on values that probe
+    its ends (zeros, tiny, where the kernel's ranges meet, where f32 tanh becomes 1, inf)."""
+    out = {}
+    special = [0.0, -0.0, 1e-30, -1e-8, 1e-4, 0.1, 0.17, 0.18, 0.35, 0.55, 0.625, 1.0, 2.0, 5.0,
+               8.0, 9.0, 9.01, 9.1, 10.0, 20.0, 100.0, float("inf"), -0.3, -4.0, -9.05, -float("inf")]
+    cases = [("tanh", t(reference_pattern("tanh.x", 1, (4, 8, 16, 16), 6.0))),
+             ("tanh_special", torch.tensor(special, dtype=torch.float32))]
+    for name, x in cases:
+        x = x.clone().requires_grad_(True)
+        y = torch.tanh(x)
+        y.backward(t(reference_pattern(f"{name}.grad", 1, tuple(y.shape), 1.0)))
+        if name == "tanh_special":
+            out[f"{name}/x"] = x.detach().contiguous()
+        out[f"{name}/y"] = y.detach().contiguous()
+        out[f"{name}/grad_x"] = x.grad.contiguous()
+    save_file(out, os.path.join(OUT, "activations.safetensors"))
+
+
 if __name__ == "__main__":
+    # scripts/make_fixtures.py [ops|activations|PRESET...]: the fixtures named (default all)
     os.makedirs(OUT, exist_ok=True)
-    ops_fixture()
-    for preset in sys.argv[1:] or ["paper", "caffe", "torchvision"]:
-        model_fixture(preset)
+    for target in sys.argv[1:] or ["ops", "activations", "paper", "caffe", "torchvision"]:
+        if target == "ops":
+            ops_fixture()
+        elif target == "activations":
+            activations_fixture()
+        else:
+            model_fixture(target)

@@ -966,7 +966,13 @@ impl SmallNet {
     }
 
     fn forward(&self, x: &Tensor, trace: &mut Option<Trace>) -> CandleResult<Tensor> {
-        let act = |conv: &Conv, h: &Tensor| if self.tanh { conv.forward(h)?.tanh() } else { conv.forward_relu(h) };
+        let act = |conv: &Conv, h: &Tensor| {
+            if self.tanh {
+                crate::ops::tanh(&conv.forward(h)?)
+            } else {
+                conv.forward_relu(h)
+            }
+        };
         let mut h = x.to_device(&self.device)?;
         for (conv, name, pool) in
             [(&self.conv1, "conv1", "pool1"), (&self.conv2, "conv2", "pool2"), (&self.conv3, "conv3", "pool3")]

@@ -1,10 +1,11 @@
-//! The ops Candle lacks, forward and backward, against PyTorch (tests/fixtures/ops.safetensors).
+//! The ops Candle lacks, forward and backward, against PyTorch (tests/fixtures/ops.safetensors,
+//! and activations.safetensors for tanh).
 
 mod common;
 
 use alexnet::init::reference_pattern;
 use alexnet::ops::{
-    adaptive_avg_pool2d, conv2d, conv2d_relu, lrn, lrn_tensor_ops, max_pool2d, max_pool2d_tensor_ops, Lrn,
+    adaptive_avg_pool2d, conv2d, conv2d_relu, lrn, lrn_tensor_ops, max_pool2d, max_pool2d_tensor_ops, tanh, Lrn,
 };
 use candle_core::{Tensor, Var};
 use common::*;
@@ -143,6 +144,31 @@ fn adaptive_avg_pool_shrinking_and_growing() {
 }
 
 /// The tests above again at every instruction-set level this CPU has below its best.
+/// tanh against PyTorch's (SLEEF's vectorised tanhf, at most 1 ulp from the exact value;
+/// ours is correctly rounded): every value within 1 ulp of PyTorch's, on a pattern over
+/// [-6, 6] and at the ends (zeros, tiny values, 9-10 where f32 tanh becomes 1, inf), and the
+/// gradient `g (1 - y^2)` as PyTorch's.
+#[test]
+fn tanh_forward_and_backward_match_pytorch() {
+    let f = fixture("activations.safetensors");
+    for (name, x) in
+        [("tanh", pattern("tanh.x", &[4, 8, 16, 16], 6.0)), ("tanh_special", get(&f, "tanh_special/x").clone())]
+    {
+        let x = Var::from_tensor(&x).unwrap();
+        let y = tanh(&x).unwrap();
+        let (ours, theirs) = (flat(&y), flat(get(&f, &format!("{name}/y"))));
+        let mut differ = 0;
+        for ((&a, &b), &x) in ours.iter().zip(&theirs).zip(&flat(&x)) {
+            assert!(a.to_bits().abs_diff(b.to_bits()) <= 1, "{name}: tanh({x:e}) = {a:e}, PyTorch's {b:e}");
+            differ += (a != b) as usize;
+        }
+        eprintln!("{name}: {differ} of {} values 1 ulp from PyTorch's", ours.len());
+        let grad_y = pattern(&format!("{name}.grad"), y.dims(), 1.0);
+        let grads = (&y * &grad_y).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(&format!("{name} backward"), grads.get(&x).unwrap(), get(&f, &format!("{name}/grad_x")), 1e-6);
+    }
+}
+
 #[test]
 fn ops_pass_at_every_isa_level() {
     alexnet::ops::rerun_tests_below_the_best_level("ops_pass_at_every_isa_level");

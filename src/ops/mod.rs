@@ -14,6 +14,8 @@
 //!   [`conv2d_prepared`] for a layer that keeps its state ([`Prepared`]).
 //! * [`linear`], [`linear_relu`]: a fully-connected layer as one op, so its backward hands
 //!   Candle each gradient once; [`linear_prepared`] for a layer that keeps its state.
+//! * [`tanh`]: tanh vectorised (Candle's calls the C library's `tanhf` a value at a time),
+//!   the same bits at every level, within 1 ulp of the exact value.
 //! * [`Isa`]: the CPU's instruction-set level, asked once; every kernel with a level-specific
 //!   form asks it.
 //! * [`backward`]: `loss.backward()` with the gradients of those two ops' parameters put in
@@ -39,6 +41,7 @@ mod linear;
 mod lrn;
 mod lrn_pool;
 mod max_pool;
+mod tanh;
 
 pub use adaptive_pool::adaptive_avg_pool2d;
 pub use augment::{Augment, MeanValues, Normalise, View};
@@ -49,6 +52,7 @@ pub use linear::{linear, linear_prepared, linear_relu};
 pub use lrn::{lrn, lrn_tensor_ops, Lrn};
 pub use lrn_pool::lrn_max_pool2d;
 pub use max_pool::{max_pool2d, max_pool2d_tensor_ops};
+pub use tanh::tanh;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
