@@ -157,8 +157,17 @@ impl Transform {
         let side = self.base as usize;
         match self.kind {
             TransformKind::Paper => centre_square_into(img, self.base, scratch, out)?,
-            TransformKind::Caffe => out.copy_from_slice(cv_resize(img, self.base, self.base).as_raw()),
-            TransformKind::Torchvision => return self.ten_crops(&pil_resize_shorter(img, self.base)?, out),
+            TransformKind::Caffe => cv_resize_into(img, self.base, self.base, out),
+            TransformKind::Torchvision => {
+                // the whole resized image, in the worker's buffer for it, then its six crops
+                let (w, h) = shorter_side_to(img, self.base)?;
+                let mut base = std::mem::take(&mut scratch.base);
+                base.resize(w as usize * h as usize * 3, 0);
+                pil_resize_window(img, w, h, (0..h as usize, 0..w as usize), scratch, &mut base);
+                let views = self.ten_crops(&base, (w as usize, h as usize), out);
+                scratch.base = base;
+                return views;
+            }
         }
         if side < s {
             bail!("image is {side}x{side} after resizing, smaller than the {s}x{s} crop")
@@ -175,11 +184,11 @@ impl Transform {
         Ok(five.iter().map(at).chain(mirrored).collect())
     }
 
-    /// torchvision's `TenCrop` of its resized image `base`: the five crops, then the same five
-    /// of the mirrored image, so the mirrored "top-left" is the mirror of the top-right crop.
-    fn ten_crops(&self, base: &RgbImage, out: &mut [u8]) -> anyhow::Result<Vec<View>> {
+    /// torchvision's `TenCrop` of its resized image `base` (`w` x `h` RGB): the five crops,
+    /// then the same five of the mirrored image, so the mirrored "top-left" is the mirror of
+    /// the top-right crop.
+    fn ten_crops(&self, base: &[u8], (w, h): (usize, usize), out: &mut [u8]) -> anyhow::Result<Vec<View>> {
         let s = self.crop;
-        let (h, w) = (base.height() as usize, base.width() as usize);
         if h < s || w < s {
             bail!("image is {w}x{h} after resizing, smaller than the {s}x{s} crop")
         }
@@ -189,7 +198,7 @@ impl Transform {
         let frames = five.into_iter().chain([(cy, w - s - cx)]);
         for ((y0, x0), frame) in frames.zip(out.chunks_exact_mut(s * s * 3)) {
             for (y, row) in (y0..y0 + s).zip(frame.chunks_exact_mut(s * 3)) {
-                row.copy_from_slice(&base.as_raw()[(y * w + x0) * 3..][..s * 3]);
+                row.copy_from_slice(&base[(y * w + x0) * 3..][..s * 3]);
             }
         }
         let mirrored = [1, 0, 3, 2, 5].map(|frame| View { flip: true, ..View::at(frame, 0, 0) });
@@ -424,13 +433,14 @@ pub fn pil_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 }
 
 /// What a worker keeps from one resize to the next: each pass's taps for the sizes it last
-/// resized between (a data set's photos come in a few sizes, and a prepared set's in one) and
-/// the buffer between the two passes.
+/// resized between (a data set's photos come in a few sizes, and a prepared set's in one), the
+/// buffer between the two passes, and the resized image ten crops are cut from.
 #[derive(Default)]
 pub struct ResizeScratch {
     horizontal: Option<((usize, usize), PilCoeffs)>,
     vertical: Option<((usize, usize), PilCoeffs)>,
     between: Vec<u8>,
+    base: Vec<u8>,
 }
 
 /// The taps in `kept` if they are for `in_size` -> `out_size`, else made now and kept.
@@ -458,7 +468,7 @@ fn pil_resize_window(
     let (cw, ch) = (cols.len(), rows.len());
     assert!(rows.end <= oh && cols.end <= ow && out.len() == cw * ch * 3);
     let src = img.as_raw();
-    let ResizeScratch { horizontal, vertical, between } = scratch;
+    let ResizeScratch { horizontal, vertical, between, .. } = scratch;
     // a pass that leaves a side as it is keeps the window's part of it
     let crop = |pixels: &[u8], w: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]| {
         for (y, row) in rows.zip(out.chunks_exact_mut(cols.len() * 3)) {
@@ -771,6 +781,13 @@ impl PilCoeffs {
 /// OpenCV's `cv::resize(src, dst, Size(w, h))` (INTER_LINEAR) for 8-bit images, in its
 /// fixed-point form: half-pixel centres, 11-bit coefficients, no antialiasing.
 pub fn cv_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    let mut out = RgbImage::new(out_w, out_h);
+    cv_resize_into(img, out_w, out_h, &mut out);
+    out
+}
+
+/// [`cv_resize`] into `out` (`out_w` x `out_h` RGB).
+fn cv_resize_into(img: &RgbImage, out_w: u32, out_h: u32, out: &mut [u8]) {
     const SCALE: i32 = 1 << 11;
     let taps = |in_size: u32, out_size: u32| -> Vec<(usize, usize, i32, i32)> {
         let scale = in_size as f64 / out_size as f64;
@@ -794,11 +811,9 @@ pub fn cv_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
             .collect()
     };
     let (xt, yt) = (taps(img.width(), out_w), taps(img.height(), out_h));
-    let mut out = RgbImage::new(out_w, out_h);
-    for (y, &(y0, y1, b0, b1)) in yt.iter().enumerate() {
-        for (x, &(x0, x1, a0, a1)) in xt.iter().enumerate() {
+    for (&(y0, y1, b0, b1), row) in yt.iter().zip(out.chunks_exact_mut(out_w as usize * 3)) {
+        for (&(x0, x1, a0, a1), rgb) in xt.iter().zip(row.chunks_exact_mut(3)) {
             let px = |xx: usize, yy: usize| img.get_pixel(xx as u32, yy as u32);
-            let mut rgb = [0u8; 3];
             for (c, v) in rgb.iter_mut().enumerate() {
                 let row0 = px(x0, y0)[c] as i32 * a0 + px(x1, y0)[c] as i32 * a1;
                 let row1 = px(x0, y1)[c] as i32 * a0 + px(x1, y1)[c] as i32 * a1;
@@ -806,10 +821,8 @@ pub fn cv_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
                 let sum = ((b0 * (row0 >> 4)) >> 16) + ((b1 * (row1 >> 4)) >> 16) + 2;
                 *v = (sum >> 2).clamp(0, 255) as u8;
             }
-            out.put_pixel(x as u32, y as u32, image::Rgb(rgb));
         }
     }
-    out
 }
 
 /// The float values of a little-endian `.npy` array (`<f4` or `<f8`).
