@@ -57,8 +57,8 @@ case "$1" in
     # issue 26: from the converged run's weights (WEIGHTS), the test accuracy (one crop and ten)
     # and the paper's Figures 3 and 4: conv1's kernels with each tower's colour measure; fc7
     # features of the 50,000 training images (the pool) and the 10,000 test images (the
-    # queries); each query's 6 nearest training images by Euclidean distance (the first 16
-    # queries drawn) and the 6-NN vote's accuracy
+    # queries); each query's 6 nearest training images by Euclidean distance (10 queries
+    # drawn, every 1,000th: one a class) and the 6-NN vote's accuracy
     w=${WEIGHTS:-target/runs/cifar-towers-converge/final.safetensors}
     res=${RES:-results/cifar-towers}
     # test accuracy from one centre crop (as the log's validation) and from the paper's ten patches
@@ -71,7 +71,7 @@ case "$1" in
         -o target/runs/cifar-fc7-$split.safetensors --quiet
     done
     $bin neighbours --features target/runs/cifar-fc7-train.safetensors \
-      --query-features target/runs/cifar-fc7-test.safetensors -k 6 --side 64 \
+      --query-features target/runs/cifar-fc7-test.safetensors -k 6 --side 64 --rows 10 \
       -o $res/fig4-neighbours.png --json target/runs/cifar-fig4-neighbours.json >/dev/null
     python3 -c 'import json, sys; print("kNN (k=6) accuracy of fc7:", json.load(open(sys.argv[1]))["knn_accuracy"])' \
       target/runs/cifar-fig4-neighbours.json | tee $res/fig4-knn.txt ;;

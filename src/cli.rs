@@ -279,8 +279,8 @@ enum Command {
         /// The PNG to write.
         #[arg(short, long)]
         output: PathBuf,
-        /// The picture shows the first N queries (the text, the JSON and the kNN accuracy
-        /// cover all).
+        /// The picture shows N of the queries, spread evenly over them from the first (the
+        /// text, the JSON and the kNN accuracy cover all).
         #[arg(long, value_parser = at_least_one, default_value_t = 16)]
         rows: usize,
         /// The side, in pixels, of each image's centre square in the picture.

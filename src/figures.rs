@@ -445,14 +445,17 @@ impl ImageSource {
 }
 
 impl NeighbourReport {
-    /// The paper's Figure 4 for the first `rows` queries (a picture of all of a test set's
-    /// would be too large to open): a row a query, the query in the first column and its
+    /// The paper's Figure 4 for `rows` of the queries spread evenly over them, the first
+    /// included (a picture of all of a test set's would be too large to open, and its first
+    /// rows, in a folder sorted by class, would all be one class): a row a query, the query in the first column and its
     /// neighbours beside it, nearest first, each image as its centre square at `side` pixels:
     /// image files, or images inside shards (`SHARD.tar/KEY.jpg`, as `features --data SHARDS`
     /// names them). An image that cannot be read (moved since) is left grey, with a warning.
     pub fn grid(&self, side: u32, rows: usize) -> RgbImage {
         let mut images = ImageSource::default();
-        let shown = &self.queries[..rows.min(self.queries.len())];
+        let n = self.queries.len();
+        let rows = rows.min(n);
+        let shown: Vec<&Neighbours> = (0..rows).map(|i| &self.queries[i * n / rows]).collect();
         let cell = side + GAP;
         let width = GAP + cell * (1 + self.k as u32) + BLOCK_GAP;
         let height = GAP + cell * shown.len() as u32;

@@ -84,20 +84,24 @@ fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[
     if x0 > x1 {
         return;
     }
-    if y1 - y0 < 1e-9 {
-        (y0, y1) = (y0 - 0.5, y1 + 0.5);
-    }
-    if !log_y {
+    if log_y {
+        // whole decades, a grid line at each
+        (y0, y1) = (y0.floor(), y1.ceil().max(y0.floor() + 1.0));
+    } else {
+        if y1 - y0 < 1e-9 {
+            (y0, y1) = (y0 - 0.5, y1 + 0.5);
+        }
         y0 = y0.min(0.0);
     }
     x0 = x0.min(0.0);
     let (left, right, ptop, bottom) = (MARGIN_L, W - MARGIN_R, top + MARGIN_T, top + PANEL_H - MARGIN_B);
     let px = |x: f64| left as f64 + (x - x0) / (x1 - x0).max(1e-9) * (right - left) as f64;
     let py = |y: f64| bottom as f64 - (ty(y) - y0) / (y1 - y0) * (bottom - ptop) as f64;
-    for k in 0..=4 {
-        let y = ptop + (bottom - ptop) * k / 4;
+    let steps = if log_y { (y1 - y0) as u32 } else { 4 };
+    for k in 0..=steps {
+        let y = ptop + (bottom - ptop) * k / steps;
         line(img, (left as f64, y as f64), (right as f64, y as f64), GREY);
-        let value = y1 - (y1 - y0) * k as f64 / 4.0;
+        let value = y1 - (y1 - y0) * k as f64 / steps as f64;
         let label = if log_y { format!("{:.0e}", 10f64.powf(value)) } else { short(value) };
         text(img, 4, y.saturating_sub(3), &label, BLACK);
     }
