@@ -24,9 +24,9 @@
 //! Each op is a module: `mod.rs` holds its API and its Candle custom ops, whose `cpu_fwd` hands
 //! contiguous f32 data to the op's `cpu` module (`conv/cpu/{mod.rs: im2col and the choice of
 //! form, direct.rs, winograd.rs}`, `linear/cpu/{dot,lane,strip,outer}_form.rs`, `lrn/cpu.rs`,
-//! `max_pool/cpu.rs`). Kernels with a form per instruction-set level are written once, in a
-//! macro stamped out for AVX-512 and for AVX2 + FMA from `cpu::simd`'s vectors, beside the
-//! portable loop; what they share is in `ops/cpu`. The public functions make their input
+//! `max_pool/cpu.rs`, `tanh/cpu.rs`). Kernels with a form per instruction-set level are written
+//! once, in a macro stamped out for AVX-512 and for AVX2 + FMA from `cpu::simd`'s vectors, beside
+//! the portable loop; what they share is in `ops/cpu`. The public functions make their input
 //! contiguous first, so callers never have to. On other devices (CUDA) LRN and max-pooling run
 //! as compositions of Candle tensor ops (`*_tensor_ops`, tested against the same fixtures on
 //! the CPU) and the convolution as Candle's `conv2d`, until the ops get their `cuda_fwd`.
