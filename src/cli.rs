@@ -753,7 +753,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 }
             };
             let report = figures::neighbours(&pool, &queries, k)?;
-            crate::plot::save_png(&report.grid(side, rows), &output)?;
+            crate::plot::save_png(&report.grid(side, rows)?, &output)?;
             match &json {
                 Some(path) => write_json(path, &report)?,
                 None => report.print(),

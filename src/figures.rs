@@ -447,18 +447,24 @@ impl ImageSource {
 impl NeighbourReport {
     /// The paper's Figure 4 for `rows` of the queries spread evenly over them, the first
     /// included (a picture of all of a test set's would be too large to open, and its first
-    /// rows, in a folder sorted by class, would all be one class): a row a query, the query in the first column and its
-    /// neighbours beside it, nearest first, each image as its centre square at `side` pixels:
-    /// image files, or images inside shards (`SHARD.tar/KEY.jpg`, as `features --data SHARDS`
-    /// names them). An image that cannot be read (moved since) is left grey, with a warning.
-    pub fn grid(&self, side: u32, rows: usize) -> RgbImage {
+    /// rows, in a folder sorted by class, would all be one class): a row a query, the query in
+    /// the first column and its neighbours beside it, nearest first, each image as its centre
+    /// square at `side` pixels: image files, or images inside shards (`SHARD.tar/KEY.jpg`, as
+    /// `features --data SHARDS` names them). An image that cannot be read (moved since) is left
+    /// grey, with a warning. A picture of more pixels than Pillow opens is refused.
+    pub fn grid(&self, side: u32, rows: usize) -> anyhow::Result<RgbImage> {
         let mut images = ImageSource::default();
         let n = self.queries.len();
         let rows = rows.min(n);
         let shown: Vec<&Neighbours> = (0..rows).map(|i| &self.queries[i * n / rows]).collect();
-        let cell = side + GAP;
-        let width = GAP + cell * (1 + self.k as u32) + BLOCK_GAP;
-        let height = GAP + cell * shown.len() as u32;
+        let columns = 1 + shown.iter().map(|q| q.neighbours.len()).max().unwrap_or(0) as u64;
+        let cell = side as u64 + GAP as u64;
+        let width = (GAP as u64 + BLOCK_GAP as u64).saturating_add(cell.saturating_mul(columns));
+        let height = (GAP as u64).saturating_add(cell.saturating_mul(rows as u64));
+        if width.saturating_mul(height) > crate::data::MAX_IMAGE_PIXELS {
+            bail!("a {width}x{height} picture is too large: fewer --rows, or a smaller -k or --side")
+        }
+        let (cell, width, height) = (cell as u32, width as u32, height as u32);
         let mut img = RgbImage::from_pixel(width, height, WHITE);
         for (row, q) in shown.iter().enumerate() {
             let y = GAP + row as u32 * cell;
@@ -472,7 +478,7 @@ impl NeighbourReport {
                 image::imageops::replace(&mut img, &tile, x as i64, y as i64);
             }
         }
-        img
+        Ok(img)
     }
 
     pub fn print(&self) {

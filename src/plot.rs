@@ -84,9 +84,14 @@ fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[
     if x0 > x1 {
         return;
     }
+    let mut steps = 4;
     if log_y {
-        // whole decades, a grid line at each
-        (y0, y1) = (y0.floor(), y1.ceil().max(y0.floor() + 1.0));
+        // whole decades, a grid line at each (at every few, if the labels would overlap)
+        let (low, high) = (y0.floor(), y1.ceil().max(y0.floor() + 1.0));
+        let decades = (high - low) as u32;
+        let stride = decades.div_ceil(8);
+        steps = decades.div_ceil(stride);
+        (y0, y1) = (high - (steps * stride) as f64, high);
     } else {
         if y1 - y0 < 1e-9 {
             (y0, y1) = (y0 - 0.5, y1 + 0.5);
@@ -97,7 +102,6 @@ fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[
     let (left, right, ptop, bottom) = (MARGIN_L, W - MARGIN_R, top + MARGIN_T, top + PANEL_H - MARGIN_B);
     let px = |x: f64| left as f64 + (x - x0) / (x1 - x0).max(1e-9) * (right - left) as f64;
     let py = |y: f64| bottom as f64 - (ty(y) - y0) / (y1 - y0) * (bottom - ptop) as f64;
-    let steps = if log_y { (y1 - y0) as u32 } else { 4 };
     for k in 0..=steps {
         let y = ptop + (bottom - ptop) * k / steps;
         line(img, (left as f64, y as f64), (right as f64, y as f64), GREY);

@@ -379,7 +379,10 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         Some(c) => {
             c.restore_momentum(&momentum, &model, &mut sgd)?;
             let mut sched = c.meta.schedule.clone();
-            sched.lr = opts.lr_override.unwrap_or(sched.lr);
+            if let Some(lr) = opts.lr_override {
+                // a new phase, as the paper's manual divisions: the plateau count starts again
+                (sched.lr, sched.epochs_without_improvement) = (lr, 0);
+            }
             (c.meta.epoch, c.meta.step, sched)
         }
         None => (0, 0, ScheduleState { lr: config.lr, best_val_error: None, epochs_without_improvement: 0, drops: 0 }),
@@ -405,7 +408,8 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         };
 
     // ---- the epochs ------------------------------------------------------------------------
-    while epoch < config.epochs {
+    // (a run resumed from the checkpoint at its end goes straight to its final weights)
+    while epoch < config.epochs && !sched.finished(&config) {
         // This epoch's order; a resumed run skips the batches it already did.
         let order = epoch_order(dataset.samples.len(), config.seed, epoch);
         let done = step - epoch * steps_per_epoch;
@@ -519,9 +523,9 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
             }
         }
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
-        let plateaued = sched.advance(&config, epoch, line.val_top1_error);
+        sched.advance(&config, epoch, line.val_top1_error);
         save(&model, &sgd, epoch, step, &sched)?;
-        if plateaued {
+        if sched.finished(&config) {
             eprintln!(
                 "epoch {epoch}: no better validation error for {} epochs after the last of {} drops; stopping",
                 config.patience, config.max_drops
@@ -545,9 +549,8 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
 }
 
 impl ScheduleState {
-    /// The rate for the next epoch, from the epoch just ended; true when the plateau rule
-    /// ends the run (no improvement for `patience` epochs after its last drop).
-    fn advance(&mut self, config: &TrainConfig, epoch: usize, val_error: Option<f64>) -> bool {
+    /// The rate for the next epoch, from the epoch just ended.
+    fn advance(&mut self, config: &TrainConfig, epoch: usize, val_error: Option<f64>) {
         match config.schedule {
             Schedule::Constant => {}
             Schedule::Step => {
@@ -556,24 +559,28 @@ impl ScheduleState {
                 }
             }
             Schedule::Plateau => {
-                let Some(err) = val_error else { return false };
+                let Some(err) = val_error else { return };
                 if self.best_val_error.is_none_or(|best| err < best) {
                     self.best_val_error = Some(err);
                     self.epochs_without_improvement = 0;
-                    return false;
+                    return;
                 }
                 self.epochs_without_improvement += 1;
-                if self.epochs_without_improvement >= config.patience {
-                    if self.drops >= config.max_drops {
-                        return true;
-                    }
+                if self.epochs_without_improvement >= config.patience && self.drops < config.max_drops {
                     self.lr /= 10.0;
                     self.drops += 1;
                     self.epochs_without_improvement = 0;
                 }
             }
         }
-        false
+    }
+
+    /// Whether the plateau rule has ended the run: no improvement for `patience` epochs after
+    /// its last drop.
+    fn finished(&self, config: &TrainConfig) -> bool {
+        config.schedule == Schedule::Plateau
+            && self.drops >= config.max_drops
+            && self.epochs_without_improvement >= config.patience.max(1)
     }
 }
 
@@ -798,9 +805,9 @@ mod tests {
         let errors = [0.5, 0.4, 0.41, 0.42, 0.3, 0.3, 0.31, 0.2, 0.25, 0.21, 0.22, 0.23, 0.24, 0.25];
         let mut lrs = vec![];
         for (epoch, &err) in errors.iter().enumerate() {
-            let stop = s.advance(&config, epoch + 1, Some(err));
+            s.advance(&config, epoch + 1, Some(err));
             lrs.push(s.lr);
-            if stop {
+            if s.finished(&config) {
                 break;
             }
         }

@@ -201,7 +201,8 @@ fn a_mutation_fuzzer_finds_no_panics_in_images_means_and_devkit_files() {
 }
 
 /// A JPEG whose header claims more pixels than Pillow opens is refused from its header (libjpeg
-/// reads it, nothing is decoded), and one cut short is refused as PIL refuses it.
+/// reads it, nothing is decoded), and one cut short is refused as PIL refuses it, however its
+/// last bytes look; bytes after a whole JPEG's end are ignored, as PIL ignores them.
 #[test]
 fn jpeg_bombs_and_truncated_jpegs_are_clear_errors() {
     let photo = std::fs::read(shared_data("imagenet-sample/n01440764_tench.JPEG")).unwrap();
@@ -214,5 +215,12 @@ fn jpeg_bombs_and_truncated_jpegs_are_clear_errors() {
     assert!(err.contains("20000x20000, more than the"), "{err}");
     let err = alexnet::data::decode_bytes(&photo[..photo.len() / 2], path).unwrap_err().to_string();
     assert!(err.contains("is truncated"), "{err}");
-    assert!(alexnet::data::decode_bytes(&photo, path).is_ok());
+    // cut short, then a comment holding an end-of-image marker: still cut short
+    let fake_end = [&photo[..photo.len() / 2], b"\xFF\xFE\x00\x04\xFF\xD9"].concat();
+    let err = alexnet::data::decode_bytes(&fake_end, path).unwrap_err().to_string();
+    assert!(err.contains("is truncated"), "{err}");
+    // whole, with bytes after its end (as a motion photo's video), markers among them: opens
+    let motion = [&photo[..], b"\x00\x00\xFF\xDA\x00\x08ftypmp42\xFF\xDA"].concat();
+    let (whole, with_video) = (alexnet::data::decode_bytes(&photo, path), alexnet::data::decode_bytes(&motion, path));
+    assert_eq!(whole.unwrap(), with_video.unwrap());
 }

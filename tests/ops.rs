@@ -143,7 +143,6 @@ fn adaptive_avg_pool_shrinking_and_growing() {
     }
 }
 
-/// The tests above again at every instruction-set level this CPU has below its best.
 /// tanh against PyTorch's (SLEEF's vectorised tanhf, at most 1 ulp from the exact value;
 /// ours is correctly rounded): every value within 1 ulp of PyTorch's, on a pattern over
 /// [-6, 6] and at the ends (zeros, tiny values, 9-10 where f32 tanh becomes 1, inf), and the
@@ -169,6 +168,7 @@ fn tanh_forward_and_backward_match_pytorch() {
     }
 }
 
+/// The tests above again at every instruction-set level this CPU has below its best.
 #[test]
 fn ops_pass_at_every_isa_level() {
     alexnet::ops::rerun_tests_below_the_best_level("ops_pass_at_every_isa_level");

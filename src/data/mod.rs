@@ -58,57 +58,66 @@ fn decode_bytes_into(bytes: &[u8], path: &Path, pixels: Vec<u8>) -> anyhow::Resu
         }
         match decode_jpeg(bytes, pixels) {
             Jpeg::Decoded(img) => return Ok(img),
-            Jpeg::TooLarge(w, h) => bail_too_large(path, w, h)?,
-            Jpeg::NotHandled => {}
+            Jpeg::TooLarge(w, h) => return Err(too_large(path, w, h)),
+            Jpeg::Failed(e) => anyhow::bail!("cannot decode image {}: {e}", path.display()),
+            Jpeg::NotRgb => {}
         }
     }
     let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()?
         .into_dimensions()
         .with_context(|| format!("cannot decode image {}", path.display()))?;
-    bail_too_large(path, w, h)?;
+    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+        return Err(too_large(path, w, h));
+    }
     let img = image::load_from_memory(bytes).with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok(img.to_rgb8())
 }
 
-/// The pixel limit, checked from the header before anything is decoded.
-fn bail_too_large(path: &Path, w: u32, h: u32) -> anyhow::Result<()> {
-    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
-        anyhow::bail!(
-            "image {} is {w}x{h}, more than the {MAX_IMAGE_PIXELS} pixels allowed (Pillow's limit)",
-            path.display()
-        )
-    }
-    Ok(())
+/// The error for an image over the pixel limit, found from its header.
+fn too_large(path: &Path, w: u32, h: u32) -> anyhow::Error {
+    anyhow::anyhow!(
+        "image {} is {w}x{h}, more than the {MAX_IMAGE_PIXELS} pixels allowed (Pillow's limit)",
+        path.display()
+    )
 }
 
 enum Jpeg {
     Decoded(RgbImage),
     /// Its header's size, over [`MAX_IMAGE_PIXELS`]: nothing was decoded.
     TooLarge(u32, u32),
-    /// What libjpeg cannot turn into RGB (CMYK) or rejects: for the `image` crate's decoder.
-    NotHandled,
+    /// CMYK or YCCK, which libjpeg does not turn into RGB: for the `image` crate's decoder.
+    NotRgb,
+    /// libjpeg's error, which PIL, reading through the same library, stops at too (the
+    /// `image` crate's more lenient decoder is not asked).
+    Failed(String),
 }
 
-/// RGB or greyscale JPEG through libjpeg (mozjpeg's build of libjpeg-turbo), into `pixels`.
+/// A JPEG through libjpeg (mozjpeg's build of libjpeg-turbo), RGB or greyscale into `pixels`.
 fn decode_jpeg(bytes: &[u8], mut pixels: Vec<u8>) -> Jpeg {
+    use mozjpeg::ColorSpace::{JCS_CMYK, JCS_YCCK};
     silence_libjpeg_panics();
-    // mozjpeg reports libjpeg errors by unwinding; catch them here.
-    std::panic::catch_unwind(move || -> Option<Jpeg> {
-        let decompress = mozjpeg::Decompress::new_mem(bytes).ok()?;
+    // mozjpeg reports libjpeg errors by unwinding, or as I/O errors; both end here
+    let decoded = std::panic::catch_unwind(move || -> std::io::Result<Jpeg> {
+        let decompress = mozjpeg::Decompress::new_mem(bytes)?;
         let (w, h) = (decompress.width() as u32, decompress.height() as u32);
         if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
-            return Some(Jpeg::TooLarge(w, h));
+            return Ok(Jpeg::TooLarge(w, h));
         }
-        let mut started = decompress.rgb().ok()?;
+        if matches!(decompress.color_space(), JCS_CMYK | JCS_YCCK) {
+            return Ok(Jpeg::NotRgb);
+        }
+        let mut started = decompress.rgb()?;
         pixels.resize(w as usize * h as usize * 3, 0);
-        started.read_scanlines_into::<u8>(&mut pixels).ok()?;
-        started.finish().ok()?;
-        RgbImage::from_raw(w, h, pixels).map(Jpeg::Decoded)
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(Jpeg::NotHandled)
+        started.read_scanlines_into::<u8>(&mut pixels)?;
+        started.finish()?;
+        Ok(RgbImage::from_raw(w, h, pixels).map_or_else(|| Jpeg::Failed("a short pixel buffer".into()), Jpeg::Decoded))
+    });
+    match decoded {
+        Ok(Ok(jpeg)) => jpeg,
+        Ok(Err(e)) => Jpeg::Failed(e.to_string()),
+        Err(panic) => Jpeg::Failed(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "libjpeg failed".into())),
+    }
 }
 
 /// `img` as a baseline JPEG at `quality` (1-100) through mozjpeg's libjpeg-turbo profile
@@ -142,14 +151,50 @@ fn silence_libjpeg_panics() {
     });
 }
 
-/// Whether a JPEG's last scan is followed by an end-of-image marker (FF D9): whether, searching
-/// from the end, an FF D9 comes before any start-of-scan (FF DA). Inside entropy-coded data a
-/// 0xFF is always followed by 0x00 or a restart marker, so neither marker occurs there by
-/// chance; a complete file ends in FF D9, so the search usually stops at once.
+/// Whether a JPEG's markers, walked from its start, reach the end-of-image marker before its
+/// bytes run out: what PIL checks by letting libjpeg read to the end. It refuses a file cut
+/// short ("image file is truncated") and ignores whatever follows the end-of-image marker (such
+/// as the video a phone's motion photo appends, which may hold any bytes). Each segment is
+/// skipped by its length (so an EXIF thumbnail's markers are not taken for the image's), each
+/// scan's entropy-coded data up to the next marker: the first FF followed by neither 00 (a
+/// stuffed FF) nor a restart marker. Like libjpeg, stray bytes before a marker and fill bytes
+/// (FF) within one are skipped. One pass, bounded by the file's length.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last_marker = bytes.windows(2).rev().find_map(|w| match w {
-        [0xFF, m @ (0xD9 | 0xDA)] => Some(*m),
-        _ => None,
-    });
-    last_marker == Some(0xD9)
+    let next_ff = |at: usize| bytes.get(at..).and_then(|rest| memchr::memchr(0xFF, rest)).map(|i| at + i);
+    let mut at = 2; // after the start-of-image marker
+    loop {
+        let Some(ff) = next_ff(at) else { return false };
+        at = ff;
+        while bytes.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let Some(&code) = bytes.get(at) else { return false };
+        at += 1;
+        match code {
+            0xD9 => return true,
+            // no length: a stray stuffed FF, TEM, a restart marker, a second start of image
+            0x00 | 0x01 | 0xD0..=0xD8 => {}
+            _ => {
+                let Some(&[hi, lo]) = bytes.get(at..at + 2) else { return false };
+                let length = u16::from_be_bytes([hi, lo]) as usize;
+                if length < 2 {
+                    return false; // libjpeg: "bogus marker length"
+                }
+                at += length; // the length counts its own two bytes
+                if code == 0xDA {
+                    loop {
+                        let Some(ff) = next_ff(at) else { return false };
+                        match bytes.get(ff + 1) {
+                            Some(0x00 | 0xD0..=0xD7) => at = ff + 2,
+                            Some(_) => {
+                                at = ff;
+                                break;
+                            }
+                            None => return false,
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

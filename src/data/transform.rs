@@ -159,7 +159,8 @@ impl Transform {
             TransformKind::Paper => centre_square_into(img, self.base, scratch, out)?,
             TransformKind::Caffe => cv_resize_into(img, self.base, self.base, out),
             TransformKind::Torchvision => {
-                // the whole resized image, in the worker's buffer for it, then its six crops
+                // the whole resized image, in the worker's buffer for it (which keeps the
+                // largest size it has held, as `between` does), then its six crops
                 let (w, h) = shorter_side_to(img, self.base)?;
                 let mut base = std::mem::take(&mut scratch.base);
                 base.resize(w as usize * h as usize * 3, 0);

@@ -1,6 +1,6 @@
 //! tanh on the CPU. Each value is computed in f64 from one exponential and rounded once to
 //! f32: `tanh(a) = m / (m + 2)` with `m = e^(2a) - 1`, and `e^(2a) = 2^k e^r` (`|r| <= ln 2 / 2`,
-//! `e^r - 1` by its Taylor series to the 11th power). The f64 result is within about 1e-15 of
+//! `e^r - 1` by its Taylor series to the 12th power). The f64 result is within about 1e-15 of
 //! the exact value, so the f32 is the correctly rounded tanh unless the exact value lies within
 //! that of halfway between two floats, and then 1 ulp off at most (`tests`: equal to Rust's f64
 //! `tanh` rounded to f32 at each of 156 million floats in [0, 10]). Only `+ - * /`, conversions
@@ -51,7 +51,7 @@ crate::ops::cpu::simd::wide_fn! {
 /// tanh(x) rounded to f32 (see the module's note); NaN for NaN, ±1 for ±inf, -0 for -0.
 #[inline(always)]
 fn tanh(x: f32) -> f32 {
-    // From 10 on, tanh is 1 - 2e-9 or nearer: 1 in f32. (`a > 10` is false for NaN, which
+    // From 10 on, tanh is 1 - 4.1e-9 or nearer: 1 in f32. (`a > 10` is false for NaN, which
     // passes through.)
     let a = x.abs() as f64;
     let a = if a > 10.0 { 10.0 } else { a };
@@ -65,9 +65,9 @@ fn tanh(x: f32) -> f32 {
     const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
     const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     let r = (y - k * LN2_HI) - k * LN2_LO;
-    // e^r - 1 = r (1 + r/2! + ... + r^10/11!), |r| <= 0.347: the first term left out is
-    // below 2e-14 of the sum
-    const C: [f64; 11] = [
+    // e^r - 1 = r (1 + r/2! + ... + r^11/12!), |r| <= 0.347: the first term left out is
+    // below 5e-16 of the sum
+    const C: [f64; 12] = [
         1.0,
         1.0 / 2.0,
         1.0 / 6.0,
@@ -79,9 +79,10 @@ fn tanh(x: f32) -> f32 {
         1.0 / 362880.0,
         1.0 / 3628800.0,
         1.0 / 39916800.0,
+        1.0 / 479001600.0,
     ];
-    let mut p = C[10];
-    for c in C[..10].iter().rev() {
+    let mut p = C[11];
+    for c in C[..11].iter().rev() {
         p = p * r + c;
     }
     let em1_r = p * r;
@@ -100,6 +101,9 @@ mod tests {
     /// where the C library's `tanhf` (what Candle's CPU `tanh` calls) gives other bits.
     #[test]
     fn tanh_is_f64_tanh_rounded_to_f32() {
+        if std::env::var_os(crate::ops::ISA_VARIABLE).is_some() {
+            return; // the scalar function, the same at every level: once is enough
+        }
         let (mut n, mut libm_off) = (0u64, 0u64);
         let end = 10f32.to_bits();
         for bits in (0..=end).step_by(7).chain([end, (end + 1), 20f32.to_bits(), f32::MAX.to_bits()]) {
