@@ -356,7 +356,7 @@ pub struct TrainArgs {
     /// paper (lr inside the velocity) or pytorch.
     #[arg(long, value_enum)]
     rule: Option<UpdateRule>,
-    /// plateau, step or constant.
+    /// plateau, step, multistep or constant.
     #[arg(long, value_enum)]
     schedule: Option<Schedule>,
     /// Plateau: epochs without improvement before dividing lr by 10.
@@ -368,7 +368,11 @@ pub struct TrainArgs {
     /// Step: epochs between multiplications by --gamma.
     #[arg(long, value_parser = at_least_one)]
     step_epochs: Option<usize>,
-    /// Step: the factor the learning rate is multiplied by (default 0.1).
+    /// Multistep: the epochs after which the learning rate is multiplied by --gamma, e.g.
+    /// `--milestones 40,52` (PyTorch's `MultiStepLR`); given alone, it chooses that schedule.
+    #[arg(long, value_delimiter = ',', value_parser = at_least_one)]
+    milestones: Vec<usize>,
+    /// Step and multistep: the factor the learning rate is multiplied by (default 0.1).
     #[arg(long, value_parser = positive, allow_hyphen_values = true)]
     gamma: Option<f64>,
     /// Standard deviation of the PCA colour shift alpha (0 turns it off).
@@ -465,6 +469,14 @@ impl TrainArgs {
                 c.patience = self.patience.unwrap_or(c.patience);
                 c.max_drops = self.max_drops.unwrap_or(c.max_drops);
                 c.step_epochs = self.step_epochs.unwrap_or(c.step_epochs);
+                if !self.milestones.is_empty() {
+                    c.schedule = self.schedule.unwrap_or(Schedule::Multistep);
+                    c.milestones = self.milestones.clone();
+                    c.milestones.sort_unstable();
+                }
+                if c.schedule == Schedule::Multistep && c.milestones.is_empty() {
+                    bail!("--schedule multistep needs --milestones (the epochs after which the rate drops)")
+                }
                 c.gamma = self.gamma.unwrap_or(c.gamma);
                 c.seed = self.seed;
                 c.dropout &= !self.no_dropout;

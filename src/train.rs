@@ -35,6 +35,8 @@ pub enum Schedule {
     Plateau,
     /// Multiply by `gamma` every `step_epochs` epochs (Caffe, torchvision).
     Step,
+    /// Multiply by `gamma` after each of the `milestones` epochs (PyTorch's `MultiStepLR`).
+    Multistep,
     /// Keep it constant.
     Constant,
 }
@@ -54,6 +56,9 @@ pub struct TrainConfig {
     pub patience: usize,
     pub max_drops: usize,
     pub step_epochs: usize,
+    /// Multistep: the epochs after which the rate is multiplied by `gamma`.
+    #[serde(default)]
+    pub milestones: Vec<usize>,
     pub gamma: f64,
     pub seed: u64,
     pub dropout: bool,
@@ -168,6 +173,7 @@ impl TrainConfig {
             patience: 1,
             max_drops: 3,
             step_epochs,
+            milestones: Vec::new(),
             gamma: 0.1,
             seed: 0,
             dropout: recipe != Recipe::Fig1,
@@ -558,6 +564,11 @@ impl ScheduleState {
                     self.lr *= config.gamma;
                 }
             }
+            Schedule::Multistep => {
+                if config.milestones.contains(&epoch) {
+                    self.lr *= config.gamma;
+                }
+            }
             Schedule::Plateau => {
                 let Some(err) = val_error else { return };
                 if self.best_val_error.is_none_or(|best| err < best) {
@@ -817,5 +828,27 @@ mod tests {
             assert!((lr / e - 1.0).abs() < 1e-12, "{lrs:?}");
         }
         assert_eq!(s.drops, 3); // and stopped at the 12th epoch: its second without a better error since the third
+    }
+
+    /// PyTorch's `MultiStepLR(milestones=[2, 4], gamma=0.1)`: epochs 1-2 at the rate, 3-4 at a
+    /// tenth, then a hundredth.
+    #[test]
+    fn multistep_multiplies_after_each_milestone() {
+        let config = TrainConfig {
+            schedule: Schedule::Multistep,
+            milestones: vec![2, 4],
+            ..TrainConfig::recipe(Recipe::Paper, Preset::CifarTowers)
+        };
+        let mut s = ScheduleState { lr: 0.01, best_val_error: None, epochs_without_improvement: 0, drops: 0 };
+        let mut lrs = vec![s.lr];
+        for epoch in 1..6 {
+            s.advance(&config, epoch, Some(0.5));
+            lrs.push(s.lr);
+        }
+        let expected = [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4];
+        for (lr, e) in lrs.iter().zip(expected) {
+            assert!((lr / e - 1.0).abs() < 1e-12, "{lrs:?}");
+        }
+        assert!(!s.finished(&config));
     }
 }
