@@ -26,9 +26,20 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-/// Colours of the runs, in order (training: solid colour; validation: the next one).
-const PALETTE: [Rgb<u8>; 6] =
-    [BLUE, ORANGE, Rgb([44, 160, 44]), Rgb([214, 39, 40]), Rgb([148, 103, 189]), Rgb([140, 86, 75])];
+/// Colours of the curves, in order (matplotlib's ten): each run's training curves take the
+/// next, and its validation curve, if it has one, the one after.
+const PALETTE: [Rgb<u8>; 10] = [
+    BLUE,
+    ORANGE,
+    Rgb([44, 160, 44]),
+    Rgb([214, 39, 40]),
+    Rgb([148, 103, 189]),
+    Rgb([140, 86, 75]),
+    Rgb([227, 119, 194]),
+    Rgb([127, 127, 127]),
+    Rgb([188, 189, 34]),
+    Rgb([23, 190, 207]),
+];
 
 /// Reads JSON-lines training logs and draws three panels against epochs: training loss,
 /// top-1 error (training and validation, %), and the learning rate (log scale). With several
@@ -50,12 +61,12 @@ pub fn plot(logs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
             points: from.iter().filter_map(|l| f(l).map(|y| (l.epoch, y))).collect(),
         };
         let all: Vec<&LogLine> = lines.iter().collect();
-        let (train, val) = (*colours.next().expect("cycle"), *colours.next().expect("cycle"));
+        let train = *colours.next().expect("cycle");
         panels[0].2.push(series(format!("{name}TRAIN"), train, &|l| Some(l.loss), &steps));
         panels[1].2.push(series(format!("{name}TRAIN"), train, &|l| l.train_top1_error.map(|e| 100.0 * e), &steps));
-        let val_series = series(format!("{name}VAL"), val, &|l| l.val_top1_error.map(|e| 100.0 * e), &all);
-        if !val_series.points.is_empty() {
-            panels[1].2.push(val_series);
+        if all.iter().any(|l| l.val_top1_error.is_some()) {
+            let val = *colours.next().expect("cycle");
+            panels[1].2.push(series(format!("{name}VAL"), val, &|l| l.val_top1_error.map(|e| 100.0 * e), &all));
         }
         panels[2].2.push(series(format!("{name}LR"), train, &|l| Some(l.lr), &steps));
     }
