@@ -49,22 +49,31 @@ for condition in ${@:-paper pytorch}; do
       out="target/runs/fig1/$name"
       cap=${EPOCHS:-40}
       [ -n "$best" ] && cap=$((2 * best < cap ? 2 * best : cap))
+      log="results/fig1/$name.jsonl"
       if [ -f "$out/final.safetensors" ] || [ -f "$out/diverged" ]; then
-        echo "$name: done"
+        echo "$name: done"; rc=0
+      elif [ -f "$log" ] && [ ! -d "$out" ]; then
+        # a log in results/ whose run is not here finished in an earlier checkout (a log is
+        # copied there only when its run has ended): target/ is not kept between checkouts
+        echo "$name: done (log from an earlier checkout)"; rc=0
       elif ls "$out"/checkpoint-*.safetensors >/dev/null 2>&1; then
         echo "$name: resuming"
-        $bin train --data target/cifar10/train --out "$out" --resume "$out" --keep 1 --quiet
+        rc=0; $bin train --data target/cifar10/train --out "$out" --resume "$out" --keep 1 --quiet || rc=$?
       else
         echo "$name: starting, at most $cap epochs"
         init=()
         [ "$condition" = paper ] && init=(--init paper --input-scale 1)
-        # a rate too high for the net ends with a non-finite loss: recorded, and the sweep goes on
-        $bin train --preset "fig1-$unit" --data target/cifar10/train --out "$out" --lr "$lr" \
+        rc=0; $bin train --preset "fig1-$unit" --data target/cifar10/train --out "$out" --lr "$lr" \
           --epochs "$cap" --target-train-error 0.25 "${init[@]}" --keep 1 --quiet \
-          2> >(tee "$out.stderr" >&2) || { mkdir -p "$out" && touch "$out/diverged"; }
+          2> >(tee "$out.stderr" >&2) || rc=$?
       fi
-      [ -f "$out/log.jsonl" ] && cp "$out/log.jsonl" "results/fig1/$name.jsonl"
-      reached=$(epochs_to_mark "$out/log.jsonl")
+      # Ctrl-C: train saved a checkpoint and exits with 130; stop here, so that the partial log
+      # is not taken for a finished run. Any other failure is a rate too high for the net (a
+      # non-finite loss): recorded, and the sweep goes on.
+      [ "$rc" = 130 ] && { echo "$name: interrupted; rerun to continue"; exit 130; }
+      [ "$rc" != 0 ] && { mkdir -p "$out" && touch "$out/diverged"; }
+      [ -f "$out/log.jsonl" ] && cp "$out/log.jsonl" "$log"
+      reached=$(epochs_to_mark "$log")
       if [ -n "$reached" ] && { [ -z "$best" ] || [ "$reached" -lt "$best" ]; }; then best=$reached; fi
     done
   done
