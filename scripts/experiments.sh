@@ -14,6 +14,19 @@ fi
 if [ ! -d target/cifar10/train ]; then
   mkdir -p target/cifar10 && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C target/cifar10
 fi
+# The two-tower net on CIFAR-10, validated on the test images after every epoch, into
+# target/runs/NAME with the schedule given; with RESUME set, from NAME's newest checkpoint
+# (the schedule is the checkpoint's).
+towers_run() {
+  local name=$1; shift
+  local out="target/runs/$name"
+  if [ -n "${RESUME:-}" ]; then
+    $bin train --data target/cifar10/train --val target/cifar10/test --out "$out" --resume "$out" --keep 2 --quiet
+  else
+    $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test --out "$out" \
+      --init reference --keep 2 --quiet "$@"
+  fi
+}
 case "$1" in
   memorise)
     # the paper preset at 227x227 (towers, LRN, the paper's SGD rule), augmentation and dropout
@@ -39,33 +52,18 @@ case "$1" in
     # the two-tower net at CIFAR scale, paper recipe (crops, flips, PCA, dropout, lr / 10 on
     # plateau), He-uniform init (PyTorch's default sat at ln(10) for the first 80 steps),
     # validated on the 10,000 test images after every epoch
-    $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
-      --out target/runs/cifar-towers --epochs "${EPOCHS:-30}" --lr 0.01 --patience 2 --init reference --keep 2 --quiet ;;
+    towers_run cifar-towers --epochs "${EPOCHS:-30}" --lr 0.01 --patience 2 ;;
   cifar-towers-converge)
     # issue 26: the same net and recipe carried to convergence: the plateau rule with patience 3
     # (patience 2 dropped the rate at epoch 13 while the test error was still falling), the
     # paper's three drops, at most 45 epochs; resumable (`RESUME=1` continues the newest checkpoint)
-    if [ -n "${RESUME:-}" ]; then
-      $bin train --data target/cifar10/train --val target/cifar10/test \
-        --out target/runs/cifar-towers-converge --resume target/runs/cifar-towers-converge --keep 2 --quiet
-    else
-      $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
-        --out target/runs/cifar-towers-converge --epochs 45 --lr 0.01 --schedule plateau \
-        --patience 3 --max-drops 3 --init reference --keep 2 --quiet
-    fi ;;
+    towers_run cifar-towers-converge --epochs 45 --lr 0.01 --schedule plateau --patience 3 --max-drops 3 ;;
   cifar-towers-long)
     # issue 26, second attempt at 85%: the same net and recipe on a fixed schedule (the test set
     # no longer chooses when the rate drops): lr 0.01 for 40 epochs, 0.001 to 52, 0.0001 to 58,
     # as cuda-convnet's and TensorFlow's CIFAR-10 nets hold their first rate far longer than the
     # plateau rule did (24 epochs); resumable (`RESUME=1`). Figures from it: WEIGHTS=... below.
-    if [ -n "${RESUME:-}" ]; then
-      $bin train --data target/cifar10/train --val target/cifar10/test \
-        --out target/runs/cifar-towers-long --resume target/runs/cifar-towers-long --keep 2 --quiet
-    else
-      $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
-        --out target/runs/cifar-towers-long --epochs 58 --lr 0.01 --milestones 40,52 \
-        --init reference --keep 2 --quiet
-    fi ;;
+    towers_run cifar-towers-long --epochs 58 --lr 0.01 --milestones 40,52 ;;
   cifar-figures)
     # issue 26: from the converged run's weights (WEIGHTS), the test accuracy (one crop and ten)
     # and the paper's Figures 3 and 4: conv1's kernels with each tower's colour measure; fc7
