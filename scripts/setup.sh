@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What the build needs beyond Rust: nasm, which assembles libjpeg-turbo's SIMD JPEG decoding
 # (mozjpeg-sys, the `nasm_simd` feature). Without it the build still succeeds, decoding without
-# SIMD (about a quarter slower), and cargo prints mozjpeg-sys's warning "NASM not installed".
+# SIMD (about a third slower) and silently: cargo hides a registry crate's build warnings.
+# `alexnet bench --data` warns of such a build, and tests/eval.rs fails one made while nasm was
+# missing if nasm is installed later (cargo does not rebuild mozjpeg-sys by itself).
 # Installs it from Debian's (or Ubuntu's) packages when it is missing and this user may;
 # otherwise says how, and leaves the build to go on without SIMD.
 set -uo pipefail

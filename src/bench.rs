@@ -81,6 +81,9 @@ struct Measurement {
     /// With `--data`: the loader's decoding workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     workers: Option<usize>,
+    /// With `--data`: whether JPEGs decoded with libjpeg-turbo's SIMD code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jpeg_simd: Option<bool>,
     /// With `--layers`: each layer's median time.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     layers: Vec<LayerTime>,
@@ -158,6 +161,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 images_per_s: batch as f64 / median_s,
                 peak_rss_mib: peak_rss_mib(),
                 workers: None,
+                jpeg_simd: None,
                 layers: layer_medians(&layer_runs),
             };
             println!(
@@ -206,6 +210,9 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(images > 0, "{} holds no images", data.display());
     let workers = args.workers.count();
     println!("{images} images, {workers} decoding workers, {} compute threads", rayon::current_num_threads());
+    if !crate::data::jpeg_simd() {
+        eprintln!("warning: JPEG decoding without SIMD (this build found no nasm: run scripts/setup.sh and rebuild mozjpeg-sys)");
+    }
     println!("{:<12} {:<10} {:>6} {:>12} {:>10}", "preset", "pipeline", "batch", "median s", "images/s");
     let mut results = Vec::new();
     for &preset in &args.preset {
@@ -260,6 +267,7 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
                     images_per_s: images as f64 / median_s,
                     peak_rss_mib: peak_rss_mib(),
                     workers: Some(workers),
+                    jpeg_simd: Some(crate::data::jpeg_simd()),
                     layers: Vec::new(),
                 };
                 println!("{:<12} {:<10} {:>6} {:>12.3} {:>10.1}", preset.name(), name, batch, median_s, m.images_per_s);

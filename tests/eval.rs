@@ -64,6 +64,24 @@ fn torchvision_preprocessing_matches_on_real_jpegs() {
     assert!(fraction >= 0.999, "only {:.4}% within 1/255", 100.0 * fraction);
 }
 
+/// The PIL-exactness tests hold with and without libjpeg-turbo's SIMD (its integer IDCT gives the
+/// same pixels); this one catches a build that lost the SIMD: mozjpeg-sys falls back to plain C
+/// when it finds no nasm at build time, and only warns. Where nasm is installed now (CI's
+/// `scripts/setup.sh` installs it before building), an x86-64 build must have used it.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn jpeg_decoding_uses_simd_where_nasm_is_installed() {
+    let nasm = std::process::Command::new("nasm").arg("-v").output().is_ok_and(|o| o.status.success());
+    eprintln!("nasm installed: {nasm}; JPEG decoding with SIMD: {}", alexnet::data::jpeg_simd());
+    if nasm {
+        assert!(
+            alexnet::data::jpeg_simd(),
+            "nasm is installed, but this build decodes JPEGs without SIMD: it was built before nasm was \
+             (cargo clean -p mozjpeg-sys, then build again)"
+        );
+    }
+}
+
 #[test]
 fn ten_crop_logits_match_pytorch() {
     let f = fixture("eval/tencrop.safetensors");
