@@ -191,7 +191,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 /// `--json`: the measurements, written atomically.
 fn write_json(args: &BenchArgs, results: &[Measurement]) -> anyhow::Result<()> {
     match &args.json {
-        Some(path) => crate::weights::write_json(path, &results),
+        Some(path) => crate::files::write_json(path, &results),
         None => Ok(()),
     }
 }

@@ -16,6 +16,7 @@ use crate::data::transform::{Mean, Transform, TransformKind};
 use crate::device::DeviceArgs;
 use crate::eval::{evaluate, EvalOptions};
 use crate::figures::{self, FeatureSet, Kernels};
+use crate::files::{sha256_file, write_json};
 use crate::flags::{at_least_one, fraction, non_negative, positive, Workers};
 use crate::init::Init;
 use crate::model::{AlexNet, Layer, LrnScope, Mode, Placement, Preset};
@@ -23,9 +24,7 @@ use crate::optim::UpdateRule;
 use crate::train::{
     base_side, train, Checkpoint, FineTune, Freeze, Outcome, Pretrained, Recipe, RunOptions, Schedule, TrainConfig,
 };
-use crate::weights::{
-    fetch, save_safetensors, sha256_file, write_json, write_safetensors_streamed, Identity, Params, WeightFile,
-};
+use crate::weights::{fetch, save_safetensors, write_safetensors_streamed, Identity, Params, WeightFile};
 
 #[derive(Parser)]
 #[command(

@@ -232,7 +232,7 @@ impl Report {
     /// timm's `--results-file`: a header and one row, in its column order.
     pub fn write_timm_csv(&self, path: &Path) -> anyhow::Result<()> {
         let t = &self.timm;
-        crate::weights::write_atomically(path, |out| {
+        crate::files::write_atomically(path, |out| {
             writeln!(out, "model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation")?;
             writeln!(
                 out,
@@ -244,7 +244,7 @@ impl Report {
 
     /// `path,label,top1,...,top5` with the classes' IDs (WNIDs for ImageNet's).
     pub fn write_predictions(&self, path: &Path, classes: &Classes) -> anyhow::Result<()> {
-        crate::weights::write_atomically(path, |out| {
+        crate::files::write_atomically(path, |out| {
             writeln!(out, "path,label,top1,top2,top3,top4,top5")?;
             for p in &self.predictions {
                 let top: Vec<&str> = p.top5.iter().map(|&i| classes.id(i)).collect();

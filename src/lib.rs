@@ -40,6 +40,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod figures;
+pub mod files;
 mod flags;
 pub mod init;
 pub mod model;

@@ -33,10 +33,10 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::Tensor;
 
+use crate::files::write_atomically;
 use crate::model::{AlexNet, LrnScope};
 use crate::ops::Lrn;
 use crate::preset::{NetKind, TowerGeometry};
-use crate::weights::write_atomically;
 
 /// The ONNX IR version written (ONNX 1.10 and later read it).
 pub const IR_VERSION: i64 = 8;

@@ -77,12 +77,12 @@ pub fn plot(logs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     save_png(&img, out)
 }
 
-/// Writes `img` as a PNG, atomically ([`crate::weights::write_atomically`]): the plots and the
+/// Writes `img` as a PNG, atomically ([`crate::files::write_atomically`]): the plots and the
 /// figures all leave either the whole picture or none.
 pub fn save_png(img: &RgbImage, out: &Path) -> anyhow::Result<()> {
     let mut png = std::io::Cursor::new(Vec::new());
     img.write_to(&mut png, image::ImageFormat::Png).context("cannot encode the picture")?;
-    crate::weights::write_atomically(out, |file| std::io::Write::write_all(file, png.get_ref()))
+    crate::files::write_atomically(out, |file| std::io::Write::write_all(file, png.get_ref()))
 }
 
 fn draw_panel(img: &mut RgbImage, top: u32, title: &str, log_y: bool, series: &[Series]) {

@@ -19,11 +19,12 @@ use crate::classes::Classes;
 use crate::data::augment::{Stats, TrainTransform};
 use crate::data::dataset::{Dataset, Sample};
 use crate::eval::{predict, progress_bar, Hits};
+use crate::files::remove_stale_temporaries;
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
 pub use crate::preset::Recipe;
-use crate::weights::{remove_stale_temporaries, save_safetensors, Identity, Params, WeightFile, MOMENTUM_PREFIX};
+use crate::weights::{save_safetensors, Identity, Params, WeightFile, MOMENTUM_PREFIX};
 
 /// How the learning rate changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -109,7 +110,7 @@ impl Pretrained {
         let path = crate::weights::fetch::resolve(spec)?;
         let file = WeightFile::open(&path)?.model_weights();
         let identity = file.identify(preset)?;
-        Ok(Pretrained { file, identity, sha256: crate::weights::sha256_file(&path)? })
+        Ok(Pretrained { file, identity, sha256: crate::files::sha256_file(&path)? })
     }
 }
 

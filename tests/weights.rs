@@ -215,7 +215,7 @@ fn convert_to_torchvision_is_torchvisions_state_dict_and_reimports_bit_identical
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     assert_eq!(meta["preset"], "torchvision");
-    assert_eq!(meta["source_sha256"], alexnet::weights::sha256_file(&src).unwrap());
+    assert_eq!(meta["source_sha256"], alexnet::files::sha256_file(&src).unwrap());
     assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp")));
 
     let err = expect_error(&["convert", src.to_str().unwrap(), out.to_str().unwrap(), "--to", "caffe"]);

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::augment::base_image;
 use super::dataset::{Dataset, Layout, Sample};
 use super::encode_jpeg;
-use crate::weights::{printable, remove_stale_temporaries, write_atomically};
+use crate::files::{printable, remove_stale_temporaries, write_atomically};
 
 /// The index of a folder of shards.
 pub const SET_FILE: &str = "shards.json";

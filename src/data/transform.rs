@@ -840,7 +840,7 @@ fn read_npy(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
     } else if header.contains("'<f8'") {
         Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32).collect())
     } else {
-        bail!("dtype must be <f4 or <f8 (header: {})", crate::weights::printable(header))
+        bail!("dtype must be <f4 or <f8 (header: {})", crate::files::printable(header))
     }
 }
 

@@ -14,7 +14,7 @@
 use anyhow::{anyhow, bail, Context};
 use candle_core::{Device, Tensor};
 
-use super::{element_count, printable};
+use crate::files::{element_count, printable};
 
 /// The most dims a blob may have (Caffe's `kMaxBlobAxes`).
 const MAX_BLOB_DIMS: usize = 32;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use super::sha256_file;
+use crate::files::sha256_file;
 
 pub const TORCHVISION_FILE: &str = "alexnet-owt-7be5be79.pth";
 pub const TORCHVISION_URL: &str = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth";

@@ -31,7 +31,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device, Tensor};
 
-use super::{element_count, printable};
+use crate::files::{element_count, printable};
 
 /// The most objects one pickle may build; a state_dict takes about fifteen per tensor.
 const MAX_OBJECTS: usize = 1 << 21;
