@@ -11,8 +11,8 @@
 # interrupted one from its newest checkpoint, so the sweep can be stopped (Ctrl-C) and continued.
 #   scripts/fig1_sweep.sh [CONDITION...]        (default: paper pytorch)
 # EPOCHS caps every run (default 40; see the order below); run it niced beside other work. A
-# run whose loss became non-finite is marked `diverged` (its message in <run>.stderr) and not
-# retried.
+# run whose loss became non-finite is marked `diverged` (train's messages are in <run>.stderr)
+# and not retried; any other failure stops the sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-target/release/alexnet}  # BIN: a copy, so that rebuilding during a sweep is safe
@@ -50,28 +50,41 @@ for condition in ${@:-paper pytorch}; do
       cap=${EPOCHS:-40}
       [ -n "$best" ] && cap=$((2 * best < cap ? 2 * best : cap))
       log="results/fig1/$name.jsonl"
+      run=()
       if [ -f "$out/final.safetensors" ] || [ -f "$out/diverged" ]; then
-        echo "$name: done"; rc=0
+        echo "$name: done"
       elif [ -f "$log" ] && [ ! -d "$out" ]; then
         # a log in results/ whose run is not here finished in an earlier checkout (a log is
         # copied there only when its run has ended): target/ is not kept between checkouts
-        echo "$name: done (log from an earlier checkout)"; rc=0
+        echo "$name: done (log from an earlier checkout)"
       elif ls "$out"/checkpoint-*.safetensors >/dev/null 2>&1; then
         echo "$name: resuming"
-        rc=0; $bin train --data target/cifar10/train --out "$out" --resume "$out" --keep 1 --quiet || rc=$?
+        run=(--data target/cifar10/train --out "$out" --resume "$out" --keep 1 --quiet)
       else
         echo "$name: starting, at most $cap epochs"
         init=()
         [ "$condition" = paper ] && init=(--init paper --input-scale 1)
-        rc=0; $bin train --preset "fig1-$unit" --data target/cifar10/train --out "$out" --lr "$lr" \
-          --epochs "$cap" --target-train-error 0.25 "${init[@]}" --keep 1 --quiet \
-          2> >(tee "$out.stderr" >&2) || rc=$?
+        run=(--preset "fig1-$unit" --data target/cifar10/train --out "$out" --lr "$lr" --epochs "$cap"
+          --target-train-error 0.25 "${init[@]}" --keep 1 --quiet)
       fi
-      # Ctrl-C: train saved a checkpoint and exits with 130; stop here, so that the partial log
-      # is not taken for a finished run. Any other failure is a rate too high for the net (a
-      # non-finite loss): recorded, and the sweep goes on.
-      [ "$rc" = 130 ] && { echo "$name: interrupted; rerun to continue"; exit 130; }
-      [ "$rc" != 0 ] && { mkdir -p "$out" && touch "$out/diverged"; }
+      if [ ${#run[@]} -gt 0 ]; then
+        # train's messages also go to <run>.stderr; the tee ignores Ctrl-C, so that it outlives
+        # train and takes its last words (where the checkpoint is) rather than breaking its pipe
+        rc=0
+        "$bin" train "${run[@]}" 2> >(trap '' INT; exec tee -a "$out.stderr" >&2) || rc=$?
+        if [ "$rc" = 130 ]; then
+          # Ctrl-C: train saved a checkpoint; stop, so that the partial log is not taken for a
+          # finished run
+          echo "$name: interrupted; rerun to continue"
+          exit 130
+        elif [ "$rc" != 0 ] && grep -q "the loss became" "$out.stderr"; then
+          # a rate too high for the net: recorded, and the sweep goes on
+          mkdir -p "$out" && touch "$out/diverged"
+        elif [ "$rc" != 0 ]; then
+          echo "$name: train failed (exit $rc; its messages are in $out.stderr)" >&2
+          exit "$rc"
+        fi
+      fi
       [ -f "$out/log.jsonl" ] && cp "$out/log.jsonl" "$log"
       reached=$(epochs_to_mark "$log")
       if [ -n "$reached" ] && { [ -z "$best" ] || [ "$reached" -lt "$best" ]; }; then best=$reached; fi
