@@ -470,8 +470,16 @@ impl TrainArgs {
                 c.step_epochs = self.step_epochs.unwrap_or(c.step_epochs);
                 if !self.milestones.is_empty() {
                     c.schedule = self.schedule.unwrap_or(Schedule::Multistep);
+                    if c.schedule != Schedule::Multistep {
+                        let other = format!("{:?}", c.schedule).to_lowercase();
+                        bail!("--milestones belongs to the multistep schedule, not to --schedule {other}")
+                    }
                     c.milestones = self.milestones.clone();
                     c.milestones.sort_unstable();
+                    if let Some(w) = c.milestones.windows(2).find(|w| w[0] == w[1]) {
+                        // PyTorch's MultiStepLR multiplies by gamma twice there; ours would once
+                        bail!("--milestones lists epoch {} twice: list each epoch once", w[0])
+                    }
                 }
                 if c.schedule == Schedule::Multistep && c.milestones.is_empty() {
                     bail!("--schedule multistep needs --milestones (the epochs after which the rate drops)")

@@ -171,6 +171,21 @@ fn resuming_is_bit_identical_to_training_straight_through() {
 }
 
 #[test]
+fn milestones_that_would_be_ignored_or_counted_once_are_refused() {
+    let data = image_folder(4, 8);
+    let out = tempfile::tempdir().unwrap();
+    for (flags, says) in [
+        (&["--milestones", "2", "--schedule", "step"][..], "not to --schedule step"),
+        (&["--milestones", "2,1,2"][..], "lists epoch 2 twice"),
+    ] {
+        let o = train(data.path(), out.path(), flags);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+}
+
+#[test]
 fn a_diverging_loss_stops_with_a_message_and_keeps_the_last_checkpoint() {
     let data = image_folder(4, 8);
     let out = tempfile::tempdir().unwrap();

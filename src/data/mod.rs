@@ -30,7 +30,8 @@ pub fn decode(path: &Path) -> anyhow::Result<RgbImage> {
 
 /// Whether JPEGs decode with libjpeg-turbo's SIMD code on this machine. False where the build
 /// found no nasm (mozjpeg-sys then compiles its `jsimd_none.c`, whose every answer is "no";
-/// decoding is about a third slower, with the same pixels) or where the CPU lacks SSE2.
+/// decoding is about a third slower, with the same pixels), where the CPU lacks SSE2, or where
+/// libjpeg-turbo's `JSIMD_FORCENONE=1` is set in the environment.
 pub fn jpeg_simd() -> bool {
     extern "C" {
         // libjpeg-turbo's own question before its integer IDCT (jsimd.c or jsimd_none.c)

@@ -789,6 +789,7 @@ pub fn cv_resize(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 
 /// [`cv_resize`] into `out` (`out_w` x `out_h` RGB).
 fn cv_resize_into(img: &RgbImage, out_w: u32, out_h: u32, out: &mut [u8]) {
+    assert_eq!(out.len(), out_w as usize * out_h as usize * 3, "the frame is the resize's size");
     const SCALE: i32 = 1 << 11;
     let taps = |in_size: u32, out_size: u32| -> Vec<(usize, usize, i32, i32)> {
         let scale = in_size as f64 / out_size as f64;

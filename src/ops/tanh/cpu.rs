@@ -14,7 +14,7 @@ const CHUNK: usize = 1 << 14;
 /// `tanh` of every value.
 pub(super) fn forward(x: &[f32]) -> Vec<f32> {
     let mut y = Vec::with_capacity(x.len());
-    y.spare_capacity_mut().par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| tanh_into(x, y));
+    y.spare_capacity_mut()[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| tanh_into(x, y));
     // SAFETY: tanh_into wrote every value
     unsafe { y.set_len(x.len()) };
     y
@@ -22,8 +22,9 @@ pub(super) fn forward(x: &[f32]) -> Vec<f32> {
 
 /// `g * (1 - y * y)`, in that order (Candle's and PyTorch's bits).
 pub(super) fn backward(y: &[f32], g: &[f32]) -> Vec<f32> {
+    assert_eq!(y.len(), g.len(), "tanh's output and its gradient differ in length");
     let mut out = Vec::with_capacity(y.len());
-    out.spare_capacity_mut()
+    out.spare_capacity_mut()[..y.len()]
         .par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
         .for_each(|(out, (y, g))| backward_into(y, g, out));
