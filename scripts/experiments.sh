@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The training experiments of results/, with their exact commands.
-#   scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-converge|cifar-towers-long|cifar-figures|cifar-towers-resume
+#   scripts/experiments.sh EXPERIMENT   (the list: the case below, or run it without one)
 # Data: target/imagenet100 (100 of ../shared/data/imagenet-sample, one class each) and
 # target/cifar10 (../shared/data/cifar10-jpeg.tar.gz extracted); made here if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-target/release/alexnet}  # BIN: a copy, so that rebuilding during a run is safe
+usage="usage: scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-converge|cifar-towers-long|cifar-figures"
+[ $# = 1 ] || { echo "$usage" >&2; exit 2; }
 if [ ! -d target/imagenet100 ]; then
   for f in $(ls ../shared/data/imagenet-sample/*.JPEG | head -100); do
     n=$(basename "$f" .JPEG); mkdir -p "target/imagenet100/$n"; ln -sf "$(realpath "$f")" "target/imagenet100/$n/"
@@ -15,13 +17,17 @@ if [ ! -d target/cifar10/train ]; then
   mkdir -p target/cifar10 && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C target/cifar10
 fi
 # The two-tower net on CIFAR-10, validated on the test images after every epoch, into
-# target/runs/NAME with the schedule given; with RESUME set, from NAME's newest checkpoint
-# (the schedule is the checkpoint's).
+# target/runs/NAME with the schedule given; with RESUME=1, from NAME's newest checkpoint, or with
+# RESUME=PATH from that checkpoint (the schedule is the checkpoint's; LR sets a new rate, the
+# paper's manual division by 10).
 towers_run() {
   local name=$1; shift
   local out="target/runs/$name"
   if [ -n "${RESUME:-}" ]; then
-    $bin train --data target/cifar10/train --val target/cifar10/test --out "$out" --resume "$out" --keep 2 --quiet
+    local from=$out
+    [ "$RESUME" = 1 ] || from=$RESUME
+    $bin train --data target/cifar10/train --val target/cifar10/test --out "$out" --resume "$from" \
+      ${LR:+--lr "$LR"} --keep 2 --quiet
   else
     $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test --out "$out" \
       --init reference --keep 2 --quiet "$@"
@@ -72,6 +78,7 @@ case "$1" in
     # drawn, every 1,000th: one a class) and the 6-NN vote's accuracy
     w=${WEIGHTS:-target/runs/cifar-towers-converge/final.safetensors}
     res=${RES:-results/cifar-towers}
+    mkdir -p "$res"
     # test accuracy from one centre crop (as the log's validation) and from the paper's ten patches
     for crops in 1 10; do
       $bin eval --weights "$w" --data target/cifar10/test --crops $crops --quiet --json $res/test-$crops-crops.json >/dev/null
@@ -86,10 +93,5 @@ case "$1" in
       -o $res/fig4-neighbours.png --json target/runs/cifar-fig4-neighbours.json >/dev/null
     python3 -c 'import json, sys; print("kNN (k=6) accuracy of fc7:", json.load(open(sys.argv[1]))["knn_accuracy"])' \
       target/runs/cifar-fig4-neighbours.json | tee $res/fig4-knn.txt ;;
-  cifar-towers-resume)
-    # continue the run above from checkpoint CKPT (Ctrl-C saves one), optionally at LR (the
-    # paper's manual division by 10)
-    $bin train --preset cifar-towers --data target/cifar10/train --val target/cifar10/test \
-      --out target/runs/cifar-towers --resume "$CKPT" ${LR:+--lr "$LR"} --keep 2 --quiet ;;
-  *) echo "unknown experiment $1" >&2; exit 2 ;;
+  *) echo "unknown experiment $1; $usage" >&2; exit 2 ;;
 esac
