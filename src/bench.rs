@@ -210,7 +210,8 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(images > 0, "{} holds no images", data.display());
     let workers = args.workers.count();
     println!("{images} images, {workers} decoding workers, {} compute threads", rayon::current_num_threads());
-    if !crate::data::jpeg_simd() {
+    let jpeg_simd = crate::data::jpeg_simd();
+    if !jpeg_simd {
         eprintln!("warning: JPEG decoding without SIMD (this build found no nasm: run scripts/setup.sh and rebuild mozjpeg-sys)");
     }
     println!("{:<12} {:<10} {:>6} {:>12} {:>10}", "preset", "pipeline", "batch", "median s", "images/s");
@@ -267,7 +268,7 @@ fn run_data(args: &BenchArgs, data: &Path) -> anyhow::Result<()> {
                     images_per_s: images as f64 / median_s,
                     peak_rss_mib: peak_rss_mib(),
                     workers: Some(workers),
-                    jpeg_simd: Some(crate::data::jpeg_simd()),
+                    jpeg_simd: Some(jpeg_simd),
                     layers: Vec::new(),
                 };
                 println!("{:<12} {:<10} {:>6} {:>12.3} {:>10.1}", preset.name(), name, batch, median_s, m.images_per_s);

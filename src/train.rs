@@ -535,7 +535,8 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         if sched.finished(&config) {
             eprintln!(
                 "epoch {epoch}: no better validation error for {} epochs after the last of {} drops; stopping",
-                config.patience, config.max_drops
+                config.patience.max(1),
+                config.max_drops
             );
             break;
         }
