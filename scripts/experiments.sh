@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-target/release/alexnet}  # BIN: a copy, so that rebuilding during a run is safe
-usage="usage: scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-converge|cifar-towers-long|cifar-figures"
+usage="usage: scripts/experiments.sh memorise|memorise-resume|fig1-relu|fig1-tanh|cifar-towers|cifar-towers-converge|cifar-towers-long|cifar-towers-long-ten|cifar-figures"
 [ $# = 1 ] || { echo "$usage" >&2; exit 2; }
 if [ ! -d target/imagenet100 ]; then
   for f in $(ls ../shared/data/imagenet-sample/*.JPEG | head -100); do
@@ -70,6 +70,20 @@ case "$1" in
     # as cuda-convnet's and TensorFlow's CIFAR-10 nets hold their first rate far longer than the
     # plateau rule did (24 epochs); resumable (`RESUME=1`). Figures from it: WEIGHTS=... below.
     towers_run cifar-towers-long --epochs 58 --lr 0.01 --milestones 40,52 ;;
+  cifar-towers-long-ten)
+    # issue 26: the long run's last epoch again, from its epoch-57 checkpoint, validated on the
+    # paper's ten patches (a new run would pass --val-crops 10 from the start): resuming is
+    # bit-exact, so the final weights are the long run's and the log's last line holds their
+    # ten-patch test accuracy; the log is the long run's up to that checkpoint
+    from=target/runs/cifar-towers-long out=target/runs/cifar-towers-long-ten
+    mkdir -p $out
+    cp $from/checkpoint-0022287.safetensors $out/
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    if json.loads(line)["step"] <= 22287: print(line, end="")' $from/log.jsonl > $out/log.jsonl
+    $bin train --data target/cifar10/train --val target/cifar10/test --out $out --resume $out \
+      --val-crops 10 --keep 2 --quiet
+    sha256sum $from/final.safetensors $out/final.safetensors ;;
   cifar-figures)
     # issue 26: from the converged run's weights (WEIGHTS), the test accuracy (one crop and ten)
     # and the paper's Figures 3 and 4: conv1's kernels with each tower's colour measure; fc7

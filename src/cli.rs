@@ -387,9 +387,12 @@ pub struct TrainArgs {
     /// and caffe); 1/57.6 approximates torchvision's normalisation (default otherwise).
     #[arg(long)]
     input_scale: Option<f32>,
-    /// Validation with 1 or 10 crops.
-    #[arg(long, default_value_t = 1, value_parser = crops_parser)]
-    val_crops: usize,
+    /// Validation with 1 or 10 crops (the paper's ten patches, softmax averaged) [default: 1,
+    /// or with --resume the run's]. It decides how validation is measured (and so what the
+    /// plateau rule watches), not how the net trains, so a resumed run may change it; each
+    /// validation line of the log records it.
+    #[arg(long, value_parser = crops_parser)]
+    val_crops: Option<usize>,
     /// Train on a fixed subset of N images, classes taken in turn (balanced).
     #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
@@ -453,7 +456,11 @@ impl TrainArgs {
         let recipe = self.recipe.unwrap_or(Recipe::default_for(preset, pretrained.is_some()));
         let config = match &resumed {
             // a resumed run keeps its configuration; only paths and switches may change
-            Some(c) => TrainConfig { epochs: self.epochs.unwrap_or(c.meta.config.epochs), ..c.meta.config.clone() },
+            Some(c) => TrainConfig {
+                epochs: self.epochs.unwrap_or(c.meta.config.epochs),
+                val_crops: self.val_crops.unwrap_or(c.meta.config.val_crops),
+                ..c.meta.config.clone()
+            },
             None => {
                 // the recipe's table, and each flag given over it
                 let mut c = TrainConfig::recipe(recipe, preset);
@@ -490,7 +497,7 @@ impl TrainArgs {
                 (c.random_crop, c.flip) = (augment, augment);
                 c.pca_std = if augment { self.pca_std.unwrap_or(c.pca_std) } else { 0.0 };
                 c.input_scale = self.input_scale.unwrap_or(c.input_scale);
-                c.val_crops = self.val_crops;
+                c.val_crops = self.val_crops.unwrap_or(1);
                 c.limit = self.limit;
                 c.target_train_error = self.target_train_error;
                 c.finetune = pretrained.as_ref().zip(from_spec).map(|(pretrained, from)| FineTune {

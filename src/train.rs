@@ -263,6 +263,9 @@ pub struct LogLine {
     /// On end-of-epoch lines: the training error over the whole epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch_train_top1_error: Option<f64>,
+    /// On validation lines: the views an image's prediction averaged (1, or the ten patches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_crops: Option<usize>,
 }
 
 /// How a run ended.
@@ -521,6 +524,7 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         if let Some(val) = &val_samples {
             let (top1, top5) = validate(&model, val, &transform, config.val_crops, config.batch_size, opts.workers)?;
             (line.val_top1_error, line.val_top5_error) = (Some(1.0 - top1), Some(1.0 - top5));
+            line.val_crops = Some(config.val_crops);
             if !opts.quiet {
                 eprintln!(
                     "epoch {epoch}: val top-1 error {:.2}%, top-5 error {:.2}%",

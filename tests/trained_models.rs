@@ -158,12 +158,14 @@ fn weights_trained_as_paper_run_as_paper() {
 
 /// Issue 22, case 13: `--resume DIR` continues from the run's newest checkpoint with the run's
 /// settings, `--save-every` among them; case 9: temporary files a killed writer left are removed.
+/// Issue 26: `--val-crops` may change on resume, and each validation line says which it was.
 #[test]
 fn resuming_a_run_folder_takes_its_newest_checkpoint_and_settings() {
     let data = image_folder(2, 4); // 2 steps an epoch
     let runs = tempfile::tempdir().unwrap();
     let run = runs.path().join("run");
-    ok(train("cifar-towers", data.path(), &run, &["--epochs", "1", "--save-every", "1"]), "first epoch");
+    let val = ["--val", path_str(data.path())];
+    ok(train("cifar-towers", data.path(), &run, &[&["--epochs", "1", "--save-every", "1"][..], &val].concat()), "first epoch");
     // what a writer killed mid-write leaves: a temporary file of a process that has ended
     let mut gone = Command::new("true").spawn().unwrap();
     let dead_pid = gone.id();
@@ -171,11 +173,20 @@ fn resuming_a_run_folder_takes_its_newest_checkpoint_and_settings() {
     let stale = run.join(format!(".checkpoint-0000009.safetensors.tmp{dead_pid}"));
     std::fs::write(&stale, vec![0u8; 4096]).unwrap();
 
-    ok(train("cifar-towers", data.path(), &run, &["--epochs", "2", "--resume", path_str(&run)]), "resume");
+    let resume = ["--epochs", "2", "--resume", path_str(&run), "--val-crops", "10"];
+    ok(train("cifar-towers", data.path(), &run, &[&resume[..], &val].concat()), "resume");
     assert!(!stale.exists(), "the stale temporary file is removed when a run starts");
     // the resumed run kept --save-every 1: a checkpoint after step 3, inside the second epoch
     assert!(run.join("checkpoint-0000003.safetensors").exists(), "--save-every kept on resume");
     assert!(run.join("final.safetensors").exists());
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let validated: Vec<(f64, u64)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| !l["val_top1_error"].is_null())
+        .map(|l| (l["epoch"].as_f64().unwrap(), l["val_crops"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(validated, [(1.0, 1), (2.0, 10)], "the first epoch validated on one crop, the resumed one on ten");
 
     let empty = runs.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
