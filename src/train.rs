@@ -19,7 +19,7 @@ use crate::classes::Classes;
 use crate::data::augment::{Stats, TrainTransform};
 use crate::data::dataset::{Dataset, Sample};
 use crate::eval::{predict, progress_bar, Hits};
-use crate::files::remove_stale_temporaries;
+use crate::files::{remove_stale_temporaries, write_atomically};
 use crate::init::Init;
 use crate::model::{AlexNet, Mode, Placement, Preset};
 use crate::optim::{Sgd, SgdConfig, UpdateRule};
@@ -403,7 +403,18 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
     let handler_stop = stop.clone();
     // A second Ctrl-C while saving still kills the process the usual way.
     let _ = ctrlc::set_handler(move || handler_stop.store(true, Ordering::SeqCst));
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(opts.out.join("log.jsonl"))?;
+    let log_path = opts.out.join("log.jsonl");
+    if let Some(c) = &checkpoint {
+        let removed = purge_log_after(&log_path, c.meta.step)?;
+        if removed > 0 && !opts.quiet {
+            eprintln!(
+                "removed {removed} line(s) after step {} from {}: this run writes those steps again",
+                c.meta.step,
+                log_path.display()
+            );
+        }
+    }
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let save =
         |model: &AlexNet, sgd: &Sgd, epoch: usize, step: usize, sched: &ScheduleState| -> anyhow::Result<PathBuf> {
             let meta = CheckpointMeta {
@@ -558,6 +569,34 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
     let final_path = opts.out.join("final.safetensors");
     save_safetensors(&model.state_dict()?, &described, &final_path)?;
     Ok(Outcome::Finished(final_path))
+}
+
+/// A resumed run's log keeps what was written up to its checkpoint's step: the lines after it
+/// (written before a crash or a kill, and about to be written again) are removed, as
+/// TensorBoard's `purge_step` does, so that each step appears once; so is a last line cut short
+/// by a kill. Returns how many lines were removed.
+fn purge_log_after(path: &Path, step: usize) -> anyhow::Result<usize> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let kept: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|&(i, line)| match serde_json::from_str::<LogLine>(line) {
+            Ok(l) => l.step <= step,
+            // not a line of ours: kept, unless it is the last and unfinished
+            Err(_) => i + 1 < lines.len() || text.ends_with('\n'),
+        })
+        .map(|(_, line)| *line)
+        .collect();
+    let removed = lines.len() - kept.len();
+    if removed > 0 {
+        write_atomically(path, |out| kept.iter().try_for_each(|line| writeln!(out, "{line}")))?;
+    }
+    Ok(removed)
 }
 
 impl ScheduleState {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::Path;
 
 use alexnet::data::augment::Stats;
@@ -137,6 +138,32 @@ fn final_weights(out: &Path) -> Vec<(String, Vec<f32>)> {
         .collect();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     t
+}
+
+/// Each log line's step, in order.
+fn logged_steps(out: &Path) -> Vec<u64> {
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+}
+
+/// A run resumed from a checkpoint before its end, as after a crash, writes the steps after the
+/// checkpoint again: its log drops what it held past the checkpoint (and a line a kill cut short)
+/// so that each step appears once.
+#[test]
+fn a_resumed_run_rewrites_its_log_after_the_checkpoint() {
+    let data = image_folder(4, 8); // 4 steps an epoch: lines at steps 4 and 8, a step's and an epoch's
+    let runs = tempfile::tempdir().unwrap();
+    let out = runs.path().join("run");
+    let o = train(data.path(), &out, &["--epochs", "2", "--save-every", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let straight = logged_steps(&out);
+    assert_eq!(straight, [4, 4, 8, 8]);
+    // what a kill during a write leaves at the end
+    std::fs::OpenOptions::new().append(true).open(out.join("log.jsonl")).unwrap().write_all(b"{\"step\":9,\"ep").unwrap();
+    let ckpt = out.join("checkpoint-0000003.safetensors");
+    let o = train(data.path(), &out, &["--epochs", "2", "--resume", ckpt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(logged_steps(&out), straight, "each step once after resuming from step 3");
 }
 
 #[test]
