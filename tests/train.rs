@@ -159,7 +159,12 @@ fn a_resumed_run_rewrites_its_log_after_the_checkpoint() {
     let straight = logged_steps(&out);
     assert_eq!(straight, [4, 4, 8, 8]);
     // what a kill during a write leaves at the end
-    std::fs::OpenOptions::new().append(true).open(out.join("log.jsonl")).unwrap().write_all(b"{\"step\":9,\"ep").unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(out.join("log.jsonl"))
+        .unwrap()
+        .write_all(b"{\"step\":9,\"ep")
+        .unwrap();
     let ckpt = out.join("checkpoint-0000003.safetensors");
     let o = train(data.path(), &out, &["--epochs", "2", "--resume", ckpt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -165,7 +165,10 @@ fn resuming_a_run_folder_takes_its_newest_checkpoint_and_settings() {
     let runs = tempfile::tempdir().unwrap();
     let run = runs.path().join("run");
     let val = ["--val", path_str(data.path())];
-    ok(train("cifar-towers", data.path(), &run, &[&["--epochs", "1", "--save-every", "1"][..], &val].concat()), "first epoch");
+    ok(
+        train("cifar-towers", data.path(), &run, &[&["--epochs", "1", "--save-every", "1"][..], &val].concat()),
+        "first epoch",
+    );
     // what a writer killed mid-write leaves: a temporary file of a process that has ended
     let mut gone = Command::new("true").spawn().unwrap();
     let dead_pid = gone.id();
