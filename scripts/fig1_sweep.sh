@@ -88,18 +88,19 @@ run() {
 # sweep spends its time near the best rate. Where the fastest is the highest or lowest rate run,
 # the next grid rate beyond it runs too (up to two beyond each end), so that the best rate is
 # one with a slower rate on each side.
+# The grid rate $1 for the current unit and condition; keeps the fastest (best, best_at).
+try() {
+  local cap=${EPOCHS:-40}
+  [ -n "$best" ] && cap=$((2 * best < cap ? 2 * best : cap))
+  run "$unit" "$condition" "${grid[$1]}" "$cap"
+  if [ -n "$reached" ] && { [ -z "$best" ] || [ "$reached" -lt "$best" ]; }; then
+    best=$reached best_at=$1
+  fi
+}
 for condition in ${@:-paper pytorch}; do
   for unit in relu tanh; do
     lo=$(first "$condition")
     best="" best_at=""
-    try() {
-      local cap=${EPOCHS:-40}
-      [ -n "$best" ] && cap=$((2 * best < cap ? 2 * best : cap))
-      run "$unit" "$condition" "${grid[$1]}" "$cap"
-      if [ -n "$reached" ] && { [ -z "$best" ] || [ "$reached" -lt "$best" ]; }; then
-        best=$reached best_at=$1
-      fi
-    }
     for k in 2 3 1 4 0; do try $((lo + k)); done
     low=$lo high=$((lo + 4))
     while [ "$best_at" = "$high" ] && [ $high -lt $((lo + 6)) ] && [ $((high + 1)) -lt ${#grid[@]} ]; do

@@ -358,8 +358,8 @@ pub struct TrainArgs {
     /// plateau, step, multistep or constant.
     #[arg(long, value_enum)]
     schedule: Option<Schedule>,
-    /// Plateau: epochs without improvement before dividing lr by 10.
-    #[arg(long)]
+    /// Plateau: epochs without improvement before dividing lr by 10 (at least 1).
+    #[arg(long, value_parser = at_least_one)]
     patience: Option<usize>,
     /// Plateau: at most this many divisions; the next plateau after the last ends the run.
     #[arg(long)]

@@ -550,8 +550,7 @@ pub fn train(mut config: TrainConfig, mut opts: RunOptions) -> anyhow::Result<Ou
         if sched.finished(&config) {
             eprintln!(
                 "epoch {epoch}: no better validation error for {} epochs after the last of {} drops; stopping",
-                config.patience.max(1),
-                config.max_drops
+                config.patience, config.max_drops
             );
             break;
         }
@@ -636,7 +635,7 @@ impl ScheduleState {
     fn finished(&self, config: &TrainConfig) -> bool {
         config.schedule == Schedule::Plateau
             && self.drops >= config.max_drops
-            && self.epochs_without_improvement >= config.patience.max(1)
+            && self.epochs_without_improvement >= config.patience
     }
 }
 

@@ -245,6 +245,7 @@ fn bad_training_settings_are_refused() {
         ("--lr", "0"),
         ("--lr", "inf"),
         ("--epochs", "0"),
+        ("--patience", "0"),
         ("--momentum", "1.5"),
         ("--weight-decay", "-1e-4"),
     ] {
